@@ -1,0 +1,732 @@
+//! A block backend: one regular file or block device, driven through the
+//! thread's io_uring.
+//!
+//! The backend hides device alignment. With O_DIRECT every transfer must be
+//! aligned; an unaligned write is turned into a read-modify-write of the covering
+//! aligned range. The caller (the mirror device) holds that covering range
+//! exclusively for the duration, so two concurrent unaligned writes to one sector
+//! cannot lose each other's bytes.
+
+use std::ffi::CString;
+use std::fmt;
+use std::fs::File;
+use std::future::Future;
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::FileTypeExt;
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use io_uring::{opcode, types};
+
+use crate::buf::{IoBuf, SharedBuf};
+use crate::error::{Error, IoContext, Result};
+use crate::uring::Reactor;
+
+/// The largest single kernel transfer we issue; longer requests are split.
+const MAX_OP_BYTES: usize = 1 << 30;
+
+nix::ioctl_read!(ioctl_blkgetsize64, 0x12, 114, u64);
+nix::ioctl_read_bad!(ioctl_blksszget, nix::request_code_none!(0x12, 104), libc::c_int);
+nix::ioctl_write_ptr_bad!(ioctl_blkdiscard, nix::request_code_none!(0x12, 119), [u64; 2]);
+
+/// How to use the page cache.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum CacheMode {
+    /// O_DIRECT for block devices, the page cache for regular files.
+    #[default]
+    Auto,
+    /// Always O_DIRECT (falls back to buffered for a file whose size is not aligned).
+    Direct,
+    /// Always through the page cache.
+    Buffered,
+}
+
+impl std::str::FromStr for CacheMode {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "auto" => Ok(CacheMode::Auto),
+            "direct" | "none" => Ok(CacheMode::Direct),
+            "buffered" | "writeback" => Ok(CacheMode::Buffered),
+            _ => Err(format!("unknown cache mode {s:?} (auto, direct, buffered)")),
+        }
+    }
+}
+
+/// What to do when another process holds the device.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LockMode {
+    /// No exclusive lock (read-only tools).
+    None,
+    /// Fail at once with a clear error.
+    Fail,
+    /// Wait until the holder is gone (a restarted daemon waits for the I/O of its
+    /// killed predecessor to drain: the kernel drops the lock only then).
+    Wait,
+}
+
+#[derive(Debug, Clone)]
+pub struct OpenOptions {
+    pub writable: bool,
+    pub cache: CacheMode,
+    pub lock: LockMode,
+}
+
+impl Default for OpenOptions {
+    fn default() -> Self {
+        OpenOptions { writable: true, cache: CacheMode::Auto, lock: LockMode::Fail }
+    }
+}
+
+/// Kinds of I/O, as seen by test hooks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum IoKind {
+    Read,
+    Write,
+    Flush,
+    Zero,
+    Discard,
+}
+
+pub type HookFuture<'a> = Pin<Box<dyn Future<Output = io::Result<()>> + 'a>>;
+
+/// Called before every operation of a backend: tests use it to inject errors and
+/// to hold an operation at a precise point (deterministic interleavings).
+pub trait IoHooks: Send + Sync + 'static {
+    fn before(&self, kind: IoKind, offset: u64, len: u64) -> HookFuture<'_>;
+}
+
+/// Identity of the thing behind a path, to compare devices and detect stacking.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Identity {
+    /// Device holding the inode (the filesystem for files).
+    pub dev: u64,
+    pub ino: u64,
+    /// For block devices, the device number.
+    pub rdev: Option<u64>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BackendKind {
+    File,
+    BlockDevice,
+}
+
+/// One extent of allocation status.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Extent {
+    pub len: u64,
+    /// Not allocated (reads as zeroes).
+    pub hole: bool,
+}
+
+pub struct Backend {
+    fd: OwnedFd,
+    path: PathBuf,
+    kind: BackendKind,
+    size: u64,
+    direct: bool,
+    /// Offset and length alignment the kernel requires (1 when buffered).
+    align: u64,
+    /// Buffer address alignment the kernel requires.
+    mem_align: usize,
+    identity: Identity,
+    writable: bool,
+    hooks: Option<Arc<dyn IoHooks>>,
+}
+
+impl fmt::Debug for Backend {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Backend")
+            .field("path", &self.path)
+            .field("kind", &self.kind)
+            .field("size", &self.size)
+            .field("direct", &self.direct)
+            .field("align", &self.align)
+            .finish()
+    }
+}
+
+fn open_raw(path: &Path, flags: libc::c_int) -> io::Result<OwnedFd> {
+    let c = CString::new(path.as_os_str().as_bytes())
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "path contains a NUL byte"))?;
+    // SAFETY: valid C string; the returned fd is owned below.
+    let fd = unsafe { libc::open(c.as_ptr(), flags | libc::O_CLOEXEC) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: fd was just opened by us.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+fn fstat(fd: RawFd) -> io::Result<libc::stat> {
+    // SAFETY: stat is plain data; fstat fills it.
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    // SAFETY: valid fd and pointer.
+    if unsafe { libc::fstat(fd, &mut st) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(st)
+}
+
+/// O_DIRECT alignment (memory, offset) of a regular file, from statx when the
+/// kernel reports it.
+fn file_dio_align(fd: RawFd) -> (usize, u64) {
+    // SAFETY: statx is plain data.
+    let mut stx: libc::statx = unsafe { std::mem::zeroed() };
+    let empty = c"";
+    // SAFETY: valid fd, empty path with AT_EMPTY_PATH, valid out pointer.
+    let r = unsafe { libc::statx(fd, empty.as_ptr(), libc::AT_EMPTY_PATH, libc::STATX_DIOALIGN, &mut stx) };
+    if r == 0 && stx.stx_mask & libc::STATX_DIOALIGN != 0 && stx.stx_dio_offset_align != 0 {
+        (stx.stx_dio_mem_align.max(1) as usize, stx.stx_dio_offset_align as u64)
+    } else {
+        (4096, 4096)
+    }
+}
+
+fn try_flock(fd: RawFd) -> io::Result<bool> {
+    // SAFETY: plain syscall on a valid fd.
+    if unsafe { libc::flock(fd, libc::LOCK_EX | libc::LOCK_NB) } == 0 {
+        return Ok(true);
+    }
+    let e = io::Error::last_os_error();
+    if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
+        Ok(false)
+    } else {
+        Err(e)
+    }
+}
+
+impl Backend {
+    /// Opens `path` as a backend. Errors name the path and say what failed.
+    pub fn open(path: &Path, opts: &OpenOptions) -> Result<Backend> {
+        let meta = std::fs::metadata(path).ctx(|| format!("cannot open {}", path.display()))?;
+        let ft = meta.file_type();
+        let kind = if ft.is_block_device() {
+            BackendKind::BlockDevice
+        } else if ft.is_file() {
+            BackendKind::File
+        } else {
+            return Err(Error::Refused(format!("{} is neither a regular file nor a block device", path.display())));
+        };
+        let mut flags = if opts.writable { libc::O_RDWR } else { libc::O_RDONLY };
+        if kind == BackendKind::BlockDevice && opts.lock != LockMode::None {
+            // The kernel's exclusive claim: fails while the device is mounted or
+            // held by another O_EXCL opener (dm, md, another livemirror).
+            flags |= libc::O_EXCL;
+        }
+        let want_direct = match opts.cache {
+            CacheMode::Auto => kind == BackendKind::BlockDevice,
+            CacheMode::Direct => true,
+            CacheMode::Buffered => false,
+        };
+        let started = Instant::now();
+        let mut warned = false;
+        let fd = loop {
+            let attempt = open_raw(path, flags | if want_direct { libc::O_DIRECT } else { 0 });
+            match attempt {
+                Ok(fd) => match opts.lock {
+                    LockMode::None => break fd,
+                    _ => match try_flock(fd.as_raw_fd()) {
+                        Ok(true) => break fd,
+                        Ok(false) if opts.lock == LockMode::Wait => {}
+                        Ok(false) => {
+                            return Err(Error::Refused(format!(
+                                "{} is in use by another process (exclusive lock held)",
+                                path.display()
+                            )))
+                        }
+                        Err(e) => return Err(Error::io(format!("cannot lock {}", path.display()), e)),
+                    },
+                },
+                Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {
+                    if opts.lock != LockMode::Wait {
+                        return Err(Error::Refused(format!(
+                            "{} is busy (mounted, or held exclusively by another process)",
+                            path.display()
+                        )));
+                    }
+                }
+                Err(e) if e.raw_os_error() == Some(libc::EINVAL) && want_direct => {
+                    return Err(Error::io(format!("{} does not support O_DIRECT", path.display()), e));
+                }
+                Err(e) => {
+                    let what = if opts.writable { "for writing" } else { "for reading" };
+                    return Err(Error::io(format!("cannot open {} {what}", path.display()), e));
+                }
+            }
+            if !warned && started.elapsed() > Duration::from_secs(1) {
+                tracing::warn!("waiting for exclusive access to {} (another process holds it)", path.display());
+                warned = true;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        let st = fstat(fd.as_raw_fd()).ctx(|| format!("cannot stat {}", path.display()))?;
+        let (size, mut align, mut mem_align) = match kind {
+            BackendKind::BlockDevice => {
+                let mut size = 0u64;
+                // SAFETY: BLKGETSIZE64 writes one u64.
+                unsafe { ioctl_blkgetsize64(fd.as_raw_fd(), &mut size) }
+                    .map_err(io::Error::from)
+                    .ctx(|| format!("cannot read the size of {}", path.display()))?;
+                let mut lbs: libc::c_int = 512;
+                // SAFETY: BLKSSZGET writes one int.
+                unsafe { ioctl_blksszget(fd.as_raw_fd(), &mut lbs) }
+                    .map_err(io::Error::from)
+                    .ctx(|| format!("cannot read the block size of {}", path.display()))?;
+                let lbs = lbs.max(512) as u64;
+                (size, lbs, lbs as usize)
+            }
+            BackendKind::File => {
+                let (m, a) = file_dio_align(fd.as_raw_fd());
+                (st.st_size as u64, a, m)
+            }
+        };
+        let mut direct = want_direct;
+        let mut fd = fd;
+        if direct && kind == BackendKind::File && size % align != 0 {
+            // The last partial block could only be written by extending the file.
+            tracing::warn!(
+                "{}: size {size} is not a multiple of the O_DIRECT alignment {align}; using the page cache",
+                path.display()
+            );
+            let buffered = open_raw(path, if opts.writable { libc::O_RDWR } else { libc::O_RDONLY })
+                .ctx(|| format!("cannot reopen {}", path.display()))?;
+            if opts.lock != LockMode::None {
+                // Same process, so this is an upgrade of our own lock, not a wait.
+                drop(fd);
+                try_flock(buffered.as_raw_fd()).ctx(|| format!("cannot lock {}", path.display()))?;
+            }
+            fd = buffered;
+            direct = false;
+        }
+        if !direct {
+            align = 1;
+            mem_align = 1;
+        }
+        let identity =
+            Identity { dev: st.st_dev, ino: st.st_ino, rdev: (kind == BackendKind::BlockDevice).then_some(st.st_rdev) };
+        Ok(Backend {
+            fd,
+            path: path.to_path_buf(),
+            kind,
+            size,
+            direct,
+            align,
+            mem_align,
+            identity,
+            writable: opts.writable,
+            hooks: None,
+        })
+    }
+
+    pub fn with_hooks(mut self, hooks: Arc<dyn IoHooks>) -> Backend {
+        self.hooks = Some(hooks);
+        self
+    }
+
+    /// Pretends the device needs `align`-byte aligned transfers even when it does
+    /// not (tests exercise read-modify-write on plain files with this).
+    pub fn with_forced_alignment(mut self, align: u64) -> Backend {
+        assert!(align.is_power_of_two());
+        self.align = self.align.max(align);
+        self.mem_align = self.mem_align.max(align as usize);
+        self
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+    pub fn kind(&self) -> BackendKind {
+        self.kind
+    }
+    pub fn is_direct(&self) -> bool {
+        self.direct
+    }
+    pub fn alignment(&self) -> u64 {
+        self.align
+    }
+    pub fn identity(&self) -> Identity {
+        self.identity
+    }
+    pub fn is_writable(&self) -> bool {
+        self.writable
+    }
+    pub fn raw_fd(&self) -> RawFd {
+        self.fd.as_raw_fd()
+    }
+
+    /// Re-reads the current size (a file or device may have grown).
+    pub fn current_size(&self) -> io::Result<u64> {
+        match self.kind {
+            BackendKind::File => Ok(fstat(self.raw_fd())?.st_size as u64),
+            BackendKind::BlockDevice => {
+                let mut size = 0u64;
+                // SAFETY: BLKGETSIZE64 writes one u64.
+                unsafe { ioctl_blkgetsize64(self.raw_fd(), &mut size) }.map_err(io::Error::from)?;
+                Ok(size)
+            }
+        }
+    }
+
+    /// True when a write of `[off, off+len)` must be read-modify-written.
+    pub fn needs_rmw(&self, off: u64, len: u64) -> bool {
+        self.align > 1 && (off % self.align != 0 || len % self.align != 0)
+    }
+
+    async fn hook(&self, kind: IoKind, off: u64, len: u64) -> io::Result<()> {
+        match &self.hooks {
+            Some(h) => h.before(kind, off, len).await,
+            None => Ok(()),
+        }
+    }
+
+    fn types_fd(&self) -> types::Fd {
+        types::Fd(self.fd.as_raw_fd())
+    }
+
+    /// Reads exactly `len` bytes at `off` into `dst` (kernel-visible memory owned
+    /// by `keep`). Bytes past the end of a file read as zeroes.
+    async fn raw_read_exact<K: 'static>(&self, keep: K, ptr: *mut u8, len: usize, off: u64) -> (io::Result<()>, K) {
+        let reactor = match Reactor::current() {
+            Ok(r) => r,
+            Err(e) => return (Err(e), keep),
+        };
+        let mut done = 0usize;
+        let mut keep = keep;
+        while done < len {
+            let chunk = (len - done).min(MAX_OP_BYTES);
+            // SAFETY (pointer arithmetic): done < len, within the caller's range.
+            let p = unsafe { ptr.add(done) };
+            let fd = self.types_fd();
+            let o = off + done as u64;
+            let op = reactor.start(keep, |_| opcode::Read::new(fd, p, chunk as u32).offset(o).build());
+            let (res, k) = op.await;
+            keep = k;
+            match res {
+                Ok(0) => {
+                    // End of file: the rest reads as zeroes.
+                    // SAFETY: [done, len) is inside the caller's range.
+                    unsafe { std::ptr::write_bytes(p, 0, len - done) };
+                    return (Ok(()), keep);
+                }
+                Ok(n) => done += n as usize,
+                Err(e) if e.raw_os_error() == Some(libc::EINTR) || e.raw_os_error() == Some(libc::EAGAIN) => {}
+                Err(e) => return (Err(e), keep),
+            }
+        }
+        (Ok(()), keep)
+    }
+
+    async fn raw_write_all<K: 'static>(
+        &self,
+        keep: K,
+        ptr: *const u8,
+        len: usize,
+        off: u64,
+        fua: bool,
+    ) -> (io::Result<()>, K) {
+        let reactor = match Reactor::current() {
+            Ok(r) => r,
+            Err(e) => return (Err(e), keep),
+        };
+        let mut done = 0usize;
+        let mut keep = keep;
+        let flags = if fua { libc::RWF_DSYNC } else { 0 };
+        while done < len {
+            let chunk = (len - done).min(MAX_OP_BYTES);
+            // SAFETY: within the caller's range.
+            let p = unsafe { ptr.add(done) };
+            let fd = self.types_fd();
+            let o = off + done as u64;
+            let op = reactor.start(keep, |_| opcode::Write::new(fd, p, chunk as u32).offset(o).rw_flags(flags).build());
+            let (res, k) = op.await;
+            keep = k;
+            match res {
+                Ok(0) => return (Err(io::Error::new(io::ErrorKind::WriteZero, "device accepted no bytes")), keep),
+                Ok(n) => done += n as usize,
+                Err(e) if e.raw_os_error() == Some(libc::EINTR) || e.raw_os_error() == Some(libc::EAGAIN) => {}
+                Err(e) => return (Err(e), keep),
+            }
+        }
+        (Ok(()), keep)
+    }
+
+    fn aligned(&self, ptr: *const u8, len: usize, off: u64) -> bool {
+        off % self.align == 0 && len as u64 % self.align == 0 && (ptr as usize) % self.mem_align == 0
+    }
+
+    /// Reads `[off, off+len)` into `buf[buf_off..buf_off+len]`. The range of `buf`
+    /// must not be touched by anything else until this returns.
+    pub async fn read_at(&self, buf: &Arc<SharedBuf>, buf_off: usize, len: usize, off: u64) -> io::Result<()> {
+        if len == 0 {
+            return Ok(());
+        }
+        self.hook(IoKind::Read, off, len as u64).await?;
+        let ptr = buf.ptr_at(buf_off);
+        if self.aligned(ptr, len, off) {
+            return self.raw_read_exact(buf.clone(), ptr, len, off).await.0;
+        }
+        // Bounce through an aligned buffer covering the range.
+        let start = off - off % self.align;
+        let end = (off + len as u64).div_ceil(self.align) * self.align;
+        let mut bounce = IoBuf::new((end - start) as usize);
+        let bptr = bounce.as_mut_ptr();
+        let (res, bounce) = self.raw_read_exact(bounce, bptr, (end - start) as usize, start).await;
+        res?;
+        let from = (off - start) as usize;
+        // SAFETY: the caller guarantees exclusive use of this range of `buf`.
+        unsafe { buf.slice_mut(buf_off, len) }.copy_from_slice(&bounce.as_slice()[from..from + len]);
+        Ok(())
+    }
+
+    /// Writes `buf[buf_off..buf_off+len]` at `off`. If the range is not aligned
+    /// for this device, the caller must hold the covering aligned range
+    /// exclusively (see [`Backend::needs_rmw`]).
+    pub async fn write_at(
+        &self,
+        buf: &Arc<SharedBuf>,
+        buf_off: usize,
+        len: usize,
+        off: u64,
+        fua: bool,
+    ) -> io::Result<()> {
+        if len == 0 {
+            return Ok(());
+        }
+        self.hook(IoKind::Write, off, len as u64).await?;
+        let ptr = buf.ptr_at(buf_off) as *const u8;
+        if self.aligned(ptr, len, off) {
+            return self.raw_write_all(buf.clone(), ptr, len, off, fua).await.0;
+        }
+        // SAFETY: write legs only read the buffer.
+        let data = unsafe { buf.slice(buf_off, len) };
+        self.rmw_write(data, off, fua).await
+    }
+
+    /// Read-modify-write of the aligned range covering `[off, off+data.len())`.
+    async fn rmw_write(&self, data: &[u8], off: u64, fua: bool) -> io::Result<()> {
+        let a = self.align;
+        let end = off + data.len() as u64;
+        let start = off - off % a;
+        let aend = end.div_ceil(a) * a;
+        let total = (aend - start) as usize;
+        let mut bounce = IoBuf::new(total);
+        let head_partial = off % a != 0;
+        let tail_partial = end % a != 0;
+        if head_partial {
+            let p = bounce.as_mut_ptr();
+            let (r, b) = self.raw_read_exact(bounce, p, a as usize, start).await;
+            bounce = b;
+            r?;
+        }
+        if tail_partial && (aend - a != start || !head_partial) {
+            let at = (aend - a - start) as usize;
+            // SAFETY: at + a <= total.
+            let p = unsafe { bounce.as_mut_ptr().add(at) };
+            let (r, b) = self.raw_read_exact(bounce, p, a as usize, aend - a).await;
+            bounce = b;
+            r?;
+        }
+        let from = (off - start) as usize;
+        bounce.as_mut_slice()[from..from + data.len()].copy_from_slice(data);
+        let p = bounce.as_ptr();
+        self.raw_write_all(bounce, p, total, start, fua).await.0
+    }
+
+    /// Makes every completed write durable.
+    pub async fn flush(&self) -> io::Result<()> {
+        self.hook(IoKind::Flush, 0, 0).await?;
+        let reactor = Reactor::current()?;
+        let fd = self.types_fd();
+        let (res, ()) = reactor.start((), |_| opcode::Fsync::new(fd).flags(types::FsyncFlags::DATASYNC).build()).await;
+        res.map(|_| ())
+    }
+
+    async fn fallocate(&self, mode: i32, off: u64, len: u64) -> io::Result<()> {
+        let reactor = Reactor::current()?;
+        let fd = self.types_fd();
+        let (res, ()) = reactor.start((), |_| opcode::Fallocate::new(fd, len).offset(off).mode(mode).build()).await;
+        res.map(|_| ())
+    }
+
+    /// Writes zeroes over `[off, off+len)`. With `may_unmap` the device may
+    /// deallocate the range (a hole that reads as zeroes); without it the range
+    /// stays provisioned.
+    pub async fn write_zeroes(&self, off: u64, len: u64, may_unmap: bool, fua: bool) -> io::Result<()> {
+        if len == 0 {
+            return Ok(());
+        }
+        self.hook(IoKind::Zero, off, len).await?;
+        let end = off + len;
+        // Block devices zero only whole logical blocks; do the edges by writing.
+        let gran = if self.kind == BackendKind::BlockDevice { self.align.max(512) } else { 1 };
+        let mid_start = off.div_ceil(gran) * gran;
+        let mid_end = end / gran * gran;
+        if mid_start >= mid_end {
+            return self.write_zero_bytes(off, len, fua).await;
+        }
+        if mid_start > off {
+            self.write_zero_bytes(off, mid_start - off, false).await?;
+        }
+        if end > mid_end {
+            self.write_zero_bytes(mid_end, end - mid_end, false).await?;
+        }
+        let mlen = mid_end - mid_start;
+        let punch = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
+        let zero = libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE;
+        let mut done = false;
+        if may_unmap {
+            done = self.fallocate(punch, mid_start, mlen).await.is_ok();
+        }
+        if !done {
+            match self.fallocate(zero, mid_start, mlen).await {
+                Ok(()) => done = true,
+                Err(e) if is_unsupported(&e) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        if !done && self.kind == BackendKind::File {
+            // tmpfs has no ZERO_RANGE: punch, then allocate again so the range
+            // stays provisioned.
+            if self.fallocate(punch, mid_start, mlen).await.is_ok()
+                && (may_unmap || self.fallocate(libc::FALLOC_FL_KEEP_SIZE, mid_start, mlen).await.is_ok())
+            {
+                done = true;
+            }
+        }
+        if !done {
+            self.write_zero_bytes(mid_start, mlen, false).await?;
+        }
+        if fua {
+            self.flush().await?;
+        }
+        Ok(())
+    }
+
+    /// Zeroes a range by writing zero-filled buffers.
+    async fn write_zero_bytes(&self, off: u64, len: u64, fua: bool) -> io::Result<()> {
+        const CHUNK: u64 = 1 << 20;
+        let zeros = SharedBuf::new(IoBuf::zeroed(CHUNK.min(len) as usize + 2 * self.align as usize));
+        let mut pos = off;
+        while pos < off + len {
+            let n = (off + len - pos).min(CHUNK) as usize;
+            let ptr = zeros.ptr_at(0) as *const u8;
+            if self.aligned(ptr, n, pos) {
+                let (r, _) = self.raw_write_all(zeros.clone(), ptr, n, pos, fua).await;
+                r?;
+            } else {
+                // SAFETY: `zeros` is only read.
+                let data = unsafe { zeros.slice(0, n) };
+                self.rmw_write(data, pos, fua).await?;
+            }
+            pos += n as u64;
+        }
+        Ok(())
+    }
+
+    /// Discards `[off, off+len)`: a hint; contents afterwards are unspecified.
+    pub async fn discard(&self, off: u64, len: u64) -> io::Result<()> {
+        if len == 0 {
+            return Ok(());
+        }
+        self.hook(IoKind::Discard, off, len).await?;
+        match self.kind {
+            BackendKind::File => self.fallocate(libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE, off, len).await,
+            BackendKind::BlockDevice => {
+                let a = self.align.max(512);
+                let s = off.div_ceil(a) * a;
+                let e = (off + len) / a * a;
+                if s >= e {
+                    return Ok(());
+                }
+                // BLKDISCARD is a blocking ioctl: run it off the I/O thread on a
+                // duplicate of our fd.
+                let dup = self.fd.try_clone()?;
+                tokio::task::spawn_blocking(move || {
+                    let range = [s, e - s];
+                    // SAFETY: BLKDISCARD reads two u64s.
+                    unsafe { ioctl_blkdiscard(dup.as_raw_fd(), &range) }.map(|_| ()).map_err(io::Error::from)
+                })
+                .await
+                .map_err(|e| io::Error::other(format!("discard task failed: {e}")))?
+            }
+        }
+    }
+
+    /// Hints that `[off, off+len)` will be read soon.
+    pub async fn prefetch(&self, off: u64, len: u64) -> io::Result<()> {
+        if self.direct || len == 0 {
+            return Ok(());
+        }
+        let reactor = Reactor::current()?;
+        let fd = self.types_fd();
+        let (res, ()) = reactor
+            .start((), |_| opcode::Fadvise::new(fd, len as libc::off_t, libc::POSIX_FADV_WILLNEED).offset(off).build())
+            .await;
+        res.map(|_| ())
+    }
+
+    /// Allocation status of `[off, off+len)`, at most `max_extents` extents
+    /// (the last one may end early; callers ask again from there).
+    pub fn allocation(&self, off: u64, len: u64, max_extents: usize) -> io::Result<Vec<Extent>> {
+        let end = (off + len).min(self.size.max(off));
+        if self.kind == BackendKind::BlockDevice || len == 0 {
+            return Ok(vec![Extent { len, hole: false }]);
+        }
+        let fd = self.raw_fd();
+        let mut out = Vec::new();
+        let mut pos = off;
+        while pos < end && out.len() < max_extents {
+            // SAFETY: plain lseek on a valid fd.
+            let data = unsafe { libc::lseek(fd, pos as libc::off_t, libc::SEEK_DATA) };
+            if data < 0 {
+                let e = io::Error::last_os_error();
+                if e.raw_os_error() == Some(libc::ENXIO) {
+                    out.push(Extent { len: end - pos, hole: true });
+                    break;
+                }
+                if e.raw_os_error() == Some(libc::EINVAL) || e.raw_os_error() == Some(libc::EOPNOTSUPP) {
+                    // No SEEK_DATA on this filesystem: report data.
+                    out.push(Extent { len: end - pos, hole: false });
+                    break;
+                }
+                return Err(e);
+            }
+            let data = (data as u64).min(end);
+            if data > pos {
+                out.push(Extent { len: data - pos, hole: true });
+                pos = data;
+                continue;
+            }
+            // SAFETY: as above.
+            let hole = unsafe { libc::lseek(fd, pos as libc::off_t, libc::SEEK_HOLE) };
+            if hole < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            let hole = (hole as u64).min(end).max(pos + 1);
+            out.push(Extent { len: hole - pos, hole: false });
+            pos = hole;
+        }
+        if len > 0 && out.is_empty() {
+            out.push(Extent { len: len.min(end.saturating_sub(off)).max(1), hole: false });
+        }
+        Ok(out)
+    }
+
+    /// A `File` view of the descriptor (for synchronous tools such as tests).
+    pub fn try_clone_file(&self) -> io::Result<File> {
+        Ok(File::from(self.fd.try_clone()?))
+    }
+}
+
+fn is_unsupported(e: &io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(libc::EOPNOTSUPP) | Some(libc::EINVAL) | Some(libc::ENODEV) | Some(libc::ENOSYS))
+}

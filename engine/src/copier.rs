@@ -1,0 +1,245 @@
+//! The copier: walks the dirty regions in ascending order and copies them from
+//! the source to the target, on its own thread and io_uring.
+//!
+//! Contiguous dirty regions are batched into spans. A span is locked
+//! exclusively (writers to it wait; fair locks keep it from starving), copied in
+//! chunks, and marked clean before the lock is released, so a write that waited
+//! for the span goes to both devices. Rate tokens are taken before the lock, so a
+//! slow rate limit never holds writers up.
+
+use std::ops::Range;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::Semaphore;
+
+use crate::buf::SharedBuf;
+use crate::device::{Mirror, Target};
+use crate::locks::LockMode;
+
+const SOURCE_READ_ATTEMPTS: u32 = 3;
+
+fn map_lock(m: &Mirror) -> std::sync::MutexGuard<'_, crate::regions::RegionMap> {
+    m.map.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// True if every byte is zero (vectorises well: 64-byte blocks OR-folded).
+pub fn is_zero(data: &[u8]) -> bool {
+    let mut chunks = data.chunks_exact(64);
+    for c in &mut chunks {
+        let mut acc = 0u64;
+        for w in c.chunks_exact(8) {
+            acc |= u64::from_ne_bytes([w[0], w[1], w[2], w[3], w[4], w[5], w[6], w[7]]);
+        }
+        if acc != 0 {
+            return false;
+        }
+    }
+    chunks.remainder().iter().all(|&b| b == 0)
+}
+
+/// The rate the copier may use right now (0 = unlimited).
+fn effective_rate(m: &Mirror) -> u64 {
+    let max = m.copier.limiter.rate();
+    if m.fg.is_active() {
+        let floor = m.copier.min_rate.load(Ordering::Relaxed);
+        if floor == 0 {
+            return max;
+        }
+        if max == 0 {
+            floor
+        } else {
+            max.min(floor)
+        }
+    } else {
+        max
+    }
+}
+
+/// Waits for a wake-up (state change, resume, set-rate) or `timeout`.
+async fn nap(m: &Mirror, timeout: Duration) {
+    let _ = tokio::time::timeout(timeout, m.copier.wake.notified()).await;
+}
+
+pub(crate) async fn run(m: Arc<Mirror>, target: Arc<Target>) {
+    let region = m.region_size();
+    let span_bytes = (m.cfg.copy_chunk as u64).max(region);
+    let span_regions = (span_bytes / region).max(1) as usize;
+    let qd = m.cfg.queue_depth.max(1);
+    let slots = Arc::new(Semaphore::new(qd));
+    let mut cursor = 0usize;
+    loop {
+        if m.copier_should_stop(&target) {
+            break;
+        }
+        let halted =
+            m.copier.paused.load(Ordering::SeqCst) || m.copier.error.lock().map(|e| e.is_some()).unwrap_or(false);
+        if halted {
+            nap(&m, Duration::from_millis(200)).await;
+            continue;
+        }
+        let next = map_lock(&m).next_dirty_run(cursor, span_regions);
+        let Some(run) = next else {
+            // End of a pass: let in-flight spans land before looking again.
+            let all = slots.clone().acquire_many_owned(qd as u32).await;
+            drop(all);
+            if cursor != 0 {
+                cursor = 0;
+                continue;
+            }
+            if map_lock(&m).all_clean() {
+                match m.finish_sync(&target).await {
+                    Ok(true) => break,
+                    Ok(false) => {}
+                    Err(e) => {
+                        *m.copier.error.lock().unwrap_or_else(|p| p.into_inner()) =
+                            Some(format!("cannot record the synced state: {e}"));
+                    }
+                }
+            }
+            nap(&m, Duration::from_millis(100)).await;
+            continue;
+        };
+        let bytes = map_lock(&m).bytes_of(run.clone());
+        // Tokens first, lock later: a lock is never held while waiting for rate.
+        let len = bytes.end - bytes.start;
+        loop {
+            let wait = m.copier.limiter.try_take(len, effective_rate(&m));
+            if wait.is_zero() || m.copier_should_stop(&target) {
+                break;
+            }
+            nap(&m, wait.min(Duration::from_millis(100))).await;
+        }
+        let Ok(permit) = slots.clone().acquire_owned().await else { break };
+        cursor = run.end;
+        let m2 = m.clone();
+        let t2 = target.clone();
+        tokio::task::spawn_local(async move {
+            copy_span(&m2, &t2, run).await;
+            drop(permit);
+        });
+    }
+    // Let in-flight spans finish before the thread (and its ring) goes away.
+    let _ = slots.acquire_many_owned(qd as u32).await;
+}
+
+/// Copies one span of regions under an exclusive lock.
+async fn copy_span(m: &Arc<Mirror>, target: &Arc<Target>, run: Range<usize>) {
+    let bytes = map_lock(m).bytes_of(run.clone());
+    let _guard = m.locks.lock(bytes.clone(), LockMode::Exclusive).await;
+    // Holding the route makes state changes wait for this copy (the barrier).
+    let route = m.route();
+    if m.copier_should_stop(target) {
+        return;
+    }
+    let Some(source) = route.source.clone() else { return };
+    // Regions may have become clean meanwhile (TRIM skips them).
+    let pieces: Vec<(Range<usize>, bool)> = {
+        let map = map_lock(m);
+        let mut out: Vec<(Range<usize>, bool)> = Vec::new();
+        for r in run {
+            if map.is_clean(r) {
+                continue;
+            }
+            let d = map.is_discarded(r);
+            match out.last_mut() {
+                Some((last, ld)) if last.end == r && *ld == d => last.end = r + 1,
+                _ => out.push((r..r + 1, d)),
+            }
+        }
+        out
+    };
+    for (regions, discarded) in pieces {
+        let br = map_lock(m).bytes_of(regions.clone());
+        if discarded {
+            // Trimmed before the copy reached it: zero T instead of copying, so
+            // the range keeps reading as zeroes.
+            if let Err(e) = target.backend.write_zeroes(br.start, br.end - br.start, true, false).await {
+                m.fail_target(target, format!("target zeroing failed at offset {}: {e}", br.start)).await;
+                return;
+            }
+            let mut map = map_lock(m);
+            map.set_clean(regions.clone(), true);
+            map.set_unverifiable(regions.clone(), true);
+            map.set_discarded(regions.clone(), false);
+        } else {
+            if !copy_bytes(m, target, &source, br.clone()).await {
+                return;
+            }
+            let mut map = map_lock(m);
+            map.set_clean(regions.clone(), true);
+            map.set_unverifiable(regions.clone(), false);
+            drop(map);
+            let n = br.end - br.start;
+            m.copier.bytes_copied.fetch_add(n, Ordering::Relaxed);
+            m.copier.meter.record(n);
+        }
+        if let Some(j) = &m.journal {
+            j.note_cleaned(regions);
+        }
+    }
+}
+
+/// Copies `range` from S to T in chunks. False if the copy stopped (an error was
+/// recorded or the target dropped).
+async fn copy_bytes(
+    m: &Arc<Mirror>,
+    target: &Arc<Target>,
+    source: &crate::backend::Backend,
+    range: Range<u64>,
+) -> bool {
+    let chunk = m.cfg.copy_chunk as u64;
+    let mut pos = range.start;
+    while pos < range.end {
+        let n = (range.end - pos).min(chunk) as usize;
+        let buf = SharedBuf::new(m.pool.alloc_unbudgeted(n));
+        let mut attempt = 0;
+        loop {
+            match source.read_at(&buf, 0, n, pos).await {
+                Ok(()) => break,
+                Err(e) => {
+                    attempt += 1;
+                    if attempt >= SOURCE_READ_ATTEMPTS {
+                        let msg = format!("source read failed at offset {pos}: {e}");
+                        tracing::error!("copier stopped: {msg}");
+                        *m.copier.error.lock().unwrap_or_else(|p| p.into_inner()) = Some(msg.clone());
+                        m.event(format!("copy stopped: {msg} (resume retries)"));
+                        return false;
+                    }
+                    tokio::time::sleep(Duration::from_millis(50 * attempt as u64)).await;
+                }
+            }
+        }
+        // SAFETY: the read completed; nothing else touches `buf`.
+        let zero = m.cfg.detect_zeroes && is_zero(unsafe { buf.slice(0, n) });
+        let res = if zero {
+            target.backend.write_zeroes(pos, n as u64, true, false).await
+        } else {
+            target.backend.write_at(&buf, 0, n, pos, false).await
+        };
+        if let Err(e) = res {
+            m.fail_target(target, format!("target write failed at offset {pos}: {e}")).await;
+            return false;
+        }
+        pos += n as u64;
+    }
+    true
+}
+
+#[cfg(test)]
+mod tests {
+    use super::is_zero;
+
+    #[test]
+    fn zero_detection() {
+        let mut v = vec![0u8; 1000];
+        assert!(is_zero(&v));
+        v[999] = 1;
+        assert!(!is_zero(&v));
+        v[999] = 0;
+        v[3] = 1;
+        assert!(!is_zero(&v));
+        assert!(is_zero(&[]));
+    }
+}

@@ -1,0 +1,139 @@
+//! Refuses a target that is the source or that the source is built on: writing
+//! it would destroy the data being copied.
+//!
+//! "Built on" follows the kernel's view in sysfs: the slaves of a device-mapper
+//! or md device (recursively), the backing file of a loop device, the filesystem
+//! a source file lives on, and whole disks versus their partitions.
+
+use std::collections::HashSet;
+use std::fs;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+
+use crate::backend::{Backend, Identity};
+use crate::error::{Error, Result};
+
+fn major(dev: u64) -> u64 {
+    ((dev >> 32) & 0xffff_f000) | ((dev >> 8) & 0xfff)
+}
+fn minor(dev: u64) -> u64 {
+    ((dev >> 12) & 0xffff_ff00) | (dev & 0xff)
+}
+fn makedev(ma: u64, mi: u64) -> u64 {
+    ((ma & 0xffff_f000) << 32) | ((ma & 0xfff) << 8) | ((mi & 0xffff_ff00) << 12) | (mi & 0xff)
+}
+
+fn sysfs_dir(dev: u64) -> PathBuf {
+    PathBuf::from(format!("/sys/dev/block/{}:{}", major(dev), minor(dev)))
+}
+
+fn parse_dev(s: &str) -> Option<u64> {
+    let (a, b) = s.trim().split_once(':')?;
+    Some(makedev(a.parse().ok()?, b.parse().ok()?))
+}
+
+/// The whole disk a partition belongs to (itself for a whole disk).
+fn whole_disk(dev: u64) -> u64 {
+    let dir = sysfs_dir(dev);
+    if dir.join("partition").exists() {
+        if let Ok(real) = fs::canonicalize(&dir) {
+            if let Some(parent) = real.parent() {
+                if let Some(d) = fs::read_to_string(parent.join("dev")).ok().and_then(|s| parse_dev(&s)) {
+                    return d;
+                }
+            }
+        }
+    }
+    dev
+}
+
+/// What a source depends on: block devices (by number) and files (dev, ino).
+#[derive(Default, Debug)]
+pub struct Underlying {
+    pub devices: HashSet<u64>,
+    pub files: HashSet<(u64, u64)>,
+}
+
+fn add_device(dev: u64, out: &mut Underlying, depth: usize) {
+    if depth > 16 || !out.devices.insert(dev) {
+        return;
+    }
+    let dir = sysfs_dir(dev);
+    if let Ok(entries) = fs::read_dir(dir.join("slaves")) {
+        for e in entries.flatten() {
+            if let Some(d) = fs::read_to_string(e.path().join("dev")).ok().and_then(|s| parse_dev(&s)) {
+                add_device(d, out, depth + 1);
+            }
+        }
+    }
+    if let Ok(backing) = fs::read_to_string(dir.join("loop/backing_file")) {
+        add_file(Path::new(backing.trim()), out, depth + 1);
+    }
+}
+
+fn add_file(path: &Path, out: &mut Underlying, depth: usize) {
+    if let Ok(m) = fs::metadata(path) {
+        out.files.insert((m.dev(), m.ino()));
+        add_device(m.dev(), out, depth + 1);
+    }
+}
+
+/// Everything `source` is built on, itself included.
+pub fn underlying(source: &Identity) -> Underlying {
+    let mut out = Underlying::default();
+    out.files.insert((source.dev, source.ino));
+    match source.rdev {
+        Some(rdev) => add_device(rdev, &mut out, 0),
+        None => add_device(source.dev, &mut out, 0),
+    }
+    out
+}
+
+/// Refuses `target` if it is `source` or something `source` is built on.
+pub fn check_target_is_independent(source: &Backend, target: &Backend) -> Result<()> {
+    let s = source.identity();
+    let t = target.identity();
+    let refuse = |why: &str| {
+        Err(Error::Refused(format!(
+            "refusing target {}: {why} (source {})",
+            target.path().display(),
+            source.path().display()
+        )))
+    };
+    if (s.dev, s.ino) == (t.dev, t.ino) || (s.rdev.is_some() && s.rdev == t.rdev) {
+        return refuse("it is the source itself");
+    }
+    let under = underlying(&s);
+    if under.files.contains(&(t.dev, t.ino)) {
+        return refuse("the source is built on it");
+    }
+    if let Some(trdev) = t.rdev {
+        if under.devices.contains(&trdev) {
+            return refuse("the source is built on it");
+        }
+        let tdisk = whole_disk(trdev);
+        for &d in &under.devices {
+            // A whole-disk target containing a partition the source uses, or a
+            // partition target of a whole disk the source uses.
+            if (tdisk == trdev && whole_disk(d) == trdev && d != trdev) || (d == tdisk && tdisk != trdev) {
+                return refuse("it overlaps a device the source is built on");
+            }
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn device_numbers_round_trip() {
+        for (ma, mi) in [(8, 1), (253, 0), (259, 65536), (7, 3)] {
+            let d = makedev(ma, mi);
+            assert_eq!((major(d), minor(d)), (ma, mi));
+        }
+        assert_eq!(parse_dev("253:4\n"), Some(makedev(253, 4)));
+        assert_eq!(parse_dev("junk"), None);
+    }
+}
