@@ -204,6 +204,8 @@ fn try_flock(fd: RawFd) -> io::Result<bool> {
 impl Backend {
     /// Opens `path` as a backend. Errors name the path and say what failed.
     pub fn open(path: &Path, opts: &OpenOptions) -> Result<Backend> {
+        let abs = std::path::absolute(path).ctx(|| format!("bad path {}", path.display()))?;
+        let path = abs.as_path();
         let meta = std::fs::metadata(path).ctx(|| format!("cannot open {}", path.display()))?;
         let ft = meta.file_type();
         let kind = if ft.is_block_device() {

@@ -32,3 +32,58 @@ pub use device::{Event, Mirror, MirrorConfig, StatusExtent};
 pub use error::{Error, Result};
 pub use status::{DeviceState, Status};
 pub use verify::VerifyReport;
+
+/// The device API a block frontend (NBD today, ublk perhaps later) talks to.
+/// Futures are `!Send`: they run on the engine thread that polls them.
+#[allow(async_fn_in_trait)]
+pub trait BlockDevice: Send + Sync + 'static {
+    /// Current export size in bytes (can grow at runtime).
+    fn size(&self) -> u64;
+    fn read_only(&self) -> bool;
+    /// True when WRITE_ZEROES is cheaper than writing zeroes.
+    fn fast_zero(&self) -> bool;
+    async fn read(&self, offset: u64, buf: IoBuf) -> (Result<()>, IoBuf);
+    async fn write(&self, offset: u64, data: IoBuf, fua: bool) -> Result<()>;
+    async fn flush(&self) -> Result<()>;
+    async fn trim(&self, offset: u64, len: u64, fua: bool) -> Result<()>;
+    async fn write_zeroes(&self, offset: u64, len: u64, may_unmap: bool, fua: bool) -> Result<()>;
+    async fn cache(&self, offset: u64, len: u64) -> Result<()>;
+    async fn block_status(&self, offset: u64, len: u64, max_extents: usize) -> Result<Vec<StatusExtent>>;
+}
+
+impl BlockDevice for Mirror {
+    fn size(&self) -> u64 {
+        Mirror::size(self)
+    }
+    fn read_only(&self) -> bool {
+        Mirror::read_only(self)
+    }
+    fn fast_zero(&self) -> bool {
+        Mirror::fast_zero(self)
+    }
+    async fn read(&self, offset: u64, buf: IoBuf) -> (Result<()>, IoBuf) {
+        Mirror::read(self, offset, buf).await
+    }
+    async fn write(&self, offset: u64, data: IoBuf, fua: bool) -> Result<()> {
+        Mirror::write(self, offset, data, fua).await
+    }
+    async fn flush(&self) -> Result<()> {
+        Mirror::flush(self).await
+    }
+    async fn trim(&self, offset: u64, len: u64, fua: bool) -> Result<()> {
+        Mirror::trim(self, offset, len).await?;
+        if fua {
+            Mirror::flush(self).await?;
+        }
+        Ok(())
+    }
+    async fn write_zeroes(&self, offset: u64, len: u64, may_unmap: bool, fua: bool) -> Result<()> {
+        Mirror::write_zeroes(self, offset, len, may_unmap, fua).await
+    }
+    async fn cache(&self, offset: u64, len: u64) -> Result<()> {
+        Mirror::cache(self, offset, len).await
+    }
+    async fn block_status(&self, offset: u64, len: u64, max_extents: usize) -> Result<Vec<StatusExtent>> {
+        Mirror::block_status(self, offset, len, max_extents).await
+    }
+}

@@ -1,1 +1,18 @@
-//! placeholder
+//! livemirror's NBD frontend: the wire protocol, the handshake, the transmission
+//! phase, the server and the kernel attach. It talks to the engine only through
+//! [`engine::BlockDevice`].
+//!
+//! Layout follows the protocol's phases: [`proto`] (constants and encodings),
+//! [`handshake`] (option negotiation, sans-I/O), [`request`] (validation of every
+//! request in one place), [`transmission`] (one connection's request loop) and
+//! [`server`] (listeners and connection hand-off).
+
+pub mod client;
+pub mod handshake;
+pub mod proto;
+pub mod request;
+pub mod server;
+pub mod transmission;
+
+pub use handshake::{Export, Handshake, Negotiated, Progress};
+pub use server::{ListenAddr, Listener, Server, ServerConfig};

@@ -1,0 +1,410 @@
+//! The NBD server: listening sockets, the handshake driver, and the hand-off of
+//! each connection to a worker thread.
+
+use std::io;
+use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
+use std::path::PathBuf;
+use std::str::FromStr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use engine::rt::Worker;
+use engine::{BlockDevice, BufPool};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::sync::{watch, Notify};
+
+use crate::handshake::{Export, Handshake, Negotiated, Progress};
+use crate::transmission::{self, ConnShared, Stream};
+
+/// A client has this long to finish the handshake.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// `unix:PATH` or `tcp:HOST:PORT`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ListenAddr {
+    Unix(PathBuf),
+    Tcp { host: String, port: u16 },
+}
+
+impl FromStr for ListenAddr {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        if let Some(p) = s.strip_prefix("unix:") {
+            if p.is_empty() {
+                return Err("unix: needs a socket path".into());
+            }
+            return Ok(ListenAddr::Unix(PathBuf::from(p)));
+        }
+        if let Some(rest) = s.strip_prefix("tcp:") {
+            let (host, port) = rest.rsplit_once(':').ok_or_else(|| format!("{s}: expected tcp:HOST:PORT"))?;
+            let port: u16 = port.parse().map_err(|_| format!("{s}: bad port {port:?}"))?;
+            let host = host.trim_start_matches('[').trim_end_matches(']').to_string();
+            if host.is_empty() {
+                return Err(format!("{s}: expected tcp:HOST:PORT"));
+            }
+            return Ok(ListenAddr::Tcp { host, port });
+        }
+        Err(format!("{s}: expected unix:PATH or tcp:HOST:PORT"))
+    }
+}
+
+impl std::fmt::Display for ListenAddr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ListenAddr::Unix(p) => write!(f, "unix:{}", p.display()),
+            ListenAddr::Tcp { host, port } if host.contains(':') => write!(f, "tcp:[{host}]:{port}"),
+            ListenAddr::Tcp { host, port } => write!(f, "tcp:{host}:{port}"),
+        }
+    }
+}
+
+impl ListenAddr {
+    /// Resolved socket addresses of a TCP listen address.
+    pub fn resolve(&self) -> io::Result<Vec<SocketAddr>> {
+        match self {
+            ListenAddr::Unix(_) => Ok(Vec::new()),
+            ListenAddr::Tcp { host, port } => Ok((host.as_str(), *port).to_socket_addrs()?.collect()),
+        }
+    }
+
+    /// True for Unix sockets and for TCP addresses that only reach this host.
+    pub fn is_local_only(&self) -> io::Result<bool> {
+        match self {
+            ListenAddr::Unix(_) => Ok(true),
+            ListenAddr::Tcp { .. } => {
+                let addrs = self.resolve()?;
+                Ok(!addrs.is_empty() && addrs.iter().all(|a| is_loopback(a.ip())))
+            }
+        }
+    }
+}
+
+fn is_loopback(ip: IpAddr) -> bool {
+    match ip {
+        IpAddr::V4(v) => v.is_loopback(),
+        IpAddr::V6(v) => v.is_loopback() || v.to_ipv4_mapped().is_some_and(|m| m.is_loopback()),
+    }
+}
+
+/// A bound, listening socket.
+pub enum Listener {
+    Unix(std::os::unix::net::UnixListener, PathBuf),
+    Tcp(std::net::TcpListener),
+}
+
+impl Listener {
+    pub fn bind(addr: &ListenAddr) -> io::Result<Listener> {
+        match addr {
+            ListenAddr::Unix(p) => Ok(Listener::Unix(engine::control::bind_unix_socket(p)?, p.clone())),
+            ListenAddr::Tcp { .. } => {
+                let addrs = addr.resolve()?;
+                let l = std::net::TcpListener::bind(&addrs[..])
+                    .map_err(|e| io::Error::new(e.kind(), format!("cannot listen on {addr}: {e}")))?;
+                l.set_nonblocking(true)?;
+                Ok(Listener::Tcp(l))
+            }
+        }
+    }
+
+    /// The actual address (useful with port 0).
+    pub fn local_addr(&self) -> String {
+        match self {
+            Listener::Unix(_, p) => format!("unix:{}", p.display()),
+            Listener::Tcp(l) => l.local_addr().map(|a| format!("tcp:{a}")).unwrap_or_default(),
+        }
+    }
+}
+
+/// What the server exports.
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    pub export_name: String,
+    pub description: String,
+    pub read_only: bool,
+    /// Payload bytes held across all connections at most.
+    pub buffer_budget: usize,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            export_name: String::new(),
+            description: "livemirror".into(),
+            read_only: false,
+            buffer_budget: 256 << 20,
+        }
+    }
+}
+
+struct Inner<D: BlockDevice> {
+    dev: Arc<D>,
+    cfg: ServerConfig,
+    pool: BufPool,
+    workers: Vec<Arc<Worker>>,
+    next_worker: AtomicUsize,
+    shutdown_tx: watch::Sender<bool>,
+    active: AtomicUsize,
+    idle: Notify,
+}
+
+/// An NBD server for one device. Cheap to clone.
+pub struct Server<D: BlockDevice> {
+    inner: Arc<Inner<D>>,
+}
+
+impl<D: BlockDevice> Clone for Server<D> {
+    fn clone(&self) -> Self {
+        Server { inner: self.inner.clone() }
+    }
+}
+
+impl<D: BlockDevice> Server<D> {
+    pub fn new(dev: Arc<D>, cfg: ServerConfig, workers: Vec<Arc<Worker>>) -> Server<D> {
+        let pool = BufPool::new(cfg.buffer_budget.max(engine_min_budget()));
+        let (shutdown_tx, _) = watch::channel(false);
+        Server {
+            inner: Arc::new(Inner {
+                dev,
+                cfg,
+                pool,
+                workers,
+                next_worker: AtomicUsize::new(0),
+                shutdown_tx,
+                active: AtomicUsize::new(0),
+                idle: Notify::new(),
+            }),
+        }
+    }
+
+    pub fn pool(&self) -> &BufPool {
+        &self.inner.pool
+    }
+
+    fn export(&self) -> Export {
+        Export {
+            name: self.inner.cfg.export_name.clone(),
+            description: self.inner.cfg.description.clone(),
+            size: self.inner.dev.size(),
+            read_only: self.inner.cfg.read_only || self.inner.dev.read_only(),
+            fast_zero: self.inner.dev.fast_zero(),
+        }
+    }
+
+    /// Accepts connections on `listener` until shutdown. Runs on an engine
+    /// thread; connections are spread over the workers.
+    pub async fn accept_loop(&self, listener: Listener) {
+        let mut shutdown = self.inner.shutdown_tx.subscribe();
+        let res: io::Result<()> = async {
+            match listener {
+                Listener::Unix(l, _) => {
+                    let l = tokio::net::UnixListener::from_std(l)?;
+                    loop {
+                        tokio::select! {
+                            _ = shutdown.wait_for(|s| *s) => return Ok(()),
+                            a = l.accept() => match a {
+                                Ok((s, _)) => self.dispatch(AnyStd::Unix(s.into_std()?)),
+                                Err(e) => accept_error(e).await,
+                            }
+                        }
+                    }
+                }
+                Listener::Tcp(l) => {
+                    let l = tokio::net::TcpListener::from_std(l)?;
+                    loop {
+                        tokio::select! {
+                            _ = shutdown.wait_for(|s| *s) => return Ok(()),
+                            a = l.accept() => match a {
+                                Ok((s, peer)) => {
+                                    tracing::debug!("connection from {peer}");
+                                    self.dispatch(AnyStd::Tcp(s.into_std()?))
+                                }
+                                Err(e) => accept_error(e).await,
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        .await;
+        if let Err(e) = res {
+            tracing::error!("listener failed: {e}");
+        }
+    }
+
+    fn dispatch(&self, stream: AnyStd) {
+        let n = self.inner.workers.len().max(1);
+        let i = self.inner.next_worker.fetch_add(1, Ordering::Relaxed) % n;
+        let Some(worker) = self.inner.workers.get(i) else {
+            tracing::error!("no worker to serve a connection");
+            return;
+        };
+        self.inner.active.fetch_add(1, Ordering::SeqCst);
+        let server = self.clone();
+        let res = worker.run(move || async move {
+            let res = server.serve_std(stream).await;
+            if let Err(e) = res {
+                tracing::info!("connection closed: {e}");
+            }
+            if server.inner.active.fetch_sub(1, Ordering::SeqCst) == 1 {
+                server.inner.idle.notify_waiters();
+            }
+        });
+        if let Err(e) = res {
+            tracing::error!("cannot hand a connection to a worker: {e}");
+            self.inner.active.fetch_sub(1, Ordering::SeqCst);
+        }
+    }
+
+    async fn serve_std(&self, stream: AnyStd) -> io::Result<()> {
+        let stream = match stream {
+            AnyStd::Unix(s) => Stream::Unix(tokio::net::UnixStream::from_std(s)?),
+            AnyStd::Tcp(s) => Stream::Tcp(tokio::net::TcpStream::from_std(s)?),
+        };
+        self.serve_stream(stream).await
+    }
+
+    /// Negotiates on `stream` and serves it.
+    pub async fn serve_stream(&self, mut stream: Stream) -> io::Result<()> {
+        let mut shutdown = self.inner.shutdown_tx.subscribe();
+        let negotiated = tokio::select! {
+            _ = shutdown.wait_for(|s| *s) => return Ok(()),
+            r = tokio::time::timeout(HANDSHAKE_TIMEOUT, negotiate(&mut stream, vec![self.export()])) => match r {
+                Ok(r) => r?,
+                Err(_) => return Err(io::Error::new(io::ErrorKind::TimedOut, "handshake timed out")),
+            },
+        };
+        let Some((neg, leftover)) = negotiated else { return Ok(()) };
+        tracing::debug!(
+            "negotiated export {:?}: {} bytes, structured={}, flags={:#x}",
+            neg.export.name,
+            neg.export.size,
+            neg.structured,
+            neg.flags
+        );
+        self.serve_negotiated(stream, &neg, leftover).await
+    }
+
+    /// Serves the transmission phase of an already negotiated stream (the
+    /// kernel client skips the handshake: netlink attach).
+    pub async fn serve_negotiated(&self, stream: Stream, neg: &Negotiated, leftover: Vec<u8>) -> io::Result<()> {
+        let shared = ConnShared { pool: self.inner.pool.clone(), shutdown: self.inner.shutdown_tx.subscribe() };
+        transmission::serve(stream, self.inner.dev.clone(), neg, leftover, shared).await
+    }
+
+    /// A negotiation result for a client that does no handshake.
+    pub fn implicit_negotiation(&self) -> Negotiated {
+        let export = self.export();
+        let flags = crate::handshake::transmission_flags(&export, false);
+        Negotiated { export, structured: false, base_allocation: None, flags }
+    }
+
+    /// Stops accepting, lets every connection finish its in-flight requests,
+    /// and returns when all have closed.
+    pub async fn shutdown(&self) {
+        self.inner.shutdown_tx.send_replace(true);
+        loop {
+            let idle = self.inner.idle.notified();
+            if self.inner.active.load(Ordering::SeqCst) == 0 {
+                return;
+            }
+            idle.await;
+        }
+    }
+
+    pub fn active_connections(&self) -> usize {
+        self.inner.active.load(Ordering::SeqCst)
+    }
+}
+
+fn engine_min_budget() -> usize {
+    // At least one maximum-size payload must fit, or a 32 MiB request could
+    // never be served.
+    2 * crate::proto::MAX_PAYLOAD as usize
+}
+
+enum AnyStd {
+    Unix(std::os::unix::net::UnixStream),
+    Tcp(std::net::TcpStream),
+}
+
+async fn accept_error(e: io::Error) {
+    // EMFILE and friends: back off instead of spinning.
+    tracing::warn!("accept failed: {e}");
+    tokio::time::sleep(Duration::from_millis(100)).await;
+}
+
+/// Runs the handshake on `stream`. `None` if the client aborted or left.
+pub async fn negotiate(stream: &mut Stream, exports: Vec<Export>) -> io::Result<Option<(Negotiated, Vec<u8>)>> {
+    let mut hs = Handshake::new(exports);
+    let mut buf = vec![0u8; 4096];
+    loop {
+        if hs.has_output() {
+            let out = hs.take_output();
+            write_all(stream, &out).await?;
+        }
+        let n = read_some(stream, &mut buf).await?;
+        if n == 0 {
+            return Ok(None);
+        }
+        match hs.feed(&buf[..n]) {
+            Ok(Progress::Continue) => {}
+            Ok(Progress::Done(neg)) => {
+                let out = hs.take_output();
+                write_all(stream, &out).await?;
+                return Ok(Some((neg, hs.take_leftover())));
+            }
+            Ok(Progress::Aborted) => {
+                let out = hs.take_output();
+                let _ = write_all(stream, &out).await;
+                return Ok(None);
+            }
+            Err(e) => {
+                let out = hs.take_output();
+                let _ = write_all(stream, &out).await;
+                return Err(io::Error::new(io::ErrorKind::InvalidData, format!("handshake: {e}")));
+            }
+        }
+    }
+}
+
+async fn write_all(stream: &mut Stream, data: &[u8]) -> io::Result<()> {
+    match stream {
+        Stream::Unix(s) => s.write_all(data).await,
+        Stream::Tcp(s) => s.write_all(data).await,
+    }
+}
+
+async fn read_some(stream: &mut Stream, buf: &mut [u8]) -> io::Result<usize> {
+    match stream {
+        Stream::Unix(s) => s.read(buf).await,
+        Stream::Tcp(s) => s.read(buf).await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn listen_addresses_parse() {
+        assert_eq!("unix:/run/x.sock".parse(), Ok(ListenAddr::Unix("/run/x.sock".into())));
+        assert_eq!("tcp:127.0.0.1:10809".parse(), Ok(ListenAddr::Tcp { host: "127.0.0.1".into(), port: 10809 }));
+        assert_eq!("tcp:[::1]:10809".parse(), Ok(ListenAddr::Tcp { host: "::1".into(), port: 10809 }));
+        assert!("tcp:localhost".parse::<ListenAddr>().is_err());
+        assert!("udp:x".parse::<ListenAddr>().is_err());
+        assert!("unix:".parse::<ListenAddr>().is_err());
+    }
+
+    #[test]
+    fn loopback_policy() {
+        let l: ListenAddr = "tcp:127.0.0.1:1".parse().unwrap();
+        assert!(l.is_local_only().unwrap());
+        let l: ListenAddr = "tcp:::1:1".parse().unwrap();
+        assert!(l.is_local_only().unwrap());
+        let l: ListenAddr = "tcp:0.0.0.0:1".parse().unwrap();
+        assert!(!l.is_local_only().unwrap());
+        let l: ListenAddr = "tcp:192.0.2.1:1".parse().unwrap();
+        assert!(!l.is_local_only().unwrap());
+    }
+}

@@ -1,0 +1,204 @@
+//! `livemirror serve`: opens the devices, starts the workers, the NBD listeners
+//! and the control socket, and shuts everything down cleanly on SIGTERM/SIGINT.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::{bail, Context};
+use clap::Args;
+use engine::rt::Worker;
+use engine::{Backend, CacheMode, DeviceLock, Mirror, MirrorConfig, OpenOptions};
+use nbd_frontend::{ListenAddr, Listener, Server, ServerConfig};
+
+use crate::units::parse_size;
+
+#[derive(Args, Debug)]
+pub struct ServeArgs {
+    /// The device or image to serve (may be left out only when the state file
+    /// says source-detached).
+    #[arg(long, value_name = "PATH")]
+    pub source: Option<PathBuf>,
+    /// Attach this target right after start.
+    #[arg(long, value_name = "PATH")]
+    pub target: Option<PathBuf>,
+    /// unix:PATH or tcp:HOST:PORT (repeatable).
+    #[arg(long, value_name = "ADDR", default_value = crate::DEFAULT_LISTEN)]
+    pub listen: Vec<ListenAddr>,
+    /// The control socket.
+    #[arg(long, value_name = "PATH", default_value = crate::DEFAULT_CONTROL)]
+    pub control: PathBuf,
+    /// Persisted bitmap; enables crash-resume.
+    #[arg(long, value_name = "PATH")]
+    pub state: Option<PathBuf>,
+    /// Ignore a mismatching state file and start over.
+    #[arg(long)]
+    pub restart_sync: bool,
+    #[arg(long, value_name = "NAME", default_value = "")]
+    pub export_name: String,
+    #[arg(long, value_name = "SIZE", default_value = "64K", value_parser = parse_size)]
+    pub region_size: u64,
+    /// Copier I/Os in flight.
+    #[arg(long, value_name = "N", default_value_t = 8)]
+    pub queue_depth: usize,
+    /// Copy rate limit (0 = unlimited).
+    #[arg(long, value_name = "RATE", default_value = "0", value_parser = parse_size)]
+    pub max_rate: u64,
+    /// The copy rate kept while clients are busy (the copier backs off to it).
+    #[arg(long, value_name = "RATE", default_value = "16M", value_parser = parse_size)]
+    pub min_rate: u64,
+    /// Attach the kernel's NBD client to this device over netlink.
+    #[arg(long, value_name = "/dev/nbdN")]
+    pub nbd_device: Option<PathBuf>,
+    #[arg(long)]
+    pub read_only: bool,
+    /// Allow a TCP listen address that is not loopback (NBD has no authentication).
+    #[arg(long)]
+    pub allow_remote: bool,
+    /// Page-cache use: auto (O_DIRECT for block devices), direct or buffered.
+    #[arg(long, value_name = "MODE", default_value = "auto")]
+    pub cache: CacheMode,
+    /// Payload bytes buffered across all connections at most.
+    #[arg(long, value_name = "SIZE", default_value = "256M", value_parser = parse_size)]
+    pub buffer_budget: u64,
+    /// Bytes per copier I/O.
+    #[arg(long, value_name = "SIZE", default_value = "1M", value_parser = parse_size)]
+    pub copy_chunk: u64,
+    /// I/O threads (default: one per CPU).
+    #[arg(long, value_name = "N")]
+    pub workers: Option<usize>,
+}
+
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("LIVEMIRROR_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_target(false)
+        .try_init();
+}
+
+pub fn run(args: ServeArgs) -> u8 {
+    init_logging();
+    match serve(args) {
+        Ok(()) => 0,
+        Err(e) => {
+            eprintln!("livemirror: {e:#}");
+            1
+        }
+    }
+}
+
+fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    for l in &args.listen {
+        let local = l.is_local_only().with_context(|| format!("cannot resolve {l}"))?;
+        if !local && !args.allow_remote {
+            bail!("refusing to listen on {l}: it is reachable from other hosts and NBD has no authentication (add --allow-remote to insist)");
+        }
+    }
+    if args.copy_chunk == 0 || args.copy_chunk > 64 << 20 || !args.copy_chunk.is_multiple_of(4096) {
+        bail!("--copy-chunk must be a multiple of 4K between 4K and 64M");
+    }
+    let cfg = MirrorConfig {
+        region_size: args.region_size,
+        queue_depth: args.queue_depth.max(1),
+        max_rate: args.max_rate,
+        min_rate: args.min_rate,
+        copy_chunk: args.copy_chunk as usize,
+        read_only: args.read_only,
+        cache: args.cache,
+        detect_zeroes: true,
+    };
+    let Some(source) = args.source.as_ref() else {
+        bail!("--source is required");
+    };
+    let src =
+        Backend::open(source, &OpenOptions { writable: !args.read_only, cache: args.cache, lock: DeviceLock::Wait })?;
+    let mirror = Mirror::new(src, cfg)?;
+
+    let nworkers = args.workers.unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get())).max(1);
+    let workers: Vec<Arc<Worker>> = (0..nworkers)
+        .map(|i| Worker::spawn(&format!("livemirror-io{i}")).map(Arc::new))
+        .collect::<Result<_, _>>()
+        .context("cannot start I/O threads")?;
+    let server = Server::new(
+        mirror.clone(),
+        ServerConfig {
+            export_name: args.export_name.clone(),
+            description: format!("livemirror export of {}", source.display()),
+            read_only: args.read_only,
+            buffer_budget: args.buffer_budget as usize,
+        },
+        workers.clone(),
+    );
+    let mut bound = Vec::new();
+    for l in &args.listen {
+        bound.push(Listener::bind(l).with_context(|| format!("cannot listen on {l}"))?);
+    }
+    let control = engine::control::bind_unix_socket(&args.control)
+        .with_context(|| format!("cannot create the control socket {}", args.control.display()))?;
+    let addrs: Vec<String> = bound.iter().map(|l| l.local_addr()).collect();
+    let io0 = workers[0].clone();
+    for l in bound {
+        let s = server.clone();
+        io0.run(move || async move { s.accept_loop(l).await })?;
+    }
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    {
+        let m = mirror.clone();
+        io0.run(move || async move {
+            let mut rx = stop_rx;
+            engine::control::serve(control, m, async move {
+                let _ = rx.wait_for(|s| *s).await;
+            })
+            .await
+        })?;
+    }
+    tracing::info!(
+        "serving {} ({} bytes) on {}; control {}",
+        source.display(),
+        mirror.size(),
+        addrs.join(", "),
+        args.control.display()
+    );
+
+    engine::rt::block_on(async {
+        if let Some(t) = &args.target {
+            let m = mirror.clone();
+            let t = t.clone();
+            io0.call(move || async move { m.attach(&t).await }).await?.context("cannot attach the target")?;
+        }
+        wait_for_signal().await?;
+        tracing::info!("shutting down: finishing in-flight requests");
+        server.shutdown().await;
+        stop_tx.send_replace(true);
+        mirror.shutdown().await.context("final flush")?;
+        anyhow::Ok(())
+    })??;
+    drop(io0);
+    for w in workers {
+        if let Ok(w) = Arc::try_unwrap(w) {
+            w.join();
+        }
+    }
+    for l in &args.listen {
+        if let ListenAddr::Unix(p) = l {
+            let _ = std::fs::remove_file(p);
+        }
+    }
+    let _ = std::fs::remove_file(&args.control);
+    tracing::info!("stopped cleanly");
+    Ok(())
+}
+
+async fn wait_for_signal() -> anyhow::Result<()> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).context("SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("SIGINT handler")?;
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+    Ok(())
+}
