@@ -1,0 +1,263 @@
+//! Shared helpers for the integration tests: start a daemon in a private
+//! directory, drive the CLI, find the real NBD clients (failing loudly if one is
+//! missing: `.ci/run` installs them).
+#![allow(dead_code)]
+
+use std::io::Read;
+use std::os::unix::process::ExitStatusExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::time::{Duration, Instant};
+
+pub fn bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_livemirror"))
+}
+
+/// Full path of a required tool; panics with a clear message if it is missing.
+pub fn tool(name: &str) -> PathBuf {
+    for dir in ["/usr/bin", "/usr/sbin", "/bin", "/sbin", "/usr/local/bin"] {
+        let p = Path::new(dir).join(name);
+        if p.exists() {
+            return p;
+        }
+    }
+    panic!("required tool {name} is not installed (.ci/run installs it: see README)");
+}
+
+/// Environment for the libnbd Python tools: Debian's python3 has the `nbd` module.
+pub fn debian_path() -> String {
+    format!("/usr/bin:/usr/sbin:/bin:/sbin:{}", std::env::var("PATH").unwrap_or_default())
+}
+
+pub fn run(cmd: &Path, args: &[&str]) -> Output {
+    let out = Command::new(cmd)
+        .args(args)
+        .env("PATH", debian_path())
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {}: {e}", cmd.display()));
+    out
+}
+
+pub fn run_ok(cmd: &Path, args: &[&str]) -> String {
+    let out = run(cmd, args);
+    assert!(
+        out.status.success(),
+        "{} {:?} failed ({}):\nstdout: {}\nstderr: {}",
+        cmd.display(),
+        args,
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Writes `len` bytes of a deterministic pseudo-random pattern.
+pub fn pattern(seed: u64, len: usize) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let mut v = Vec::with_capacity(len + 8);
+    while v.len() < len {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        v.extend_from_slice(&x.to_le_bytes());
+    }
+    v.truncate(len);
+    v
+}
+
+pub fn make_image(path: &Path, data: &[u8]) {
+    std::fs::write(path, data).unwrap_or_else(|e| panic!("cannot write {}: {e}", path.display()));
+}
+
+pub fn make_sparse(path: &Path, size: u64) {
+    let f = std::fs::File::create(path).unwrap_or_else(|e| panic!("cannot create {}: {e}", path.display()));
+    f.set_len(size).unwrap_or_else(|e| panic!("cannot size {}: {e}", path.display()));
+}
+
+/// A running `livemirror serve` with its sockets in a private directory.
+pub struct Daemon {
+    pub child: Option<Child>,
+    pub dir: PathBuf,
+    pub sock: PathBuf,
+    pub control: PathBuf,
+    pub log: PathBuf,
+}
+
+impl Daemon {
+    /// Starts `livemirror serve ARGS --listen unix:DIR/nbd.sock --control
+    /// DIR/ctl.sock` and waits until it is ready.
+    pub fn start(dir: &Path, args: &[&str]) -> Daemon {
+        let sock = dir.join("nbd.sock");
+        let control = dir.join("ctl.sock");
+        let log = dir.join(format!("serve-{}.log", std::process::id()));
+        let mut d = Daemon { child: None, dir: dir.to_path_buf(), sock, control, log };
+        d.spawn(args);
+        d.wait_ready();
+        d
+    }
+
+    /// Starts without waiting (for tests of startup refusals).
+    pub fn spawn_raw(dir: &Path, args: &[&str]) -> Daemon {
+        let sock = dir.join("nbd.sock");
+        let control = dir.join("ctl.sock");
+        let log = dir.join("serve-raw.log");
+        let mut d = Daemon { child: None, dir: dir.to_path_buf(), sock, control, log };
+        d.spawn(args);
+        d
+    }
+
+    fn spawn(&mut self, args: &[&str]) {
+        let logf = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .unwrap_or_else(|e| panic!("cannot open log: {e}"));
+        let mut cmd = Command::new(bin());
+        cmd.arg("serve").args(args);
+        if !args.contains(&"--listen") {
+            cmd.arg("--listen").arg(format!("unix:{}", self.sock.display()));
+        }
+        if !args.contains(&"--control") {
+            cmd.arg("--control").arg(&self.control);
+        }
+        cmd.env("LIVEMIRROR_LOG", std::env::var("LIVEMIRROR_LOG").unwrap_or_else(|_| "info".into()));
+        cmd.stdout(Stdio::null()).stderr(logf);
+        self.child = Some(cmd.spawn().unwrap_or_else(|e| panic!("cannot start livemirror: {e}")));
+    }
+
+    pub fn restart(&mut self, args: &[&str]) {
+        self.spawn(args);
+        self.wait_ready();
+    }
+
+    pub fn wait_ready(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(c) = self.child.as_mut() {
+                if let Ok(Some(st)) = c.try_wait() {
+                    panic!("livemirror exited during start ({st}):\n{}", self.log_text());
+                }
+            }
+            let ok = self.cli(&["status", "--json"]).status.success()
+                && std::os::unix::net::UnixStream::connect(&self.sock).is_ok();
+            if ok {
+                return;
+            }
+            assert!(Instant::now() < deadline, "livemirror not ready after 30 s:\n{}", self.log_text());
+            std::thread::sleep(Duration::from_millis(25));
+        }
+    }
+
+    pub fn log_text(&self) -> String {
+        let mut s = String::new();
+        if let Ok(mut f) = std::fs::File::open(&self.log) {
+            let _ = f.read_to_string(&mut s);
+        }
+        s
+    }
+
+    pub fn uri(&self) -> String {
+        format!("nbd+unix:///?socket={}", self.sock.display())
+    }
+
+    /// Runs `livemirror ARGS --control CTL`.
+    pub fn cli(&self, args: &[&str]) -> Output {
+        Command::new(bin())
+            .args(args)
+            .arg("--control")
+            .arg(&self.control)
+            .output()
+            .unwrap_or_else(|e| panic!("cannot run livemirror: {e}"))
+    }
+
+    pub fn cli_ok(&self, args: &[&str]) -> String {
+        let out = self.cli(args);
+        assert!(
+            out.status.success(),
+            "livemirror {args:?} failed ({}): {}{}\n--- daemon log ---\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr),
+            self.log_text()
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    pub fn status(&self) -> serde_json::Value {
+        let s = self.cli_ok(&["status", "--json"]);
+        serde_json::from_str(s.trim()).unwrap_or_else(|e| panic!("status is not JSON ({e}): {s}"))
+    }
+
+    pub fn state(&self) -> String {
+        self.status()["state"].as_str().unwrap_or_default().to_string()
+    }
+
+    /// Polls until the state is `want` (panics after `secs`).
+    pub fn wait_state(&self, want: &str, secs: u64) {
+        let deadline = Instant::now() + Duration::from_secs(secs);
+        loop {
+            let st = self.status();
+            if st["state"] == want {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "state {want} not reached in {secs} s; status: {st}\n{}",
+                self.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// SIGTERM and wait; returns the exit status.
+    pub fn stop(&mut self) -> ExitStatus {
+        let mut c = self.child.take().expect("daemon running");
+        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(c.id() as i32), nix::sys::signal::Signal::SIGTERM);
+        wait_timeout(&mut c, Duration::from_secs(60))
+            .unwrap_or_else(|| panic!("daemon did not stop:\n{}", self.log_text()))
+    }
+
+    /// SIGKILL and reap.
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+pub fn wait_timeout(c: &mut Child, t: Duration) -> Option<ExitStatus> {
+    let deadline = Instant::now() + t;
+    loop {
+        if let Ok(Some(st)) = c.try_wait() {
+            return Some(st);
+        }
+        if Instant::now() > deadline {
+            let _ = c.kill();
+            let _ = c.wait();
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+pub fn exit_code(st: &ExitStatus) -> i32 {
+    st.code().unwrap_or_else(|| 128 + st.signal().unwrap_or(0))
+}
+
+/// A scratch directory under the target dir (on disk), removed on drop.
+pub fn scratch() -> tempfile::TempDir {
+    tempfile::Builder::new().prefix("lmtest").tempdir().unwrap_or_else(|e| panic!("tempdir: {e}"))
+}
+
+/// A scratch directory on tmpfs (/dev/shm) for fast, large images.
+pub fn scratch_shm() -> tempfile::TempDir {
+    tempfile::Builder::new().prefix("lmtest").tempdir_in("/dev/shm").unwrap_or_else(|_| scratch())
+}
