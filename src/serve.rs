@@ -90,7 +90,19 @@ pub fn run(args: ServeArgs) -> u8 {
     }
 }
 
-fn serve(args: ServeArgs) -> anyhow::Result<()> {
+/// A running daemon: devices, I/O threads, NBD listeners and control socket.
+pub struct Running {
+    pub mirror: Arc<Mirror>,
+    pub server: Server<Mirror>,
+    workers: Vec<Arc<Worker>>,
+    stop_control: tokio::sync::watch::Sender<bool>,
+    sockets: Vec<PathBuf>,
+    pub addrs: Vec<String>,
+}
+
+/// Opens the devices and starts serving; returns once every listener accepts
+/// and the control socket answers.
+pub fn start(args: &ServeArgs) -> anyhow::Result<Running> {
     for l in &args.listen {
         let local = l.is_local_only().with_context(|| format!("cannot resolve {l}"))?;
         if !local && !args.allow_remote {
@@ -133,18 +145,23 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         workers.clone(),
     );
     let mut bound = Vec::new();
+    let mut sockets = Vec::new();
     for l in &args.listen {
         bound.push(Listener::bind(l).with_context(|| format!("cannot listen on {l}"))?);
+        if let ListenAddr::Unix(p) = l {
+            sockets.push(p.clone());
+        }
     }
     let control = engine::control::bind_unix_socket(&args.control)
         .with_context(|| format!("cannot create the control socket {}", args.control.display()))?;
+    sockets.push(args.control.clone());
     let addrs: Vec<String> = bound.iter().map(|l| l.local_addr()).collect();
     let io0 = workers[0].clone();
     for l in bound {
         let s = server.clone();
         io0.run(move || async move { s.accept_loop(l).await })?;
     }
-    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let (stop_control, stop_rx) = tokio::sync::watch::channel(false);
     {
         let m = mirror.clone();
         io0.run(move || async move {
@@ -162,32 +179,54 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         addrs.join(", "),
         args.control.display()
     );
-
-    engine::rt::block_on(async {
-        if let Some(t) = &args.target {
-            let m = mirror.clone();
-            let t = t.clone();
-            io0.call(move || async move { m.attach(&t).await }).await?.context("cannot attach the target")?;
-        }
-        wait_for_signal().await?;
-        tracing::info!("shutting down: finishing in-flight requests");
-        server.shutdown().await;
-        stop_tx.send_replace(true);
-        mirror.shutdown().await.context("final flush")?;
-        anyhow::Ok(())
-    })??;
-    drop(io0);
-    for w in workers {
-        if let Ok(w) = Arc::try_unwrap(w) {
-            w.join();
-        }
+    let running = Running { mirror, server, workers, stop_control, sockets, addrs };
+    if let Some(t) = &args.target {
+        let m = running.mirror.clone();
+        let t = t.clone();
+        running.on_io(move || async move { m.attach(&t).await })?.context("cannot attach the target")?;
     }
-    for l in &args.listen {
-        if let ListenAddr::Unix(p) = l {
+    Ok(running)
+}
+
+impl Running {
+    /// Runs `f` on the first I/O thread and waits for its result.
+    pub fn on_io<F, Fut, T>(&self, f: F) -> anyhow::Result<T>
+    where
+        F: FnOnce() -> Fut + Send + 'static,
+        Fut: std::future::Future<Output = T> + 'static,
+        T: Send + 'static,
+    {
+        let w = self.workers[0].clone();
+        Ok(engine::rt::block_on(async move { w.call(f).await })??)
+    }
+
+    /// Stops accepting, drains every connection, stops the copier, flushes and
+    /// persists, then stops the threads and removes the sockets.
+    pub fn shutdown(self) -> anyhow::Result<()> {
+        let Running { mirror, server, workers, stop_control, sockets, .. } = self;
+        engine::rt::block_on(async {
+            server.shutdown().await;
+            stop_control.send_replace(true);
+            mirror.shutdown().await.context("final flush")
+        })??;
+        drop(server);
+        for w in workers {
+            if let Ok(w) = Arc::try_unwrap(w) {
+                w.join();
+            }
+        }
+        for p in sockets {
             let _ = std::fs::remove_file(p);
         }
+        Ok(())
     }
-    let _ = std::fs::remove_file(&args.control);
+}
+
+fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    let running = start(&args)?;
+    engine::rt::block_on(wait_for_signal())??;
+    tracing::info!("shutting down: finishing in-flight requests");
+    running.shutdown()?;
     tracing::info!("stopped cleanly");
     Ok(())
 }
