@@ -152,6 +152,38 @@ pub(crate) struct CopierCtl {
     pub(crate) error: Mutex<Option<String>>,
     pub(crate) bytes_copied: AtomicU64,
     pub(crate) meter: RateMeter,
+    /// Copy spans started and not finished.
+    pub(crate) in_flight: AtomicUsize,
+    pub(crate) idle: Notify,
+}
+
+impl CopierCtl {
+    /// Claims a copy slot unless paused (checked after claiming, so `pause`
+    /// either sees the claim or the copier sees the pause).
+    pub(crate) fn try_begin(&self) -> bool {
+        self.in_flight.fetch_add(1, Ordering::SeqCst);
+        if self.paused.load(Ordering::SeqCst) {
+            self.end();
+            return false;
+        }
+        true
+    }
+
+    pub(crate) fn end(&self) {
+        if self.in_flight.fetch_sub(1, Ordering::SeqCst) == 1 {
+            self.idle.notify_waiters();
+        }
+    }
+
+    async fn wait_idle(&self) {
+        loop {
+            let n = self.idle.notified();
+            if self.in_flight.load(Ordering::SeqCst) == 0 {
+                return;
+            }
+            n.await;
+        }
+    }
 }
 
 /// One line of the event log shown by `status`.
@@ -260,6 +292,8 @@ impl Mirror {
                 error: Mutex::new(None),
                 bytes_copied: AtomicU64::new(0),
                 meter: RateMeter::new(Duration::from_secs(3)),
+                in_flight: AtomicUsize::new(0),
+                idle: Notify::new(),
             },
             fg: Foreground::default(),
             pool: BufPool::new(256 << 20),
@@ -407,6 +441,12 @@ impl Mirror {
 
     /// Hot-adds `path` as the target and starts the sync.
     pub async fn attach(self: &Arc<Self>, path: &Path) -> Result<()> {
+        self.attach_as(path, None).await
+    }
+
+    /// Like [`Mirror::attach`], resolving `path` as process `viewer` sees it (the
+    /// control client), which matters once the daemon's root is stale.
+    pub async fn attach_as(self: &Arc<Self>, path: &Path, viewer: Option<u32>) -> Result<()> {
         let _t = self.transition.lock().await;
         let route = self.route();
         match route.state {
@@ -417,7 +457,7 @@ impl Mirror {
             return Err(Error::Refused("no source to copy from".into()));
         };
         drop(route);
-        let target = self.open_target(path, &source)?;
+        let target = self.open_target(path, viewer, &source)?;
         let tsize = target.size();
         self.check_target_fits(&target, tsize)?;
         let target = Target::new(target);
@@ -451,9 +491,9 @@ impl Mirror {
         Ok(())
     }
 
-    pub(crate) fn open_target(&self, path: &Path, source: &Backend) -> Result<Backend> {
+    pub(crate) fn open_target(&self, path: &Path, viewer: Option<u32>, source: &Backend) -> Result<Backend> {
         let opts = OpenOptions { writable: true, cache: self.cfg.cache, lock: DevLock::Fail };
-        let t = Backend::open(path, &opts)?;
+        let t = Backend::open_as(path, viewer, &opts)?;
         stacking::check_target_is_independent(source, &t)?;
         self.prepare_target(t)
     }
@@ -697,12 +737,14 @@ impl Mirror {
         Ok(want)
     }
 
-    pub fn pause(&self) -> Result<()> {
+    /// Pauses the copy; returns once no copy I/O is in flight any more.
+    pub async fn pause(&self) -> Result<()> {
         let st = self.state();
         if st != DeviceState::Syncing {
             return Err(Error::Refused(format!("nothing to pause: state is {st}")));
         }
         self.copier.paused.store(true, Ordering::SeqCst);
+        self.copier.wait_idle().await;
         self.event("copy paused".into());
         Ok(())
     }
@@ -1044,23 +1086,27 @@ impl Mirror {
             }
             ReadFrom::Target => {
                 if let Some(t) = &route.target {
-                    if let Some(_reg) = t.begin_read() {
-                        match t.backend.read_at(buf, boff, blen, range.start).await {
-                            Ok(()) => return Ok(()),
-                            Err(e) if route.source.is_some() => {
-                                self.fail_target(t, format!("target read failed at offset {}: {e}", range.start)).await;
-                            }
-                            Err(e) => {
-                                return Err(Error::io(
-                                    format!(
-                                        "read from {} at offset {} failed",
-                                        t.backend.path().display(),
-                                        range.start
-                                    ),
-                                    e,
-                                ))
-                            }
+                    // The registration must be gone before failing over: dropping
+                    // the target waits for every registered read, ours included.
+                    let res = match t.begin_read() {
+                        Some(reg) => {
+                            let r = t.backend.read_at(buf, boff, blen, range.start).await;
+                            drop(reg);
+                            Some(r)
                         }
+                        None => None,
+                    };
+                    match res {
+                        Some(Ok(())) => return Ok(()),
+                        Some(Err(e)) if route.source.is_some() => {
+                            self.fail_target(t, format!("target read failed at offset {}: {e}", range.start)).await;
+                        }
+                        Some(Err(e)) => {
+                            let what =
+                                format!("read from {} at offset {} failed", t.backend.path().display(), range.start);
+                            return Err(Error::io(what, e));
+                        }
+                        None => {}
                     }
                 }
                 // The target is gone (or just failed): the source has every byte.

@@ -55,9 +55,12 @@ impl Mirror {
                 let (sr, tr) =
                     tokio::join!(s.read_at(&sbuf, 0, n, bytes.start), t.backend.read_at(&tbuf, 0, n, bytes.start));
                 sr.map_err(|e| Error::io(format!("verify: reading {} at {}", s.path().display(), bytes.start), e))?;
-                tr.map_err(|e| {
-                    Error::io(format!("verify: reading {} at {}", t.backend.path().display(), bytes.start), e)
-                })?;
+                if let Err(e) = tr {
+                    let msg = format!("target read failed at offset {} during verify: {e}", bytes.start);
+                    drop(route);
+                    self.fail_target(&t, msg.clone()).await;
+                    return Err(Error::Refused(format!("verify stopped: {msg}; the target was dropped")));
+                }
                 for (k, &v) in verifiable.iter().enumerate() {
                     let rr: Range<u64> = self.map.lock().unwrap_or_else(|p| p.into_inner()).byte_range(r + k);
                     if !v {
