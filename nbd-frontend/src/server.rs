@@ -288,7 +288,11 @@ impl<D: BlockDevice> Server<D> {
     /// Serves the transmission phase of an already negotiated stream (the
     /// kernel client skips the handshake: netlink attach).
     pub async fn serve_negotiated(&self, stream: Stream, neg: &Negotiated, leftover: Vec<u8>) -> io::Result<()> {
-        let shared = ConnShared { pool: self.inner.pool.clone(), shutdown: self.inner.shutdown_tx.subscribe() };
+        let shared = ConnShared {
+            pool: self.inner.pool.clone(),
+            shutdown: self.inner.shutdown_tx.subscribe(),
+            conn_budget: (self.inner.pool.budget_bytes() / 4).max(engine_min_budget()),
+        };
         transmission::serve(stream, self.inner.dev.clone(), neg, leftover, shared).await
     }
 

@@ -15,7 +15,7 @@ use std::task::{Context, Poll};
 
 use engine::{BlockDevice, BufPool, IoBuf, StatusExtent};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
-use tokio::sync::{mpsc, watch, Notify};
+use tokio::sync::{mpsc, watch, Notify, OwnedSemaphorePermit, Semaphore};
 
 use crate::handshake::Negotiated;
 use crate::proto::*;
@@ -26,6 +26,10 @@ const MAX_EXTENTS: usize = 1 << 16;
 const READ_BUF: usize = 256 << 10;
 const MAX_BATCH_REPLIES: usize = 128;
 const MAX_BATCH_BYTES: usize = 8 << 20;
+/// How long a closing connection may take to deliver its last replies to a peer
+/// that does not read them.
+const DRAIN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+const GRANULE: usize = 4096;
 
 /// A connected stream of either kind, split into halves without locks.
 pub enum Stream {
@@ -107,6 +111,8 @@ pub struct Reply {
     head: [u8; 32],
     head_len: u8,
     body: Body,
+    /// This connection's share of the payload budget, released once sent.
+    hold: Option<OwnedSemaphorePermit>,
 }
 
 enum Body {
@@ -119,7 +125,7 @@ impl Reply {
     fn new(head: &[u8], body: Body) -> Reply {
         let mut h = [0u8; 32];
         h[..head.len()].copy_from_slice(head);
-        Reply { head: h, head_len: head.len() as u8, body }
+        Reply { head: h, head_len: head.len() as u8, body, hold: None }
     }
 
     fn body_len(&self) -> usize {
@@ -130,16 +136,20 @@ impl Reply {
         }
     }
 
-    fn ok(session: &Session, cookie: u64) -> Reply {
-        let _ = session;
+    fn ok(cookie: u64) -> Reply {
         Reply::new(&simple_reply(0, cookie), Body::None)
+    }
+
+    fn holding(mut self, hold: OwnedSemaphorePermit) -> Reply {
+        self.hold = Some(hold);
+        self
     }
 
     fn error(session: &Session, cookie: u64, errno: u32, msg: &str) -> Reply {
         if !session.structured {
             return Reply::new(&simple_reply(errno, cookie), Body::None);
         }
-        let msg = &msg.as_bytes()[..msg.len().min(MAX_STRING)];
+        let msg = crate::handshake::truncate_utf8(msg, MAX_STRING).as_bytes();
         let mut body = Vec::with_capacity(6 + msg.len());
         body.extend_from_slice(&errno.to_be_bytes());
         body.extend_from_slice(&(msg.len() as u16).to_be_bytes());
@@ -186,6 +196,9 @@ impl Reply {
 pub struct ConnShared {
     pub pool: BufPool,
     pub shutdown: watch::Receiver<bool>,
+    /// Payload bytes one connection may hold (in flight or unsent): a peer that
+    /// stops reading its replies stalls itself, not the others.
+    pub conn_budget: usize,
 }
 
 /// Buffered reading of the request stream.
@@ -355,6 +368,8 @@ pub async fn serve<D: BlockDevice>(
     let inflight = Rc::new(InFlight::default());
     let mut input = Input::new(leftover);
     let mut shutdown = shared.shutdown.clone();
+    let conn_granules = shared.conn_budget.div_ceil(GRANULE).max(1);
+    let budget = Budget { pool: shared.pool.clone(), conn: Arc::new(Semaphore::new(conn_granules)), conn_granules };
     let result = loop {
         if dead.get() {
             break Ok(());
@@ -395,10 +410,11 @@ pub async fn serve<D: BlockDevice>(
                 break Ok(());
             }
             Command::Read { offset, len } => {
-                let buf = match shared.pool.alloc(len as usize).await {
-                    Ok(b) => b,
-                    Err(e) => {
-                        let _ = tx.send(Reply::error(&session, cookie, ENOMEM, &e.to_string()));
+                let (hold, buf) = match budget.take(len as usize, &mut shutdown).await {
+                    Taken::Ok(h, b) => (h, b),
+                    Taken::Shutdown => break Ok(()),
+                    Taken::Err(e) => {
+                        let _ = tx.send(Reply::error(&session, cookie, ENOMEM, &e));
                         continue;
                     }
                 };
@@ -409,18 +425,19 @@ pub async fn serve<D: BlockDevice>(
                         Ok(()) => Reply::read_data(&session, cookie, offset, buf),
                         Err(e) => Reply::error(&session, cookie, wire_errno(e.errno()), &e.to_string()),
                     };
-                    let _ = tx.send(reply);
+                    let _ = tx.send(reply.holding(hold));
                     drop(guard);
                 });
             }
             Command::Write { offset, len, fua } => {
-                let mut buf = match shared.pool.alloc(len as usize).await {
-                    Ok(b) => b,
-                    Err(e) => {
+                let (hold, mut buf) = match budget.take(len as usize, &mut shutdown).await {
+                    Taken::Ok(h, b) => (h, b),
+                    Taken::Shutdown => break Ok(()),
+                    Taken::Err(e) => {
                         if let Err(e) = input.skip(&mut rd, len as u64).await {
                             break Err(e);
                         }
-                        let _ = tx.send(Reply::error(&session, cookie, ENOMEM, &e.to_string()));
+                        let _ = tx.send(Reply::error(&session, cookie, ENOMEM, &e));
                         continue;
                     }
                 };
@@ -430,9 +447,10 @@ pub async fn serve<D: BlockDevice>(
                 let (dev, tx) = (dev.clone(), tx.clone());
                 tokio::task::spawn_local(async move {
                     let reply = match dev.write(offset, buf, fua).await {
-                        Ok(()) => Reply::ok(&session, cookie),
+                        Ok(()) => Reply::ok(cookie),
                         Err(e) => Reply::error(&session, cookie, wire_errno(e.errno()), &e.to_string()),
                     };
+                    drop(hold);
                     let _ = tx.send(reply);
                     drop(guard);
                 });
@@ -451,8 +469,51 @@ pub async fn serve<D: BlockDevice>(
     // listens) before the connection closes.
     inflight.wait_idle().await;
     drop(tx);
-    let _ = writer_task.await;
+    // A peer that stopped reading must not keep us here forever.
+    if tokio::time::timeout(DRAIN_TIMEOUT, writer_task).await.is_err() {
+        tracing::info!("dropping a connection whose peer does not read its replies");
+    }
     result
+}
+
+/// The two budgets a payload buffer is charged to: this connection's and the
+/// server's.
+struct Budget {
+    pool: BufPool,
+    conn: Arc<Semaphore>,
+    conn_granules: usize,
+}
+
+enum Taken {
+    Ok(OwnedSemaphorePermit, IoBuf),
+    Shutdown,
+    Err(String),
+}
+
+impl Budget {
+    /// Waits for both budgets, or for shutdown.
+    async fn take(&self, len: usize, shutdown: &mut watch::Receiver<bool>) -> Taken {
+        let granules = len.div_ceil(GRANULE).max(1);
+        if granules > self.conn_granules {
+            return Taken::Err(format!("a {len}-byte payload exceeds the per-connection budget"));
+        }
+        let conn = tokio::select! {
+            biased;
+            _ = shutdown.wait_for(|s| *s) => return Taken::Shutdown,
+            p = self.conn.clone().acquire_many_owned(granules as u32) => match p {
+                Ok(p) => p,
+                Err(e) => return Taken::Err(e.to_string()),
+            },
+        };
+        tokio::select! {
+            biased;
+            _ = shutdown.wait_for(|s| *s) => Taken::Shutdown,
+            b = self.pool.alloc(len) => match b {
+                Ok(b) => Taken::Ok(conn, b),
+                Err(e) => Taken::Err(e.to_string()),
+            },
+        }
+    }
 }
 
 async fn run_command<D: BlockDevice>(dev: &D, session: &Session, cookie: u64, cmd: Command) -> Reply {
@@ -487,7 +548,7 @@ async fn run_command<D: BlockDevice>(dev: &D, session: &Session, cookie: u64, cm
         }
     };
     match res {
-        Ok(()) => Reply::ok(session, cookie),
+        Ok(()) => Reply::ok(cookie),
         Err(e) => Reply::error(session, cookie, wire_errno(e.errno()), &e.to_string()),
     }
 }
