@@ -55,6 +55,8 @@ pub enum HandshakeError {
     UnknownExport(String),
     #[error("export name is not valid UTF-8")]
     BadExportName,
+    #[error("export name of {0} bytes with NBD_OPT_EXPORT_NAME")]
+    ExportNameTooLong(u32),
     #[error("more than {MAX_OPTIONS} options")]
     TooManyOptions,
     #[error("the negotiation already finished")]
@@ -97,6 +99,19 @@ pub fn transmission_flags(export: &Export, structured: bool) -> u16 {
         f |= TF_SEND_DF;
     }
     f
+}
+
+/// The longest prefix of `s` of at most `max` bytes that ends on a character
+/// boundary (protocol strings must stay valid UTF-8).
+pub fn truncate_utf8(s: &str, max: usize) -> &str {
+    if s.len() <= max {
+        return s;
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
 }
 
 /// A bounds-checked reader over option data.
@@ -238,6 +253,10 @@ impl Handshake {
                 if self.options > MAX_OPTIONS {
                     return Err(HandshakeError::TooManyOptions);
                 }
+                if opt == OPT_EXPORT_NAME && len > MAX_OPTION_LEN {
+                    // EXPORT_NAME has no error reply: the only answer is to hang up.
+                    return Err(HandshakeError::ExportNameTooLong(len));
+                }
                 self.state = if len > MAX_OPTION_LEN {
                     State::SkipData { opt, remaining: len }
                 } else {
@@ -264,8 +283,8 @@ impl Handshake {
     }
 
     fn reply_error(&mut self, opt: u32, kind: u32, msg: &str) {
-        let msg = &msg.as_bytes()[..msg.len().min(MAX_STRING)];
-        self.reply(opt, kind, msg);
+        let msg = truncate_utf8(msg, MAX_STRING);
+        self.reply(opt, kind, msg.as_bytes());
     }
 
     fn handle_option(&mut self, opt: u32, data: &[u8]) -> Result<Option<Progress>, HandshakeError> {
@@ -619,6 +638,29 @@ mod tests {
         assert_eq!(f & TF_SEND_TRIM, 0);
         assert_ne!(f & TF_SEND_FLUSH, 0);
         assert_eq!(f & TF_SEND_DF, 0);
+    }
+
+    #[test]
+    fn long_error_messages_stay_valid_utf8() {
+        let name = "é".repeat(2040);
+        let mut h = started();
+        h.feed(&go(&name, &[])).unwrap();
+        let r = replies(&h.take_output());
+        let (_, kind, msg) = r.last().unwrap().clone();
+        assert_eq!(kind, REP_ERR_UNKNOWN);
+        assert!(msg.len() <= MAX_STRING);
+        assert!(std::str::from_utf8(&msg).is_ok(), "message was cut inside a character");
+        assert_eq!(truncate_utf8("aé", 2), "a");
+    }
+
+    #[test]
+    fn oversized_export_name_disconnects_without_an_option_reply() {
+        let mut h = started();
+        let mut hdr = IHAVEOPT.to_be_bytes().to_vec();
+        hdr.extend_from_slice(&OPT_EXPORT_NAME.to_be_bytes());
+        hdr.extend_from_slice(&(MAX_OPTION_LEN + 1).to_be_bytes());
+        assert_eq!(h.feed(&hdr), Err(HandshakeError::ExportNameTooLong(MAX_OPTION_LEN + 1)));
+        assert!(h.take_output().is_empty());
     }
 
     #[test]
