@@ -204,8 +204,22 @@ fn try_flock(fd: RawFd) -> io::Result<bool> {
 impl Backend {
     /// Opens `path` as a backend. Errors name the path and say what failed.
     pub fn open(path: &Path, opts: &OpenOptions) -> Result<Backend> {
+        Self::open_as(path, None, opts)
+    }
+
+    /// Opens a path as seen by process `viewer` (its root directory), falling
+    /// back to PID 1's view. A daemon started in an initrd keeps the initrd as
+    /// its root after switch_root, where /dev paths of the real system do not
+    /// resolve; the caller of `attach` and PID 1 see them.
+    pub fn open_as(path: &Path, viewer: Option<u32>, opts: &OpenOptions) -> Result<Backend> {
         let abs = std::path::absolute(path).ctx(|| format!("bad path {}", path.display()))?;
-        let path = abs.as_path();
+        let actual = resolve_in_view(&abs, viewer);
+        let mut b = Self::open_resolved(&actual, opts)?;
+        b.path = abs;
+        Ok(b)
+    }
+
+    fn open_resolved(path: &Path, opts: &OpenOptions) -> Result<Backend> {
         let meta = std::fs::metadata(path).ctx(|| format!("cannot open {}", path.display()))?;
         let ft = meta.file_type();
         let kind = if ft.is_block_device() {
@@ -726,6 +740,34 @@ impl Backend {
     /// A `File` view of the descriptor (for synchronous tools such as tests).
     pub fn try_clone_file(&self) -> io::Result<File> {
         Ok(File::from(self.fd.try_clone()?))
+    }
+}
+
+/// Device and inode of a directory, to tell whether two roots are the same.
+fn dir_id(p: &Path) -> Option<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(p).ok().map(|m| (m.dev(), m.ino()))
+}
+
+/// Where `abs` (an absolute path as `viewer` sees it) is found from our root.
+pub fn resolve_in_view(abs: &Path, viewer: Option<u32>) -> PathBuf {
+    let ours = dir_id(Path::new("/"));
+    let through = |pid: u32| -> Option<PathBuf> {
+        let root = PathBuf::from(format!("/proc/{pid}/root"));
+        if dir_id(&root).is_none() || dir_id(&root) == ours {
+            return None;
+        }
+        Some(root.join(abs.strip_prefix("/").unwrap_or(abs)))
+    };
+    if let Some(p) = viewer.and_then(through) {
+        return p;
+    }
+    if abs.exists() {
+        return abs.to_path_buf();
+    }
+    match through(1) {
+        Some(p) if p.exists() => p,
+        _ => abs.to_path_buf(),
     }
 }
 

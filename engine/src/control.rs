@@ -121,10 +121,11 @@ pub fn bind_unix_socket(path: &Path) -> io::Result<StdUnixListener> {
 }
 
 /// Handles one request.
-pub async fn handle(mirror: &Arc<Mirror>, req: Request) -> Response {
+/// Handles one request from the process `caller` (its pid, when known).
+pub async fn handle(mirror: &Arc<Mirror>, req: Request, caller: Option<u32>) -> Response {
     match req {
         Request::Status => Response { ok: true, status: Some(mirror.status()), ..Default::default() },
-        Request::Attach { target } => match mirror.attach(&target).await {
+        Request::Attach { target } => match mirror.attach_as(&target, caller).await {
             Ok(()) => Response::ok(),
             Err(e) => Response::err(e),
         },
@@ -140,7 +141,7 @@ pub async fn handle(mirror: &Arc<Mirror>, req: Request) -> Response {
             Ok(report) => Response { ok: true, report: Some(report), ..Default::default() },
             Err(e) => Response::err(e),
         },
-        Request::Pause => mirror.pause().map_or_else(Response::err, |()| Response::ok()),
+        Request::Pause => mirror.pause().await.map_or_else(Response::err, |()| Response::ok()),
         Request::Resume => mirror.resume().map_or_else(Response::err, |()| Response::ok()),
         Request::SetRate { rate } => {
             mirror.set_rate(rate);
@@ -184,6 +185,7 @@ pub async fn serve(listener: StdUnixListener, mirror: Arc<Mirror>, stop: impl st
 const MAX_LINE: u64 = 64 << 10;
 
 async fn serve_conn(stream: tokio::net::UnixStream, mirror: Arc<Mirror>) {
+    let caller = stream.peer_cred().ok().and_then(|c| c.pid()).and_then(|p| u32::try_from(p).ok());
     let (rd, mut wr) = stream.into_split();
     let mut rd = tokio::io::BufReader::new(rd);
     let mut line = String::new();
@@ -200,7 +202,14 @@ async fn serve_conn(stream: tokio::net::UnixStream, mirror: Arc<Mirror>) {
             return;
         }
         let resp = match serde_json::from_str::<Request>(line.trim()) {
-            Ok(req) => handle(&mirror, req).await,
+            Ok(req) => {
+                let what = format!("{req:?}");
+                let resp = handle(&mirror, req, caller).await;
+                if let Some(e) = &resp.error {
+                    tracing::warn!("control request {what} refused: {e}");
+                }
+                resp
+            }
             Err(e) => Response::err(format!("bad request: {e}")),
         };
         let mut out = serde_json::to_vec(&resp).unwrap_or_else(|_| b"{\"ok\":false}".to_vec());

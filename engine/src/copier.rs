@@ -112,11 +112,15 @@ pub(crate) async fn run(m: Arc<Mirror>, target: Arc<Target>) {
             nap(&m, wait.min(Duration::from_millis(100))).await;
         }
         let Ok(permit) = slots.clone().acquire_owned().await else { break };
+        if !m.copier.try_begin() {
+            continue; // paused meanwhile: this span is looked at again later
+        }
         cursor = run.end;
         let m2 = m.clone();
         let t2 = target.clone();
         tokio::task::spawn_local(async move {
             copy_span(&m2, &t2, run).await;
+            m2.copier.end();
             drop(permit);
         });
     }

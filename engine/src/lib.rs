@@ -22,6 +22,7 @@ pub mod regions;
 pub mod rt;
 pub mod stacking;
 pub mod status;
+pub mod testing;
 pub mod uring;
 mod verify;
 
