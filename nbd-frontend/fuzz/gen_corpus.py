@@ -1,0 +1,133 @@
+#!/usr/bin/env python3
+"""Writes the hand-made seed corpus under corpus/<target>/.
+
+The seeds are committed; rerun this (python3 gen_corpus.py) after changing the
+input layout of a target. Layouts are documented at the top of each
+fuzz_targets/*.rs. Existing seed files are overwritten, others are left alone.
+"""
+import os
+import struct
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+IHAVEOPT = 0x49484156454F5054
+REQUEST_MAGIC = 0x25609513
+
+OPT_EXPORT_NAME, OPT_ABORT, OPT_LIST, OPT_STARTTLS, OPT_INFO, OPT_GO = 1, 2, 3, 5, 6, 7
+OPT_STRUCTURED_REPLY, OPT_LIST_META_CONTEXT, OPT_SET_META_CONTEXT = 8, 9, 10
+INFO_NAME, INFO_DESCRIPTION, INFO_BLOCK_SIZE = 1, 2, 3
+FIXED, NO_ZEROES = 1, 2
+MAX_OPTION_LEN = 64 << 10
+
+CMD_READ, CMD_WRITE, CMD_DISC, CMD_FLUSH, CMD_TRIM, CMD_CACHE, CMD_WRITE_ZEROES, CMD_BLOCK_STATUS = range(8)
+FLAG_FUA, FLAG_NO_HOLE, FLAG_DF, FLAG_REQ_ONE, FLAG_FAST_ZERO = 1, 2, 4, 8, 16
+
+
+def u16(v): return struct.pack(">H", v)
+def u32(v): return struct.pack(">I", v)
+def u64(v): return struct.pack(">Q", v)
+def nbd_str(s): return u32(len(s)) + s
+
+
+def opt(o, data=b""):
+    return u64(IHAVEOPT) + u32(o) + u32(len(data)) + data
+
+
+def go(name=b"", infos=(), o=OPT_GO):
+    return opt(o, nbd_str(name) + u16(len(infos)) + b"".join(u16(i) for i in infos))
+
+
+def meta(name=b"", queries=(b"base:allocation",), o=OPT_SET_META_CONTEXT):
+    return opt(o, nbd_str(name) + u32(len(queries)) + b"".join(nbd_str(q) for q in queries))
+
+
+def request(kind, flags=0, offset=0, length=0, cookie=0x1122334455667788):
+    return u32(REQUEST_MAGIC) + u16(flags) + u16(kind) + u64(cookie) + u64(offset) + u32(length)
+
+
+def hs(body, exports=0, chunks=0, reps=0, split=0):
+    """handshake target input: 5-byte harness header + client stream."""
+    cfg = exports | (0xA0 if reps else 0)
+    return bytes([cfg, chunks, reps]) + u16(split) + body
+
+
+def write(target, name, data):
+    d = os.path.join(HERE, "corpus", target)
+    os.makedirs(d, exist_ok=True)
+    with open(os.path.join(d, name), "wb") as f:
+        f.write(data)
+
+
+flags = u32(FIXED | NO_ZEROES)
+full = (flags + opt(OPT_STRUCTURED_REPLY) + meta() +
+        go(b"", (INFO_BLOCK_SIZE, INFO_NAME, INFO_DESCRIPTION)) + request(CMD_READ, 0, 0, 4096))
+
+handshake = {
+    "go-structured-meta": hs(full),
+    "go-structured-meta-bytewise": hs(full, chunks=1),
+    "go-structured-meta-chunked": hs(full, chunks=3),
+    "export-name-zeroes": hs(u32(FIXED) + opt(OPT_EXPORT_NAME, b"")),
+    "export-name-no-zeroes": hs(flags + opt(OPT_EXPORT_NAME, b"disk2") + b"\x25\x60"),
+    "export-name-unknown": hs(flags + opt(OPT_EXPORT_NAME, b"nope")),
+    "list-then-go-ro": hs(flags + opt(OPT_LIST) + go(b"ro", (INFO_NAME,))),
+    "list-many-exports": hs(flags + opt(OPT_LIST) + opt(OPT_LIST, b"x") + go(b"export-03-nnnnnnnnnnnnnnnnnnnnnnnn"), exports=3),
+    "abort": hs(flags + opt(OPT_ABORT)),
+    "info-listmeta-go": hs(flags + opt(OPT_STRUCTURED_REPLY) + go(b"disk2", (INFO_DESCRIPTION,), OPT_INFO) +
+                           meta(b"disk2", (b"base:",), OPT_LIST_META_CONTEXT) + meta(b"disk2", (), OPT_LIST_META_CONTEXT) +
+                           meta(b"", ()) + go(b"disk2")),
+    "meta-other-export": hs(flags + opt(OPT_STRUCTURED_REPLY) + meta(b"ro") + go(b"")),
+    "meta-without-structured": hs(flags + meta() + opt(OPT_STRUCTURED_REPLY) + opt(OPT_STRUCTURED_REPLY) + go(b"")),
+    "starttls-unknown-go": hs(flags + opt(OPT_STARTTLS) + opt(99, b"whatever") + go(b"")),
+    "go-unknown-export": hs(flags + go(b"nope") + go(b"\x00\x01\xe2\x82\xac") + go(b"", (), OPT_GO)[:-2]),
+    # An unknown export name long enough that the error message naming it is
+    # cut at MAX_STRING bytes (the cut falls between two characters here).
+    "go-unknown-long-name": hs(flags + go(b"x" * 101 + "\u00e9".encode() * 1989) + go(b"")),
+    "no-exports": hs(flags + opt(OPT_LIST) + go(b""), exports=2),
+    "malformed-go": hs(flags + opt(OPT_GO, u32(100) + b"abc") + opt(OPT_GO, u32(0) + u16(3) + u16(1)) +
+                       opt(OPT_GO, u32(0) + u16(0) + b"x") + go(b"")),
+    "bad-client-flags": hs(u32(0x80000000)),
+    "bad-option-magic": hs(flags + b"\x00" * 16),
+    # One oversized option, its data streamed by repetition, then LIST headers.
+    "oversized-option": hs(flags + u64(IHAVEOPT) + u32(OPT_GO) + u32(MAX_OPTION_LEN + 16 * 7) + opt(OPT_LIST),
+                           exports=1, chunks=128, reps=65, split=20),
+    # LIST headers repeated past MAX_OPTIONS.
+    "too-many-options": hs(flags + opt(OPT_LIST), exports=1, chunks=128, reps=65, split=4),
+}
+for name, data in handshake.items():
+    write("handshake", name, data)
+
+S_STRUCT, S_BASE, S_RO = 1, 2, 4
+ctx1 = S_BASE | (1 << 3)
+GiB = 1 << 30
+
+
+def req(kind, flags=0, offset=0, length=0, session=S_STRUCT | ctx1, size=GiB):
+    return request(kind, flags, offset, length) + bytes([session]) + u64(size)
+
+
+requests = {
+    "read": req(CMD_READ, 0, 4096, 4096),
+    "read-df": req(CMD_READ, FLAG_DF, 0, 65536),
+    "write": req(CMD_WRITE, 0, 8192, 512),
+    "write-fua": req(CMD_WRITE, FLAG_FUA, GiB - 512, 512),
+    "write-read-only": req(CMD_WRITE, 0, 0, 512, session=S_RO),
+    "write-too-big": req(CMD_WRITE, 0, 0, (32 << 20) + 1),
+    "flush": req(CMD_FLUSH),
+    "disc": req(CMD_DISC),
+    "trim": req(CMD_TRIM, 0, 0, 1 << 20),
+    "cache": req(CMD_CACHE, 0, 0, 1 << 20),
+    "write-zeroes": req(CMD_WRITE_ZEROES, FLAG_NO_HOLE | FLAG_FAST_ZERO, 4096, 1 << 20),
+    "block-status": req(CMD_BLOCK_STATUS, FLAG_REQ_ONE, 0, 1 << 20),
+    "block-status-no-context": req(CMD_BLOCK_STATUS, 0, 0, 1 << 20, session=S_STRUCT),
+    "read-past-end": req(CMD_READ, 0, (1 << 64) - 1, 2),
+}
+for name, data in requests.items():
+    write("request", name, data)
+
+roundtrip = {
+    "read": request(CMD_READ, 0, 4096, 4096),
+    "write-fua": request(CMD_WRITE, FLAG_FUA, 1 << 40, 65536, cookie=0xdeadbeef01020304),
+    "bad-magic": b"\x00" * 28,
+}
+for name, data in roundtrip.items():
+    write("transmission_roundtrip", name, data)
