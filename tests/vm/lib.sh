@@ -1,0 +1,371 @@
+# shellcheck shell=bash
+# tests/vm/lib.sh — the livemirror VM test rig: functions sourced by the scenario scripts.
+#
+# A Debian kernel (which has nbd, dm-snapshot, loop) boots under QEMU/TCG with a hand-made
+# busybox initramfs; guest scripts print marker lines on the serial console
+#   LMTEST OK: ...   LMTEST FAIL: ...   LMTEST NOTE: ...   LMTEST INFO: ...   LMTEST DONE
+# and the host judges them. Nothing is installed on the host: the kernel and QEMU come from
+# `apt-get download` + `dpkg -x` into a cache dir, so a second run downloads nothing.
+#
+# Knobs (environment):
+#   LIVEMIRROR_VM_CACHE   cache dir (default /var/cache/livemirror-vm, or ~/.cache/livemirror-vm
+#                         when that is not writable)
+#   LIVEMIRROR_VM_OUT     where a run's images and logs go (default: a fresh /tmp/livemirror-vm.*)
+#   LIVEMIRROR_VM_KEEP=1  keep the output dir even when everything passed
+#   LIVEMIRROR_VM_REFRESH=1  look up the newest kernel package again instead of the cached one
+#   LIVEMIRROR_VM_KFLAVOUR  cloud-amd64 (default; ext4 built in) or amd64
+#   LIVEMIRROR_VM_SMP, LIVEMIRROR_VM_MEM  guest CPUs (default 2) and MiB (default 768)
+#   LIVEMIRROR_VM_VERBOSE=1  stream the whole serial console, not only the marker lines
+#
+# Everything here is plain bash; functions are prefixed lm_. Scripts must `set -euo pipefail`.
+
+export LC_ALL=C
+LM_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+LM_GUEST=$LM_DIR/guest
+
+if [ -n "${LIVEMIRROR_VM_CACHE:-}" ]; then
+  LM_CACHE=$LIVEMIRROR_VM_CACHE
+elif mkdir -p /var/cache/livemirror-vm 2>/dev/null && [ -w /var/cache/livemirror-vm ]; then
+  LM_CACHE=/var/cache/livemirror-vm
+else
+  LM_CACHE=${XDG_CACHE_HOME:-$HOME/.cache}/livemirror-vm
+fi
+LM_SMP=${LIVEMIRROR_VM_SMP:-2}
+LM_MEM=${LIVEMIRROR_VM_MEM:-768}
+LM_KFLAVOUR=${LIVEMIRROR_VM_KFLAVOUR:-cloud-amd64}
+
+# ------------------------------------------------------------------------- logging + timing
+lm_now() { local t=${EPOCHREALTIME/./}; echo "${t#0}"; }   # microseconds
+LM_T0=${LM_T0:-$(lm_now)}
+export LM_T0
+lm_secs() { printf '%d.%01d' $(($1 / 1000000)) $((($1 / 100000) % 10)); }
+lm_say() { printf '[%6ss] %s\n' "$(lm_secs $(($(lm_now) - LM_T0)))" "$*"; }
+lm_die() { lm_say "ERROR: $*" >&2; exit 1; }
+
+LM_TIMINGS=()
+lm_phase() { LM_PHASE_NAME=$1; LM_PHASE_START=$(lm_now); lm_say "--- $1"; }
+lm_phase_end() {
+  local d=$(($(lm_now) - LM_PHASE_START))
+  LM_TIMINGS+=("$(printf '%-28s %7ss' "$LM_PHASE_NAME" "$(lm_secs "$d")")")
+  lm_say "--- $LM_PHASE_NAME done in $(lm_secs "$d")s"
+}
+lm_timings() { local t; lm_say "phase timings:"; for t in "${LM_TIMINGS[@]}"; do echo "    $t"; done; }
+
+# Host-side checks use the same words as the guest's marker lines.
+LM_OK=0 LM_FAIL=0
+lm_ok() { LM_OK=$((LM_OK + 1)); echo "LMTEST OK (host): $*"; }
+lm_fail() { LM_FAIL=$((LM_FAIL + 1)); echo "LMTEST FAIL (host): $*"; }
+lm_check() { # lm_check "description" command...   (ok iff the command exits 0)
+  local what=$1; shift
+  if "$@"; then lm_ok "$what"; else lm_fail "$what (command: $*)"; fi
+}
+
+# ------------------------------------------------------------------------- host prerequisites
+# Tools the rig runs on the host (or copies into the guest). QEMU and the kernel are NOT here:
+# they are fetched into the cache. Fails loudly with the apt-get line that fixes it.
+LM_HOST_PKGS="busybox-static nbd-client dmsetup e2fsprogs coreutils gzip binutils"
+lm_check_host() {
+  local missing=() pkgs=() pair cmd pkg
+  for pair in busybox:busybox-static nbd-client:nbd-client dmsetup:dmsetup mke2fs:e2fsprogs \
+              debugfs:e2fsprogs e2fsck:e2fsprogs resize2fs:e2fsprogs timeout:coreutils \
+              sha256sum:coreutils truncate:coreutils gzip:gzip ldd:libc-bin strip:binutils \
+              apt-get:apt dpkg:dpkg flock:util-linux; do
+    cmd=${pair%%:*} pkg=${pair#*:}
+    if ! PATH=$PATH:/usr/sbin:/sbin command -v "$cmd" >/dev/null 2>&1; then
+      missing+=("$cmd"); pkgs+=("$pkg")
+    fi
+  done
+  if [ ${#missing[@]} -gt 0 ]; then
+    echo "livemirror VM rig: missing host tools: ${missing[*]}" >&2
+    echo "install them with:" >&2
+    echo "  apt-get update && apt-get install -y --no-install-recommends $(printf '%s\n' "${pkgs[@]}" | sort -u | tr '\n' ' ')" >&2
+    return 1
+  fi
+  if [[ "$(busybox cpio --help 2>&1)" != *"-o"* ]]; then
+    echo "livemirror VM rig: this busybox cannot create cpio archives; install busybox-static:" >&2
+    echo "  apt-get install -y --no-install-recommends busybox-static" >&2
+    return 1
+  fi
+  export PATH=$PATH:/usr/sbin:/sbin
+}
+
+# ------------------------------------------------------------------------- package cache
+# apt-get download needs package lists. Refresh them only when the package is unknown.
+lm_apt_ready() {
+  local pkg=$1
+  # (no "| grep -q" on a producer anywhere here: under pipefail its SIGPIPE fails the pipeline)
+  lm_has_candidate() { [[ "$(apt-cache policy "$1" 2>/dev/null)" == *"Candidate: "[0-9]* ]]; }
+  if lm_has_candidate "$pkg"; then return 0; fi
+  if [ "$(id -u)" = 0 ]; then
+    lm_say "apt: no candidate for $pkg; running apt-get update"
+    apt-get update -q >&2 || true
+    lm_has_candidate "$pkg" && return 0
+  fi
+  echo "livemirror VM rig: apt knows no package $pkg; run: apt-get update" >&2
+  return 1
+}
+
+lm_download() { # lm_download PKG... into $LM_CACHE/debs (one apt-get call for the missing ones)
+  local p want=()
+  mkdir -p "$LM_CACHE/debs"
+  for p in "$@"; do
+    compgen -G "$LM_CACHE/debs/${p}_*.deb" >/dev/null || want+=("$p")
+  done
+  [ ${#want[@]} -gt 0 ] || return 0
+  lm_apt_ready "${want[0]}" || return 1
+  lm_say "apt-get download ${want[*]}"
+  (cd "$LM_CACHE/debs" && apt-get download -q "${want[@]}" 2>&1 | grep -v 'unsandboxed' | grep -E '^(E|Err):' >&2 || true)
+  for p in "${want[@]}"; do
+    compgen -G "$LM_CACHE/debs/${p}_*.deb" >/dev/null || { echo "livemirror VM rig: apt-get download $p failed" >&2; return 1; }
+  done
+}
+lm_deb() { # newest cached .deb of a package
+  local f; f=$(ls -1 "$LM_CACHE/debs/${1}"_*.deb 2>/dev/null | sort -V | tail -1)
+  [ -n "$f" ] || { echo "no cached deb for $1" >&2; return 1; }
+  echo "$f"
+}
+
+lm_installed() { [[ "$(dpkg-query -W -f='${Status}' "$1" 2>/dev/null)" == *"ok installed"* ]]; }
+
+lm_lock_cache() { mkdir -p "$LM_CACHE"; exec {LM_LOCKFD}>"$LM_CACHE/.lock"; flock "$LM_LOCKFD"; }
+lm_unlock_cache() { [ -n "${LM_LOCKFD:-}" ] && { flock -u "$LM_LOCKFD"; exec {LM_LOCKFD}>&-; LM_LOCKFD=; }; return 0; }
+
+# Kernel: linux-image-<flavour> -> its versioned dependency; dpkg -x; busybox depmod.
+# Sets LM_KVER LM_KROOT LM_VMLINUZ LM_MODDIR.
+lm_fetch_kernel() {
+  local cur=$LM_CACHE/kernel-$LM_KFLAVOUR.current kpkg
+  if [ -z "${LIVEMIRROR_VM_REFRESH:-}" ] && [ -s "$cur" ] && [ -f "$LM_CACHE/kernel/$(cat "$cur")/.complete" ]; then
+    LM_KVER=$(cat "$cur")
+  else
+    lm_apt_ready "linux-image-$LM_KFLAVOUR" || return 1
+    kpkg=$(apt-cache depends "linux-image-$LM_KFLAVOUR" | awk '/Depends: linux-image-/{print $2; exit}')
+    [ -n "$kpkg" ] || { echo "cannot resolve linux-image-$LM_KFLAVOUR" >&2; return 1; }
+    LM_KVER=${kpkg#linux-image-}
+    if [ ! -f "$LM_CACHE/kernel/$LM_KVER/.complete" ]; then
+      lm_download "$kpkg" || return 1
+      rm -rf "$LM_CACHE/kernel/$LM_KVER.tmp"; mkdir -p "$LM_CACHE/kernel/$LM_KVER.tmp"
+      dpkg -x "$(lm_deb "$kpkg")" "$LM_CACHE/kernel/$LM_KVER.tmp"
+      # The package ships no modules.dep.
+      busybox depmod -b "$LM_CACHE/kernel/$LM_KVER.tmp" "$LM_KVER"
+      touch "$LM_CACHE/kernel/$LM_KVER.tmp/.complete"
+      rm -rf "$LM_CACHE/kernel/$LM_KVER"; mv "$LM_CACHE/kernel/$LM_KVER.tmp" "$LM_CACHE/kernel/$LM_KVER"
+    fi
+    echo "$LM_KVER" > "$cur"
+  fi
+  LM_KROOT=$LM_CACHE/kernel/$LM_KVER
+  LM_VMLINUZ=$LM_KROOT/boot/vmlinuz-$LM_KVER
+  LM_MODDIR=$LM_KROOT/lib/modules/$LM_KVER
+  [ -f "$LM_VMLINUZ" ] && [ -f "$LM_MODDIR/modules.dep" ] || { echo "broken kernel cache $LM_KROOT" >&2; return 1; }
+}
+
+# QEMU: Debian 12's qemu-system-x86 must NOT be apt-get installed (it Breaks the machine's
+# qemu-utils 10.x and apt would remove it). dpkg -x it, plus every library package it depends
+# on that is not installed, into one folder; run it with LD_LIBRARY_PATH. Sets LM_QEMU (array).
+lm_fetch_qemu() {
+  local root=$LM_CACHE/qemu-root tmp p pkgs round missing
+  if [ ! -f "$root/.complete" ]; then
+    tmp=$root.tmp; rm -rf "$tmp"; mkdir -p "$tmp"
+    lm_apt_ready qemu-system-x86 || return 1
+    # qemu-system-common holds the TCG accelerator module (accel-tcg-x86_64.so).
+    pkgs=(qemu-system-x86 qemu-system-common qemu-system-data seabios)
+    for p in $(apt-cache depends qemu-system-x86 | awk '$1 ~ /Depends:$/ && $2 !~ /^</ {print $2}' | sort -u); do
+      case $p in qemu-system-common|qemu-system-data|seabios|ipxe-qemu) continue ;; esac
+      lm_installed "$p" || pkgs+=("$p")
+    done
+    lm_download "${pkgs[@]}" || return 1
+    for p in "${pkgs[@]}"; do dpkg -x "$(lm_deb "$p")" "$tmp"; done
+    # Libraries of those libraries, if any are still missing (a few rounds at most).
+    for round in 1 2 3; do
+      missing=$(for b in "$tmp/usr/bin/qemu-system-x86_64" "$tmp/usr/lib/x86_64-linux-gnu/qemu/accel-tcg-x86_64.so"; do
+                  LD_LIBRARY_PATH=$tmp/usr/lib/x86_64-linux-gnu:$tmp/lib/x86_64-linux-gnu ldd "$b"; done | awk '/not found/{print $1}' | sort -u)
+      [ -z "$missing" ] && break
+      local more=()
+      for p in "${pkgs[@]}"; do
+        for d in $(apt-cache depends "$p" | awk '$1 ~ /Depends:$/ && $2 !~ /^</ {print $2}'); do
+          lm_installed "$d" && continue
+          [[ " ${pkgs[*]} ${more[*]} " == *" $d "* ]] || more+=("$d")
+        done
+      done
+      [ ${#more[@]} -gt 0 ] || break
+      lm_download "${more[@]}" || return 1
+      for p in "${more[@]}"; do dpkg -x "$(lm_deb "$p")" "$tmp"; done
+      pkgs+=("${more[@]}")
+    done
+    if [ -n "$missing" ]; then
+      echo "livemirror VM rig: qemu-system-x86_64 still lacks: $missing" >&2; return 1
+    fi
+    touch "$tmp/.complete"; rm -rf "$root"; mv "$tmp" "$root"
+  fi
+  LM_QEMU=(env "LD_LIBRARY_PATH=$root/usr/lib/x86_64-linux-gnu:$root/lib/x86_64-linux-gnu"
+           "QEMU_MODULE_DIR=$root/usr/lib/x86_64-linux-gnu/qemu"
+           "$root/usr/bin/qemu-system-x86_64" -L "$root/usr/share/qemu" -L "$root/usr/share/seabios")
+  "${LM_QEMU[@]}" --version >/dev/null 2>&1 || {
+    echo "livemirror VM rig: the cached QEMU does not run:" >&2; "${LM_QEMU[@]}" --version >&2; return 1; }
+}
+
+# All of the above, under the cache lock.
+lm_prepare() {
+  lm_phase "prepare: host tools, cache ($LM_CACHE)"
+  lm_check_host || return 1
+  lm_lock_cache
+  lm_fetch_kernel || { lm_unlock_cache; return 1; }
+  lm_fetch_qemu || { lm_unlock_cache; return 1; }
+  lm_unlock_cache
+  lm_say "kernel $LM_KVER; $("${LM_QEMU[@]}" --version | head -1)"
+  lm_phase_end
+}
+
+# ------------------------------------------------------------------------- building images
+lm_libs() { # the libraries (and the ELF interpreter) a binary loads, one path a line
+  ldd "$1" 2>/dev/null | awk '/=> \//{print $3} /^[ \t]*\/[^ ]+ \(/{print $1}' || true
+}
+
+# lm_copy_bin ROOT SRC [DEST]: SRC at ROOT/DEST (default /usr/sbin/NAME) and every library at
+# the path ldd names.
+lm_copy_bin() {
+  local root=$1 src dest l
+  src=$(readlink -f "$2"); dest=${3:-/usr/sbin/$(basename "$2")}
+  install -D -m755 "$src" "$root$dest"
+  for l in $(lm_libs "$src"); do
+    [ -e "$root$l" ] || install -D -m755 "$(readlink -f "$l")" "$root$l"
+  done
+}
+
+# lm_bundle DIR SRC: a self-contained copy: DIR/bin/NAME and DIR/lib/* (loader included), run as
+#   DIR/lib/ld-linux-x86-64.so.2 --library-path DIR/lib DIR/bin/NAME ...
+# so nothing it maps comes from anywhere but DIR.
+lm_bundle() {
+  local dir=$1 src l
+  src=$(readlink -f "$2")
+  install -D -m755 "$src" "$dir/bin/$(basename "$2")"
+  mkdir -p "$dir/lib"
+  for l in $(lm_libs "$src"); do install -m755 "$(readlink -f "$l")" "$dir/lib/$(basename "$l")"; done
+  [ -e "$dir/lib/ld-linux-x86-64.so.2" ] || { echo "lm_bundle: no ld-linux-x86-64.so.2 for $src" >&2; return 1; }
+}
+
+# lm_busybox ROOT: busybox at /bin/busybox and a symlink per applet in /bin.
+lm_busybox() {
+  local root=$1 a
+  lm_copy_bin "$root" "$(command -v busybox)" /bin/busybox
+  for a in $(busybox --list); do
+    [ -e "$root/bin/$a" ] || [ -e "$root/sbin/$a" ] || [ -e "$root/usr/sbin/$a" ] || ln -s busybox "$root/bin/$a"
+  done
+}
+
+# lm_strip SRC DEST: DEST is SRC without debug info (the release build carries debug=1).
+lm_strip() {
+  if command -v strip >/dev/null 2>&1; then strip --strip-debug -o "$2" "$1"; else cp "$1" "$2"; fi
+  chmod 755 "$2"
+}
+
+# lm_module_order MOD...: module files (relative to LM_MODDIR) in load order, dependencies
+# first; modules built into the kernel are skipped. Fails on an unknown module.
+lm_module_order() {
+  local m rel
+  declare -A LM_SEEN=()
+  LM_ORDER=()
+  _lm_add_mod() {
+    local r=$1 d
+    [ -n "${LM_SEEN[$r]:-}" ] && return 0
+    LM_SEEN[$r]=1
+    for d in $(awk -v m="$r:" '$1==m{for(i=2;i<=NF;i++)print $i}' "$LM_MODDIR/modules.dep"); do _lm_add_mod "$d"; done
+    LM_ORDER+=("$r")
+  }
+  for m in "$@"; do
+    # modules.* spell names with - or _ interchangeably; try both.
+    local alt=${m//-/_} alt2=${m//_/-}
+    if grep -qE "/($m|$alt|$alt2)\.ko\$" "$LM_MODDIR/modules.builtin"; then continue; fi
+    rel=$(awk -F: -v a="/$m.ko" -v b="/$alt.ko" -v c="/$alt2.ko" '
+      { n=$1; for (i=0;i<3;i++) { s=(i==0?a:(i==1?b:c)); if (length(n)>=length(s) && substr(n,length(n)-length(s)+1)==s) { print n; exit } } }' \
+      "$LM_MODDIR/modules.dep")
+    [ -n "$rel" ] || { echo "kernel module $m: neither built in nor in modules.dep" >&2; return 1; }
+    _lm_add_mod "$rel"
+  done
+  printf '%s\n' "${LM_ORDER[@]}"
+}
+
+# lm_install_modules ROOT MOD...: copy the .ko files to ROOT/lib/modules and write their load
+# order to ROOT/etc/modules.order (the guest insmods them in that order).
+lm_install_modules() {
+  local root=$1 rel order; shift
+  order=$(lm_module_order "$@") || return 1
+  mkdir -p "$root/lib/modules" "$root/etc"
+  : > "$root/etc/modules.order"
+  for rel in $order; do
+    local f=$LM_MODDIR/$rel
+    case $f in
+      *.ko) cp "$f" "$root/lib/modules/" ;;
+      *.ko.xz) xz -dc "$f" > "$root/lib/modules/$(basename "$f" .xz)"; rel=${rel%.xz} ;;
+      *.ko.zst) zstd -qdc "$f" > "$root/lib/modules/$(basename "$f" .zst)"; rel=${rel%.zst} ;;
+    esac
+    basename "$rel" >> "$root/etc/modules.order"
+  done
+}
+
+# lm_initramfs ROOT OUT: gzip'd newc cpio of ROOT.
+lm_initramfs() {
+  (cd "$1" && find . | busybox cpio -o -H newc 2>/dev/null | gzip -1) > "$2"
+}
+
+# lm_ext4 SRC OUT SIZE [extra mke2fs args]: an ext4 image made from a directory (no mount, no
+# root needed). 4 KiB blocks; inode tables initialised now so the guest does no lazy init.
+lm_ext4() {
+  local src=$1 out=$2 size=$3; shift 3
+  rm -f "$out"; truncate -s "$size" "$out"   # (an existing file keeps mke2fs quiet)
+  mke2fs -q -F -t ext4 -b 4096 -E lazy_itable_init=0,lazy_journal_init=0 -d "$src" "$@" "$out" "$size"
+}
+
+# ------------------------------------------------------------------------- booting
+# lm_boot LOG TIMEOUT INITRD APPEND [qemu args...]: boot the cached kernel under TCG, serial
+# console to LOG; streams the marker lines while it runs. Returns QEMU's exit status
+# (124 = the host timeout killed it).
+lm_boot() {
+  local log=$1 tmo=$2 initrd=$3 append=$4 rc qpid; shift 4
+  : > "$log"
+  timeout -k 5 "$tmo" "${LM_QEMU[@]}" -accel tcg -m "$LM_MEM" -smp "$LM_SMP" \
+    -nographic -no-reboot -nodefaults -serial stdio -monitor none \
+    -kernel "$LM_VMLINUZ" -initrd "$initrd" \
+    -append "console=ttyS0 panic=-1 loglevel=4 $append" "$@" </dev/null >>"$log" 2>&1 &
+  qpid=$!
+  local filter='LMTEST|LMLOG|Kernel panic|BUG:|Call Trace|blocked for more than'
+  [ -n "${LIVEMIRROR_VM_VERBOSE:-}" ] && filter='.'
+  tail -s 0.2 -n +1 -F --pid="$qpid" "$log" 2>/dev/null | tr -d '\r' | grep -a --line-buffered -E "$filter" | sed -u 's/^/  | /' || true
+  wait "$qpid" && rc=0 || rc=$?
+  return "$rc"
+}
+
+# lm_judge LOG: count the guest's marker lines into LM_OK/LM_FAIL. A guest run passes when it
+# printed LMTEST DONE and no LMTEST FAIL, and the kernel did not panic. Leaves LOG.txt (no CRs).
+lm_judge() {
+  local log=$1 txt=$1.txt ok fail
+  tr -d '\r' < "$log" > "$txt"
+  ok=$(grep -ac 'LMTEST OK:' "$txt" || true)
+  fail=$(grep -ac 'LMTEST FAIL:' "$txt" || true)
+  LM_OK=$((LM_OK + ok)); LM_FAIL=$((LM_FAIL + fail))
+  if ! grep -aq 'LMTEST DONE' "$txt"; then
+    lm_fail "guest never printed LMTEST DONE ($(basename "$log"))"
+    grep -av 'LMTEST' "$txt" | tail -n 25 | sed 's/^/  console| /'
+  fi
+  if grep -aq 'Kernel panic' "$txt"; then lm_fail "guest kernel panic ($(basename "$log"))"; fi
+  [ "$fail" = 0 ]
+}
+
+# lm_marker LOG KEY: the value of the last "LMTEST INFO: KEY=VALUE" line (after lm_judge).
+lm_marker() { sed -n "s/.*LMTEST INFO: $2=\([^ ]*\).*/\1/p" "$1.txt" | tail -n 1; }
+
+# lm_outdir NAME: a fresh output dir for one scenario run. Sets LM_OUT.
+lm_outdir() {
+  if [ -n "${LIVEMIRROR_VM_OUT:-}" ]; then LM_OUT=$LIVEMIRROR_VM_OUT/$1; rm -rf "$LM_OUT"; mkdir -p "$LM_OUT"
+  else LM_OUT=$(mktemp -d "/tmp/livemirror-vm.$1.XXXXXX"); fi
+}
+
+# lm_summary NAME: prints the scenario's result line; returns non-zero on any failure.
+lm_summary() {
+  lm_timings
+  lm_say "$1: $LM_OK checks passed, $LM_FAIL failed (output: $LM_OUT)"
+  if [ "$LM_FAIL" -eq 0 ] && [ "$LM_OK" -gt 0 ]; then
+    [ -n "${LIVEMIRROR_VM_KEEP:-}" ] || [ -n "${LIVEMIRROR_VM_OUT:-}" ] || rm -rf "$LM_OUT"
+    return 0
+  fi
+  return 1
+}

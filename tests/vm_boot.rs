@@ -1,0 +1,55 @@
+//! The VM end-to-end scenarios (tests/vm/): a Debian kernel booted under QEMU (TCG) runs its
+//! root filesystem from livemirror over the kernel's NBD client and performs the rebootless
+//! install. This test runs `tests/vm/run-all.sh` with the livemirror binary cargo just built.
+//!
+//! It is never skipped: a missing prerequisite fails it with the command that installs it.
+//! The kernel and QEMU are fetched with `apt-get download` into the rig's cache on the first run
+//! (see tests/vm/README.md). The whole output streams through the test harness (shown on
+//! failure, or live with `--nocapture`) and is also kept in target/tmp/vm-boot.log.
+
+use std::io::{BufRead, BufReader, Write};
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::Instant;
+
+#[test]
+fn vm_rebootless_install_scenarios() {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/vm/run-all.sh");
+    let log_path = Path::new(env!("CARGO_TARGET_TMPDIR")).join("vm-boot.log");
+    let mut log =
+        std::fs::File::create(&log_path).unwrap_or_else(|e| panic!("cannot create {}: {e}", log_path.display()));
+    let start = Instant::now();
+    // stderr joins stdout so the log keeps the order of events.
+    let mut child = Command::new("bash")
+        .arg("-c")
+        .arg("exec bash \"$0\" 2>&1")
+        .arg(&script)
+        .env("LIVEMIRROR_BIN", env!("CARGO_BIN_EXE_livemirror"))
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot run bash {}: {e} (the VM rig needs bash)", script.display()));
+    let mut text = String::new();
+    for line in BufReader::new(child.stdout.take().expect("piped stdout")).lines() {
+        let line = line.unwrap_or_else(|e| format!("<unreadable output: {e}>"));
+        println!("{line}");
+        let _ = writeln!(log, "{line}");
+        text.push_str(&line);
+        text.push('\n');
+    }
+    let status = child.wait().expect("wait for run-all.sh");
+    let elapsed = start.elapsed().as_secs_f64();
+    if !status.success() {
+        let tail: Vec<&str> = text.lines().rev().take(80).collect::<Vec<_>>().into_iter().rev().collect();
+        panic!(
+            "VM scenarios failed ({status}) after {elapsed:.0} s; full log: {}\n\
+             (run one by hand: LIVEMIRROR_BIN={} bash {} install-e2e)\n--- last lines ---\n{}",
+            log_path.display(),
+            env!("CARGO_BIN_EXE_livemirror"),
+            script.display(),
+            tail.join("\n")
+        );
+    }
+    assert!(text.contains(" passed, 0 failed"), "run-all.sh exited 0 without a clean summary:\n{text}");
+    println!("VM scenarios passed in {elapsed:.0} s (log: {})", log_path.display());
+}
