@@ -97,7 +97,6 @@ pub struct Running {
     workers: Vec<Arc<Worker>>,
     stop_control: tokio::sync::watch::Sender<bool>,
     sockets: Vec<PathBuf>,
-    pub addrs: Vec<String>,
 }
 
 /// Opens the devices and starts serving; returns once every listener accepts
@@ -179,7 +178,7 @@ pub fn start(args: &ServeArgs) -> anyhow::Result<Running> {
         addrs.join(", "),
         args.control.display()
     );
-    let running = Running { mirror, server, workers, stop_control, sockets, addrs };
+    let running = Running { mirror, server, workers, stop_control, sockets };
     if let Some(t) = &args.target {
         let m = running.mirror.clone();
         let t = t.clone();

@@ -394,7 +394,7 @@ impl Backend {
 
     /// True when a write of `[off, off+len)` must be read-modify-written.
     pub fn needs_rmw(&self, off: u64, len: u64) -> bool {
-        self.align > 1 && (off % self.align != 0 || len % self.align != 0)
+        self.align > 1 && (!off.is_multiple_of(self.align) || !len.is_multiple_of(self.align))
     }
 
     async fn hook(&self, kind: IoKind, off: u64, len: u64) -> io::Result<()> {
@@ -476,7 +476,9 @@ impl Backend {
     }
 
     fn aligned(&self, ptr: *const u8, len: usize, off: u64) -> bool {
-        off % self.align == 0 && len as u64 % self.align == 0 && (ptr as usize) % self.mem_align == 0
+        off.is_multiple_of(self.align)
+            && (len as u64).is_multiple_of(self.align)
+            && (ptr as usize).is_multiple_of(self.mem_align)
     }
 
     /// Reads `[off, off+len)` into `buf[buf_off..buf_off+len]`. The range of `buf`
@@ -535,8 +537,8 @@ impl Backend {
         let aend = end.div_ceil(a) * a;
         let total = (aend - start) as usize;
         let mut bounce = IoBuf::new(total);
-        let head_partial = off % a != 0;
-        let tail_partial = end % a != 0;
+        let head_partial = !off.is_multiple_of(a);
+        let tail_partial = !end.is_multiple_of(a);
         if head_partial {
             let p = bounce.as_mut_ptr();
             let (r, b) = self.raw_read_exact(bounce, p, a as usize, start).await;

@@ -832,7 +832,7 @@ impl Mirror {
                 let d = !rs.is_empty() && m.any_discarded(rs.clone());
                 (d, m.bytes_of(rs))
             };
-            let rmw = align > 1 && (off % align != 0 || len % align != 0);
+            let rmw = align > 1 && (!off.is_multiple_of(align) || !len.is_multiple_of(align));
             let (range, mode) = if touches_discard {
                 (region_span, LockMode::Exclusive)
             } else if rmw {
@@ -954,8 +954,8 @@ impl Mirror {
         match route.state {
             DeviceState::Serving | DeviceState::Degraded => (true, Vec::new()),
             DeviceState::Syncing => (true, lock(&self.map).clean_byte_runs(off, len)),
-            DeviceState::Synced => (true, vec![off..off + len]),
-            DeviceState::SourceDetached => (false, vec![off..off + len]),
+            DeviceState::Synced => (true, std::iter::once(off..off + len).collect()),
+            DeviceState::SourceDetached => (false, std::iter::once(off..off + len).collect()),
         }
     }
 
@@ -1358,27 +1358,6 @@ impl Mirror {
         }
         let r = self.route();
         !(r.state == DeviceState::Syncing && r.target.as_ref().is_some_and(|t| Arc::ptr_eq(t, target)))
-    }
-
-    pub(crate) fn region_shift(&self) -> u32 {
-        self.shift
-    }
-
-    /// Installs the route of a resumed device (before it serves anything).
-    pub(crate) fn install_resumed(
-        &self,
-        state: DeviceState,
-        source: Option<Backend>,
-        target: Option<Backend>,
-    ) -> Option<Arc<Target>> {
-        let target = target.map(Target::new);
-        *lock(&self.source_path) = source.as_ref().map(|s| s.path().to_path_buf());
-        *lock(&self.target_path) = target.as_ref().map(|t| t.backend.path().to_path_buf());
-        let mut slot = lock(&self.route);
-        let (tx, rx) = oneshot::channel();
-        slot.current = Arc::new(Route { state, source: source.map(Arc::new), target: target.clone(), _drained: tx });
-        slot.drained = Some(rx);
-        target
     }
 }
 

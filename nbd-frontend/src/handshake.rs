@@ -457,7 +457,7 @@ impl Handshake {
         let selects = if opt == OPT_LIST_META_CONTEXT {
             queries.is_empty() || queries.iter().any(|q| *q == "base:" || *q == BASE_ALLOCATION)
         } else {
-            queries.iter().any(|q| *q == BASE_ALLOCATION)
+            queries.contains(&BASE_ALLOCATION)
         };
         if selects {
             let id = if opt == OPT_SET_META_CONTEXT { BASE_ALLOCATION_ID } else { 0 };
