@@ -155,7 +155,7 @@ fn demo(a: DemoArgs) -> anyhow::Result<()> {
         state: None,
         restart_sync: false,
         export_name: String::new(),
-        region_size: 64 << 10,
+        region_size: Some(64 << 10),
         queue_depth: 8,
         max_rate: 0,
         min_rate: 0,

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use anyhow::{bail, Context};
 use clap::Args;
 use engine::rt::Worker;
-use engine::{Backend, CacheMode, DeviceLock, Mirror, MirrorConfig, OpenOptions};
+use engine::{CacheMode, Mirror, MirrorConfig};
 use nbd_frontend::{ListenAddr, Listener, Server, ServerConfig};
 
 use crate::units::parse_size;
@@ -35,8 +35,9 @@ pub struct ServeArgs {
     pub restart_sync: bool,
     #[arg(long, value_name = "NAME", default_value = "")]
     pub export_name: String,
-    #[arg(long, value_name = "SIZE", default_value = "64K", value_parser = parse_size)]
-    pub region_size: u64,
+    /// Bitmap granularity (default 64K, or the state file's).
+    #[arg(long, value_name = "SIZE", value_parser = parse_size)]
+    pub region_size: Option<u64>,
     /// Copier I/Os in flight.
     #[arg(long, value_name = "N", default_value_t = 8)]
     pub queue_depth: usize,
@@ -112,7 +113,7 @@ pub fn start(args: &ServeArgs) -> anyhow::Result<Running> {
         bail!("--copy-chunk must be a multiple of 4K between 4K and 64M");
     }
     let cfg = MirrorConfig {
-        region_size: args.region_size,
+        region_size: args.region_size.unwrap_or(engine::regions::DEFAULT_REGION_SIZE),
         queue_depth: args.queue_depth.max(1),
         max_rate: args.max_rate,
         min_rate: args.min_rate,
@@ -121,12 +122,18 @@ pub fn start(args: &ServeArgs) -> anyhow::Result<Running> {
         cache: args.cache,
         detect_zeroes: true,
     };
-    let Some(source) = args.source.as_ref() else {
-        bail!("--source is required");
-    };
-    let src =
-        Backend::open(source, &OpenOptions { writable: !args.read_only, cache: args.cache, lock: DeviceLock::Wait })?;
-    let mirror = Mirror::new(src, cfg)?;
+    let started = engine::startup::start(
+        &engine::startup::StartOptions {
+            source: args.source.clone(),
+            target: args.target.clone(),
+            state: args.state.clone(),
+            restart_sync: args.restart_sync,
+            region_size_explicit: args.region_size.is_some(),
+        },
+        cfg,
+    )?;
+    let mirror = started.mirror.clone();
+    let served = mirror.status().source.or_else(|| mirror.status().target).unwrap_or_default();
 
     let nworkers = args.workers.unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get())).max(1);
     let workers: Vec<Arc<Worker>> = (0..nworkers)
@@ -137,7 +144,7 @@ pub fn start(args: &ServeArgs) -> anyhow::Result<Running> {
         mirror.clone(),
         ServerConfig {
             export_name: args.export_name.clone(),
-            description: format!("livemirror export of {}", source.display()),
+            description: format!("livemirror export of {served}"),
             read_only: args.read_only,
             buffer_budget: args.buffer_budget as usize,
         },
@@ -172,17 +179,18 @@ pub fn start(args: &ServeArgs) -> anyhow::Result<Running> {
         })?;
     }
     tracing::info!(
-        "serving {} ({} bytes) on {}; control {}",
-        source.display(),
+        "serving {served} ({} bytes) on {}; control {}",
         mirror.size(),
         addrs.join(", "),
         args.control.display()
     );
     let running = Running { mirror, server, workers, stop_control, sockets };
-    if let Some(t) = &args.target {
+    if let Some(t) = started.attach {
         let m = running.mirror.clone();
-        let t = t.clone();
         running.on_io(move || async move { m.attach(&t).await })?.context("cannot attach the target")?;
+    }
+    if started.resumed_sync {
+        running.mirror.resume_copier()?;
     }
     Ok(running)
 }

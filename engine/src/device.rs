@@ -238,35 +238,90 @@ enum ReadFrom {
 impl Mirror {
     /// Serves `source` alone (state `serving`).
     pub fn new(source: Backend, cfg: MirrorConfig) -> Result<Arc<Mirror>> {
+        let export_size = source.size();
+        Self::assemble(
+            cfg,
+            Parts {
+                state: DeviceState::Serving,
+                source: Some(source),
+                target: None,
+                export_size,
+                bitmaps: None,
+                journal: None,
+            },
+        )
+    }
+
+    /// Builds a device in any state (fresh, or resumed from a state file).
+    pub(crate) fn assemble(cfg: MirrorConfig, parts: Parts) -> Result<Arc<Mirror>> {
         let shift = validate_region_size(cfg.region_size).map_err(Error::Refused)?;
-        if source.alignment() > cfg.region_size {
-            return Err(Error::Refused(format!(
-                "{} needs {}-byte aligned I/O, more than the {}-byte region size",
-                source.path().display(),
-                source.alignment(),
-                cfg.region_size
-            )));
+        for b in parts.source.iter().chain(parts.target.iter()) {
+            if b.alignment() > cfg.region_size {
+                return Err(Error::Refused(format!(
+                    "{} needs {}-byte aligned I/O, more than the {}-byte region size",
+                    b.path().display(),
+                    b.alignment(),
+                    cfg.region_size
+                )));
+            }
         }
-        let size = source.size();
-        let path = source.path().to_path_buf();
-        let m = Self::build(cfg, shift, size, None)?;
-        *lock(&m.source_path) = Some(path);
+        let Parts { state, source, target, export_size, bitmaps, journal } = parts;
+        let m = Self::build(cfg, shift, export_size, journal)?;
+        if let Some((clean, discarded, unverifiable)) = bitmaps {
+            lock(&m.map).load(clean, discarded, unverifiable).map_err(Error::Refused)?;
+        }
+        *lock(&m.source_path) = source.as_ref().map(|s| s.path().to_path_buf());
+        *lock(&m.target_path) = target.as_ref().map(|t| t.path().to_path_buf());
         let (tx, rx) = oneshot::channel();
         *lock(&m.route) = RouteSlot {
             current: Arc::new(Route {
-                state: DeviceState::Serving,
-                source: Some(Arc::new(source)),
-                target: None,
+                state,
+                source: source.map(Arc::new),
+                target: target.map(Target::new),
                 _drained: tx,
             }),
             drained: Some(rx),
         };
-        m.event(format!("serving {} ({} bytes)", m.source_display(), size));
+        if let Some(j) = &m.journal {
+            j.start(&m)?;
+        }
+        let r = m.route();
+        let what = match (&r.source, &r.target) {
+            (Some(s), None) => format!("serving {} ({export_size} bytes)", s.path().display()),
+            (None, Some(t)) => format!("serving {} alone ({export_size} bytes)", t.backend.path().display()),
+            (Some(s), Some(t)) => format!(
+                "serving {} mirrored to {} ({export_size} bytes, state {state})",
+                s.path().display(),
+                t.backend.path().display()
+            ),
+            (None, None) => "no device".into(),
+        };
+        drop(r);
+        m.event(what);
         Ok(m)
     }
 
-    /// Builds a device from persisted state (crash-resume); see `persist`.
-    pub(crate) fn build(cfg: MirrorConfig, shift: u32, size: u64, journal: Option<Journal>) -> Result<Arc<Mirror>> {
+    /// Continues the copy of a resumed device in state `syncing`.
+    pub fn resume_copier(self: &Arc<Self>) -> Result<()> {
+        let r = self.route();
+        if r.state != DeviceState::Syncing {
+            return Ok(());
+        }
+        let Some(t) = r.target.clone() else { return Ok(()) };
+        drop(r);
+        let (clean, total) = {
+            let m = lock(&self.map);
+            (m.clean_count(), m.len())
+        };
+        self.event(format!("resuming the sync: {clean} of {total} regions already clean"));
+        self.start_copier(t)
+    }
+
+    pub fn journal(&self) -> Option<&Journal> {
+        self.journal.as_ref()
+    }
+
+    fn build(cfg: MirrorConfig, shift: u32, size: u64, journal: Option<Journal>) -> Result<Arc<Mirror>> {
         let (tx, _rx) = oneshot::channel();
         let (size_tx, _) = watch::channel(size);
         let limiter = RateLimiter::new(cfg.max_rate);
@@ -360,10 +415,6 @@ impl Mirror {
 
     pub fn events(&self) -> Vec<Event> {
         lock(&self.events).clone()
-    }
-
-    fn source_display(&self) -> String {
-        lock(&self.source_path).as_ref().map(|p| p.display().to_string()).unwrap_or_else(|| "-".into())
     }
 
     pub(crate) fn set_error(&self, e: Option<String>) {
@@ -1343,7 +1394,7 @@ impl Mirror {
         }
         if let (Some(j), Some(seq)) = (&self.journal, flush_seq) {
             j.flush_done(seq);
-            j.persist().await?;
+            j.stop().await?;
         }
         Ok(())
     }
@@ -1359,6 +1410,17 @@ impl Mirror {
         let r = self.route();
         !(r.state == DeviceState::Syncing && r.target.as_ref().is_some_and(|t| Arc::ptr_eq(t, target)))
     }
+}
+
+/// The starting point of a device.
+pub(crate) struct Parts {
+    pub state: DeviceState,
+    pub source: Option<Backend>,
+    pub target: Option<Backend>,
+    pub export_size: u64,
+    /// Clean, discarded and unverifiable bitmaps (resume).
+    pub bitmaps: Option<(crate::regions::Bits, crate::regions::Bits, crate::regions::Bits)>,
+    pub journal: Option<Journal>,
 }
 
 /// One allocation extent reported to NBD clients.

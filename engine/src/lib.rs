@@ -21,6 +21,7 @@ pub mod ratelimit;
 pub mod regions;
 pub mod rt;
 pub mod stacking;
+pub mod startup;
 pub mod status;
 pub mod testing;
 pub mod uring;

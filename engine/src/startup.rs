@@ -1,0 +1,263 @@
+//! Opening a device at daemon start: fresh, or resumed from a state file.
+//!
+//! | state file says | what happens |
+//! | --- | --- |
+//! | (no file) | serve the source; `--target` is attached fresh |
+//! | `serving`, `degraded` | serve the source (discarded marks kept); `--target` starts a fresh sync |
+//! | `syncing`, `synced` | reopen S and T, clean = persisted clean minus intent regions; the copy continues |
+//! | `source-detached` | serve T alone (`--source` is ignored: it is stale); `--restart-sync` refused |
+//! | corrupt, or S/T differ | refused with the reason, unless `--restart-sync` |
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use crate::backend::{Backend, LockMode, OpenOptions};
+use crate::device::{Mirror, MirrorConfig, Parts};
+use crate::error::{Error, Result};
+use crate::persist::{self, DeviceIdent, Loaded, StateFile, StateImage};
+use crate::regions::validate_region_size;
+use crate::stacking;
+use crate::status::DeviceState;
+
+#[derive(Debug, Clone, Default)]
+pub struct StartOptions {
+    pub source: Option<PathBuf>,
+    pub target: Option<PathBuf>,
+    pub state: Option<PathBuf>,
+    pub restart_sync: bool,
+    /// The region size was given on the command line (else a state file's wins).
+    pub region_size_explicit: bool,
+}
+
+/// A started device and what the caller still has to do.
+pub struct Started {
+    pub mirror: Arc<Mirror>,
+    /// Attach this target (a fresh sync) once the daemon runs.
+    pub attach: Option<PathBuf>,
+    /// The device resumed a sync: call `resume_copier` once the daemon runs.
+    pub resumed_sync: bool,
+}
+
+fn open(path: &Path, writable: bool, cfg: &MirrorConfig) -> Result<Backend> {
+    // A restarted daemon waits here until the killed one's I/O has drained:
+    // the kernel releases the exclusive claims only then.
+    Backend::open_as(path, None, &OpenOptions { writable, cache: cfg.cache, lock: LockMode::Wait })
+}
+
+fn refuse_or_restart<T>(restart: bool, why: String, fresh: impl FnOnce() -> Result<T>) -> Result<T> {
+    if restart {
+        tracing::warn!("{why}; starting over (--restart-sync)");
+        fresh()
+    } else {
+        Err(Error::Refused(format!("{why}; pass --restart-sync to start over")))
+    }
+}
+
+/// The block device a state file lives on must not be the export itself
+/// (writing it would need the export to make progress: a deadlock).
+fn check_state_location(path: &Path) -> Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    if let Ok(m) = std::fs::metadata(dir) {
+        let major = ((m.dev() >> 32) & 0xffff_f000) | ((m.dev() >> 8) & 0xfff);
+        if major == 43 {
+            return Err(Error::Refused(format!(
+                "the state file {} is on an NBD device; it must not live on the export (put it on /run or another disk)",
+                path.display()
+            )));
+        }
+    }
+    Ok(())
+}
+
+pub fn start(opts: &StartOptions, mut cfg: MirrorConfig) -> Result<Started> {
+    let mut shift = validate_region_size(cfg.region_size).map_err(Error::Refused)?;
+    let Some(state_path) = &opts.state else {
+        let source = opts.source.as_ref().ok_or_else(|| Error::Refused("--source is required".into()))?;
+        let s = open(source, !cfg.read_only, &cfg)?;
+        let mirror = Mirror::new(s, cfg)?;
+        return Ok(Started { mirror, attach: opts.target.clone(), resumed_sync: false });
+    };
+    check_state_location(state_path)?;
+    let loaded = persist::load(state_path)
+        .map_err(|e| Error::io(format!("cannot read the state file {}", state_path.display()), e))?;
+    if let Loaded::Valid(img) = &loaded {
+        let from_file =
+            img.region_shift != shift && (!opts.region_size_explicit || img.state == DeviceState::SourceDetached);
+        if from_file {
+            // Serving the target alone does not use regions for routing; and
+            // without an explicit --region-size the recorded one applies.
+            shift = img.region_shift;
+            cfg.region_size = 1 << shift;
+        }
+    }
+    let fresh = || fresh_start(opts, state_path, shift, cfg.clone());
+    let img = match loaded {
+        Loaded::Missing => return fresh(),
+        Loaded::Corrupt(why) => {
+            return refuse_or_restart(
+                opts.restart_sync,
+                format!("the state file {} is corrupt ({why})", state_path.display()),
+                fresh,
+            )
+        }
+        Loaded::Valid(img) => *img,
+    };
+    if img.state == DeviceState::SourceDetached {
+        if opts.restart_sync {
+            return Err(Error::Refused(format!(
+                "the state file {} says the source was detached: the source is stale and starting over would \
+                 destroy data; serve the target alone (without --source and --restart-sync)",
+                state_path.display()
+            )));
+        }
+        return resume_target_only(opts, state_path, img, cfg);
+    }
+    if img.region_shift != shift {
+        return refuse_or_restart(
+            opts.restart_sync,
+            format!(
+                "the state file {} was written with --region-size {}, not {}",
+                state_path.display(),
+                1u64 << img.region_shift,
+                cfg.region_size
+            ),
+            fresh,
+        );
+    }
+    let source_path = opts.source.as_ref().ok_or_else(|| {
+        Error::Refused(format!("--source is required: the state file {} says {}", state_path.display(), img.state))
+    })?;
+    let s = open(source_path, !cfg.read_only, &cfg)?;
+    if let Some(why) = img.source.as_ref().and_then(|rec| rec.differs(&DeviceIdent::of(&s))) {
+        drop(s);
+        return refuse_or_restart(opts.restart_sync, format!("the source does not match the state file: {why}"), fresh);
+    }
+    if opts.restart_sync {
+        drop(s);
+        return fresh();
+    }
+    match img.state {
+        DeviceState::Serving | DeviceState::Degraded => {
+            if img.state == DeviceState::Degraded {
+                tracing::info!(
+                    "the previous run had dropped its target after an error; a new attach starts a fresh sync"
+                );
+            }
+            let bitmaps = (
+                bitvec::bitvec![u64, bitvec::order::Lsb0; 0; img.regions()],
+                img.discarded.clone(),
+                img.unverifiable.clone(),
+            );
+            let mirror = assemble(state_path, &img, cfg, DeviceState::Serving, Some(s), None, Some(bitmaps))?;
+            Ok(Started { mirror, attach: opts.target.clone(), resumed_sync: false })
+        }
+        DeviceState::Syncing | DeviceState::Synced => {
+            let Some(rec_t) = img.target.clone() else {
+                return Err(Error::Refused(format!(
+                    "the state file {} is {} without a target",
+                    state_path.display(),
+                    img.state
+                )));
+            };
+            let tpath = opts.target.clone().unwrap_or_else(|| rec_t.path.clone());
+            let t = open(&tpath, true, &cfg)?;
+            if let Some(why) = rec_t.differs(&DeviceIdent::of(&t)) {
+                drop((s, t));
+                return refuse_or_restart(
+                    opts.restart_sync,
+                    format!("the target does not match the state file: {why}"),
+                    fresh,
+                );
+            }
+            stacking::check_target_is_independent(&s, &t)?;
+            // Regions with a write in flight at the crash are dirty again.
+            let mut clean = img.clean.clone();
+            clean &= !img.intent.clone();
+            let all_clean = clean.all();
+            let intents = img.intent.count_ones();
+            let state = if all_clean { DeviceState::Synced } else { DeviceState::Syncing };
+            let bitmaps = (clean, img.discarded.clone(), img.unverifiable.clone());
+            let mirror = assemble(state_path, &img, cfg, state, Some(s), Some(t), Some(bitmaps))?;
+            if intents > 0 {
+                mirror.event(format!("{intents} regions had writes in flight at the crash: copied again"));
+            }
+            Ok(Started { mirror, attach: None, resumed_sync: state == DeviceState::Syncing })
+        }
+        DeviceState::SourceDetached => unreachable!("handled above"),
+    }
+}
+
+fn assemble(
+    state_path: &Path,
+    img: &StateImage,
+    cfg: MirrorConfig,
+    state: DeviceState,
+    source: Option<Backend>,
+    target: Option<Backend>,
+    bitmaps: Option<(crate::regions::Bits, crate::regions::Bits, crate::regions::Bits)>,
+) -> Result<Arc<Mirror>> {
+    let file = StateFile::open(state_path, img)
+        .map_err(|e| Error::io(format!("cannot open the state file {}", state_path.display()), e))?;
+    let mut jimg = img.clone();
+    jimg.state = state;
+    if let Some((clean, _, _)) = &bitmaps {
+        jimg.clean = clean.clone();
+    }
+    let journal = persist::journal_for(&jimg, file);
+    journal.set_state(state, source.as_ref(), target.as_ref());
+    let export_size = img.export_size;
+    Mirror::assemble(cfg, Parts { state, source, target, export_size, bitmaps, journal: Some(journal) })
+}
+
+fn fresh_start(opts: &StartOptions, state_path: &Path, shift: u32, cfg: MirrorConfig) -> Result<Started> {
+    let source = opts.source.as_ref().ok_or_else(|| Error::Refused("--source is required".into()))?;
+    let s = open(source, !cfg.read_only, &cfg)?;
+    let img = persist::fresh_image(DeviceState::Serving, shift, s.size(), Some(&s), None);
+    let file = StateFile::create(state_path, &img)
+        .map_err(|e| Error::io(format!("cannot create the state file {}", state_path.display()), e))?;
+    let journal = persist::journal_for(&img, file);
+    let export_size = s.size();
+    let mirror = Mirror::assemble(
+        cfg,
+        Parts {
+            state: DeviceState::Serving,
+            source: Some(s),
+            target: None,
+            export_size,
+            bitmaps: None,
+            journal: Some(journal),
+        },
+    )?;
+    Ok(Started { mirror, attach: opts.target.clone(), resumed_sync: false })
+}
+
+fn resume_target_only(opts: &StartOptions, state_path: &Path, img: StateImage, cfg: MirrorConfig) -> Result<Started> {
+    if let Some(s) = &opts.source {
+        tracing::warn!(
+            "ignoring --source {}: the state file says the source was detached and it is stale",
+            s.display()
+        );
+    }
+    let rec_t = img.target.clone().ok_or_else(|| {
+        Error::Refused(format!("the state file {} is source-detached without a target", state_path.display()))
+    })?;
+    let tpath = opts.target.clone().unwrap_or_else(|| rec_t.path.clone());
+    let t = open(&tpath, !cfg.read_only, &cfg)?;
+    if let Some(why) = rec_t.differs(&DeviceIdent::of(&t)) {
+        return Err(Error::Refused(format!("the target does not match the state file: {why}")));
+    }
+    if t.size() < img.export_size {
+        return Err(Error::Refused(format!(
+            "the target holds {} bytes, less than the recorded export size {}",
+            t.size(),
+            img.export_size
+        )));
+    }
+    let n = img.regions();
+    let all = bitvec::bitvec![u64, bitvec::order::Lsb0; 1; n];
+    let none = bitvec::bitvec![u64, bitvec::order::Lsb0; 0; n];
+    let bitmaps = (all, none.clone(), none);
+    let mirror = assemble(state_path, &img, cfg, DeviceState::SourceDetached, None, Some(t), Some(bitmaps))?;
+    Ok(Started { mirror, attach: None, resumed_sync: false })
+}
