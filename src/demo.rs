@@ -163,7 +163,11 @@ fn demo(a: DemoArgs) -> anyhow::Result<()> {
         read_only: false,
         allow_remote: false,
         cache: engine::CacheMode::Auto,
-        buffer_budget: 64 << 20,
+        buffer_budget: Some(64 << 20),
+        nbd_connections: None,
+        nbd_timeout: 30,
+        nbd_dead_timeout: 600,
+        root_storage_daemon: false,
         copy_chunk: 1 << 20,
         workers: None,
     };

@@ -3,6 +3,7 @@
 
 mod commands;
 mod demo;
+mod rootd;
 mod serve;
 mod units;
 
@@ -35,7 +36,7 @@ pub struct ControlArg {
 #[derive(Subcommand)]
 enum Cmd {
     /// Run the daemon in the foreground (logs to stderr).
-    Serve(serve::ServeArgs),
+    Serve(Box<serve::ServeArgs>),
     /// Hot-add TARGET and start the sync; returns once started.
     Attach {
         target: PathBuf,
@@ -98,12 +99,14 @@ enum Cmd {
     },
     /// Run the whole flow on temporary files and check every byte.
     Demo(demo::DemoArgs),
+    /// Disconnect a kernel NBD device over netlink (after its filesystem is unmounted).
+    NbdDisconnect { device: PathBuf },
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let code = match cli.cmd {
-        Cmd::Serve(a) => serve::run(a),
+        Cmd::Serve(a) => serve::run(*a),
         Cmd::Attach { target, control } => commands::attach(&control.control, target),
         Cmd::Status { json, control } => commands::status(&control.control, json),
         Cmd::Wait { timeout, control } => commands::wait(&control.control, timeout),
@@ -117,6 +120,13 @@ fn main() -> ExitCode {
         }
         Cmd::Grow { size, control } => commands::grow(&control.control, size),
         Cmd::Demo(a) => demo::run(a),
+        Cmd::NbdDisconnect { device } => match nbd_frontend::kernel::disconnect(&device) {
+            Ok(()) => 0,
+            Err(e) => {
+                eprintln!("livemirror: cannot disconnect {}: {e}", device.display());
+                1
+            }
+        },
     };
     ExitCode::from(code)
 }

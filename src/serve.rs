@@ -59,8 +59,24 @@ pub struct ServeArgs {
     #[arg(long, value_name = "MODE", default_value = "auto")]
     pub cache: CacheMode,
     /// Payload bytes buffered across all connections at most.
-    #[arg(long, value_name = "SIZE", default_value = "256M", value_parser = parse_size)]
-    pub buffer_budget: u64,
+    /// (default 256M; 64M as a root storage daemon, whose memory is locked)
+    #[arg(long, value_name = "SIZE", value_parser = parse_size)]
+    pub buffer_budget: Option<u64>,
+    /// Connections the kernel client uses (default: one per I/O thread).
+    #[arg(long, value_name = "N")]
+    pub nbd_connections: Option<usize>,
+    /// Kernel request timeout: requests in flight on a dead connection are
+    /// resent when it fires.
+    #[arg(long, value_name = "SECS", default_value_t = 30)]
+    pub nbd_timeout: u64,
+    /// How long the kernel holds I/O while the daemon is gone (a restart
+    /// reconnects within it).
+    #[arg(long, value_name = "SECS", default_value_t = 600)]
+    pub nbd_dead_timeout: u64,
+    /// Run as the root filesystem's storage daemon: locked memory, I/O flusher,
+    /// no OOM kill, supervised restarts (also when argv[0] starts with '@').
+    #[arg(long)]
+    pub root_storage_daemon: bool,
     /// Bytes per copier I/O.
     #[arg(long, value_name = "SIZE", default_value = "1M", value_parser = parse_size)]
     pub copy_chunk: u64,
@@ -69,19 +85,42 @@ pub struct ServeArgs {
     pub workers: Option<usize>,
 }
 
-fn init_logging() {
+/// Logs go through a bounded in-memory queue to a writer thread and are
+/// dropped when it is full: a stalled stderr (a full pipe, a journal on the
+/// root we serve) must never stall the I/O path.
+fn init_logging() -> tracing_appender::non_blocking::WorkerGuard {
     let filter = tracing_subscriber::EnvFilter::try_from_env("LIVEMIRROR_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
+        .lossy(true)
+        .buffered_lines_limit(16_384)
+        .thread_name("livemirror-log")
+        .finish(std::io::stderr());
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
+        .with_writer(writer)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_target(false)
         .try_init();
+    guard
 }
 
 pub fn run(args: ServeArgs) -> u8 {
-    init_logging();
+    let supervised = std::env::var_os(crate::rootd::SUPERVISED_ENV).is_some();
+    if crate::rootd::requested(args.root_storage_daemon) && !supervised {
+        return crate::rootd::supervise();
+    }
+    let _log = init_logging();
+    let args = match args.absolute() {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("livemirror: {e}");
+            return 1;
+        }
+    };
+    if supervised {
+        crate::rootd::harden(true);
+    }
     match serve(args) {
         Ok(()) => 0,
         Err(e) => {
@@ -91,10 +130,32 @@ pub fn run(args: ServeArgs) -> u8 {
     }
 }
 
+impl ServeArgs {
+    /// The same arguments with every path made absolute (the daemon may change
+    /// its working directory, and a supervisor restarts it with these).
+    fn absolute(mut self) -> std::io::Result<ServeArgs> {
+        let abs = |p: &mut PathBuf| -> std::io::Result<()> {
+            *p = std::path::absolute(&*p)?;
+            Ok(())
+        };
+        for p in [&mut self.source, &mut self.target, &mut self.state].into_iter().flatten() {
+            abs(p)?;
+        }
+        abs(&mut self.control)?;
+        for l in &mut self.listen {
+            if let ListenAddr::Unix(p) = l {
+                abs(p)?;
+            }
+        }
+        Ok(self)
+    }
+}
+
 /// A running daemon: devices, I/O threads, NBD listeners and control socket.
 pub struct Running {
     pub mirror: Arc<Mirror>,
     pub server: Server<Mirror>,
+    kernel: Option<nbd_frontend::kernel::KernelAttachment>,
     workers: Vec<Arc<Worker>>,
     stop_control: tokio::sync::watch::Sender<bool>,
     sockets: Vec<PathBuf>,
@@ -146,7 +207,11 @@ pub fn start(args: &ServeArgs) -> anyhow::Result<Running> {
             export_name: args.export_name.clone(),
             description: format!("livemirror export of {served}"),
             read_only: args.read_only,
-            buffer_budget: args.buffer_budget as usize,
+            buffer_budget: args.buffer_budget.unwrap_or(if crate::rootd::requested(args.root_storage_daemon) {
+                64 << 20
+            } else {
+                256 << 20
+            }) as usize,
         },
         workers.clone(),
     );
@@ -170,13 +235,7 @@ pub fn start(args: &ServeArgs) -> anyhow::Result<Running> {
     let (stop_control, stop_rx) = tokio::sync::watch::channel(false);
     {
         let m = mirror.clone();
-        io0.run(move || async move {
-            let mut rx = stop_rx;
-            engine::control::serve(control, m, async move {
-                let _ = rx.wait_for(|s| *s).await;
-            })
-            .await
-        })?;
+        io0.run(move || engine::control::serve(control, m, stop_rx))?;
     }
     tracing::info!(
         "serving {served} ({} bytes) on {}; control {}",
@@ -184,13 +243,24 @@ pub fn start(args: &ServeArgs) -> anyhow::Result<Running> {
         addrs.join(", "),
         args.control.display()
     );
-    let running = Running { mirror, server, workers, stop_control, sockets };
+    let mut running = Running { mirror, server, kernel: None, workers, stop_control, sockets };
     if let Some(t) = started.attach {
         let m = running.mirror.clone();
         running.on_io(move || async move { m.attach(&t).await })?.context("cannot attach the target")?;
     }
     if started.resumed_sync {
         running.mirror.resume_copier()?;
+    }
+    if let Some(dev) = &args.nbd_device {
+        let opts = nbd_frontend::kernel::KernelOptions {
+            device: dev.clone(),
+            connections: args.nbd_connections.unwrap_or(nworkers).clamp(1, 16),
+            timeout: std::time::Duration::from_secs(args.nbd_timeout.max(1)),
+            dead_conn_timeout: std::time::Duration::from_secs(args.nbd_dead_timeout),
+        };
+        let k = nbd_frontend::kernel::attach(&running.server, &opts, running.mirror.subscribe_size())
+            .with_context(|| format!("cannot attach the kernel client to {}", dev.display()))?;
+        running.kernel = Some(k);
     }
     Ok(running)
 }
@@ -210,7 +280,10 @@ impl Running {
     /// Stops accepting, drains every connection, stops the copier, flushes and
     /// persists, then stops the threads and removes the sockets.
     pub fn shutdown(self) -> anyhow::Result<()> {
-        let Running { mirror, server, workers, stop_control, sockets, .. } = self;
+        let Running { mirror, server, kernel, workers, stop_control, sockets } = self;
+        // The kernel device stays configured: a restarted daemon reconnects it
+        // (`livemirror nbd-disconnect` tears it down).
+        drop(kernel);
         engine::rt::block_on(async {
             server.shutdown().await;
             stop_control.send_replace(true);

@@ -634,9 +634,24 @@ fn a_client_that_never_reads_its_replies_does_not_stall_other_clients() {
     // 400 pipelined 1 MiB READs (more than the default 256 MiB buffer budget)
     // whose replies are never read.
     let mut stalled = raw_handshake(&d.sock, "");
+    // The server stops reading this client once its own share of the budget is
+    // held by unsent replies, so its writes may block: that is the backpressure
+    // working, and the point is that only this client is held up.
+    stalled.set_write_timeout(Some(Duration::from_secs(1))).unwrap();
+    let mut sent = 0;
     for i in 0..400u64 {
-        raw_request(&mut stalled, 0, i, (i % 8) << 20, 1 << 20);
+        let mut b = REQUEST_MAGIC.to_be_bytes().to_vec();
+        b.extend_from_slice(&0u16.to_be_bytes());
+        b.extend_from_slice(&0u16.to_be_bytes());
+        b.extend_from_slice(&i.to_be_bytes());
+        b.extend_from_slice(&((i % 8) << 20).to_be_bytes());
+        b.extend_from_slice(&(1u32 << 20).to_be_bytes());
+        if stalled.write_all(&b).is_err() {
+            break;
+        }
+        sent += 1;
     }
+    assert!(sent >= 64, "the stalled client could queue only {sent} requests");
     std::thread::sleep(Duration::from_secs(1));
     // Another client still gets its (small) read and write served.
     let mut other =

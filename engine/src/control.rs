@@ -154,8 +154,9 @@ pub async fn handle(mirror: &Arc<Mirror>, req: Request, caller: Option<u32>) -> 
     }
 }
 
-/// Serves the control socket until `stop` resolves. Runs on an engine thread.
-pub async fn serve(listener: StdUnixListener, mirror: Arc<Mirror>, stop: impl std::future::Future<Output = ()>) {
+/// Serves the control socket until `stop` turns true; open connections are
+/// closed then too (an idle client must not keep the daemon from exiting).
+pub async fn serve(listener: StdUnixListener, mirror: Arc<Mirror>, stop: tokio::sync::watch::Receiver<bool>) {
     let listener = match tokio::net::UnixListener::from_std(listener) {
         Ok(l) => l,
         Err(e) => {
@@ -163,14 +164,15 @@ pub async fn serve(listener: StdUnixListener, mirror: Arc<Mirror>, stop: impl st
             return;
         }
     };
-    tokio::pin!(stop);
+    let mut stop_accept = stop.clone();
     loop {
         tokio::select! {
-            _ = &mut stop => return,
+            _ = stop_accept.wait_for(|s| *s) => return,
             acc = listener.accept() => match acc {
                 Ok((stream, _)) => {
                     let m = mirror.clone();
-                    tokio::task::spawn_local(async move { serve_conn(stream, m).await });
+                    let stop = stop.clone();
+                    tokio::task::spawn_local(async move { serve_conn(stream, m, stop).await });
                 }
                 Err(e) => {
                     tracing::warn!("control socket accept: {e}");
@@ -184,7 +186,7 @@ pub async fn serve(listener: StdUnixListener, mirror: Arc<Mirror>, stop: impl st
 /// Longest request line accepted (a path plus some JSON).
 const MAX_LINE: u64 = 64 << 10;
 
-async fn serve_conn(stream: tokio::net::UnixStream, mirror: Arc<Mirror>) {
+async fn serve_conn(stream: tokio::net::UnixStream, mirror: Arc<Mirror>, mut stop: tokio::sync::watch::Receiver<bool>) {
     let caller = stream.peer_cred().ok().and_then(|c| c.pid()).and_then(|p| u32::try_from(p).ok());
     let (rd, mut wr) = stream.into_split();
     let mut rd = tokio::io::BufReader::new(rd);
@@ -192,10 +194,12 @@ async fn serve_conn(stream: tokio::net::UnixStream, mirror: Arc<Mirror>) {
     loop {
         line.clear();
         let mut limited = (&mut rd).take(MAX_LINE);
-        match limited.read_line(&mut line).await {
-            Ok(0) => return,
-            Ok(_) => {}
-            Err(_) => return,
+        tokio::select! {
+            _ = stop.wait_for(|s| *s) => return,
+            r = limited.read_line(&mut line) => match r {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            },
         }
         if !line.ends_with('\n') && line.len() as u64 >= MAX_LINE {
             let _ = wr.write_all(b"{\"ok\":false,\"error\":\"request too long\"}\n").await;

@@ -543,6 +543,22 @@ impl Mirror {
     }
 
     pub(crate) fn open_target(&self, path: &Path, viewer: Option<u32>, source: &Backend) -> Result<Backend> {
+        // Before opening: our own exclusive lock on S would otherwise make S
+        // look "in use by another process".
+        let abs = std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf());
+        if let Ok(meta) = std::fs::metadata(crate::backend::resolve_in_view(&abs, viewer)) {
+            use std::os::unix::fs::{FileTypeExt, MetadataExt};
+            let s = source.identity();
+            let same = (meta.dev(), meta.ino()) == (s.dev, s.ino)
+                || (meta.file_type().is_block_device() && Some(meta.rdev()) == s.rdev);
+            if same {
+                return Err(Error::Refused(format!(
+                    "refusing target {}: it is the source itself (source {})",
+                    path.display(),
+                    source.path().display()
+                )));
+            }
+        }
         let opts = OpenOptions { writable: true, cache: self.cfg.cache, lock: DevLock::Fail };
         let t = Backend::open_as(path, viewer, &opts)?;
         stacking::check_target_is_independent(source, &t)?;

@@ -6,12 +6,10 @@ use std::io;
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// An I/O error on a device, with what we were doing.
+    /// Displays as "context: OS error" on one line (the source is part of
+    /// the message, not a separate cause, so chains do not repeat it).
     #[error("{context}: {source}")]
-    Io {
-        context: String,
-        #[source]
-        source: io::Error,
-    },
+    Io { context: String, source: io::Error },
     /// The operation is not allowed in the current state or with these arguments.
     #[error("{0}")]
     Refused(String),

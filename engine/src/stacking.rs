@@ -107,6 +107,12 @@ pub fn check_target_is_independent(source: &Backend, target: &Backend) -> Result
     if under.files.contains(&(t.dev, t.ino)) {
         return refuse("the source is built on it");
     }
+    // The other way round: a target built on the source (a loop device over the
+    // source file, a dm device on top of it) would write into the source.
+    let over = underlying(&t);
+    if over.files.contains(&(s.dev, s.ino)) || s.rdev.is_some_and(|r| over.devices.contains(&r)) {
+        return refuse("it is built on the source");
+    }
     if let Some(trdev) = t.rdev {
         if under.devices.contains(&trdev) {
             return refuse("the source is built on it");

@@ -9,6 +9,8 @@
 
 pub mod client;
 pub mod handshake;
+pub mod kernel;
+pub mod netlink;
 pub mod proto;
 pub mod request;
 pub mod server;

@@ -232,6 +232,33 @@ impl<D: BlockDevice> Server<D> {
         }
     }
 
+    /// Serves an already connected stream without a handshake (the kernel's
+    /// end of a socketpair) on one of the workers.
+    pub fn serve_preconnected(&self, stream: std::os::unix::net::UnixStream, neg: Negotiated) -> io::Result<()> {
+        let n = self.inner.workers.len().max(1);
+        let i = self.inner.next_worker.fetch_add(1, Ordering::Relaxed) % n;
+        let worker = self.inner.workers.get(i).ok_or_else(|| io::Error::other("no worker"))?;
+        self.inner.active.fetch_add(1, Ordering::SeqCst);
+        let server = self.clone();
+        let res = worker.run(move || async move {
+            let res = async {
+                let s = Stream::Unix(tokio::net::UnixStream::from_std(stream)?);
+                server.serve_negotiated(s, &neg, Vec::new()).await
+            }
+            .await;
+            if let Err(e) = res {
+                tracing::info!("kernel connection closed: {e}");
+            }
+            if server.inner.active.fetch_sub(1, Ordering::SeqCst) == 1 {
+                server.inner.idle.notify_waiters();
+            }
+        });
+        if res.is_err() {
+            self.inner.active.fetch_sub(1, Ordering::SeqCst);
+        }
+        res
+    }
+
     fn dispatch(&self, stream: AnyStd) {
         let n = self.inner.workers.len().max(1);
         let i = self.inner.next_worker.fetch_add(1, Ordering::Relaxed) % n;
