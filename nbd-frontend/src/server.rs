@@ -270,8 +270,18 @@ impl<D: BlockDevice> Server<D> {
         let server = self.clone();
         let res = worker.run(move || async move {
             let res = server.serve_std(stream).await;
-            if let Err(e) = res {
-                tracing::info!("connection closed: {e}");
+            match res {
+                // A client hanging up mid-conversation is ordinary.
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        io::ErrorKind::BrokenPipe | io::ErrorKind::ConnectionReset | io::ErrorKind::UnexpectedEof
+                    ) =>
+                {
+                    tracing::debug!("connection closed: {e}")
+                }
+                Err(e) => tracing::info!("connection closed: {e}"),
+                Ok(()) => {}
             }
             if server.inner.active.fetch_sub(1, Ordering::SeqCst) == 1 {
                 server.inner.idle.notify_waiters();

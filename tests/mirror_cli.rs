@@ -1,0 +1,459 @@
+//! The mission flow driven through the CLI with real clients: patterns written
+//! before attach, fio verifying its own writes while the copy runs, verify,
+//! detach-source, grow, and a final byte-for-byte comparison of the target file
+//! with what the export served. Also `serve --target`, TRIM before attach and
+//! detach-target during a sync.
+mod common;
+use common::*;
+
+use std::path::Path;
+use std::process::{Command, ExitStatus, Output};
+use std::time::{Duration, Instant};
+
+const MIB: u64 = 1 << 20;
+
+// ------------------------------------------------------------------ helpers
+
+fn p(path: &Path) -> &str {
+    path.to_str().expect("utf-8 path")
+}
+
+fn code(o: &Output) -> i32 {
+    exit_code(&o.status)
+}
+
+fn text(o: &Output) -> String {
+    format!("stdout:\n{}stderr:\n{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr))
+}
+
+/// A byte model of the export.
+struct Model(Vec<u8>);
+
+impl Model {
+    fn fill(&mut self, off: u64, len: u64, byte: u8) {
+        let end = (off + len) as usize;
+        if self.0.len() < end {
+            self.0.resize(end, 0);
+        }
+        self.0[off as usize..end].fill(byte);
+    }
+}
+
+fn assert_same(got: &[u8], want: &[u8], what: &str) {
+    assert_eq!(got.len(), want.len(), "{what}: length differs");
+    if got == want {
+        return; // memcmp: fast even in a debug build
+    }
+    if let Some(i) = got.iter().zip(want).position(|(a, b)| a != b) {
+        let n = got[i..].iter().zip(&want[i..]).take_while(|(a, b)| a != b).count();
+        panic!("{what}: {n} bytes differ from byte {i} on (got {:#04x}, want {:#04x})", got[i], want[i]);
+    }
+}
+
+/// qemu-io with `cmds` on `uri`; fails on any error or pattern mismatch.
+fn qemu_io_ok(d: &Daemon, uri: &str, cmds: &[String]) -> String {
+    let mut args = vec!["-f".to_string(), "raw".into(), uri.to_string()];
+    for c in cmds {
+        args.push("-c".into());
+        args.push(c.clone());
+    }
+    let a: Vec<&str> = args.iter().map(String::as_str).collect();
+    let out = run(&tool("qemu-io"), &a);
+    let t = text(&out);
+    assert!(out.status.success(), "qemu-io {cmds:?} failed:\n{t}\n--- daemon log ---\n{}", d.log_text());
+    assert!(!t.contains("Pattern verification failed"), "qemu-io {cmds:?}:\n{t}\n{}", d.log_text());
+    assert!(!t.to_lowercase().contains("error"), "qemu-io {cmds:?}:\n{t}\n{}", d.log_text());
+    t
+}
+
+/// The whole export as a client sees it (nbdcopy to stdout).
+fn export_bytes(uri: &str) -> Vec<u8> {
+    let o = Command::new(tool("nbdcopy")).args([uri, "-"]).env("PATH", debian_path()).output().expect("nbdcopy");
+    assert!(o.status.success(), "nbdcopy {uri} -: {}", text(&o));
+    o.stdout
+}
+
+fn nbdinfo_size(uri: &str) -> u64 {
+    let s = run_ok(&tool("nbdinfo"), &["--size", uri]);
+    s.trim().parse().unwrap_or_else(|e| panic!("nbdinfo --size: {e}: {s:?}"))
+}
+
+/// Files the process has open (the targets of /proc/PID/fd links).
+fn open_files(pid: u32) -> Vec<std::path::PathBuf> {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .expect("/proc/PID/fd")
+        .flatten()
+        .filter_map(|e| std::fs::read_link(e.path()).ok())
+        .collect()
+}
+
+fn has_open(d: &Daemon, path: &Path) -> bool {
+    let want = std::fs::canonicalize(path).expect("canonical path");
+    let pid = d.child.as_ref().expect("daemon running").id();
+    open_files(pid).contains(&want)
+}
+
+fn wait_ok(d: &Daemon, secs: u32) -> String {
+    let o = d.cli(&["wait", "--timeout", &secs.to_string()]);
+    assert_eq!(code(&o), 0, "wait: {}\n--- daemon log ---\n{}", text(&o), d.log_text());
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+fn verify_ok(d: &Daemon) -> String {
+    let o = d.cli(&["verify"]);
+    let out = String::from_utf8_lossy(&o.stdout).into_owned();
+    assert_eq!(code(&o), 0, "verify: {}\n--- daemon log ---\n{}", text(&o), d.log_text());
+    assert!(out.contains(" 0 mismatching ranges"), "verify must report 0 mismatching ranges:\n{out}");
+    assert!(!out.contains("mismatch:"), "{out}");
+    out
+}
+
+fn u(v: &serde_json::Value) -> u64 {
+    v.as_u64().unwrap_or_else(|| panic!("not a number: {v}"))
+}
+
+struct FioRun {
+    status: ExitStatus,
+    json: serde_json::Value,
+    log: String,
+}
+
+/// fio's NBD engine on `uri` with `args`; parses its JSON report.
+fn fio(dir: &Path, uri: &str, args: &[&str]) -> FioRun {
+    let out_path = dir.join("fio.json");
+    let _ = std::fs::remove_file(&out_path);
+    let uri_arg = format!("--uri={uri}");
+    let out_arg = format!("--output={}", out_path.display());
+    let mut all = vec!["--ioengine=nbd", &uri_arg, "--output-format=json", &out_arg, "--verify_state_save=0"];
+    all.extend_from_slice(args);
+    let out = Command::new(tool("fio"))
+        .args(&all)
+        .current_dir(dir)
+        .env("PATH", debian_path())
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run fio: {e}"));
+    let log = format!("fio {all:?} ({})\n{}", out.status, text(&out));
+    let report = std::fs::read_to_string(&out_path).unwrap_or_default();
+    let json = report
+        .find('{')
+        .and_then(|i| serde_json::from_str(&report[i..]).ok())
+        .unwrap_or_else(|| panic!("fio wrote no JSON report:\n{report}\n{log}"));
+    FioRun { status: out.status, json, log }
+}
+
+impl FioRun {
+    fn assert_clean(&self, d: &Daemon, njobs: usize) {
+        assert!(self.status.success(), "{}\n--- daemon log ---\n{}", self.log, d.log_text());
+        let jobs = self.json["jobs"].as_array().unwrap_or_else(|| panic!("no jobs:\n{}", self.log));
+        assert_eq!(jobs.len(), njobs, "{}", self.log);
+        for j in jobs {
+            assert_eq!(j["error"], 0, "job {} reports error {}:\n{}", j["jobname"], j["error"], self.log);
+        }
+    }
+
+    fn sum(&self, dir: &str, field: &str) -> u64 {
+        self.json["jobs"].as_array().map_or(0, |js| js.iter().map(|j| j[dir][field].as_u64().unwrap_or(0)).sum())
+    }
+}
+
+// ------------------------------------------------------------- the mission
+
+/// Four jobs on four connections, each on its own 16 MiB slice of [0, 64M),
+/// random block sizes, QD32, a crc32c header in every block.
+const FIO_JOB: &[&str] = &[
+    "--name=mirror",
+    "--rw=randwrite",
+    "--bsrange=4k-128k",
+    "--size=16M",
+    "--offset_increment=16M",
+    "--numjobs=4",
+    "--iodepth=32",
+    "--verify=crc32c",
+    "--verify_fatal=1",
+];
+
+#[test]
+fn mission_flow_through_the_cli_with_fio_during_the_sync() {
+    let dir = scratch_shm();
+    let src = dir.path().join("source.img");
+    let tgt = dir.path().join("target.img");
+    let size = 96 * MIB;
+    let tsize = 128 * MIB;
+    let mut model = Model(pattern(10, size as usize));
+    make_image(&src, &model.0);
+    make_sparse(&tgt, tsize);
+    let mut d = Daemon::start(dir.path(), &["--source", p(&src)]);
+    let uri = d.uri();
+
+    // Patterns before attach (aligned, unaligned, write-zeroes), all in
+    // [64M, 96M), where fio does not write.
+    let pre: [(u8, u64, u64); 5] = [
+        (0x11, 64 * MIB, MIB),
+        (0x22, 65 * MIB + 1, 300_000),
+        (0x33, 72 * MIB, 4 * MIB),
+        (0, 84 * MIB, MIB),
+        (0x44, 96 * MIB - 7, 7),
+    ];
+    let mut cmds = Vec::new();
+    for &(b, off, len) in &pre {
+        if b == 0 {
+            cmds.push(format!("write -z {off} {len}"));
+        } else {
+            cmds.push(format!("write -P {b} {off} {len}"));
+        }
+        model.fill(off, len, b);
+    }
+    cmds.push("flush".into());
+    qemu_io_ok(&d, &uri, &cmds);
+    let reads: Vec<String> = pre.iter().map(|&(b, off, len)| format!("read -P {b} {off} {len}")).collect();
+    qemu_io_ok(&d, &uri, &reads);
+
+    // Attach with the copy limited, so fio's writes race it.
+    d.cli_ok(&["set-rate", "16M"]);
+    assert!(has_open(&d, &src), "the daemon should hold the source open");
+    let out = d.cli_ok(&["attach", p(&tgt)]);
+    assert!(out.contains("attached"), "{out}");
+    // fio starts once the copy is past 24 MiB: the first slice is clean (its
+    // writes go to both legs), the second is where the copy is heading (writes
+    // race it), the last two are dirty (writes go to S only).
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let before = loop {
+        let st = d.status();
+        if u(&st["bytes_copied"]) >= 24 * MIB {
+            break st;
+        }
+        assert!(Instant::now() < deadline, "the copy does not progress: {st}");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert_eq!(before["state"], "syncing", "{before}");
+    assert!(u(&before["regions_clean"]) < 48 * MIB / u(&before["region_size"]), "{before}");
+
+    // Three passes over each slice, verified as it goes (every 256 blocks).
+    let mut args = FIO_JOB.to_vec();
+    args.extend_from_slice(&["--loops=3", "--verify_backlog=256"]);
+    let t0 = Instant::now();
+    let r = fio(dir.path(), &uri, &args);
+    let fio_secs = t0.elapsed().as_secs_f64();
+    r.assert_clean(&d, 4);
+    assert_eq!(r.sum("write", "io_bytes"), 3 * 64 * MIB, "every job wrote its slice three times\n{}", r.log);
+    assert_eq!(r.sum("read", "io_bytes"), 3 * 64 * MIB, "every block was read back and verified\n{}", r.log);
+    let st = d.status();
+    eprintln!(
+        "fio took {fio_secs:.1} s; copied {} bytes before it, {} after",
+        before["bytes_copied"], st["bytes_copied"]
+    );
+    // The copy ran while fio wrote (the writes raced it).
+    assert!(st["state"] == "syncing" || st["state"] == "synced", "{st}");
+    assert!(u(&st["bytes_copied"]) > u(&before["bytes_copied"]), "the copy made no progress during fio: {st}");
+    assert!(st["error"].is_null(), "{st}");
+
+    d.cli_ok(&["set-rate", "0"]);
+    wait_ok(&d, 60);
+    let st = d.status();
+    assert_eq!(st["state"], "synced", "{st}");
+    assert_eq!(st["regions_clean"], st["regions_total"], "{st}");
+    assert!(u(&st["bytes_copied"]) >= size, "{st}");
+    verify_ok(&d);
+    // In synced, reads come from the target: fio re-verifies its blocks there.
+    let mut vo = FIO_JOB.to_vec();
+    vo.push("--verify_only");
+    let r = fio(dir.path(), &uri, &vo);
+    r.assert_clean(&d, 4);
+    assert_eq!(r.sum("read", "io_bytes"), 64 * MIB, "{}", r.log);
+
+    // detach-source: S closed for good.
+    d.cli_ok(&["detach-source"]);
+    let st = d.status();
+    assert_eq!(st["state"], "source-detached", "{st}");
+    assert!(st["source"].is_null(), "{st}");
+    assert!(st["target"].as_str().is_some_and(|t| t.ends_with("target.img")), "{st}");
+    assert!(
+        !has_open(&d, &src),
+        "the source is still open after detach-source: {:?}",
+        open_files(d.child.as_ref().unwrap().id())
+    );
+    assert!(has_open(&d, &tgt), "the target should be open");
+    let s_at_detach = std::fs::read(&src).unwrap();
+    assert_same(&s_at_detach[64 * MIB as usize..], &model.0[64 * MIB as usize..], "source (pre-attach patterns)");
+    // The export still serves everything: the patterns, fio's blocks, and as a
+    // whole exactly what S held when it was released.
+    qemu_io_ok(&d, &uri, &reads);
+    let r = fio(dir.path(), &uri, &vo);
+    r.assert_clean(&d, 4);
+    assert_eq!(r.sum("read", "io_bytes"), 64 * MIB, "{}", r.log);
+    let e = export_bytes(&uri);
+    assert_same(&e, &s_at_detach, "export after detach-source vs the released source");
+    model.0.copy_from_slice(&e);
+
+    // grow: explicit (smaller than T), then to T's whole size.
+    let out = d.cli_ok(&["grow", "112M"]);
+    assert!(out.contains(&(112 * MIB).to_string()), "{out}");
+    assert_eq!(d.status()["export_size"], 112 * MIB);
+    assert_eq!(nbdinfo_size(&uri), 112 * MIB, "a new connection sees the grown size");
+    let out = d.cli_ok(&["grow"]);
+    assert!(out.contains(&tsize.to_string()), "{out}");
+    let st = d.status();
+    assert_eq!(st["export_size"], tsize, "{st}");
+    assert_eq!(st["regions_total"], tsize / u(&st["region_size"]), "{st}");
+    assert_eq!(nbdinfo_size(&uri), tsize, "a new connection sees the grown size");
+    model.0.resize(tsize as usize, 0); // T was sparse beyond the source's size
+    let grown: [(u8, u64, u64); 4] =
+        [(0x77, 96 * MIB, MIB), (0x78, 100 * MIB + 3, 5000), (0x79, 127 * MIB, MIB - 1), (0x7a, tsize - 1, 1)];
+    let mut cmds: Vec<String> = grown.iter().map(|&(b, o, l)| format!("write -P {b} {o} {l}")).collect();
+    cmds.push("flush".into());
+    qemu_io_ok(&d, &uri, &cmds);
+    for &(b, o, l) in &grown {
+        model.fill(o, l, b);
+    }
+    let mut cmds: Vec<String> = grown.iter().map(|&(b, o, l)| format!("read -P {b} {o} {l}")).collect();
+    cmds.push(format!("read -P 0 {} {}", 112 * MIB, 15 * MIB));
+    qemu_io_ok(&d, &uri, &cmds);
+
+    // Stop: the target alone holds exactly what the export served.
+    let before_stop = export_bytes(&uri);
+    assert_same(&before_stop, &model.0, "export before stop vs model");
+    assert_eq!(d.stop().code(), Some(0), "{}", d.log_text());
+    assert!(!d.sock.exists(), "the NBD socket was not removed");
+    assert_same(&std::fs::read(&tgt).unwrap(), &before_stop, "target file after stop vs the export");
+    assert_same(&std::fs::read(&src).unwrap(), &s_at_detach, "the source was touched after detach-source");
+}
+
+#[test]
+fn serve_with_target_at_start_syncs_like_attach() {
+    let dir = scratch_shm();
+    let src = dir.path().join("s.img");
+    let tgt = dir.path().join("t.img");
+    let content = pattern(11, 16 * MIB as usize + 4096);
+    make_image(&src, &content);
+    make_sparse(&tgt, 20 * MIB);
+    let mut d = Daemon::start(dir.path(), &["--source", p(&src), "--target", p(&tgt)]);
+    let st = d.status();
+    assert!(st["state"] == "syncing" || st["state"] == "synced", "{st}");
+    assert!(st["target"].as_str().is_some_and(|t| t.ends_with("t.img")), "{st}");
+    wait_ok(&d, 30);
+    let st = d.status();
+    assert_eq!(st["state"], "synced", "{st}");
+    assert_eq!(st["regions_clean"], st["regions_total"], "{st}");
+    verify_ok(&d);
+    assert_same(&export_bytes(&d.uri()), &content, "export");
+    assert_eq!(d.stop().code(), Some(0));
+    let t = std::fs::read(&tgt).unwrap();
+    assert_eq!(t.len(), 20 * MIB as usize, "the target keeps its size");
+    assert_same(&t[..content.len()], &content, "target after stop");
+    assert_same(&std::fs::read(&src).unwrap(), &content, "source after stop");
+}
+
+#[test]
+fn trim_before_attach_shrinks_the_copy_to_the_used_blocks() {
+    let dir = scratch_shm();
+    let src = dir.path().join("s.img");
+    let tgt = dir.path().join("t.img");
+    let size = 64 * MIB;
+    let content = pattern(12, size as usize); // data everywhere, nothing zero
+    make_image(&src, &content);
+    // The target starts full of something else, so skipped regions that were
+    // not handled would show up.
+    make_image(&tgt, &vec![0xeeu8; size as usize]);
+    let d = Daemon::start(dir.path(), &["--source", p(&src)]);
+    let uri = d.uri();
+    qemu_io_ok(&d, &uri, &["discard 8M 56M".into(), "flush".into()]);
+    let st = d.status();
+    let rs = u(&st["region_size"]);
+    let trimmed = 56 * MIB / rs;
+    assert_eq!(st["regions_discarded"], trimmed, "every wholly trimmed region is marked discarded: {st}");
+
+    d.cli_ok(&["attach", p(&tgt)]);
+    wait_ok(&d, 60);
+    let st = d.status();
+    assert_eq!(st["state"], "synced", "{st}");
+    let copied = u(&st["bytes_copied"]);
+    assert!(copied >= 8 * MIB, "the used 8 MiB must be copied: {st}");
+    assert!(copied <= 8 * MIB + 4 * rs, "the trimmed 56 MiB were copied anyway ({copied} bytes): {st}");
+    assert_eq!(st["regions_unverifiable"], trimmed, "the trimmed regions are unverifiable: {st}");
+    let out = verify_ok(&d);
+    eprintln!("{out}");
+    // The first 8 MiB are intact, through the export and on the target.
+    let e = export_bytes(&uri);
+    assert_same(&e[..8 * MIB as usize], &content[..8 * MIB as usize], "export, first 8 MiB");
+    // A trimmed range reads back stably (the same twice, whatever it is).
+    let e2 = export_bytes(&uri);
+    assert_same(&e2, &e, "a trimmed range must read back stably");
+    // A write covering a trimmed region entirely makes it verifiable again.
+    qemu_io_ok(&d, &uri, &[format!("write -P 0x5c {} {}", 16 * MIB, rs), "flush".into()]);
+    let st = d.status();
+    assert_eq!(st["regions_unverifiable"], trimmed - 1, "{st}");
+    verify_ok(&d);
+    let mut d = d;
+    assert_eq!(d.stop().code(), Some(0));
+    let t = std::fs::read(&tgt).unwrap();
+    assert_same(&t[..8 * MIB as usize], &content[..8 * MIB as usize], "target, first 8 MiB");
+    assert!(t[16 * MIB as usize..(16 * MIB + rs) as usize].iter().all(|&b| b == 0x5c), "the later write is on T");
+    assert_same(&t, &e_with(&e, 16 * MIB, rs, 0x5c), "target vs what the export served");
+}
+
+fn e_with(e: &[u8], off: u64, len: u64, b: u8) -> Vec<u8> {
+    let mut v = e.to_vec();
+    v[off as usize..(off + len) as usize].fill(b);
+    v
+}
+
+#[test]
+fn detach_target_during_a_sync_then_attach_another() {
+    let dir = scratch_shm();
+    let src = dir.path().join("s.img");
+    let t1 = dir.path().join("t1.img");
+    let t2 = dir.path().join("t2.img");
+    let size = 32 * MIB;
+    let mut model = Model(pattern(13, size as usize));
+    make_image(&src, &model.0);
+    make_sparse(&t1, size);
+    make_sparse(&t2, size);
+    let mut d = Daemon::start(dir.path(), &["--source", p(&src), "--max-rate", "4M"]);
+    let uri = d.uri();
+    d.cli_ok(&["attach", p(&t1)]);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while u(&d.status()["regions_clean"]) < 8 {
+        assert!(Instant::now() < deadline, "no progress: {}", d.status());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // A write into a clean region (goes to both) and one into a dirty region.
+    qemu_io_ok(&d, &uri, &["write -P 0x31 4096 8192".into(), format!("write -P 0x32 {} 65536", 30 * MIB)]);
+    model.fill(4096, 8192, 0x31);
+    model.fill(30 * MIB, 65536, 0x32);
+
+    d.cli_ok(&["detach-target"]);
+    let st = d.status();
+    assert_eq!(st["state"], "serving", "{st}");
+    assert!(st["target"].is_null(), "{st}");
+    assert!(st["error"].is_null(), "{st}");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while has_open(&d, &t1) {
+        assert!(Instant::now() < deadline, "the detached target is still open");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // Writes still work, and reads see them.
+    qemu_io_ok(
+        &d,
+        &uri,
+        &["write -P 0x33 0 4096".into(), format!("write -P 0x34 {} 100000", 17 * MIB + 5), "flush".into()],
+    );
+    model.fill(0, 4096, 0x33);
+    model.fill(17 * MIB + 5, 100000, 0x34);
+    assert_same(&export_bytes(&uri), &model.0, "export after detach-target");
+    assert_same(&std::fs::read(&src).unwrap(), &model.0, "source after detach-target");
+    let o = d.cli(&["wait", "--timeout", "5"]);
+    assert_eq!(code(&o), 1, "wait with no target must exit 1: {}", text(&o));
+
+    // A new attach to another file completes.
+    d.cli_ok(&["set-rate", "0"]);
+    d.cli_ok(&["attach", p(&t2)]);
+    wait_ok(&d, 60);
+    let st = d.status();
+    assert_eq!(st["state"], "synced", "{st}");
+    assert!(st["target"].as_str().is_some_and(|t| t.ends_with("t2.img")), "{st}");
+    verify_ok(&d);
+    assert_same(&export_bytes(&uri), &model.0, "export after the second sync");
+    assert_eq!(d.stop().code(), Some(0));
+    assert_same(&std::fs::read(&t2).unwrap(), &model.0, "second target after stop");
+    assert_same(&std::fs::read(&src).unwrap(), &model.0, "source after stop");
+}
