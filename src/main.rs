@@ -1,6 +1,7 @@
 //! `livemirror`: argument parsing and wiring. The work happens in the `engine`
 //! and `nbd-frontend` crates.
 
+mod bench;
 mod commands;
 mod demo;
 mod rootd;
@@ -99,6 +100,8 @@ enum Cmd {
     },
     /// Run the whole flow on temporary files and check every byte.
     Demo(demo::DemoArgs),
+    /// Measure the copier on your own devices and recommend flags (writes TARGET; needs --force).
+    Bench(bench::BenchArgs),
     /// Disconnect a kernel NBD device over netlink (after its filesystem is unmounted).
     NbdDisconnect { device: PathBuf },
 }
@@ -120,6 +123,7 @@ fn main() -> ExitCode {
         }
         Cmd::Grow { size, control } => commands::grow(&control.control, size),
         Cmd::Demo(a) => demo::run(a),
+        Cmd::Bench(a) => bench::run(a),
         Cmd::NbdDisconnect { device } => match nbd_frontend::kernel::disconnect(&device) {
             Ok(()) => 0,
             Err(e) => {

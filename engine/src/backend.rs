@@ -340,6 +340,12 @@ impl Backend {
         })
     }
 
+    /// Exposes only the first `size` bytes (benchmarks copy a prefix).
+    pub fn with_size_limit(mut self, size: u64) -> Backend {
+        self.size = self.size.min(size);
+        self
+    }
+
     pub fn with_hooks(mut self, hooks: Arc<dyn IoHooks>) -> Backend {
         self.hooks = Some(hooks);
         self

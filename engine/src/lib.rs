@@ -10,6 +10,7 @@
 //! a per-thread io_uring).
 
 pub mod backend;
+pub mod bench;
 pub mod buf;
 pub mod control;
 mod copier;
