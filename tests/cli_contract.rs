@@ -18,20 +18,12 @@ fn lm(args: &[&str]) -> Output {
     Command::new(bin()).args(args).output().unwrap_or_else(|e| panic!("cannot run livemirror: {e}"))
 }
 
-fn code(o: &Output) -> i32 {
-    exit_code(&o.status)
-}
-
 fn out_text(o: &Output) -> String {
     String::from_utf8_lossy(&o.stdout).into_owned()
 }
 
 fn err_text(o: &Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()
-}
-
-fn p(path: &Path) -> &str {
-    path.to_str().expect("utf-8 path")
 }
 
 /// Runs a control command that must be refused: exit 1, exactly one line on

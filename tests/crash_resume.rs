@@ -77,17 +77,6 @@ fn rt() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime")
 }
 
-/// xorshift for offsets and data.
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-}
-
 /// Four writers on disjoint interleaved stripes write until the daemon dies.
 /// Acknowledged writes go into the model; the write in flight at the end of
 /// each writer becomes "uncertain" sectors.

@@ -9,25 +9,13 @@ use std::io::{BufRead, BufReader, Write};
 use std::os::unix::fs::FileExt;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 const MIB: u64 = 1 << 20;
 const KILL_CLIENT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/scripts/kill_client.py");
 
 // ------------------------------------------------------------------ helpers
-
-fn p(path: &Path) -> &str {
-    path.to_str().expect("utf-8 path")
-}
-
-fn code(o: &Output) -> i32 {
-    exit_code(&o.status)
-}
-
-fn text(o: &Output) -> String {
-    format!("stdout:\n{}stderr:\n{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr))
-}
 
 fn u(v: &serde_json::Value) -> u64 {
     v.as_u64().unwrap_or_else(|| panic!("not a number: {v}"))

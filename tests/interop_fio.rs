@@ -3,65 +3,7 @@
 mod common;
 use common::*;
 
-use std::path::Path;
-use std::process::{Command, ExitStatus};
-
 const MIB: usize = 1 << 20;
-
-struct FioRun {
-    status: ExitStatus,
-    json: serde_json::Value,
-    log: String,
-}
-
-/// Runs fio with `args` (after a few global options) and parses its JSON report.
-fn fio(dir: &Path, uri: &str, args: &[&str]) -> FioRun {
-    let out_path = dir.join("fio.json");
-    let _ = std::fs::remove_file(&out_path);
-    let uri_arg = format!("--uri={uri}");
-    let out_arg = format!("--output={}", out_path.display());
-    // No verify-state files (fio drops them in its working directory).
-    let mut all = vec!["--ioengine=nbd", &uri_arg, "--output-format=json", &out_arg, "--verify_state_save=0"];
-    all.extend_from_slice(args);
-    let out = Command::new(tool("fio"))
-        .args(&all)
-        .current_dir(dir)
-        .env("PATH", debian_path())
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run fio: {e}"));
-    let log = format!(
-        "fio {all:?} ({})\nstdout:\n{}\nstderr:\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let text = std::fs::read_to_string(&out_path).unwrap_or_default();
-    // Some fio versions print notices before the JSON object.
-    let json = text
-        .find('{')
-        .and_then(|i| serde_json::from_str(&text[i..]).ok())
-        .unwrap_or_else(|| panic!("fio wrote no JSON report:\n{text}\n{log}"));
-    FioRun { status: out.status, json, log }
-}
-
-impl FioRun {
-    fn jobs(&self) -> &Vec<serde_json::Value> {
-        self.json["jobs"].as_array().unwrap_or_else(|| panic!("no jobs in the report\n{}", self.log))
-    }
-
-    /// fio exited 0 and no job reports an error (a verify failure is EILSEQ).
-    fn assert_clean(&self, d: &Daemon, njobs: usize) {
-        assert!(self.status.success(), "{}\n--- daemon log ---\n{}", self.log, d.log_text());
-        assert_eq!(self.jobs().len(), njobs, "{}", self.log);
-        for j in self.jobs() {
-            assert_eq!(j["error"], 0, "job {} reports error {}:\n{}", j["jobname"], j["error"], self.log);
-        }
-    }
-
-    fn sum(&self, dir: &str, field: &str) -> u64 {
-        self.jobs().iter().map(|j| j[dir][field].as_u64().unwrap_or(0)).sum()
-    }
-}
 
 fn assert_serving(d: &mut Daemon) {
     if let Some(st) = d.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {

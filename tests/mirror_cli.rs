@@ -7,24 +7,12 @@ mod common;
 use common::*;
 
 use std::path::Path;
-use std::process::{Command, ExitStatus, Output};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 const MIB: u64 = 1 << 20;
 
 // ------------------------------------------------------------------ helpers
-
-fn p(path: &Path) -> &str {
-    path.to_str().expect("utf-8 path")
-}
-
-fn code(o: &Output) -> i32 {
-    exit_code(&o.status)
-}
-
-fn text(o: &Output) -> String {
-    format!("stdout:\n{}stderr:\n{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr))
-}
 
 /// A byte model of the export.
 struct Model(Vec<u8>);
@@ -110,50 +98,6 @@ fn verify_ok(d: &Daemon) -> String {
 
 fn u(v: &serde_json::Value) -> u64 {
     v.as_u64().unwrap_or_else(|| panic!("not a number: {v}"))
-}
-
-struct FioRun {
-    status: ExitStatus,
-    json: serde_json::Value,
-    log: String,
-}
-
-/// fio's NBD engine on `uri` with `args`; parses its JSON report.
-fn fio(dir: &Path, uri: &str, args: &[&str]) -> FioRun {
-    let out_path = dir.join("fio.json");
-    let _ = std::fs::remove_file(&out_path);
-    let uri_arg = format!("--uri={uri}");
-    let out_arg = format!("--output={}", out_path.display());
-    let mut all = vec!["--ioengine=nbd", &uri_arg, "--output-format=json", &out_arg, "--verify_state_save=0"];
-    all.extend_from_slice(args);
-    let out = Command::new(tool("fio"))
-        .args(&all)
-        .current_dir(dir)
-        .env("PATH", debian_path())
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run fio: {e}"));
-    let log = format!("fio {all:?} ({})\n{}", out.status, text(&out));
-    let report = std::fs::read_to_string(&out_path).unwrap_or_default();
-    let json = report
-        .find('{')
-        .and_then(|i| serde_json::from_str(&report[i..]).ok())
-        .unwrap_or_else(|| panic!("fio wrote no JSON report:\n{report}\n{log}"));
-    FioRun { status: out.status, json, log }
-}
-
-impl FioRun {
-    fn assert_clean(&self, d: &Daemon, njobs: usize) {
-        assert!(self.status.success(), "{}\n--- daemon log ---\n{}", self.log, d.log_text());
-        let jobs = self.json["jobs"].as_array().unwrap_or_else(|| panic!("no jobs:\n{}", self.log));
-        assert_eq!(jobs.len(), njobs, "{}", self.log);
-        for j in jobs {
-            assert_eq!(j["error"], 0, "job {} reports error {}:\n{}", j["jobname"], j["error"], self.log);
-        }
-    }
-
-    fn sum(&self, dir: &str, field: &str) -> u64 {
-        self.json["jobs"].as_array().map_or(0, |js| js.iter().map(|j| j[dir][field].as_u64().unwrap_or(0)).sum())
-    }
 }
 
 // ------------------------------------------------------------- the mission

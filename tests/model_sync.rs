@@ -55,19 +55,6 @@ impl Model {
     }
 }
 
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n.max(1)
-    }
-}
-
 /// Which bytes a worker owns: writers own interleaved stripes that are not
 /// aligned to regions (so their writes straddle region boundaries and share
 /// regions with other writers); the trimmer owns whole regions.

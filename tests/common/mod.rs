@@ -261,3 +261,84 @@ pub fn scratch() -> tempfile::TempDir {
 pub fn scratch_shm() -> tempfile::TempDir {
     tempfile::Builder::new().prefix("lmtest").tempdir_in("/dev/shm").unwrap_or_else(|_| scratch())
 }
+
+/// A path as a command-line argument.
+pub fn p(path: &Path) -> &str {
+    path.to_str().expect("utf-8 path")
+}
+
+/// The exit code of a finished command (128+signal when killed).
+pub fn code(o: &Output) -> i32 {
+    exit_code(&o.status)
+}
+
+/// Both output streams, for assertion messages.
+pub fn text(o: &Output) -> String {
+    format!("stdout:\n{}\nstderr:\n{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr))
+}
+
+/// xorshift64: deterministic pseudo-random numbers for workloads.
+pub struct Rng(pub u64);
+impl Rng {
+    pub fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.next() % n.max(1)
+    }
+}
+
+/// One fio run (nbd engine) and its JSON report.
+pub struct FioRun {
+    pub status: ExitStatus,
+    pub json: serde_json::Value,
+    pub log: String,
+}
+
+/// Runs fio's NBD engine on `uri` with `args` in `dir` and parses its report.
+pub fn fio(dir: &Path, uri: &str, args: &[&str]) -> FioRun {
+    let out_path = dir.join("fio.json");
+    let _ = std::fs::remove_file(&out_path);
+    let uri_arg = format!("--uri={uri}");
+    let out_arg = format!("--output={}", out_path.display());
+    // No verify-state files (fio drops them in its working directory).
+    let mut all = vec!["--ioengine=nbd", &uri_arg, "--output-format=json", &out_arg, "--verify_state_save=0"];
+    all.extend_from_slice(args);
+    let out = Command::new(tool("fio"))
+        .args(&all)
+        .current_dir(dir)
+        .env("PATH", debian_path())
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run fio: {e}"));
+    let log = format!("fio {all:?} ({})\n{}", out.status, text(&out));
+    let report = std::fs::read_to_string(&out_path).unwrap_or_default();
+    // Some fio versions print notices before the JSON object.
+    let json = report
+        .find('{')
+        .and_then(|i| serde_json::from_str(&report[i..]).ok())
+        .unwrap_or_else(|| panic!("fio wrote no JSON report:\n{report}\n{log}"));
+    FioRun { status: out.status, json, log }
+}
+
+impl FioRun {
+    pub fn jobs(&self) -> &Vec<serde_json::Value> {
+        self.json["jobs"].as_array().unwrap_or_else(|| panic!("no jobs in the report\n{}", self.log))
+    }
+
+    /// fio exited 0 and no job reports an error (a verify failure is EILSEQ).
+    pub fn assert_clean(&self, d: &Daemon, njobs: usize) {
+        assert!(self.status.success(), "{}\n--- daemon log ---\n{}", self.log, d.log_text());
+        assert_eq!(self.jobs().len(), njobs, "{}", self.log);
+        for j in self.jobs() {
+            assert_eq!(j["error"], 0, "job {} reports error {}:\n{}", j["jobname"], j["error"], self.log);
+        }
+    }
+
+    /// Sum of `jobs[*][dir][field]`.
+    pub fn sum(&self, dir: &str, field: &str) -> u64 {
+        self.jobs().iter().map(|j| j[dir][field].as_u64().unwrap_or(0)).sum()
+    }
+}
