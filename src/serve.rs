@@ -45,7 +45,7 @@ pub struct ServeArgs {
     #[arg(long, value_name = "RATE", default_value = "0", value_parser = parse_size)]
     pub max_rate: u64,
     /// The copy rate kept while clients are busy (the copier backs off to it).
-    #[arg(long, value_name = "RATE", default_value = "16M", value_parser = parse_size)]
+    #[arg(long, value_name = "RATE", default_value = "64M", value_parser = parse_size)]
     pub min_rate: u64,
     /// Attach the kernel's NBD client to this device over netlink.
     #[arg(long, value_name = "/dev/nbdN")]

@@ -55,8 +55,17 @@ const VERSION: u32 = 1;
 const HEADER_SIZE: u64 = 4096;
 const AREAS_START: u64 = 2 * HEADER_SIZE;
 const MAX_PATH: usize = 1024;
-/// A region with no write for this long may have its intent bit cleared.
-pub const QUIET: Duration = Duration::from_secs(1);
+/// A region with no write for this long may have its intent bit cleared. Long
+/// enough that a region under steady random writes keeps its bit (clearing and
+/// setting it again costs a state write each time), short enough to clear
+/// within the 5 s semantics.md allows (plus a tick, a flush and a write).
+pub const QUIET: Duration = Duration::from_millis(4000);
+/// Intent bits are set for whole chunks of this many bytes (at least one
+/// region): random writes then reach a steady state, where every bit they need
+/// is already durable, after a few hundred state writes instead of one per
+/// region (md's bitmap chunks serve the same purpose). On resume a write in
+/// flight costs at most this much extra copying.
+pub const INTENT_CHUNK: u64 = 4 << 20;
 /// The persister wakes at least this often.
 const TICK: Duration = Duration::from_millis(250);
 
@@ -634,7 +643,9 @@ impl Journal {
     pub async fn begin_write(&self, m: &Mirror, off: u64, len: u64) -> Result<IntentGuard> {
         let regions = {
             let map = m.map.lock().unwrap_or_else(|p| p.into_inner());
-            map.regions_touching(off, len)
+            let rs = map.regions_touching(off, len);
+            let per = (INTENT_CHUNK >> self.sh.shift).max(1) as usize;
+            (rs.start / per * per)..rs.end.div_ceil(per).saturating_mul(per).min(map.len())
         };
         let mut need = 0u64;
         {

@@ -139,11 +139,8 @@ impl Worker {
     }
 
     /// Stops taking jobs and waits for every running job to finish.
-    pub fn join(mut self) {
-        self.tx = None;
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
+    pub fn join(self) {
+        drop(self);
     }
 }
 
@@ -151,7 +148,13 @@ impl Drop for Worker {
     fn drop(&mut self) {
         self.tx = None;
         if let Some(t) = self.thread.take() {
-            let _ = t.join();
+            // The last handle can be dropped by a task running on the worker
+            // itself (a connection holding the server); joining would wait for
+            // ourselves. Closing the channel is enough: the thread finishes its
+            // tasks and exits on its own.
+            if t.thread().id() != std::thread::current().id() {
+                let _ = t.join();
+            }
         }
     }
 }

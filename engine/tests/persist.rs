@@ -171,7 +171,9 @@ fn an_already_durable_intent_bit_costs_no_state_write() {
             m.write(R + i * 10, IoBuf::from_slice(&[i as u8; 10]), false).await.unwrap();
         }
         assert_eq!(j.state_writes(), after_first, "writes to a region with a durable bit caused state writes");
-        assert_eq!(j.intent_count(), 1);
+        // One chunk of intent bits (4 MiB of 64 KiB regions, cut at the end of
+        // this small export).
+        assert_eq!(j.intent_count(), 4);
         m.shutdown().await.unwrap();
     })
     .unwrap();
