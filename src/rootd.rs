@@ -7,18 +7,20 @@
 //!   (`PR_SET_IO_FLUSHER`: allocations during reclaim do not recurse into the
 //!   device we serve) and exempts itself from the OOM killer;
 //! - splits into a small supervisor and the daemon; if the daemon dies
-//!   abnormally the supervisor restarts it with the same arguments from its own
-//!   binary image (`/proc/self/exe`, which lives in RAM: the initramfs or /run),
-//!   and the restarted daemon resumes from `--state` and reconnects the kernel
-//!   over netlink.
+//!   abnormally the supervisor forks a new one and the restarted daemon resumes
+//!   from `--state` and reconnects the kernel over netlink.
+//!
+//! The supervisor forks without exec: after a classic switch_root its root is
+//! the emptied initramfs, where neither the binary nor its ELF interpreter can
+//! be found any more, but its own memory (locked, single-threaded, with the
+//! arguments already parsed) is always there.
 
-use std::os::unix::process::{CommandExt, ExitStatusExt};
-use std::process::Command;
 use std::sync::atomic::{AtomicI32, Ordering};
 use std::time::{Duration, Instant};
 
-/// Set in the environment of the supervised daemon.
-pub const SUPERVISED_ENV: &str = "LIVEMIRROR_SUPERVISED";
+use nix::sys::signal::{self, SigHandler, Signal};
+use nix::sys::wait::{waitpid, WaitStatus};
+use nix::unistd::{fork, ForkResult, Pid};
 
 /// True when this process should behave as the root storage daemon.
 pub fn requested(flag: bool) -> bool {
@@ -27,10 +29,8 @@ pub fn requested(flag: bool) -> bool {
 
 /// Locks memory, marks the process as an I/O flusher and exempts it from the
 /// OOM killer. Failures are logged, not fatal: a daemon that runs is better
-/// than none, and the log says what is missing. With `leave_cwd`, the working
-/// directory moves to "/" so no directory of the initrd stays busy (callers
-/// resolve relative paths first).
-pub fn harden(leave_cwd: bool) {
+/// than none, and the log says what is missing.
+pub fn harden() {
     // SAFETY: plain syscalls with constant arguments.
     unsafe {
         if libc::mlockall(libc::MCL_CURRENT | libc::MCL_FUTURE) != 0 {
@@ -41,11 +41,8 @@ pub fn harden(leave_cwd: bool) {
             tracing::warn!("PR_SET_IO_FLUSHER failed: {}", std::io::Error::last_os_error());
         }
     }
-    if let Err(e) = std::fs::write("/proc/self/oom_score_adj", "-1000") {
+    if let Err(e) = std::fs::write(engine::hostfs::proc_path("self/oom_score_adj"), "-1000") {
         tracing::warn!("cannot set oom_score_adj: {e}");
-    }
-    if leave_cwd {
-        let _ = std::env::set_current_dir("/");
     }
 }
 
@@ -61,50 +58,73 @@ extern "C" fn forward(sig: libc::c_int) {
     }
 }
 
-/// Runs the daemon under a supervisor; returns the exit code to use.
-pub fn supervise() -> u8 {
-    // Keep the working directory: the daemon it starts resolves relative paths
-    // against it.
-    harden(false);
-    // SAFETY: installing a handler that only touches atomics and calls kill.
-    unsafe {
-        libc::signal(libc::SIGTERM, forward as *const () as libc::sighandler_t);
-        libc::signal(libc::SIGINT, forward as *const () as libc::sighandler_t);
+/// What the caller of [`supervise`] is after it returns.
+pub enum Role {
+    /// The forked daemon: go on and serve.
+    Daemon,
+    /// The supervisor is done: exit with this code.
+    Exit(u8),
+}
+
+fn set_handler(handler: SigHandler) {
+    for sig in [Signal::SIGTERM, Signal::SIGINT] {
+        // SAFETY: the handler only touches atomics and calls kill (async-signal-safe).
+        if let Err(e) = unsafe { signal::signal(sig, handler) } {
+            eprintln!("livemirror supervisor: cannot set the {sig} handler: {e}");
+        }
     }
-    let mut args = std::env::args_os();
-    let argv0 = args.next().unwrap_or_else(|| "@livemirror".into());
-    let rest: Vec<_> = args.collect();
+}
+
+/// Splits into supervisor and daemon. Must be called while the process has a
+/// single thread (before logging, runtimes or workers start). Returns
+/// [`Role::Daemon`] in each forked daemon and [`Role::Exit`] in the supervisor
+/// once the daemon stopped for good.
+pub fn supervise() -> Role {
+    harden();
+    set_handler(SigHandler::Handler(forward));
     let mut restarts = 0u32;
     loop {
         let started = Instant::now();
-        let child = Command::new("/proc/self/exe").arg0(&argv0).args(&rest).env(SUPERVISED_ENV, "1").spawn();
-        let mut child = match child {
-            Ok(c) => c,
+        // SAFETY: the process is single-threaded here (see above), so the child
+        // may do anything.
+        let child = match unsafe { fork() } {
+            Ok(ForkResult::Child) => {
+                set_handler(SigHandler::SigDfl);
+                return Role::Daemon;
+            }
+            Ok(ForkResult::Parent { child }) => child,
             Err(e) => {
                 eprintln!("livemirror supervisor: cannot start the daemon: {e}");
-                return 1;
+                return Role::Exit(1);
             }
         };
-        CHILD.store(child.id() as i32, Ordering::SeqCst);
-        let status = loop {
-            match child.wait() {
-                Ok(s) => break s,
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-                Err(e) => {
-                    eprintln!("livemirror supervisor: wait failed: {e}");
-                    return 1;
-                }
-            }
-        };
-        CHILD.store(0, Ordering::SeqCst);
+        CHILD.store(child.as_raw(), Ordering::SeqCst);
         if STOPPING.load(Ordering::SeqCst) == 1 {
-            return status.code().unwrap_or(0) as u8;
+            // A signal that arrived before CHILD was set was not forwarded.
+            let _ = signal::kill(child, Signal::SIGTERM);
         }
-        match (status.code(), status.signal()) {
-            (Some(0), _) => return 0,
+        let status = wait_for(child);
+        CHILD.store(0, Ordering::SeqCst);
+        let (code, sig) = match status {
+            Ok(WaitStatus::Exited(_, c)) => (Some(c), None),
+            Ok(WaitStatus::Signaled(_, s, _)) => (None, Some(s)),
+            Ok(other) => {
+                eprintln!("livemirror supervisor: unexpected wait status {other:?}");
+                (None, None)
+            }
+            Err(e) => {
+                eprintln!("livemirror supervisor: wait failed: {e}");
+                return Role::Exit(1);
+            }
+        };
+        if STOPPING.load(Ordering::SeqCst) == 1 {
+            return Role::Exit(code.unwrap_or(0) as u8);
+        }
+        match code {
+            Some(0) => return Role::Exit(0),
             // A usage error will not get better by retrying.
-            (Some(2), _) => return 2,
-            (code, sig) => {
+            Some(2) => return Role::Exit(2),
+            _ => {
                 restarts += 1;
                 // Back off when it keeps failing at start (a device not there
                 // yet, say); a crash after a long run restarts at once.
@@ -121,6 +141,17 @@ pub fn supervise() -> u8 {
                 );
                 std::thread::sleep(pause);
             }
+        }
+    }
+}
+
+fn wait_for(child: Pid) -> nix::Result<WaitStatus> {
+    loop {
+        match waitpid(child, None) {
+            Err(nix::errno::Errno::EINTR) => continue,
+            // Stopped/continued reports do not end the daemon.
+            Ok(WaitStatus::Stopped(..)) | Ok(WaitStatus::Continued(..)) => continue,
+            other => return other,
         }
     }
 }

@@ -106,11 +106,6 @@ fn init_logging() -> tracing_appender::non_blocking::WorkerGuard {
 }
 
 pub fn run(args: ServeArgs) -> u8 {
-    let supervised = std::env::var_os(crate::rootd::SUPERVISED_ENV).is_some();
-    if crate::rootd::requested(args.root_storage_daemon) && !supervised {
-        return crate::rootd::supervise();
-    }
-    let _log = init_logging();
     let args = match args.absolute() {
         Ok(a) => a,
         Err(e) => {
@@ -118,8 +113,21 @@ pub fn run(args: ServeArgs) -> u8 {
             return 1;
         }
     };
-    if supervised {
-        crate::rootd::harden(true);
+    // Paths are absolute from here on; procfs as the working directory lets
+    // them be found after a switch_root (see engine::hostfs).
+    let proc_cwd = engine::hostfs::enter_proc_cwd();
+    let root_daemon = crate::rootd::requested(args.root_storage_daemon);
+    if root_daemon {
+        if let crate::rootd::Role::Exit(code) = crate::rootd::supervise() {
+            return code;
+        }
+    }
+    let _log = init_logging();
+    if let Err(e) = proc_cwd {
+        tracing::warn!("no procfs ({e}): paths will only be looked up in this process's root");
+    }
+    if root_daemon {
+        crate::rootd::harden();
     }
     match serve(args) {
         Ok(()) => 0,
@@ -296,7 +304,7 @@ impl Running {
             }
         }
         for p in sockets {
-            let _ = std::fs::remove_file(p);
+            let _ = std::fs::remove_file(engine::hostfs::locate(&p, None));
         }
         Ok(())
     }

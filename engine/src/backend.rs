@@ -213,21 +213,21 @@ impl Backend {
     /// resolve; the caller of `attach` and PID 1 see them.
     pub fn open_as(path: &Path, viewer: Option<u32>, opts: &OpenOptions) -> Result<Backend> {
         let abs = std::path::absolute(path).ctx(|| format!("bad path {}", path.display()))?;
-        let actual = resolve_in_view(&abs, viewer);
-        let mut b = Self::open_resolved(&actual, opts)?;
+        let actual = crate::hostfs::locate(&abs, viewer);
+        let mut b = Self::open_resolved(&actual, &abs, opts)?;
         b.path = abs;
         Ok(b)
     }
 
-    fn open_resolved(path: &Path, opts: &OpenOptions) -> Result<Backend> {
-        let meta = std::fs::metadata(path).ctx(|| format!("cannot open {}", path.display()))?;
+    fn open_resolved(path: &Path, shown: &Path, opts: &OpenOptions) -> Result<Backend> {
+        let meta = std::fs::metadata(path).ctx(|| format!("cannot open {}", shown.display()))?;
         let ft = meta.file_type();
         let kind = if ft.is_block_device() {
             BackendKind::BlockDevice
         } else if ft.is_file() {
             BackendKind::File
         } else {
-            return Err(Error::Refused(format!("{} is neither a regular file nor a block device", path.display())));
+            return Err(Error::Refused(format!("{} is neither a regular file nor a block device", shown.display())));
         };
         let mut flags = if opts.writable { libc::O_RDWR } else { libc::O_RDONLY };
         if kind == BackendKind::BlockDevice && opts.lock != LockMode::None {
@@ -253,47 +253,47 @@ impl Backend {
                         Ok(false) => {
                             return Err(Error::Refused(format!(
                                 "{} is in use by another process (exclusive lock held)",
-                                path.display()
+                                shown.display()
                             )))
                         }
-                        Err(e) => return Err(Error::io(format!("cannot lock {}", path.display()), e)),
+                        Err(e) => return Err(Error::io(format!("cannot lock {}", shown.display()), e)),
                     },
                 },
                 Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {
                     if opts.lock != LockMode::Wait {
                         return Err(Error::Refused(format!(
                             "{} is busy (mounted, or held exclusively by another process)",
-                            path.display()
+                            shown.display()
                         )));
                     }
                 }
                 Err(e) if e.raw_os_error() == Some(libc::EINVAL) && want_direct => {
-                    return Err(Error::io(format!("{} does not support O_DIRECT", path.display()), e));
+                    return Err(Error::io(format!("{} does not support O_DIRECT", shown.display()), e));
                 }
                 Err(e) => {
                     let what = if opts.writable { "for writing" } else { "for reading" };
-                    return Err(Error::io(format!("cannot open {} {what}", path.display()), e));
+                    return Err(Error::io(format!("cannot open {} {what}", shown.display()), e));
                 }
             }
             if !warned && started.elapsed() > Duration::from_secs(1) {
-                tracing::warn!("waiting for exclusive access to {} (another process holds it)", path.display());
+                tracing::warn!("waiting for exclusive access to {} (another process holds it)", shown.display());
                 warned = true;
             }
             std::thread::sleep(Duration::from_millis(50));
         };
-        let st = fstat(fd.as_raw_fd()).ctx(|| format!("cannot stat {}", path.display()))?;
+        let st = fstat(fd.as_raw_fd()).ctx(|| format!("cannot stat {}", shown.display()))?;
         let (size, mut align, mut mem_align) = match kind {
             BackendKind::BlockDevice => {
                 let mut size = 0u64;
                 // SAFETY: BLKGETSIZE64 writes one u64.
                 unsafe { ioctl_blkgetsize64(fd.as_raw_fd(), &mut size) }
                     .map_err(io::Error::from)
-                    .ctx(|| format!("cannot read the size of {}", path.display()))?;
+                    .ctx(|| format!("cannot read the size of {}", shown.display()))?;
                 let mut lbs: libc::c_int = 512;
                 // SAFETY: BLKSSZGET writes one int.
                 unsafe { ioctl_blksszget(fd.as_raw_fd(), &mut lbs) }
                     .map_err(io::Error::from)
-                    .ctx(|| format!("cannot read the block size of {}", path.display()))?;
+                    .ctx(|| format!("cannot read the block size of {}", shown.display()))?;
                 let lbs = lbs.max(512) as u64;
                 (size, lbs, lbs as usize)
             }
@@ -308,14 +308,14 @@ impl Backend {
             // The last partial block could only be written by extending the file.
             tracing::warn!(
                 "{}: size {size} is not a multiple of the O_DIRECT alignment {align}; using the page cache",
-                path.display()
+                shown.display()
             );
             let buffered = open_raw(path, if opts.writable { libc::O_RDWR } else { libc::O_RDONLY })
-                .ctx(|| format!("cannot reopen {}", path.display()))?;
+                .ctx(|| format!("cannot reopen {}", shown.display()))?;
             if opts.lock != LockMode::None {
                 // Same process, so this is an upgrade of our own lock, not a wait.
                 drop(fd);
-                try_flock(buffered.as_raw_fd()).ctx(|| format!("cannot lock {}", path.display()))?;
+                try_flock(buffered.as_raw_fd()).ctx(|| format!("cannot lock {}", shown.display()))?;
             }
             fd = buffered;
             direct = false;
@@ -752,33 +752,6 @@ impl Backend {
 }
 
 /// Device and inode of a directory, to tell whether two roots are the same.
-fn dir_id(p: &Path) -> Option<(u64, u64)> {
-    use std::os::unix::fs::MetadataExt;
-    std::fs::metadata(p).ok().map(|m| (m.dev(), m.ino()))
-}
-
-/// Where `abs` (an absolute path as `viewer` sees it) is found from our root.
-pub fn resolve_in_view(abs: &Path, viewer: Option<u32>) -> PathBuf {
-    let ours = dir_id(Path::new("/"));
-    let through = |pid: u32| -> Option<PathBuf> {
-        let root = PathBuf::from(format!("/proc/{pid}/root"));
-        if dir_id(&root).is_none() || dir_id(&root) == ours {
-            return None;
-        }
-        Some(root.join(abs.strip_prefix("/").unwrap_or(abs)))
-    };
-    if let Some(p) = viewer.and_then(through) {
-        return p;
-    }
-    if abs.exists() {
-        return abs.to_path_buf();
-    }
-    match through(1) {
-        Some(p) if p.exists() => p,
-        _ => abs.to_path_buf(),
-    }
-}
-
 fn is_unsupported(e: &io::Error) -> bool {
     matches!(e.raw_os_error(), Some(libc::EOPNOTSUPP) | Some(libc::EINVAL) | Some(libc::ENODEV) | Some(libc::ENOSYS))
 }

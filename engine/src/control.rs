@@ -70,7 +70,9 @@ impl Response {
 /// Creates a listening Unix socket at `path` with mode 0600, creating missing
 /// directories. A stale socket (nothing listening) is replaced; a live one is
 /// an error.
-pub fn bind_unix_socket(path: &Path) -> io::Result<StdUnixListener> {
+pub fn bind_unix_socket(shown: &Path) -> io::Result<StdUnixListener> {
+    let located = crate::hostfs::locate(shown, None);
+    let path = located.as_path();
     if let Some(dir) = path.parent() {
         if !dir.as_os_str().is_empty() {
             std::fs::create_dir_all(dir)
@@ -82,23 +84,23 @@ pub fn bind_unix_socket(path: &Path) -> io::Result<StdUnixListener> {
             if !meta.file_type().is_socket() {
                 return Err(io::Error::new(
                     io::ErrorKind::AlreadyExists,
-                    format!("{} exists and is not a socket", path.display()),
+                    format!("{} exists and is not a socket", shown.display()),
                 ));
             }
             match StdUnixStream::connect(path) {
                 Ok(_) => {
                     return Err(io::Error::new(
                         io::ErrorKind::AddrInUse,
-                        format!("{} is already served by another process", path.display()),
+                        format!("{} is already served by another process", shown.display()),
                     ))
                 }
                 Err(_) => std::fs::remove_file(path).map_err(|e| {
-                    io::Error::new(e.kind(), format!("cannot remove stale socket {}: {e}", path.display()))
+                    io::Error::new(e.kind(), format!("cannot remove stale socket {}: {e}", shown.display()))
                 })?,
             }
         }
         Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-        Err(e) => return Err(io::Error::new(e.kind(), format!("cannot inspect {}: {e}", path.display()))),
+        Err(e) => return Err(io::Error::new(e.kind(), format!("cannot inspect {}: {e}", shown.display()))),
     }
     // socket + bind + chmod + listen: nobody can connect before listen(), so the
     // socket is never reachable with looser permissions.
@@ -111,7 +113,7 @@ pub fn bind_unix_socket(path: &Path) -> io::Result<StdUnixListener> {
     let fd = unsafe { OwnedFd::from_raw_fd(fd) };
     let addr = nix::sys::socket::UnixAddr::new(path).map_err(io::Error::from)?;
     nix::sys::socket::bind(fd.as_raw_fd(), &addr)
-        .map_err(|e| io::Error::new(io::Error::from(e).kind(), format!("cannot bind {}: {e}", path.display())))?;
+        .map_err(|e| io::Error::new(io::Error::from(e).kind(), format!("cannot bind {}: {e}", shown.display())))?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
     nix::sys::socket::listen(&fd, nix::sys::socket::Backlog::new(128).map_err(io::Error::from)?)
         .map_err(io::Error::from)?;

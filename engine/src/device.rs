@@ -546,7 +546,7 @@ impl Mirror {
         // Before opening: our own exclusive lock on S would otherwise make S
         // look "in use by another process".
         let abs = std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf());
-        if let Ok(meta) = std::fs::metadata(crate::backend::resolve_in_view(&abs, viewer)) {
+        if let Ok(meta) = std::fs::metadata(crate::hostfs::locate(&abs, viewer)) {
             use std::os::unix::fs::{FileTypeExt, MetadataExt};
             let s = source.identity();
             let same = (meta.dev(), meta.ino()) == (s.dev, s.ino)

@@ -16,6 +16,7 @@ pub mod control;
 mod copier;
 pub mod device;
 pub mod error;
+pub mod hostfs;
 pub mod locks;
 pub mod persist;
 pub mod ratelimit;

@@ -330,7 +330,7 @@ pub enum Loaded {
 
 /// Reads the newest intact slot of `path`.
 pub fn load(path: &Path) -> io::Result<Loaded> {
-    let f = match File::open(path) {
+    let f = match File::open(crate::hostfs::locate(path, None)) {
         Ok(f) => f,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Loaded::Missing),
         Err(e) => return Err(e),
@@ -397,7 +397,11 @@ pub struct StateFile {
 impl StateFile {
     /// Creates or rewrites `path` holding `img` in both slots (written to a new
     /// file and renamed over the old one).
-    pub fn create(path: &Path, img: &StateImage) -> io::Result<StateFile> {
+    pub fn create(logical: &Path, img: &StateImage) -> io::Result<StateFile> {
+        // Resolved at every creation: a grow recreates the file after the
+        // switch_root (see hostfs).
+        let located = crate::hostfs::locate(logical, None);
+        let path = located.as_path();
         let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
         let tmp = dir.join(format!(
             ".{}.new",
@@ -416,12 +420,12 @@ impl StateFile {
         std::fs::rename(&tmp, path)?;
         File::open(dir)?.sync_all()?;
         let file = std::fs::OpenOptions::new().read(true).write(true).open(path)?;
-        Ok(StateFile { path: path.to_path_buf(), file, area_size: area.len() as u64, last_seq: img.seq })
+        Ok(StateFile { path: logical.to_path_buf(), file, area_size: area.len() as u64, last_seq: img.seq })
     }
 
     /// Opens an existing, valid state file for further updates.
     pub fn open(path: &Path, img: &StateImage) -> io::Result<StateFile> {
-        let file = std::fs::OpenOptions::new().read(true).write(true).open(path)?;
+        let file = std::fs::OpenOptions::new().read(true).write(true).open(crate::hostfs::locate(path, None))?;
         Ok(StateFile { path: path.to_path_buf(), file, area_size: area_size(img.regions()), last_seq: img.seq })
     }
 

@@ -24,7 +24,7 @@ fn makedev(ma: u64, mi: u64) -> u64 {
 }
 
 fn sysfs_dir(dev: u64) -> PathBuf {
-    PathBuf::from(format!("/sys/dev/block/{}:{}", major(dev), minor(dev)))
+    crate::hostfs::sys_path(&format!("dev/block/{}:{}", major(dev), minor(dev)))
 }
 
 fn parse_dev(s: &str) -> Option<u64> {
@@ -36,7 +36,9 @@ fn parse_dev(s: &str) -> Option<u64> {
 fn whole_disk(dev: u64) -> u64 {
     let dir = sysfs_dir(dev);
     if dir.join("partition").exists() {
-        if let Ok(real) = fs::canonicalize(&dir) {
+        // dev/block/M:m links to devices/.../disk/partition.
+        if let (Ok(link), Some(links)) = (fs::read_link(&dir), dir.parent()) {
+            let real = crate::hostfs::join_link(links, &link);
             if let Some(parent) = real.parent() {
                 if let Some(d) = fs::read_to_string(parent.join("dev")).ok().and_then(|s| parse_dev(&s)) {
                     return d;
@@ -72,7 +74,7 @@ fn add_device(dev: u64, out: &mut Underlying, depth: usize) {
 }
 
 fn add_file(path: &Path, out: &mut Underlying, depth: usize) {
-    if let Ok(m) = fs::metadata(path) {
+    if let Ok(m) = fs::metadata(crate::hostfs::locate(path, None)) {
         out.files.insert((m.dev(), m.ino()));
         add_device(m.dev(), out, depth + 1);
     }

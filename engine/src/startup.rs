@@ -58,7 +58,7 @@ fn refuse_or_restart<T>(restart: bool, why: String, fresh: impl FnOnce() -> Resu
 fn check_state_location(path: &Path) -> Result<()> {
     use std::os::unix::fs::MetadataExt;
     let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
-    if let Ok(m) = std::fs::metadata(dir) {
+    if let Ok(m) = std::fs::metadata(crate::hostfs::locate(dir, None)) {
         let major = ((m.dev() >> 32) & 0xffff_f000) | ((m.dev() >> 8) & 0xfff);
         if major == 43 {
             return Err(Error::Refused(format!(

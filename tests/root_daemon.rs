@@ -1,0 +1,112 @@
+//! The root storage daemon mode on the host: the supervisor forks the daemon,
+//! restarts it after `kill -9` (the sync resumes from `--state`), and stops
+//! both on SIGTERM. The same mode under a real switch_root runs in the VM
+//! scenarios (tests/vm/).
+
+mod common;
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use common::*;
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+
+fn children(pid: u32) -> Vec<u32> {
+    std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
+        .unwrap_or_default()
+        .split_whitespace()
+        .filter_map(|s| s.parse().ok())
+        .collect()
+}
+
+fn proc_field(pid: u32, name: &str) -> String {
+    let st = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    st.lines().find_map(|l| l.strip_prefix(&format!("{name}:")).map(|v| v.trim().to_string())).unwrap_or_default()
+}
+
+/// The one daemon child of `sup`, once it answers on the control socket.
+fn daemon_child(d: &Daemon, sup: u32, not: Option<u32>) -> u32 {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let kids = children(sup);
+        if kids.len() == 1 && Some(kids[0]) != not && d.cli(&["status", "--json"]).status.success() {
+            return kids[0];
+        }
+        assert!(Instant::now() < deadline, "no daemon child answering; children {kids:?}\n{}", d.log_text());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn supervisor_restarts_a_killed_daemon_which_resumes_the_sync() {
+    let dir = scratch_shm();
+    let (src, tgt, state) = (dir.path().join("s.img"), dir.path().join("t.img"), dir.path().join("state"));
+    let data = pattern(7, 48 << 20);
+    make_image(&src, &data);
+    make_sparse(&tgt, 48 << 20);
+    let mut d = Daemon::start(
+        dir.path(),
+        &[
+            "--root-storage-daemon",
+            "--source",
+            p(&src),
+            "--state",
+            p(&state),
+            "--max-rate",
+            "8M",
+            "--region-size",
+            "1M",
+        ],
+    );
+    let sup = d.child.as_ref().map(|c| c.id()).expect("running");
+    let first = daemon_child(&d, sup, None);
+
+    // The daemon is hardened and does not sit in the directory it was started from.
+    assert_ne!(proc_field(first, "VmLck"), "0 kB", "daemon memory is not locked");
+    // Lowering oom_score_adj needs CAP_SYS_RESOURCE, which some containers drop:
+    // then the daemon must say so instead.
+    let may_lower = std::process::Command::new("sh")
+        .args(["-c", "echo -1000 > /proc/self/oom_score_adj"])
+        .status()
+        .is_ok_and(|s| s.success());
+    let adj = std::fs::read_to_string(format!("/proc/{first}/oom_score_adj")).unwrap_or_default();
+    if may_lower {
+        assert_eq!(adj.trim(), "-1000", "OOM killer exemption missing");
+    } else {
+        assert!(d.log_text().contains("cannot set oom_score_adj"), "no warning about oom_score_adj:\n{}", d.log_text());
+    }
+    assert_eq!(std::fs::read_link(format!("/proc/{first}/cwd")).ok().as_deref(), Some(Path::new("/proc")));
+    assert_eq!(
+        std::fs::read_to_string(format!("/proc/{sup}/comm")).ok(),
+        std::fs::read_to_string(format!("/proc/{first}/comm")).ok()
+    );
+
+    d.cli_ok(&["attach", p(&tgt)]);
+    // Let some regions become clean and durable (persisted at least once a second).
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while d.status()["regions_clean"].as_u64().unwrap_or(0) < 8 {
+        assert!(Instant::now() < deadline, "no progress: {}", d.status());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    std::thread::sleep(Duration::from_millis(1500));
+    let before = d.status()["regions_clean"].as_u64().unwrap_or(0);
+    kill(Pid::from_raw(first as i32), Signal::SIGKILL).expect("kill -9 the daemon");
+
+    let second = daemon_child(&d, sup, Some(first));
+    let st = d.status();
+    assert_eq!(st["state"], "syncing", "restarted daemon: {st}");
+    let after = st["regions_clean"].as_u64().unwrap_or(0);
+    assert!(after * 10 >= before * 9 && after > 0, "progress lost: {before} clean before the kill, {after} after");
+    assert!(d.log_text().contains("restarting"), "supervisor did not say it restarted:\n{}", d.log_text());
+
+    d.cli_ok(&["set-rate", "0"]);
+    d.cli_ok(&["wait", "--timeout", "60"]);
+    d.cli_ok(&["verify"]);
+    assert_eq!(std::fs::read(&tgt).expect("read target"), data, "target differs from the source");
+
+    // SIGTERM to the supervisor stops the daemon cleanly; both exit 0.
+    let st = d.stop();
+    assert!(st.success(), "supervisor exit: {st}\n{}", d.log_text());
+    assert!(!Path::new(&format!("/proc/{second}")).exists(), "daemon {second} outlived its supervisor");
+}
