@@ -1,11 +1,17 @@
 //! The VM end-to-end scenarios (tests/vm/): a Debian kernel booted under QEMU (TCG) runs its
 //! root filesystem from livemirror over the kernel's NBD client and performs the rebootless
-//! install. This test runs `tests/vm/run-all.sh` with the livemirror binary cargo just built.
+//! install (install-e2e, and install-nbdclient-e2e with `nbd-client`), survives `kill -9` of
+//! the daemon under a write load (kill-e2e), and boots a Debian 12 system whose initramfs
+//! `mkinitramfs` built with initrd-glue/, installs it with `livemirror-install` and shuts it
+//! down through the glue (glue-e2e). This test runs `tests/vm/run-all.sh` with the livemirror
+//! binary named by `LIVEMIRROR_VM_BIN` (scripts/test-all.sh builds and names the release binary,
+//! which is what a live system carries), else the one cargo just built for the tests.
 //!
 //! It is never skipped: a missing prerequisite fails it with the command that installs it.
-//! The kernel and QEMU are fetched with `apt-get download` into the rig's cache on the first run
-//! (see tests/vm/README.md). The whole output streams through the test harness (shown on
-//! failure, or live with `--nocapture`) and is also kept in target/tmp/vm-boot.log.
+//! The kernel and QEMU are fetched with `apt-get download`, and the Debian root with
+//! debootstrap, into the rig's cache on the first run (see tests/vm/README.md). The whole
+//! output streams through the test harness (shown on failure, or live with `--nocapture`) and
+//! is also kept in target/tmp/vm-boot.log.
 
 use std::io::{BufRead, BufReader, Write};
 use std::path::Path;
@@ -18,13 +24,17 @@ fn vm_rebootless_install_scenarios() {
     let log_path = Path::new(env!("CARGO_TARGET_TMPDIR")).join("vm-boot.log");
     let mut log =
         std::fs::File::create(&log_path).unwrap_or_else(|e| panic!("cannot create {}: {e}", log_path.display()));
+    let bin = std::env::var_os("LIVEMIRROR_VM_BIN")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| env!("CARGO_BIN_EXE_livemirror").into());
+    assert!(bin.is_file(), "LIVEMIRROR_VM_BIN={} is not a file (cargo build --release?)", bin.display());
     let start = Instant::now();
     // stderr joins stdout so the log keeps the order of events.
     let mut child = Command::new("bash")
         .arg("-c")
         .arg("exec bash \"$0\" 2>&1")
         .arg(&script)
-        .env("LIVEMIRROR_BIN", env!("CARGO_BIN_EXE_livemirror"))
+        .env("LIVEMIRROR_BIN", &bin)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .spawn()
@@ -43,13 +53,14 @@ fn vm_rebootless_install_scenarios() {
         let tail: Vec<&str> = text.lines().rev().take(80).collect::<Vec<_>>().into_iter().rev().collect();
         panic!(
             "VM scenarios failed ({status}) after {elapsed:.0} s; full log: {}\n\
-             (run one by hand: LIVEMIRROR_BIN={} bash {} install-e2e)\n--- last lines ---\n{}",
+             (run one by hand: LIVEMIRROR_BIN={} bash {} install-e2e; known livemirror bugs \
+             and workaround knobs: tests/vm/README.md)\n--- last lines ---\n{}",
             log_path.display(),
-            env!("CARGO_BIN_EXE_livemirror"),
+            bin.display(),
             script.display(),
             tail.join("\n")
         );
     }
     assert!(text.contains(" passed, 0 failed"), "run-all.sh exited 0 without a clean summary:\n{text}");
-    println!("VM scenarios passed in {elapsed:.0} s (log: {})", log_path.display());
+    println!("VM scenarios passed in {elapsed:.0} s with {} (log: {})", bin.display(), log_path.display());
 }

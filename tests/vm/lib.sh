@@ -203,6 +203,39 @@ lm_fetch_qemu() {
     echo "livemirror VM rig: the cached QEMU does not run:" >&2; "${LM_QEMU[@]}" --version >&2; return 1; }
 }
 
+# A Debian root for the glue scenario: debootstrap (minbase + systemd, initramfs-tools, busybox,
+# dmsetup), trimmed of documentation and apt caches. Cached as $LM_CACHE/rootfs-SUITE; never
+# modify it (copy it). Needs root and debootstrap. Sets LM_ROOTFS.
+#   LIVEMIRROR_VM_SUITE (default bookworm), LIVEMIRROR_VM_MIRROR (default http://deb.debian.org/debian)
+LM_SUITE=${LIVEMIRROR_VM_SUITE:-bookworm}
+LM_ROOTFS_PKGS="systemd-sysv,udev,initramfs-tools,busybox,dmsetup,e2fsprogs,kmod"
+lm_fetch_rootfs() {
+  local dir=$LM_CACHE/rootfs-$LM_SUITE key mirror=${LIVEMIRROR_VM_MIRROR:-http://deb.debian.org/debian} t
+  key="$LM_SUITE minbase $LM_ROOTFS_PKGS"
+  LM_ROOTFS=$dir
+  if [ -f "$dir.complete" ] && [ "$(cat "$dir.complete")" = "$key" ] && [ -d "$dir" ]; then return 0; fi
+  if [ "$(id -u)" != 0 ]; then echo "livemirror VM rig: building the Debian root needs root (debootstrap, chroot)" >&2; return 1; fi
+  if ! PATH=$PATH:/usr/sbin:/sbin command -v debootstrap >/dev/null 2>&1; then
+    echo "livemirror VM rig: debootstrap is missing; install it with:" >&2
+    echo "  apt-get update && apt-get install -y --no-install-recommends debootstrap" >&2
+    return 1
+  fi
+  lm_say "debootstrap $LM_SUITE (minbase + $LM_ROOTFS_PKGS) from $mirror into the cache; takes a few minutes"
+  t=$(lm_now)
+  rm -rf "$dir.tmp" "$dir.complete"
+  if ! debootstrap --variant=minbase --include="$LM_ROOTFS_PKGS" "$LM_SUITE" "$dir.tmp" "$mirror" > "$LM_CACHE/debootstrap.log" 2>&1; then
+    tail -n 20 "$LM_CACHE/debootstrap.log" >&2
+    echo "livemirror VM rig: debootstrap failed (log: $LM_CACHE/debootstrap.log)" >&2
+    return 1
+  fi
+  rm -rf "$dir.tmp"/usr/share/doc/* "$dir.tmp"/usr/share/man/* "$dir.tmp"/usr/share/info/* \
+         "$dir.tmp"/usr/share/locale/* "$dir.tmp"/var/cache/apt/*.bin "$dir.tmp"/var/cache/apt/archives/*.deb \
+         "$dir.tmp"/var/lib/apt/lists/* "$dir.tmp"/var/log/*.log
+  rm -rf "$dir"; mv "$dir.tmp" "$dir"
+  echo "$key" > "$dir.complete"
+  lm_say "debootstrap done in $(lm_secs $(($(lm_now) - t)))s: $(du -sm "$dir" | cut -f1) MiB"
+}
+
 # All of the above, under the cache lock.
 lm_prepare() {
   lm_phase "prepare: host tools, cache ($LM_CACHE)"
@@ -315,19 +348,96 @@ lm_ext4() {
   mke2fs -q -F -t ext4 -b 4096 -E lazy_itable_init=0,lazy_journal_init=0 -d "$src" "$@" "$out" "$size"
 }
 
+# lm_build_live_images OUT BIN VDA_MB VDB_MB: the images of the hand-made live system the
+# install and kill scenarios boot: OUT/vda.img (read-only base: busybox, livemirror, dmsetup,
+# resize2fs, nbd-client, the guest scripts, /etc/base-marker with $TOKEN), OUT/vdb.img (blank
+# target), OUT/initrd1.gz (stage 1: the live stack + @livemirror) and OUT/initrd2.gz (boot 2:
+# mounts vda as root).
+lm_build_live_images() {
+  local O=$1 bin=$2 vda_mb=$3 vdb_mb=$4 RF R R2 b
+  lm_strip "$bin" "$O/livemirror"
+  RF=$O/rootfs
+  mkdir -p "$RF"/{dev,proc,sys,run,tmp,mnt,etc,sbin,lmtest}
+  lm_busybox "$RF"
+  lm_copy_bin "$RF" "$O/livemirror" /usr/sbin/livemirror
+  for b in dmsetup resize2fs nbd-client; do lm_copy_bin "$RF" "$(command -v $b)"; done
+  install -m755 "$LM_GUEST/init.sh" "$RF/sbin/init"
+  install -m644 "$LM_GUEST"/{common,stage2,kill-stage2,load,installed}.sh "$RF/lmtest/"
+  echo "base-marker $TOKEN" > "$RF/etc/base-marker"
+  lm_ext4 "$RF" "$O/vda.img" "${vda_mb}M" -L lmroot
+  rm -f "$O/vdb.img"; truncate -s "${vdb_mb}M" "$O/vdb.img"
+  # Boot 1 initramfs: busybox (static), nbd-client, dmsetup, livemirror at /usr/sbin with its
+  # libraries (stage 1 copies the binary to /run/livemirror), the modules.
+  R=$O/initramfs1
+  mkdir -p "$R"/{dev,proc,sys,run,tmp,newroot,etc,lmtest}
+  lm_busybox "$R"
+  for b in nbd-client dmsetup; do lm_copy_bin "$R" "$(command -v $b)"; done
+  lm_copy_bin "$R" "$O/livemirror" /usr/sbin/livemirror
+  install -m755 "$LM_GUEST/stage1-init.sh" "$R/init"
+  install -m644 "$LM_GUEST"/{common,watchdog}.sh "$R/lmtest/"
+  lm_install_modules "$R" virtio_pci virtio_blk nbd dm-snapshot loop ext4 || return 1
+  lm_initramfs "$R" "$O/initrd1.gz"
+  # Boot 2 initramfs: just enough to mount /dev/vda as root.
+  R2=$O/initramfs2
+  mkdir -p "$R2"/{dev,proc,sys,newroot,etc,lmtest}
+  lm_busybox "$R2"
+  install -m755 "$LM_GUEST/boot2-init.sh" "$R2/init"
+  install -m644 "$LM_GUEST/common.sh" "$R2/lmtest/"
+  lm_install_modules "$R2" virtio_pci virtio_blk ext4 || return 1
+  lm_initramfs "$R2" "$O/initrd2.gz"
+  lm_say "modules: $(tr '\n' ' ' < "$R/etc/modules.order")"
+  lm_say "initrd1 $(du -k "$O/initrd1.gz" | cut -f1) KiB, initrd2 $(du -k "$O/initrd2.gz" | cut -f1) KiB, vda ${vda_mb} MiB, vdb ${vdb_mb} MiB"
+}
+
+# lm_host_check_files IMG PHASES...: e2fsck -fn IMG must be clean; debugfs extracts /data and
+# the host checks the sha256 of every manifest file and of one file of each PHASE (a file that
+# started and ended in it), and /etc/base-marker's token. Extracted files go to $LM_OUT/files.
+lm_host_check_files() {
+  local img=$1 X=$LM_OUT/files p f n; shift
+  if e2fsck -fn "$img" > "$LM_OUT/e2fsck.log" 2>&1; then
+    lm_ok "e2fsck -fn on $(basename "$img"): clean"
+  else
+    lm_fail "e2fsck -fn on $(basename "$img") reported problems: $(tail -n 3 "$LM_OUT/e2fsck.log" | tr '\n' ' ')"
+  fi
+  rm -rf "$X"; mkdir -p "$X"
+  debugfs -R "rdump /data $X" "$img" >/dev/null 2>&1 || true
+  debugfs -R "cat /etc/base-marker" "$img" 2>/dev/null > "$X/base-marker" || true
+  lm_check "base image marker (token $TOKEN) on $(basename "$img")" grep -q "$TOKEN" "$X/base-marker"
+  if [ ! -s "$X/data/MANIFEST" ] || [ ! -s "$X/data/PHASES" ]; then
+    lm_fail "no /data/MANIFEST or /data/PHASES on $(basename "$img")"; return 0
+  fi
+  for p in "$@"; do
+    f=$(awk -v a="$p" '$2==a && $3==a {print $1; exit}' "$X/data/PHASES")
+    if [ -z "$f" ]; then lm_fail "host: no file written entirely in phase $p"; continue; fi
+    if [ -f "$X/data/$f" ] && [ "$(sha256sum "$X/data/$f" | cut -d' ' -f1)" = "$(awk -v f="$f" '$2==f{print $1}' "$X/data/MANIFEST")" ]; then
+      lm_ok "host: sha256 of $f (written in phase $p) matches"
+    else
+      lm_fail "host: sha256 of $f (written in phase $p) does not match the manifest"
+    fi
+  done
+  n=$(wc -l < "$X/data/MANIFEST")
+  if (cd "$X/data" && sha256sum --quiet -c MANIFEST > "$LM_OUT/host-sha.log" 2>&1); then
+    lm_ok "host: all $n manifest files intact on $(basename "$img")"
+  else
+    lm_fail "host: manifest mismatches: $(head -n 5 "$LM_OUT/host-sha.log" | tr '\n' ' ')"
+  fi
+  lm_check "host: hot.bin matches its final sha256" bash -c "cd '$X/data' && sha256sum --quiet -c hot.sha256"
+}
+
 # ------------------------------------------------------------------------- booting
 # lm_boot LOG TIMEOUT INITRD APPEND [qemu args...]: boot the cached kernel under TCG, serial
 # console to LOG; streams the marker lines while it runs. Returns QEMU's exit status
 # (124 = the host timeout killed it).
 lm_boot() {
   local log=$1 tmo=$2 initrd=$3 append=$4 rc qpid; shift 4
+  [ -n "${LIVEMIRROR_VM_TOLERATE:-}" ] && append="$append lm.tolerate=$LIVEMIRROR_VM_TOLERATE"
   : > "$log"
   timeout -k 5 "$tmo" "${LM_QEMU[@]}" -accel tcg -m "$LM_MEM" -smp "$LM_SMP" \
     -nographic -no-reboot -nodefaults -serial stdio -monitor none \
     -kernel "$LM_VMLINUZ" -initrd "$initrd" \
     -append "console=ttyS0 panic=-1 loglevel=4 $append" "$@" </dev/null >>"$log" 2>&1 &
   qpid=$!
-  local filter='LMTEST|LMLOG|Kernel panic|BUG:|Call Trace|blocked for more than'
+  local filter='LMTEST|LMLOG|Kernel panic|BUG:|Call Trace|blocked for more than|livemirror: |lmtest-'
   [ -n "${LIVEMIRROR_VM_VERBOSE:-}" ] && filter='.'
   tail -s 0.2 -n +1 -F --pid="$qpid" "$log" 2>/dev/null | tr -d '\r' | grep -a --line-buffered -E "$filter" | sed -u 's/^/  | /' || true
   wait "$qpid" && rc=0 || rc=$?

@@ -1,0 +1,30 @@
+#!/bin/sh
+# dracut pre-mount hook (livemirror). By now the initqueue has built the live device
+# (dmsquash-live's /dev/mapper/live-rw). Start the root storage daemon on it and make the NBD
+# device the root:
+#   - systemd in the initramfs: a drop-in for sysroot.mount (What=/dev/nbd0), then a reload;
+#     sysroot.mount is ordered after dracut-pre-mount.service, so it has not run yet.
+#   - dracut's own init: a mount hook that sorts before every other one.
+# The daemon is spared at switch_root (argv[0] starts with '@'; dracut's hook services use
+# KillMode=process) and need_shutdown asks dracut to restore /run/initramfs at shutdown, where
+# livemirror-shutdown.sh detaches it.
+type getarg > /dev/null 2>&1 || . /lib/dracut-lib.sh
+. /usr/lib/livemirror/initrd.sh
+lm_config
+if lm_enabled; then
+    lm_wait_block "$LM_SOURCE" "$LM_WAIT" \
+        || die "livemirror: $LM_SOURCE did not appear within $LM_WAIT s (livemirror.source=, livemirror.wait=)"
+    lm_start /usr/sbin/livemirror \
+        || die "livemirror: could not serve $LM_SOURCE on $LM_NBD (boot without rd.livemirror to use the live device directly)"
+    need_shutdown
+    if [ -n "$DRACUT_SYSTEMD" ]; then
+        mkdir -p /run/systemd/system/sysroot.mount.d
+        printf '[Mount]\nWhat=%s\n' "$LM_NBD" > /run/systemd/system/sysroot.mount.d/90-livemirror.conf
+        systemctl daemon-reload
+    else
+        _lm_o=rw
+        getarg ro > /dev/null && _lm_o=ro
+        _lm_f=$(getarg rootflags=) && _lm_o="$_lm_o,$_lm_f"
+        printf 'mount -o %s %s "$NEWROOT"\n' "$_lm_o" "$LM_NBD" > "$hookdir/mount/00-livemirror.sh"
+    fi
+fi

@@ -1,0 +1,230 @@
+#!/bin/bash
+# Scenario glue-e2e: initrd-glue/ exercised the way a user would.
+#   host: a Debian root (debootstrap bookworm minbase + systemd, initramfs-tools, busybox,
+#     dmsetup; cached), a copy of it gets the rig's kernel modules, livemirror and the glue
+#     (initrd-glue/install.sh --initramfs-tools), plus a TEST-ONLY hook that builds the live
+#     stack (read-only disk + RAM overlay -> dm snapshot /dev/mapper/live-rw) in place of
+#     dracut's dmsquash-live; the real mkinitramfs runs in the chroot for the rig's kernel.
+#   boot 1: that initramfs: lmtest-live builds live-rw, the glue starts @livemirror on it and
+#     mounts /dev/nbd0 as root; systemd boots; a service runs `livemirror-install /dev/vdb`
+#     under a write load and checks the result (root on /dev/vdb's data, grown, source
+#     released, every file intact), then `systemctl poweroff`: systemd pivots into
+#     /run/initramfs and the glue's shutdown program unmounts the root, disconnects /dev/nbd0
+#     and stops the daemon.
+#   host: the shutdown lines on the console, e2fsck -fn of vdb (clean), file system size,
+#     debugfs extracts the files and checks their sha256.
+#   boot 2: vdb alone, root=/dev/vda with the same initramfs (no rd.livemirror): it boots and
+#     every file is there.
+# Usage: LIVEMIRROR_BIN=path/to/livemirror tests/vm/glue-e2e.sh
+# Knobs: LIVEMIRROR_VM_GLUE_RATE (copy rate limit during the install, default 40M),
+#        LIVEMIRROR_VM_KEEPAPI=1 (test-only workaround for the switch_root path bug, see README),
+#        LIVEMIRROR_VM_TIMEOUT (boot 1 host timeout, default 420 s), LIVEMIRROR_VM_BOOT2=0 (skip
+#        boot 2), LIVEMIRROR_VM_DRACUT=1 (also build a dracut initramfs with the dracut module and
+#        check its contents; adds ~40 s), LIVEMIRROR_VM_GLUE_MODE=bootonly and
+#        LIVEMIRROR_VM_GLUE_DEBUG=1 (see README.md), the lib.sh knobs.
+set -euo pipefail
+. "$(dirname "$0")/lib.sh"
+
+NAME=glue-e2e
+BIN=${LIVEMIRROR_BIN:-$LM_DIR/../../target/release/livemirror}
+RATE=${LIVEMIRROR_VM_GLUE_RATE:-40M}
+TIMEOUT1=${LIVEMIRROR_VM_TIMEOUT:-420}
+KEEPAPI=${LIVEMIRROR_VM_KEEPAPI:-0}
+GLUE=$LM_DIR/../../initrd-glue
+VDA_MB=256 VDB_MB=384
+
+[ -x "$BIN" ] || lm_die "no livemirror binary at $BIN (cargo build --release, or set LIVEMIRROR_BIN)"
+lm_prepare || exit 1
+lm_phase "prepare: Debian root (debootstrap, cached)"
+lm_lock_cache
+lm_fetch_rootfs || { lm_unlock_cache; lm_die "cannot build the Debian root (see above)"; }
+lm_unlock_cache
+lm_phase_end
+lm_outdir "$NAME"
+lm_say "$NAME: binary $BIN, rate $RATE, Debian root $LM_ROOTFS, output $LM_OUT"
+
+# ------------------------------------------------------------------ the system + its initramfs
+lm_phase "build: install the glue, mkinitramfs in the chroot, disk images"
+O=$LM_OUT
+TOKEN=$(od -An -N8 -tx1 /dev/urandom | tr -d ' \n')
+G=$O/root
+cp -a "$LM_ROOTFS" "$G"
+# The rig's kernel, as its package would install it: the modules (indexed by the chroot's
+# depmod: modprobe needs the binary indexes) and the config (mkinitramfs reads it).
+mkdir -p "$G/lib/modules"
+cp -a "$LM_MODDIR" "$G/lib/modules/$LM_KVER"
+cp "$LM_KROOT/boot/config-$LM_KVER" "$LM_KROOT/boot/System.map-$LM_KVER" "$G/boot/"
+chroot "$G" /sbin/depmod -a "$LM_KVER" || lm_die "depmod in the chroot failed"
+# livemirror and the glue, installed as README says.
+sh "$GLUE/install.sh" --root "$G" --initramfs-tools --bin "$BIN" > "$O/glue-install.log" 2>&1 \
+  || { cat "$O/glue-install.log"; lm_die "initrd-glue/install.sh failed"; }
+# The TEST-ONLY stand-in for a live-CD initrd (and the keepapi workaround, off by default).
+install -m755 "$LM_DIR/glue/hooks/lmtest-live" "$G/etc/initramfs-tools/hooks/lmtest-live"
+install -m755 "$LM_DIR/glue/scripts/init-premount/lmtest-live" "$G/etc/initramfs-tools/scripts/init-premount/lmtest-live"
+install -m755 "$LM_DIR/glue/scripts/init-bottom/lmtest-keepapi" "$G/etc/initramfs-tools/scripts/init-bottom/lmtest-keepapi"
+T=$(lm_now)
+if ! chroot "$G" /usr/sbin/mkinitramfs -o "/boot/initrd.img-$LM_KVER" "$LM_KVER" > "$O/mkinitramfs.log" 2>&1; then
+  cat "$O/mkinitramfs.log"; lm_die "mkinitramfs failed in the chroot"
+fi
+lm_say "mkinitramfs took $(lm_secs $(($(lm_now) - T)))s: $(du -k "$G/boot/initrd.img-$LM_KVER" | cut -f1) KiB"
+if grep -q 'livemirror' "$O/mkinitramfs.log"; then
+  lm_fail "mkinitramfs printed livemirror warnings: $(grep livemirror "$O/mkinitramfs.log" | tr '\n' ' ')"
+fi
+cp "$G/boot/initrd.img-$LM_KVER" "$O/initrd.img"
+chroot "$G" /usr/bin/lsinitramfs "/boot/initrd.img-$LM_KVER" > "$O/initrd.list" 2>/dev/null || true
+for f in usr/sbin/livemirror usr/lib/livemirror/initrd.sh usr/lib/livemirror/shutdown \
+         usr/lib/livemirror/shutdown-files scripts/local-top/livemirror scripts/init-bottom/livemirror \
+         scripts/init-premount/lmtest-live; do
+  if grep -qx "$f" "$O/initrd.list"; then lm_ok "the generated initramfs has /$f"; else lm_fail "the generated initramfs lacks /$f"; fi
+done
+if grep -q '/nbd\.ko' "$O/initrd.list"; then lm_ok "the generated initramfs has the nbd module"; else lm_fail "no nbd.ko in the generated initramfs"; fi
+# Optional (LIVEMIRROR_VM_DRACUT=1): the dracut module in a real dracut build. In a throwaway
+# copy of the tree, dracut 059 from the package registry (dracut, dracut-core, dracut-live,
+# unpacked: they conflict with initramfs-tools), the glue's dracut module, then
+# `dracut --no-hostonly --add "dmsquash-live livemirror"`; the image must hold the binary, the
+# glue, nbd.ko and the three hooks. It is not booted.
+if [ "${LIVEMIRROR_VM_DRACUT:-0}" = 1 ]; then
+  T=$(lm_now)
+  lm_lock_cache
+  lm_download dracut dracut-core dracut-live || { lm_unlock_cache; lm_die "cannot download dracut"; }
+  lm_unlock_cache
+  DR=$O/dracut-root
+  cp -a "$G" "$DR"
+  for p in dracut dracut-core dracut-live; do
+    # tar, not dpkg -x: that would replace the root's /lib -> usr/lib symlink by a directory
+    dpkg-deb --fsys-tarfile "$(lm_deb "$p")" | tar -x --keep-directory-symlink -C "$DR"
+  done
+  sh "$GLUE/install.sh" --root "$DR" --dracut >> "$O/glue-install.log" 2>&1 || lm_fail "install.sh --dracut failed"
+  if chroot "$DR" /usr/bin/env PATH=/usr/sbin:/usr/bin:/sbin:/bin dracut --no-hostonly --force \
+       --add "dmsquash-live livemirror" /boot/dracut.img "$LM_KVER" > "$O/dracut.log" 2>&1; then
+    lm_ok "dracut built an initramfs with the livemirror module"
+    chroot "$DR" /usr/bin/lsinitrd /boot/dracut.img > "$O/dracut.list" 2>/dev/null || true
+    for f in usr/sbin/livemirror usr/lib/livemirror/initrd.sh usr/lib/dracut/hooks/cmdline/95-parse-livemirror.sh \
+             usr/lib/dracut/hooks/pre-mount/50-livemirror-pre-mount.sh usr/lib/dracut/hooks/shutdown/10-livemirror-shutdown.sh \
+             /nbd.ko usr/lib/dracut/hooks/cmdline/30-parse-dmsquash-live.sh; do
+      if grep -q "$f" "$O/dracut.list"; then lm_ok "dracut image has $f"; else lm_fail "dracut image lacks $f"; fi
+    done
+  else
+    lm_fail "dracut failed: $(tail -n 5 "$O/dracut.log" | tr '\n' ' ')"
+  fi
+  rm -rf "$DR"
+  lm_say "dracut check took $(lm_secs $(($(lm_now) - T)))s"
+fi
+# The image does not need the kernel modules (they are in the initramfs).
+rm -rf "$G/lib/modules/$LM_KVER"
+# The guest side of the test: a service that runs after boot, quiet consoles.
+mkdir -p "$G/lmtest"
+install -m644 "$LM_GUEST"/{common,load,glue-stage2,watchdog}.sh "$G/lmtest/"
+install -m644 "$LM_DIR/glue/lmtest-glue.service" "$G/etc/systemd/system/lmtest-glue.service"
+ln -sf /etc/systemd/system/lmtest-glue.service "$G/etc/systemd/system/multi-user.target.wants/lmtest-glue.service"
+for u in serial-getty@ttyS0.service getty@tty1.service getty-static.service apt-daily.timer apt-daily-upgrade.timer \
+         e2scrub_all.timer e2scrub_reap.service fstrim.timer dpkg-db-backup.timer; do
+  ln -sf /dev/null "$G/etc/systemd/system/$u"
+done
+echo "base-marker $TOKEN" > "$G/etc/base-marker"
+echo "lmglue" > "$G/etc/hostname"
+lm_ext4 "$G" "$O/vda.img" "${VDA_MB}M" -L lmglue
+rm -rf "$G"
+rm -f "$O/vdb.img"; truncate -s "${VDB_MB}M" "$O/vdb.img"
+lm_say "initrd $(du -k "$O/initrd.img" | cut -f1) KiB, vda ${VDA_MB} MiB ($(du -k "$O/vda.img" | cut -f1) KiB used), vdb ${VDB_MB} MiB"
+lm_phase_end
+
+# ------------------------------------------------------------------ boot 1
+lm_phase "boot 1: Debian live root over livemirror, livemirror-install, poweroff"
+GMODE=${LIVEMIRROR_VM_GLUE_MODE:-glue}
+APPEND="rw rd.livemirror=1 lmtest.live=/dev/vda livemirror.args=--nbd-timeout,10 lm.mode=$GMODE lm.rate=$RATE lm.token=$TOKEN lm.watchdog=$((TIMEOUT1 - 30))"
+[ -n "${LIVEMIRROR_VM_GLUE_DEBUG:-}" ] && APPEND="$APPEND livemirror.debug=1"
+[ "$KEEPAPI" = 1 ] && APPEND="$APPEND lmtest.keepapi=1"
+set +e
+lm_boot "$O/boot1.log" "$TIMEOUT1" "$O/initrd.img" "$APPEND" \
+  -drive "file=$O/vda.img,if=virtio,format=raw,readonly=on" \
+  -drive "file=$O/vdb.img,if=virtio,format=raw"
+RC=$?
+set -e
+[ "$RC" = 0 ] || lm_fail "boot 1: QEMU exited $RC$([ "$RC" = 124 ] && echo " (host timeout ${TIMEOUT1}s)")"
+BOOT1_OK=1
+lm_judge "$O/boot1.log" || BOOT1_OK=
+grep -aq 'LMTEST DONE' "$O/boot1.log.txt" || BOOT1_OK=
+lm_phase_end
+lm_say "boot 1: livemirror-install took $(lm_marker "$O/boot1.log" install_secs)s"
+if [ -z "$BOOT1_OK" ]; then
+  lm_say "boot 1 failed: skipping the host checks and boot 2 (serial log: $O/boot1.log)"
+  lm_summary "$NAME"; exit 1
+fi
+if [ "$GMODE" = bootonly ]; then
+  for pat in "livemirror: shutdown: the old root is unmounted" "livemirror: disconnected /dev/nbd0" \
+             "livemirror: the daemon stopped" "livemirror: shutdown: detached cleanly"; do
+    if grep -aqF "$pat" "$O/boot1.log.txt"; then lm_ok "shutdown: console says \"$pat\""; else lm_fail "shutdown: no \"$pat\" on the console"; fi
+  done
+  lm_summary "$NAME"; exit $?
+fi
+
+# ------------------------------------------------------------------ host: the shutdown + the disk
+lm_phase "host: shutdown path, e2fsck + debugfs on vdb"
+L=$O/boot1.log.txt
+for pat in "livemirror: shutdown: the old root is unmounted" "livemirror: disconnected /dev/nbd0" \
+           "livemirror: the daemon stopped" "livemirror: shutdown: detached cleanly"; do
+  if grep -aqF "$pat" "$L"; then lm_ok "shutdown: console says \"$pat\""; else lm_fail "shutdown: no \"$pat\" on the console"; fi
+done
+if grep -aq 'Successfully changed into root pivot' "$L" || grep -aqF 'livemirror: shutdown: detaching the root' "$L"; then
+  lm_ok "systemd pivoted into /run/initramfs and ran the glue's shutdown program"
+else
+  lm_fail "systemd did not run /run/initramfs/shutdown"
+fi
+if e2fsck -fn "$O/vdb.img" > "$O/e2fsck1.log" 2>&1; then
+  lm_ok "e2fsck -fn on the installed disk: clean"
+else
+  lm_fail "e2fsck -fn on the installed disk reported problems: $(tail -n 3 "$O/e2fsck1.log" | tr '\n' ' ')"
+fi
+BC=$(dumpe2fs -h "$O/vdb.img" 2>/dev/null | awk -F: '/^Block count/{gsub(/ /,"",$2); print $2}')
+BS=$(dumpe2fs -h "$O/vdb.img" 2>/dev/null | awk -F: '/^Block size/{gsub(/ /,"",$2); print $2}')
+STATE=$(dumpe2fs -h "$O/vdb.img" 2>/dev/null | awk -F: '/^Filesystem state/{gsub(/^ +/,"",$2); print $2}')
+[ "$STATE" = clean ] && lm_ok "the file system on vdb was unmounted cleanly (state: clean)" || lm_fail "file system state: $STATE"
+if [ $((BC * BS)) -ge $((VDB_MB * 1024 * 1024 * 95 / 100)) ]; then
+  lm_ok "the file system was grown: $((BC * BS / 1048576)) MiB on the ${VDB_MB} MiB disk"
+else
+  lm_fail "the file system is $((BC * BS / 1048576)) MiB on the ${VDB_MB} MiB disk"
+fi
+X=$O/vdb-files
+rm -rf "$X"; mkdir -p "$X"
+debugfs -R "rdump /data $X" "$O/vdb.img" >/dev/null 2>&1 || true
+debugfs -R "cat /etc/base-marker" "$O/vdb.img" 2>/dev/null > "$X/base-marker" || true
+lm_check "base image marker (token $TOKEN) on the installed disk" grep -q "$TOKEN" "$X/base-marker"
+if [ -s "$X/data/MANIFEST" ]; then
+  N=$(wc -l < "$X/data/MANIFEST")
+  if (cd "$X/data" && sha256sum --quiet -c MANIFEST > "$O/host-sha.log" 2>&1); then
+    lm_ok "host: all $N manifest files intact on the installed disk"
+  else
+    lm_fail "host: manifest mismatches: $(head -n 5 "$O/host-sha.log" | tr '\n' ' ')"
+  fi
+  lm_check "host: hot.bin matches its final sha256" bash -c "cd '$X/data' && sha256sum --quiet -c hot.sha256"
+  for p in pre install after; do
+    n=$(grep -c "^$p-" "$X/data/PHASES" || true)
+    [ "$n" -gt 0 ] && lm_ok "host: $n files from phase $p" || lm_fail "host: no files from phase $p"
+  done
+else
+  lm_fail "no /data/MANIFEST on the installed disk"
+fi
+lm_phase_end
+
+# ------------------------------------------------------------------ boot 2
+if [ "${LIVEMIRROR_VM_BOOT2:-1}" != 0 ]; then
+  lm_phase "boot 2: the installed disk as root (same initramfs, no rd.livemirror)"
+  set +e
+  lm_boot "$O/boot2.log" 240 "$O/initrd.img" "root=/dev/vda rw lm.mode=installed lm.token=$TOKEN" \
+    -drive "file=$O/vdb.img,if=virtio,format=raw"
+  RC=$?
+  set -e
+  [ "$RC" = 0 ] || lm_fail "boot 2: QEMU exited $RC"
+  lm_judge "$O/boot2.log" || true
+  if e2fsck -fn "$O/vdb.img" > "$O/e2fsck2.log" 2>&1; then
+    lm_ok "e2fsck -fn after boot 2: clean"
+  else
+    lm_fail "e2fsck -fn after boot 2 reported problems: $(tail -n 3 "$O/e2fsck2.log" | tr '\n' ' ')"
+  fi
+  B2=$(debugfs -R "cat /data/boot2.bin" "$O/vdb.img" 2>/dev/null | sha256sum | cut -d' ' -f1)
+  lm_check "host: the file boot 2 wrote is on the disk" bash -c "debugfs -R 'cat /data/boot2.sha256' '$O/vdb.img' 2>/dev/null | grep -q '^$B2 '"
+  lm_phase_end
+fi
+
+lm_summary "$NAME"

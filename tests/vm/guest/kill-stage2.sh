@@ -1,0 +1,191 @@
+# kill-e2e, stage 2: runs as PID 1 with / on /dev/nbd0, served by @livemirror (supervisor +
+# daemon) with --state /run/livemirror/state, a short --nbd-timeout and a copy rate limit
+# (stage 1 knobs lm.state=1 lm.nbdtimeout=5 lm.serveargs=--max-rate,6M).
+# Under a write load: `kill -9` the daemon (not the supervisor) while it serves the live root;
+# attach /dev/vdb; mid-sync `kill -9` the daemon again: the
+# supervisor restarts it, it resumes from the state file (regions_clean must not start over)
+# and takes /dev/nbd0 back over netlink (RECONFIGURE) while the kernel holds the I/O; the load
+# must see no error. Then the sync completes, verify, detach-source, the source is removed, and
+# the daemon is killed once more: it must come back without the source. Then grow + resize2fs
+# through the restarted daemon, and every file is checked.
+. /lmtest/common.sh
+export PATH=/usr/sbin:/usr/bin:/sbin:/bin
+D=/data
+phase() { echo "$1" > /run/lmtest/phase; info "phase=$1 t=$(up)"; }
+count() { grep -c "^$1-" "$D/PHASES" 2>/dev/null || echo 0; }
+count_within() { awk -v p="$1" '$2==p && $3==p' "$D/PHASES" 2>/dev/null | wc -l; }
+wait_files() { # wait_files PHASE N: until N files were written entirely in PHASE (90 s at most)
+  _i=0
+  while [ "$(count_within "$1")" -lt "$2" ]; do
+    _i=$((_i + 1)); [ $_i -gt 900 ] && fail "the write load wrote fewer than $2 files in phase $1"
+    kill -0 "$LOADPID" 2>/dev/null || fail "the write load died in phase $1"
+    sleep 0.1
+  done
+}
+state_is() {
+  _j=$(lmstatus) || fail "livemirror status --json failed"
+  [ "$(jget state "$_j")" = "$1" ] || fail "expected state $1, status says: $_j"
+  echo "$_j"
+}
+LOG=/run/livemirror.log
+
+# kill_daemon WHAT: kill -9 the daemon (the supervisor's child) and wait until the supervisor has
+# started a new one and it answers on the control socket. Sets CHILD.
+kill_daemon() {
+  _old=$CHILD
+  _t0=$(up)
+  _n0=$(grep -c . "$LOG")
+  kill -9 "$_old" || fail "kill -9 $_old"
+  ok "kill -9 of the daemon (pid $_old, supervisor $SUP left alone): $1"
+  _i=0
+  while :; do
+    _i=$((_i + 1))
+    if ! kill -0 "$SUP" 2>/dev/null; then
+      tail -n 10 "$LOG" | sed 's/^/LMLOG daemon: /'
+      fail "the supervisor exited instead of restarting the daemon"
+    fi
+    _new=$(daemon_child "$SUP")
+    if [ -n "$_new" ] && [ "$_new" != "$_old" ] && "$LM" status --control "$LM_CTL" >/dev/null 2>&1; then
+      break
+    fi
+    if [ $_i -gt 300 ]; then
+      tail -n +"$((_n0 + 1))" "$LOG" | tail -n 15 | sed 's/^/LMLOG daemon: /'
+      [ -n "$_new" ] && [ "$_new" != "$_old" ] && info "the supervisor's child is pid $_new: $(tr '\0' ' ' < /proc/$_new/cmdline 2>/dev/null)"
+      fail "no restarted daemon answering 30 s after the kill (supervisor $SUP alive)"
+    fi
+    sleep 0.1
+  done
+  CHILD=$_new
+  ok "the supervisor restarted the daemon: pid $CHILD answers $(echo "$(up) $_t0" | awk '{printf "%.1f", $1-$2}') s after the kill"
+  info "restart_secs=$(echo "$(up) $_t0" | awk '{printf "%.1f", $1-$2}')"
+  tail -n +"$((_n0 + 1))" "$LOG" | head -n 12 | sed 's/^/LMLOG daemon: /'
+}
+
+echo "LMTEST INFO: kill-stage2 start (pid $$) t=$(up)"
+start_watchdog
+ROOT=$(grep ' / ' /proc/mounts | tail -n 1)
+case "$ROOT" in /dev/nbd0\ /\ ext4\ *) ok "root is /dev/nbd0: $ROOT" ;; *) fail "root is not /dev/nbd0: $ROOT" ;; esac
+grep -q "$(cmdline token none)" /etc/base-marker && ok "base image content visible through the snapshot + livemirror" \
+  || fail "/etc/base-marker does not hold this run's token"
+SUP=$(cat /run/livemirror/serve.pid)
+check_daemon "$SUP"
+[ -s /run/livemirror/state ] && ok "state file /run/livemirror/state: $(wc -c < /run/livemirror/state) bytes" || fail "no state file"
+J=$(state_is serving)
+VDB=$(blockdev --getsize64 /dev/vdb)
+
+mkdir -p "$D"
+dd if=/dev/urandom of="$D/hot.bin" bs=4096 count=64 conv=fsync 2>/dev/null || fail "creating hot.bin"
+phase pre
+sh /lmtest/load.sh "$D" &
+LOADPID=$!
+wait_files pre 3
+ok "write load running (pid $LOADPID): $(count pre) files"
+
+check_nbd_timeouts "boot, before any kill"
+
+# ---- the simplest crash first: the daemon serving the live root, no target yet
+kill_daemon "while serving the live root (no target attached yet)"
+J=$(state_is serving)
+ok "after the restart: serving $(jget source "$J") again"
+wait_files pre 6
+ok "$(count pre) files written in all before attach, through both daemons"
+
+# ---- attach, then kill the daemon mid-sync
+OUT=$("$LM" attach /dev/vdb --control "$LM_CTL" 2>&1) || {
+  [ -b /proc/$SUP/root/dev/vdb ] || info "LIVEMIRROR BUG (see tests/vm/README.md, Traps): after a classic switch_root the daemon's root is the emptied initramfs; attach cannot find /dev/vdb there"
+  fail "livemirror attach /dev/vdb: $OUT"
+}
+phase sync
+ok "attach /dev/vdb: $OUT"
+J=$(state_is syncing)
+TOTAL=$(jget regions_total "$J")
+i=0
+while :; do
+  J=$(lmstatus); R0=$(jget regions_clean "$J")
+  [ "$R0" -ge $((TOTAL * 35 / 100)) ] && [ "$(count_within sync)" -ge 2 ] && break
+  [ "$(jget state "$J")" = syncing ] || fail "the sync ended before the kill (rate limit not applied?): $J"
+  i=$((i + 1)); [ $i -gt 1200 ] && fail "the sync did not reach 35 % in 120 s: $J"
+  sleep 0.1
+done
+E=$(dmesg_errors)
+[ -z "$E" ] && ok "before the mid-sync kill: no I/O errors in dmesg" || fail "before the mid-sync kill already: $E"
+info "before the kill: $R0/$TOTAL regions clean, bytes_copied=$(jget bytes_copied "$J")"
+kill_daemon "mid-sync, $R0 of $TOTAL regions clean"
+phase killed
+J=$(lmstatus) || fail "status after the restart"
+R1=$(jget regions_clean "$J")
+case "$(jget state "$J")" in
+  syncing|synced) ok "after the restart: state $(jget state "$J"), target $(jget target "$J")" ;;
+  *) fail "after the restart the state is not syncing: $J" ;;
+esac
+[ "$R1" -gt 0 ] && [ "$R1" -ge $((R0 / 2)) ] \
+  && ok "the sync resumed: $R1 regions clean right after the restart ($R0 before the kill), not from zero" \
+  || fail "the sync started over: $R1 regions clean after the restart, $R0 before the kill: $J"
+grep -q 'reconnected /dev/nbd0' "$LOG" && ok "the new daemon took /dev/nbd0 over (netlink RECONFIGURE): $(grep 'reconnected /dev/nbd0' "$LOG" | tail -n 1 | sed 's/^[^ ]* *//')" \
+  || fail "the daemon log does not say it reconnected /dev/nbd0"
+check_daemon "$SUP"
+wait_files killed 3
+ok "$(count_within killed) files written (fsync'd) after the kill: writes go on through the restarted daemon"
+
+# ---- finish the sync, verify, detach, release the source
+"$LM" set-rate 0 --control "$LM_CTL" || fail "set-rate 0"
+( "$LM" wait --timeout 150 --control "$LM_CTL"; echo $? > /run/lmtest/wait.rc ) 2>&1 | tail -n 3 | while read -r l; do info "wait: $l"; done
+[ "$(cat /run/lmtest/wait.rc)" = 0 ] || fail "livemirror wait exited $(cat /run/lmtest/wait.rc)"
+phase synced
+J=$(state_is synced)
+[ "$(jget regions_clean "$J")" = "$TOTAL" ] && ok "synced: $TOTAL/$TOTAL regions clean" || fail "synced but $J"
+OUT=$("$LM" verify --control "$LM_CTL" 2>&1) && ok "verify: $OUT" || fail "verify: $OUT"
+wait_files synced 2
+OUT=$("$LM" detach-source --control "$LM_CTL" 2>&1) || fail "detach-source: $OUT"
+phase detached
+OUT=$(/usr/sbin/dmsetup --noudevsync remove live 2>&1) && ok "dmsetup remove live: the source is gone" || fail "dmsetup remove live: $OUT"
+losetup -d "$(cat /run/lmtest/overlay-loop)" || fail "losetup -d"
+rm -f /run/overlay.img
+wait_files detached 3
+
+# ---- kill again: the source device no longer exists
+kill_daemon "after detach-source, with the source device removed"
+phase released
+J=$(lmstatus) || fail "status after the second restart"
+[ "$(jget state "$J")" = source-detached ] && [ "$(jget source "$J")" = null ] \
+  && ok "after the second restart: source-detached, serving $(jget target "$J") alone" || fail "after the second restart: $J"
+check_daemon "$SUP"
+wait_files released 3
+
+# ---- grow + online resize through the restarted daemon
+OUT=$("$LM" grow --control "$LM_CTL" 2>&1) || fail "grow: $OUT"
+i=0
+while [ "$(($(cat /sys/block/nbd0/size) * 512))" != "$VDB" ] && [ $i -lt 100 ]; do i=$((i + 1)); sleep 0.1; done
+[ "$(($(cat /sys/block/nbd0/size) * 512))" = "$VDB" ] && ok "grow: the kernel sees /dev/nbd0 at $VDB bytes" \
+  || fail "after grow the kernel sees $(($(cat /sys/block/nbd0/size) * 512)) bytes, not $VDB"
+OUT=$(/usr/sbin/resize2fs /dev/nbd0 2>&1) || fail "resize2fs: $OUT"
+FS=$(df -k / | awk 'NR==2{print $2}')
+[ "$FS" -gt $((VDB / 1024 * 85 / 100)) ] && ok "resize2fs: / is $FS KiB" || fail "after resize2fs / is $FS KiB"
+phase resized
+echo "pre sync killed synced detached released resized" > "$D/EXPECTED_PHASES"
+wait_files resized 3
+
+# ---- stop the load, check everything
+touch /run/lmtest/stop
+wait "$LOADPID"; RC=$?
+[ "$RC" = 0 ] && ok "write load stopped: it saw no I/O error" || fail "write load reported $RC errors"
+info "files: pre=$(count pre) sync=$(count sync) killed=$(count killed) synced=$(count synced) detached=$(count detached) released=$(count released) resized=$(count resized)"
+E=$(dmesg_errors)
+[ -z "$E" ] && ok "no I/O errors, ext4 errors or read-only remount in dmesg" || fail "kernel messages: $E"
+info "kernel NBD messages: $(dmesg | grep -acE 'nbd0: (Connection timed out|Dead connection|reconnected)' ) lines: $(dmesg | grep -aE 'block nbd0' | sed 's/^\[ *[0-9.]*\] //' | sort | uniq -c | tr -s ' ' | tr '\n' ';')"
+grep -q ' / ext4 rw' /proc/mounts && ok "/ is still mounted read-write" || fail "/ is not read-write: $(grep ' / ' /proc/mounts)"
+sync
+echo 3 > /proc/sys/vm/drop_caches
+cd "$D" || fail "cd $D"
+BADSUM=$(sha256sum -c MANIFEST 2>&1 | grep -v ': OK$' || true)
+[ -z "$BADSUM" ] && ok "all $(wc -l < MANIFEST) manifest files read back intact after drop_caches" || fail "manifest mismatches: $BADSUM"
+sha256sum -c hot.sha256 >/dev/null 2>&1 && ok "hot.bin intact" || fail "hot.bin mismatch"
+cd /
+J=$(state_is source-detached)
+[ "$(jget error "$J")" = null ] || fail "the daemon reports an error: $J"
+grep -E 'supervisor|ERROR|WARN' "$LOG" | tail -n 12 | sed 's/^/LMLOG daemon: /'
+sync
+mount -o remount,ro / && ok "root remounted read-only" || { softfail "remount,ro / failed"; echo u > /proc/sysrq-trigger; sleep 1; }
+touch /run/lmtest/done
+echo "LMTEST DONE t=$(up)"
+lm_poweroff
