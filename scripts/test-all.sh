@@ -17,8 +17,11 @@ cargo fmt --all -- --check
 step "cargo clippy --all-targets -- -D warnings"
 cargo clippy --workspace --all-targets -- -D warnings
 
+step "cargo build --release (the binary the VM boots carry in their initramfs)"
+cargo build --release
+
 step "cargo test --workspace (unit, integration, interop, faults, VM boots)"
-cargo test --workspace --no-fail-fast
+LIVEMIRROR_VM_BIN="$PWD/target/release/livemirror" cargo test --workspace --no-fail-fast
 
 step "fuzz targets (${LIVEMIRROR_FUZZ_SECONDS:-60} s each)"
 scripts/fuzz.sh "${LIVEMIRROR_FUZZ_SECONDS:-60}"

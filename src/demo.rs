@@ -164,7 +164,7 @@ fn demo(a: DemoArgs) -> anyhow::Result<()> {
         allow_remote: false,
         cache: engine::CacheMode::Auto,
         buffer_budget: Some(64 << 20),
-        nbd_connections: None,
+        nbd_connections: 1,
         nbd_timeout: 30,
         nbd_dead_timeout: 600,
         root_storage_daemon: false,

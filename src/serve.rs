@@ -62,9 +62,11 @@ pub struct ServeArgs {
     /// (default 256M; 64M as a root storage daemon, whose memory is locked)
     #[arg(long, value_name = "SIZE", value_parser = parse_size)]
     pub buffer_budget: Option<u64>,
-    /// Connections the kernel client uses (default: one per I/O thread).
-    #[arg(long, value_name = "N")]
-    pub nbd_connections: Option<usize>,
+    /// Connections the kernel client uses. One by default: with more, Linux
+    /// 6.1 was seen to leave a reply unread until the request timed out
+    /// (docs/decisions.md).
+    #[arg(long, value_name = "N", default_value_t = 1)]
+    pub nbd_connections: usize,
     /// Kernel request timeout: requests in flight on a dead connection are
     /// resent when it fires.
     #[arg(long, value_name = "SECS", default_value_t = 30)]
@@ -262,7 +264,7 @@ pub fn start(args: &ServeArgs) -> anyhow::Result<Running> {
     if let Some(dev) = &args.nbd_device {
         let opts = nbd_frontend::kernel::KernelOptions {
             device: dev.clone(),
-            connections: args.nbd_connections.unwrap_or(nworkers).clamp(1, 16),
+            connections: args.nbd_connections.clamp(1, 16),
             timeout: std::time::Duration::from_secs(args.nbd_timeout.max(1)),
             dead_conn_timeout: std::time::Duration::from_secs(args.nbd_dead_timeout),
         };
