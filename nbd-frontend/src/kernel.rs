@@ -52,6 +52,7 @@ fn serve_pairs<D: BlockDevice>(server: &Server<D>, n: usize) -> io::Result<Vec<U
     for _ in 0..n {
         let (ours, theirs) = UnixStream::pair()?;
         ours.set_nonblocking(true)?;
+        crate::server::enlarge_send_buffer(&ours);
         server.serve_preconnected(ours, neg.clone())?;
         kernel_ends.push(theirs);
     }

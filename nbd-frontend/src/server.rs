@@ -295,7 +295,10 @@ impl<D: BlockDevice> Server<D> {
 
     async fn serve_std(&self, stream: AnyStd) -> io::Result<()> {
         let stream = match stream {
-            AnyStd::Unix(s) => Stream::Unix(tokio::net::UnixStream::from_std(s)?),
+            AnyStd::Unix(s) => {
+                enlarge_send_buffer(&s);
+                Stream::Unix(tokio::net::UnixStream::from_std(s)?)
+            }
             AnyStd::Tcp(s) => Stream::Tcp(tokio::net::TcpStream::from_std(s)?),
         };
         self.serve_stream(stream).await
@@ -355,6 +358,18 @@ impl<D: BlockDevice> Server<D> {
 
     pub fn active_connections(&self) -> usize {
         self.inner.active.load(Ordering::SeqCst)
+    }
+}
+
+/// A Unix socket's send buffer bounds what one write can queue for the peer:
+/// with the default (~200 KiB) a 1 MiB read reply takes several writes and as
+/// many wake-ups of both sides. 4 MiB measured about 10 % more 1M-read
+/// throughput. The kernel caps the value at `net.core.wmem_max`; failure only
+/// costs speed.
+pub(crate) fn enlarge_send_buffer(s: &impl std::os::fd::AsFd) {
+    const SEND_BUFFER: usize = 4 << 20;
+    if let Err(e) = nix::sys::socket::setsockopt(s, nix::sys::socket::sockopt::SndBuf, &SEND_BUFFER) {
+        tracing::debug!("cannot enlarge a socket's send buffer: {e}");
     }
 }
 
