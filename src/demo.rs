@@ -168,7 +168,7 @@ fn demo(a: DemoArgs) -> anyhow::Result<()> {
         nbd_timeout: 30,
         nbd_dead_timeout: 600,
         root_storage_daemon: false,
-        copy_chunk: 1 << 20,
+        copy_chunk: None,
         workers: None,
     };
     let daemon = crate::serve::start(&args)?;

@@ -79,9 +79,9 @@ pub struct ServeArgs {
     /// no OOM kill, supervised restarts (also when argv[0] starts with '@').
     #[arg(long)]
     pub root_storage_daemon: bool,
-    /// Bytes per copier I/O.
-    #[arg(long, value_name = "SIZE", default_value = "1M", value_parser = parse_size)]
-    pub copy_chunk: u64,
+    /// Bytes per copier I/O (default 1M; 256K for files in RAM).
+    #[arg(long, value_name = "SIZE", value_parser = parse_size)]
+    pub copy_chunk: Option<u64>,
     /// I/O threads (default: one per CPU).
     #[arg(long, value_name = "N")]
     pub workers: Option<usize>,
@@ -180,15 +180,17 @@ pub fn start(args: &ServeArgs) -> anyhow::Result<Running> {
             bail!("refusing to listen on {l}: it is reachable from other hosts and NBD has no authentication (add --allow-remote to insist)");
         }
     }
-    if args.copy_chunk == 0 || args.copy_chunk > 64 << 20 || !args.copy_chunk.is_multiple_of(4096) {
-        bail!("--copy-chunk must be a multiple of 4K between 4K and 64M");
+    if let Some(c) = args.copy_chunk {
+        if c == 0 || c > 64 << 20 || !c.is_multiple_of(4096) {
+            bail!("--copy-chunk must be a multiple of 4K between 4K and 64M");
+        }
     }
     let cfg = MirrorConfig {
         region_size: args.region_size.unwrap_or(engine::regions::DEFAULT_REGION_SIZE),
         queue_depth: args.queue_depth.max(1),
         max_rate: args.max_rate,
         min_rate: args.min_rate,
-        copy_chunk: args.copy_chunk as usize,
+        copy_chunk: args.copy_chunk.unwrap_or(0) as usize,
         read_only: args.read_only,
         cache: args.cache,
         detect_zeroes: true,

@@ -422,6 +422,11 @@ impl Backend {
         }
     }
 
+    /// A file in RAM (tmpfs, ramfs).
+    pub fn in_memory(&self) -> bool {
+        self.in_memory
+    }
+
     /// True when a write of `[off, off+len)` must be read-modify-written.
     pub fn needs_rmw(&self, off: u64, len: u64) -> bool {
         self.align > 1 && (!off.is_multiple_of(self.align) || !len.is_multiple_of(self.align))

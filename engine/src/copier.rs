@@ -14,6 +14,7 @@ use std::time::Duration;
 
 use tokio::sync::Semaphore;
 
+use crate::backend::Backend;
 use crate::buf::SharedBuf;
 use crate::device::{Mirror, Target};
 use crate::locks::LockMode;
@@ -62,9 +63,27 @@ async fn nap(m: &Mirror, timeout: Duration) {
     let _ = tokio::time::timeout(timeout, m.copier.wake.notified()).await;
 }
 
+/// Copier I/O size when none is configured. On disks 1 MiB copied fastest
+/// (`livemirror bench`, 1 GiB file to file on this machine's disk: 320–660 MiB/s
+/// against 230–390 MiB/s with 256 KiB). A file in RAM copies equally fast with
+/// either (2.4–2.7 GiB/s), but each copier write holds the file's inode lock,
+/// which foreground writes to the target wait for: with 256 KiB the p99 of 4K
+/// random writes during a sync dropped from 3.2 ms to 1.2–1.6 ms.
+pub(crate) fn chunk_for(configured: usize, source: &Backend, target: &Backend) -> u64 {
+    match configured {
+        0 if source.in_memory() || target.in_memory() => 256 << 10,
+        0 => 1 << 20,
+        n => n as u64,
+    }
+}
+
 pub(crate) async fn run(m: Arc<Mirror>, target: Arc<Target>) {
     let region = m.region_size();
-    let span_bytes = (m.cfg.copy_chunk as u64).max(region);
+    let chunk = match m.route().source.as_deref() {
+        Some(s) => chunk_for(m.cfg.copy_chunk, s, &target.backend),
+        None => chunk_for(m.cfg.copy_chunk, &target.backend, &target.backend),
+    };
+    let span_bytes = chunk.max(region);
     let span_regions = (span_bytes / region).max(1) as usize;
     let qd = m.cfg.queue_depth.max(1);
     let slots = Arc::new(Semaphore::new(qd));
@@ -119,7 +138,7 @@ pub(crate) async fn run(m: Arc<Mirror>, target: Arc<Target>) {
         let m2 = m.clone();
         let t2 = target.clone();
         tokio::task::spawn_local(async move {
-            copy_span(&m2, &t2, run).await;
+            copy_span(&m2, &t2, run, chunk).await;
             m2.copier.end();
             drop(permit);
         });
@@ -129,7 +148,7 @@ pub(crate) async fn run(m: Arc<Mirror>, target: Arc<Target>) {
 }
 
 /// Copies one span of regions under an exclusive lock.
-async fn copy_span(m: &Arc<Mirror>, target: &Arc<Target>, run: Range<usize>) {
+async fn copy_span(m: &Arc<Mirror>, target: &Arc<Target>, run: Range<usize>, chunk: u64) {
     let bytes = map_lock(m).bytes_of(run.clone());
     let _guard = m.locks.lock(bytes.clone(), LockMode::Exclusive).await;
     // Holding the route makes state changes wait for this copy (the barrier).
@@ -168,7 +187,7 @@ async fn copy_span(m: &Arc<Mirror>, target: &Arc<Target>, run: Range<usize>) {
             map.set_unverifiable(regions.clone(), true);
             map.set_discarded(regions.clone(), false);
         } else {
-            if !copy_bytes(m, target, &source, br.clone()).await {
+            if !copy_bytes(m, target, &source, br.clone(), chunk).await {
                 return;
             }
             let mut map = map_lock(m);
@@ -192,8 +211,8 @@ async fn copy_bytes(
     target: &Arc<Target>,
     source: &crate::backend::Backend,
     range: Range<u64>,
+    chunk: u64,
 ) -> bool {
-    let chunk = m.cfg.copy_chunk as u64;
     let mut pos = range.start;
     while pos < range.end {
         let n = (range.end - pos).min(chunk) as usize;

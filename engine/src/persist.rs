@@ -29,6 +29,9 @@
 //!   numbers); a bit already durable costs nothing.
 //! - A bit is cleared when its region had no writer for `QUIET` and both devices
 //!   were flushed after the region's last write.
+//! - Bits are set and cleared per [`INTENT_CHUNK`] (all regions of a chunk
+//!   together), and writers are tracked per chunk, so a write costs one map
+//!   entry however small the regions are.
 //! - On resume, intent regions are dirty again.
 
 use std::collections::HashMap;
@@ -453,10 +456,10 @@ impl StateFile {
 
 // ---------------------------------------------------------------- the journal
 
-/// Per-region bookkeeping while writes are active.
+/// Per-chunk bookkeeping while writes are active.
 struct Activity {
     writers: u32,
-    /// Completion sequence number of the last write to the region.
+    /// Completion sequence number of the last write to the chunk.
     last_write: u64,
     last_end: Instant,
 }
@@ -470,10 +473,12 @@ struct JState {
     source: Option<DeviceIdent>,
     target: Option<DeviceIdent>,
     intent: Bits,
-    /// Generation at which an intent bit was set, until a persist covers it.
+    /// Generation at which a chunk's intent bits were set, until a persist
+    /// covers it (keyed by chunk).
     intent_gen: HashMap<usize, u64>,
     durable_clean: Bits,
     cleaned_pending: Vec<Range<usize>>,
+    /// Keyed by chunk.
     active: HashMap<usize, Activity>,
     write_seq: u64,
     flushed_seq: u64,
@@ -486,6 +491,8 @@ struct Shared {
     kick: Notify,
     stop: AtomicBool,
     shift: u32,
+    /// Regions per intent chunk.
+    per_chunk: usize,
     failed: Mutex<Option<String>>,
     /// State file writes so far.
     writes: std::sync::atomic::AtomicU64,
@@ -499,7 +506,7 @@ pub struct Journal {
 
 /// Held by a write that goes to both devices; `finish` when its legs completed.
 pub struct IntentGuard {
-    regions: Range<usize>,
+    chunks: Range<usize>,
 }
 
 fn lk<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -513,8 +520,8 @@ impl IntentGuard {
         st.write_seq += 1;
         let seq = st.write_seq;
         let now = Instant::now();
-        for r in self.regions {
-            if let Some(a) = st.active.get_mut(&r) {
+        for c in self.chunks {
+            if let Some(a) = st.active.get_mut(&c) {
                 a.writers = a.writers.saturating_sub(1);
                 a.last_write = seq;
                 a.last_end = now;
@@ -549,6 +556,7 @@ impl Journal {
                 kick: Notify::new(),
                 stop: AtomicBool::new(false),
                 shift: img.region_shift,
+                per_chunk: (INTENT_CHUNK >> img.region_shift).max(1) as usize,
                 failed: Mutex::new(None),
                 writes: std::sync::atomic::AtomicU64::new(0),
             }),
@@ -645,35 +653,37 @@ impl Journal {
     /// Sets the intent bits of a write's regions and waits until a persist
     /// that includes them is durable.
     pub async fn begin_write(&self, m: &Mirror, off: u64, len: u64) -> Result<IntentGuard> {
-        let regions = {
+        let per = self.sh.per_chunk;
+        let chunks = {
             let map = m.map.lock().unwrap_or_else(|p| p.into_inner());
             let rs = map.regions_touching(off, len);
-            let per = (INTENT_CHUNK >> self.sh.shift).max(1) as usize;
-            (rs.start / per * per)..rs.end.div_ceil(per).saturating_mul(per).min(map.len())
+            (rs.start / per)..rs.end.div_ceil(per)
         };
         let mut need = 0u64;
         {
             let mut st = lk(&self.sh.st);
             let durable = *self.sh.durable.borrow();
-            for r in regions.clone() {
-                if r >= st.intent.len() {
+            let n = st.intent.len();
+            for c in chunks.clone() {
+                let regions = (c * per).min(n)..((c + 1) * per).min(n);
+                if regions.is_empty() {
                     continue;
                 }
-                let a = st.active.entry(r).or_insert(Activity { writers: 0, last_write: 0, last_end: Instant::now() });
+                let a = st.active.entry(c).or_insert(Activity { writers: 0, last_write: 0, last_end: Instant::now() });
                 a.writers += 1;
-                if !st.intent[r] {
-                    st.intent.set(r, true);
+                if !st.intent[regions.clone()].all() {
+                    st.intent[regions].fill(true);
                     let g = Self::bump(&mut st);
-                    st.intent_gen.insert(r, g);
+                    st.intent_gen.insert(c, g);
                     need = need.max(g);
-                } else if let Some(&g) = st.intent_gen.get(&r) {
+                } else if let Some(&g) = st.intent_gen.get(&c) {
                     if g > durable {
                         need = need.max(g);
                     }
                 }
             }
         }
-        let guard = IntentGuard { regions };
+        let guard = IntentGuard { chunks };
         if need > 0 {
             if let Err(e) = self.wait_durable(need).await {
                 guard.finish(m);
@@ -771,7 +781,7 @@ async fn persister(sh: Arc<Shared>, m: Weak<Mirror>) {
                 st.cleaned_pending.extend(pending);
             }
         }
-        // 2. Intent bits of quiet regions: flush both devices past their last
+        // 2. Intent bits of quiet chunks: flush both devices past their last
         // write, then clear.
         let quiet: Vec<(usize, u64)> = {
             let st = lk(&sh.st);
@@ -801,14 +811,15 @@ async fn persister(sh: Arc<Shared>, m: Weak<Mirror>) {
                 let mut st = lk(&sh.st);
                 let flushed = st.flushed_seq;
                 let mut cleared = false;
-                for (r, w) in quiet {
-                    let still_quiet = st.active.get(&r).is_some_and(|a| a.writers == 0 && a.last_write == w);
+                let per = sh.per_chunk;
+                for (c, w) in quiet {
+                    let still_quiet = st.active.get(&c).is_some_and(|a| a.writers == 0 && a.last_write == w);
                     if still_quiet && w <= flushed {
-                        st.active.remove(&r);
-                        if r < st.intent.len() {
-                            st.intent.set(r, false);
-                        }
-                        st.intent_gen.remove(&r);
+                        st.active.remove(&c);
+                        let n = st.intent.len();
+                        let regions = (c * per).min(n)..((c + 1) * per).min(n);
+                        st.intent[regions].fill(false);
+                        st.intent_gen.remove(&c);
                         cleared = true;
                     }
                 }
