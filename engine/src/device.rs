@@ -613,10 +613,9 @@ impl Mirror {
         let handle = std::thread::Builder::new()
             .name("livemirror-copier".into())
             .spawn(move || {
-                // Background work: the I/O threads win the CPU when both want
-                // it (on a busy 2-core machine the copier otherwise doubled the
-                // foreground p99); the copier still gets what is left, and a
-                // thread's share never drops to nothing under CFS.
+                // Background work: when the CPU is contended the I/O threads
+                // should get it first. The copier keeps a share (CFS never
+                // starves a niced thread), and its rate floor still applies.
                 // SAFETY: setpriority on this thread's own id.
                 if unsafe { libc::setpriority(libc::PRIO_PROCESS, libc::gettid() as libc::id_t, COPIER_NICE) } != 0 {
                     tracing::debug!("cannot lower the copier's priority: {}", std::io::Error::last_os_error());
