@@ -25,4 +25,34 @@ fi
 
 py="${PYTHON:-python3}"
 export LMBENCH_CMDLINE="benches/compare/run.sh${*:+ $*}"
-exec "$py" "$here/bench.py" --repo "$repo" "$@"
+"$py" "$here/bench.py" --repo "$repo" "$@"
+
+# A full run of every section into the default file is README's table: splice it
+# in between the markers (headings one level down, per-run command lists left
+# out: they stay in the results file).
+case " $* " in
+*" --quick "* | *" --out "* | *" --sections "* | *" -h "* | *" --help "*) exit 0 ;;
+esac
+"$py" - "$repo/README.md" "$here/results/latest.md" <<'PY'
+import re, sys
+readme, results = sys.argv[1], sys.argv[2]
+body, skip = [], False
+for line in open(results).read().splitlines():
+    if line == "Commands:":
+        skip = True
+        continue
+    if skip and (line.startswith("- ") or not line.strip()):
+        continue
+    skip = False
+    if line.startswith("#"):
+        line = "##" + line
+    body.append(line)
+text = open(readme).read()
+begin, end = "<!-- bench:begin -->", "<!-- bench:end -->"
+if begin not in text or end not in text:
+    sys.exit("README.md has no bench markers; results are in " + results)
+pre, rest = text.split(begin, 1)
+_, post = rest.split(end, 1)
+open(readme, "w").write(pre + begin + "\n" + "\n".join(body).strip() + "\n" + end + post)
+print("README.md: benchmark tables updated from " + results, file=sys.stderr)
+PY
