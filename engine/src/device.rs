@@ -56,7 +56,7 @@ impl Default for MirrorConfig {
             region_size: DEFAULT_REGION_SIZE,
             queue_depth: 8,
             max_rate: 0,
-            min_rate: 64 << 20,
+            min_rate: 32 << 20,
             copy_chunk: 0,
             read_only: false,
             cache: CacheMode::Auto,
