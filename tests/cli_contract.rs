@@ -5,7 +5,6 @@ mod common;
 use common::*;
 
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
-use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
@@ -57,36 +56,6 @@ fn wait_for(d: &Daemon, secs: u64, what: &str, f: impl Fn(&serde_json::Value) ->
 fn free_tcp_port() -> u16 {
     let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral port");
     l.local_addr().expect("local addr").port()
-}
-
-/// A tmpfs mounted for the test, unmounted on drop (declare it before the
-/// daemon that uses it, so the daemon is gone first).
-struct Mount(PathBuf);
-
-impl Mount {
-    fn tmpfs(dir: &Path, opts: &str) -> Mount {
-        std::fs::create_dir_all(dir).expect("mount point");
-        run_ok(&tool("mount"), &["-t", "tmpfs", "-o", opts, "tmpfs", p(dir)]);
-        Mount(dir.to_path_buf())
-    }
-}
-
-impl Drop for Mount {
-    fn drop(&mut self) {
-        let umount = tool("umount");
-        if !run(&umount, &[p(&self.0)]).status.success() {
-            let _ = run(&umount, &["-l", p(&self.0)]);
-        }
-    }
-}
-
-/// A loop device, detached on drop.
-struct Loop(String);
-
-impl Drop for Loop {
-    fn drop(&mut self) {
-        let _ = run(&tool("losetup"), &["-d", &self.0]);
-    }
 }
 
 /// Waits for a child to exit on its own (the daemon of `spawn_raw`).

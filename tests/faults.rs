@@ -8,7 +8,7 @@ use common::*;
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::fs::FileExt;
 use std::os::unix::net::UnixStream;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -21,41 +21,8 @@ fn u(v: &serde_json::Value) -> u64 {
     v.as_u64().unwrap_or_else(|| panic!("not a number: {v}"))
 }
 
-fn assert_same(got: &[u8], want: &[u8], what: &str) {
-    assert_eq!(got.len(), want.len(), "{what}: length differs");
-    if got == want {
-        return; // memcmp: fast even in a debug build
-    }
-    if let Some(i) = got.iter().zip(want).position(|(a, b)| a != b) {
-        let n = got[i..].iter().zip(&want[i..]).take_while(|(a, b)| a != b).count();
-        panic!("{what}: {n} bytes differ from byte {i} on (got {:#04x}, want {:#04x})", got[i], want[i]);
-    }
-}
-
 fn fill(model: &mut [u8], off: u64, len: u64, b: u8) {
     model[off as usize..(off + len) as usize].fill(b);
-}
-
-fn qemu_io_ok(d: &Daemon, cmds: &[String]) -> String {
-    let uri = d.uri();
-    let mut args = vec!["-f", "raw", uri.as_str()];
-    for c in cmds {
-        args.push("-c");
-        args.push(c);
-    }
-    let out = run(&tool("qemu-io"), &args);
-    let t = text(&out);
-    assert!(out.status.success(), "qemu-io {cmds:?} failed:\n{t}\n--- daemon log ---\n{}", d.log_text());
-    assert!(!t.contains("Pattern verification failed"), "qemu-io {cmds:?}:\n{t}\n{}", d.log_text());
-    assert!(!t.to_lowercase().contains("error"), "qemu-io {cmds:?}:\n{t}\n{}", d.log_text());
-    t
-}
-
-/// The whole export as a client sees it.
-fn export_bytes(d: &Daemon) -> Vec<u8> {
-    let o = Command::new(tool("nbdcopy")).args([&d.uri(), "-"]).env("PATH", debian_path()).output().expect("nbdcopy");
-    assert!(o.status.success(), "nbdcopy: {}\n{}", text(&o), d.log_text());
-    o.stdout
 }
 
 fn has_open(d: &Daemon, path: &Path) -> bool {
@@ -121,36 +88,6 @@ fn assert_degraded(d: &Daemon, target: &Path) -> String {
     err
 }
 
-/// A tmpfs mounted for the test, unmounted on drop (declare it before the
-/// daemon, so the daemon is gone first).
-struct Mount(PathBuf);
-
-impl Mount {
-    fn tmpfs(dir: &Path, opts: &str) -> Mount {
-        std::fs::create_dir_all(dir).expect("mount point");
-        run_ok(&tool("mount"), &["-t", "tmpfs", "-o", opts, "tmpfs", p(dir)]);
-        Mount(dir.to_path_buf())
-    }
-}
-
-impl Drop for Mount {
-    fn drop(&mut self) {
-        let umount = tool("umount");
-        if !run(&umount, &[p(&self.0)]).status.success() {
-            let _ = run(&umount, &["-l", p(&self.0)]);
-        }
-    }
-}
-
-/// A loop device, detached on drop.
-struct Loop(String);
-
-impl Drop for Loop {
-    fn drop(&mut self) {
-        let _ = run(&tool("losetup"), &["-d", &self.0]);
-    }
-}
-
 /// After a target failure: client I/O goes on (on S), S holds the model, and a
 /// good target attached afterwards syncs and verifies.
 fn recover_with_a_good_target(d: &mut Daemon, dir: &Path, src: &Path, model: &mut [u8]) {
@@ -159,12 +96,12 @@ fn recover_with_a_good_target(d: &mut Daemon, dir: &Path, src: &Path, model: &mu
     let mut cmds: Vec<String> = w.iter().map(|&(b, o, l)| format!("write -P {b} {o} {l}")).collect();
     cmds.push("flush".into());
     cmds.extend(w.iter().map(|&(b, o, l)| format!("read -P {b} {o} {l}")));
-    qemu_io_ok(d, &cmds);
+    qemu_io_ok(d, &d.uri(), &cmds);
     for &(b, o, l) in &w {
         fill(model, o, l, b);
     }
     assert_eq!(d.state(), "degraded", "client I/O changed the state");
-    assert_same(&export_bytes(d), model, "export while degraded");
+    assert_same(&export_bytes(&d.uri()), model, "export while degraded");
     assert_same(&std::fs::read(src).unwrap(), model, "source while degraded");
 
     let good = dir.join("good.img");
@@ -177,7 +114,7 @@ fn recover_with_a_good_target(d: &mut Daemon, dir: &Path, src: &Path, model: &mu
     assert_eq!(st["state"], "synced", "{st}");
     assert!(st["error"].is_null(), "the old error is still reported: {st}");
     verify_ok(d);
-    assert_same(&export_bytes(d), model, "export after the new sync");
+    assert_same(&export_bytes(&d.uri()), model, "export after the new sync");
     assert_eq!(d.stop().code(), Some(0), "{}", d.log_text());
     assert_same(&std::fs::read(&good).unwrap(), model, "good target after stop");
     assert_same(&std::fs::read(src).unwrap(), model, "source after stop");
@@ -197,7 +134,7 @@ fn a_target_that_fills_up_mid_sync_degrades_and_loses_nothing() {
     let tgt = mnt.join("t.img");
     make_sparse(&tgt, size); // 64 MiB apparent size on a 20 MiB filesystem
     let mut d = Daemon::start(dir.path(), &["--source", p(&src)]);
-    qemu_io_ok(&d, &["write -P 0x51 5M 1M".into(), "flush".into()]);
+    qemu_io_ok(&d, &d.uri(), &["write -P 0x51 5M 1M".into(), "flush".into()]);
     fill(&mut model, 5 * MIB, MIB, 0x51);
 
     d.cli_ok(&["attach", p(&tgt)]);
@@ -238,7 +175,7 @@ fn a_target_whose_capacity_vanishes_mid_sync_degrades_and_loses_nothing() {
     }
     assert_eq!(d.state(), "syncing");
     // A write into a clean region reaches both legs.
-    qemu_io_ok(&d, &["write -P 0x52 4096 4096".into(), "flush".into()]);
+    qemu_io_ok(&d, &d.uri(), &["write -P 0x52 4096 4096".into(), "flush".into()]);
     fill(&mut model, 4096, 4096, 0x52);
 
     std::fs::OpenOptions::new().write(true).open(&backing).unwrap().set_len(0).unwrap();
@@ -401,7 +338,7 @@ fn malformed_control_traffic_is_refused_and_the_daemon_keeps_serving() {
     let t0 = Instant::now();
     assert_eq!(d.state(), "serving");
     assert!(t0.elapsed() < Duration::from_secs(2), "status took {:?}", t0.elapsed());
-    qemu_io_ok(&d, &["read -P 0x2a 0 4M".into()]);
+    qemu_io_ok(&d, &d.uri(), &["read -P 0x2a 0 4M".into()]);
     // (A control connection left open across SIGTERM is the next test.)
     drop(_silent);
     drop(c);
@@ -419,7 +356,7 @@ fn sigterm_with_an_idle_control_connection_exits_promptly() {
     let src = dir.path().join("s.img");
     make_sparse(&src, 4 * MIB);
     let mut d = Daemon::start(dir.path(), &["--source", p(&src)]);
-    qemu_io_ok(&d, &["write -P 0x17 0 64k".into()]);
+    qemu_io_ok(&d, &d.uri(), &["write -P 0x17 0 64k".into()]);
     let idle = UnixStream::connect(&d.control).unwrap();
     // One that already talked, too.
     let mut talked = UnixStream::connect(&d.control).unwrap();
@@ -489,7 +426,7 @@ fn sigkill_with_clients_connected_then_a_restart_serves_the_same_data() {
     let o = d.cli(&["wait", "--timeout", "60"]);
     assert_eq!(code(&o), 0, "wait after the restart: {}\n{}", text(&o), d.log_text());
     verify_ok(&d);
-    let e = export_bytes(&d);
+    let e = export_bytes(&d.uri());
     // Everything acknowledged before the kill is there; the unflushed area
     // holds, byte by byte, either the old data or the client's 0xee.
     let (a, b) = (20 * MIB as usize, 24 * MIB as usize);

@@ -7,7 +7,6 @@ mod common;
 use common::*;
 
 use std::path::Path;
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 const MIB: u64 = 1 << 20;
@@ -25,40 +24,6 @@ impl Model {
         }
         self.0[off as usize..end].fill(byte);
     }
-}
-
-fn assert_same(got: &[u8], want: &[u8], what: &str) {
-    assert_eq!(got.len(), want.len(), "{what}: length differs");
-    if got == want {
-        return; // memcmp: fast even in a debug build
-    }
-    if let Some(i) = got.iter().zip(want).position(|(a, b)| a != b) {
-        let n = got[i..].iter().zip(&want[i..]).take_while(|(a, b)| a != b).count();
-        panic!("{what}: {n} bytes differ from byte {i} on (got {:#04x}, want {:#04x})", got[i], want[i]);
-    }
-}
-
-/// qemu-io with `cmds` on `uri`; fails on any error or pattern mismatch.
-fn qemu_io_ok(d: &Daemon, uri: &str, cmds: &[String]) -> String {
-    let mut args = vec!["-f".to_string(), "raw".into(), uri.to_string()];
-    for c in cmds {
-        args.push("-c".into());
-        args.push(c.clone());
-    }
-    let a: Vec<&str> = args.iter().map(String::as_str).collect();
-    let out = run(&tool("qemu-io"), &a);
-    let t = text(&out);
-    assert!(out.status.success(), "qemu-io {cmds:?} failed:\n{t}\n--- daemon log ---\n{}", d.log_text());
-    assert!(!t.contains("Pattern verification failed"), "qemu-io {cmds:?}:\n{t}\n{}", d.log_text());
-    assert!(!t.to_lowercase().contains("error"), "qemu-io {cmds:?}:\n{t}\n{}", d.log_text());
-    t
-}
-
-/// The whole export as a client sees it (nbdcopy to stdout).
-fn export_bytes(uri: &str) -> Vec<u8> {
-    let o = Command::new(tool("nbdcopy")).args([uri, "-"]).env("PATH", debian_path()).output().expect("nbdcopy");
-    assert!(o.status.success(), "nbdcopy {uri} -: {}", text(&o));
-    o.stdout
 }
 
 fn nbdinfo_size(uri: &str) -> u64 {

@@ -342,3 +342,68 @@ impl FioRun {
         self.jobs().iter().map(|j| j[dir][field].as_u64().unwrap_or(0)).sum()
     }
 }
+
+/// Panics naming the first differing byte (a byte-for-byte model check).
+pub fn assert_same(got: &[u8], want: &[u8], what: &str) {
+    assert_eq!(got.len(), want.len(), "{what}: length differs");
+    if got == want {
+        return; // memcmp: fast even in a debug build
+    }
+    if let Some(i) = got.iter().zip(want).position(|(a, b)| a != b) {
+        let n = got[i..].iter().zip(&want[i..]).take_while(|(a, b)| a != b).count();
+        panic!("{what}: {n} bytes differ from byte {i} on (got {:#04x}, want {:#04x})", got[i], want[i]);
+    }
+}
+
+/// qemu-io with `cmds` on `uri`; fails on any error or pattern mismatch.
+pub fn qemu_io_ok(d: &Daemon, uri: &str, cmds: &[String]) -> String {
+    let mut args = vec!["-f".to_string(), "raw".into(), uri.to_string()];
+    for c in cmds {
+        args.push("-c".into());
+        args.push(c.clone());
+    }
+    let a: Vec<&str> = args.iter().map(String::as_str).collect();
+    let out = run(&tool("qemu-io"), &a);
+    let t = text(&out);
+    assert!(out.status.success(), "qemu-io {cmds:?} failed:\n{t}\n--- daemon log ---\n{}", d.log_text());
+    assert!(!t.contains("Pattern verification failed"), "qemu-io {cmds:?}:\n{t}\n{}", d.log_text());
+    assert!(!t.to_lowercase().contains("error"), "qemu-io {cmds:?}:\n{t}\n{}", d.log_text());
+    t
+}
+
+/// The whole export as a client sees it (nbdcopy to stdout).
+pub fn export_bytes(uri: &str) -> Vec<u8> {
+    let o = Command::new(tool("nbdcopy")).args([uri, "-"]).env("PATH", debian_path()).output().expect("nbdcopy");
+    assert!(o.status.success(), "nbdcopy {uri} -: {}", text(&o));
+    o.stdout
+}
+
+/// A tmpfs mounted for the test, unmounted on drop (declare it before the
+/// daemon that uses it, so the daemon is gone first).
+pub struct Mount(pub PathBuf);
+
+impl Mount {
+    pub fn tmpfs(dir: &Path, opts: &str) -> Mount {
+        std::fs::create_dir_all(dir).expect("mount point");
+        run_ok(&tool("mount"), &["-t", "tmpfs", "-o", opts, "tmpfs", p(dir)]);
+        Mount(dir.to_path_buf())
+    }
+}
+
+impl Drop for Mount {
+    fn drop(&mut self) {
+        let umount = tool("umount");
+        if !run(&umount, &[p(&self.0)]).status.success() {
+            let _ = run(&umount, &["-l", p(&self.0)]);
+        }
+    }
+}
+
+/// A loop device, detached on drop.
+pub struct Loop(pub String);
+
+impl Drop for Loop {
+    fn drop(&mut self) {
+        let _ = run(&tool("losetup"), &["-d", &self.0]);
+    }
+}
