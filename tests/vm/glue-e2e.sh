@@ -210,20 +210,7 @@ lm_phase_end
 # ------------------------------------------------------------------ boot 2
 if [ "${LIVEMIRROR_VM_BOOT2:-1}" != 0 ]; then
   lm_phase "boot 2: the installed disk as root (same initramfs, no rd.livemirror)"
-  set +e
-  lm_boot "$O/boot2.log" 240 "$O/initrd.img" "root=/dev/vda rw lm.mode=installed lm.token=$TOKEN" \
-    -drive "file=$O/vdb.img,if=virtio,format=raw"
-  RC=$?
-  set -e
-  [ "$RC" = 0 ] || lm_fail "boot 2: QEMU exited $RC"
-  lm_judge "$O/boot2.log" || true
-  if e2fsck -fn "$O/vdb.img" > "$O/e2fsck2.log" 2>&1; then
-    lm_ok "e2fsck -fn after boot 2: clean"
-  else
-    lm_fail "e2fsck -fn after boot 2 reported problems: $(tail -n 3 "$O/e2fsck2.log" | tr '\n' ' ')"
-  fi
-  B2=$(debugfs -R "cat /data/boot2.bin" "$O/vdb.img" 2>/dev/null | sha256sum | cut -d' ' -f1)
-  lm_check "host: the file boot 2 wrote is on the disk" bash -c "debugfs -R 'cat /data/boot2.sha256' '$O/vdb.img' 2>/dev/null | grep -q '^$B2 '"
+  lm_boot_installed "$O" 240 "$O/initrd.img" "root=/dev/vda rw lm.mode=installed lm.token=$TOKEN"
   lm_phase_end
 fi
 
