@@ -1,6 +1,8 @@
 //! Deterministic replays of the races semantics.md names. Hooks hold an
 //! operation at an exact point; the test then checks what may and may not
 //! happen meanwhile, releases it, and checks every byte at the end.
+mod common;
+use common::pattern;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -20,18 +22,6 @@ struct Fx {
     t: Arc<TestHooks>,
     m: Arc<Mirror>,
     model: Vec<u8>,
-}
-
-fn pattern(seed: u64, len: usize) -> Vec<u8> {
-    let mut x = seed | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            (x >> 24) as u8
-        })
-        .collect()
 }
 
 fn fixture(regions: u64, cfg: MirrorConfig, align: u64) -> Fx {

@@ -1,4 +1,6 @@
 //! Write-intent ordering and resume, checked deterministically in-process.
+mod common;
+use common::pattern;
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -11,16 +13,14 @@ use engine::{rt, Backend, DeviceState, IoBuf, MirrorConfig, OpenOptions};
 
 const R: u64 = 64 << 10;
 
-fn pattern(seed: u64, len: usize) -> Vec<u8> {
-    let mut x = seed | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            (x >> 24) as u8
-        })
-        .collect()
+/// Start options for source `s` mirrored to `t` with the state file `st`.
+fn mirrored(s: &Path, t: &Path, st: &Path) -> StartOptions {
+    StartOptions {
+        source: Some(s.to_path_buf()),
+        target: Some(t.to_path_buf()),
+        state: Some(st.to_path_buf()),
+        ..Default::default()
+    }
 }
 
 fn cfg() -> MirrorConfig {
@@ -125,12 +125,7 @@ fn intent_regions_are_dirty_again_on_resume() {
     drop((sb, tb));
     StateFile::create(&st, &img).unwrap();
     rt::block_on(async {
-        let opts = StartOptions {
-            source: Some(s.clone()),
-            target: Some(t.clone()),
-            state: Some(st.clone()),
-            ..Default::default()
-        };
+        let opts = mirrored(&s, &t, &st);
         let started = start(&opts, cfg()).expect("resume");
         assert!(started.resumed_sync, "intent regions make the device sync again");
         let m = started.mirror;
@@ -153,12 +148,7 @@ fn an_already_durable_intent_bit_costs_no_state_write() {
     std::fs::write(&s, pattern(3, (4 * R) as usize)).unwrap();
     std::fs::File::create(&t).and_then(|f| f.set_len(4 * R)).unwrap();
     rt::block_on(async {
-        let opts = StartOptions {
-            source: Some(s.clone()),
-            target: Some(t.clone()),
-            state: Some(st.clone()),
-            ..Default::default()
-        };
+        let opts = mirrored(&s, &t, &st);
         let started = start(&opts, cfg()).expect("start");
         let m = started.mirror;
         m.attach(&t).await.expect("attach");
