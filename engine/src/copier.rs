@@ -77,14 +77,30 @@ pub(crate) fn chunk_for(configured: usize, source: &Backend, target: &Backend) -
     }
 }
 
+/// Copier I/O size while clients are busy. The copier then runs at its floor
+/// rate, so smaller pieces cost no throughput, and a foreground write that
+/// meets a copy in flight (a locked span, the target's inode lock, a device
+/// queue slot) waits for less. 4K random writes during a sync of a file in RAM
+/// (fio QD32, 10 s, two runs each): p99 1.13-1.32x idle with 64 KiB pieces,
+/// 1.34-2.17x with 256 KiB.
+const BUSY_CHUNK: u64 = 64 << 10;
+
+/// The I/O size for the next span: the configured one when the copier has
+/// the devices to itself, at most [`BUSY_CHUNK`] while clients are busy.
+fn chunk_now(clients_busy: bool, idle_chunk: u64) -> u64 {
+    if clients_busy {
+        idle_chunk.min(BUSY_CHUNK)
+    } else {
+        idle_chunk
+    }
+}
+
 pub(crate) async fn run(m: Arc<Mirror>, target: Arc<Target>) {
     let region = m.region_size();
-    let chunk = match m.route().source.as_deref() {
+    let idle_chunk = match m.route().source.as_deref() {
         Some(s) => chunk_for(m.cfg.copy_chunk, s, &target.backend),
         None => chunk_for(m.cfg.copy_chunk, &target.backend, &target.backend),
     };
-    let span_bytes = chunk.max(region);
-    let span_regions = (span_bytes / region).max(1) as usize;
     let qd = m.cfg.queue_depth.max(1);
     let slots = Arc::new(Semaphore::new(qd));
     let mut cursor = 0usize;
@@ -98,6 +114,8 @@ pub(crate) async fn run(m: Arc<Mirror>, target: Arc<Target>) {
             nap(&m, Duration::from_millis(200)).await;
             continue;
         }
+        let chunk = chunk_now(m.fg.is_active(), idle_chunk);
+        let span_regions = (chunk.max(region) / region).max(1) as usize;
         let next = map_lock(&m).next_dirty_run(cursor, span_regions);
         let Some(run) = next else {
             // End of a pass: let in-flight spans land before looking again.
@@ -252,7 +270,14 @@ async fn copy_bytes(
 
 #[cfg(test)]
 mod tests {
-    use super::is_zero;
+    use super::{chunk_now, is_zero, BUSY_CHUNK};
+
+    #[test]
+    fn copier_pieces_shrink_only_while_clients_are_busy() {
+        assert_eq!(chunk_now(false, 1 << 20), 1 << 20);
+        assert_eq!(chunk_now(true, 1 << 20), BUSY_CHUNK);
+        assert_eq!(chunk_now(true, 16 << 10), 16 << 10, "a smaller configured size is kept");
+    }
 
     #[test]
     fn zero_detection() {
