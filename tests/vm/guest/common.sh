@@ -111,3 +111,31 @@ check_nbd_timeouts() {
     fail "$1: livemirror left kernel requests unanswered until the NBD timeout (see tests/vm/README.md, bugs found): $(echo "$_e" | tr '\n' ';')"
   fi
 }
+
+# Boot 1 of every live-system scenario: / is ext4 on /dev/nbd0 and shows this
+# run's base image through the snapshot and livemirror.
+check_live_root() {
+  _root=$(awk '$2=="/"' /proc/mounts | tail -n 1)
+  case "$_root" in /dev/nbd0\ /\ ext4\ *) ok "root is /dev/nbd0: $_root" ;; *) fail "root is not /dev/nbd0: $_root" ;; esac
+  grep -q "$(cmdline token none)" /etc/base-marker && ok "base image content visible through the snapshot + livemirror" \
+    || fail "/etc/base-marker does not hold this run's token"
+}
+
+# Stops the write load (load.sh, pid $1) and checks that it saw no I/O error.
+stop_load() {
+  touch /run/lmtest/stop
+  wait "$1"; _rc=$?
+  [ "$_rc" = 0 ] && ok "write load stopped: it saw no I/O error" || fail "write load reported $_rc errors"
+}
+
+# Reads every file the load wrote in $1 back from the device (not the page
+# cache) against its manifest, and the in-place rewritten hot.bin.
+verify_load_files() {
+  sync
+  echo 3 > /proc/sys/vm/drop_caches
+  cd "$1" || fail "cd $1"
+  _bad=$(sha256sum -c MANIFEST 2>&1 | grep -v ': OK$' || true)
+  [ -z "$_bad" ] && ok "all $(wc -l < MANIFEST) manifest files read back intact after drop_caches" || fail "manifest mismatches: $_bad"
+  sha256sum -c hot.sha256 >/dev/null 2>&1 && ok "hot.bin (rewritten in place during every phase) intact" || fail "hot.bin mismatch"
+  cd /
+}

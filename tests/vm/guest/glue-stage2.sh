@@ -63,18 +63,14 @@ fi
 
 if [ "$MODE" = bootonly ]; then
   # Debugging aid (LIVEMIRROR_VM_GLUE_MODE=bootonly): check the boot, power off at once.
-  ROOT=$(awk '$2=="/"' /proc/mounts | tail -n 1)
-  case "$ROOT" in /dev/nbd0\ /\ ext4\ *) ok "root is /dev/nbd0: $ROOT" ;; *) fail "root is not /dev/nbd0: $ROOT" ;; esac
+  check_live_root
   check_daemon "$(cat /run/livemirror/pid)"
   echo "LMTEST DONE t=$(up)"
   poweroff_systemd
 fi
 
 # ---------------------------------------------------------------- boot 1: the live system
-ROOT=$(awk '$2=="/"' /proc/mounts | tail -n 1)
-case "$ROOT" in /dev/nbd0\ /\ ext4\ *) ok "root is /dev/nbd0: $ROOT" ;; *) fail "root is not /dev/nbd0: $ROOT" ;; esac
-grep -q "$(cmdline token none)" /etc/base-marker && ok "base image content visible through the snapshot + livemirror" \
-  || fail "/etc/base-marker does not hold this run's token"
+check_live_root
 [ -r /run/livemirror/pid ] || fail "no /run/livemirror/pid: the glue did not start the daemon"
 SUP=$(cat /run/livemirror/pid)
 check_daemon "$SUP"
@@ -128,17 +124,9 @@ info "mem_available_kib before=$MEM0 after=$MEM1"
 wait_files after 5
 
 # ---------------------------------------------------------------- stop the load, check
-touch /run/lmtest/stop
-wait "$LOADPID"; RC=$?
-[ "$RC" = 0 ] && ok "write load stopped cleanly (no I/O error seen by it)" || fail "write load reported $RC errors"
+stop_load "$LOADPID"
 info "files: pre=$(count pre) install=$(count install) after=$(count after)"
-sync
-echo 3 > /proc/sys/vm/drop_caches
-cd "$D" || fail "cd $D"
-BADSUM=$(sha256sum -c MANIFEST 2>&1 | grep -v ': OK$' || true)
-[ -z "$BADSUM" ] && ok "all $(wc -l < MANIFEST) manifest files read back intact after drop_caches" || fail "manifest mismatches: $BADSUM"
-sha256sum -c hot.sha256 >/dev/null 2>&1 && ok "hot.bin intact" || fail "hot.bin mismatch"
-cd /
+verify_load_files "$D"
 check_nbd_timeouts "whole run"
 E=$(dmesg_errors)
 [ -z "$E" ] && ok "no I/O errors, ext4 errors or read-only remount in dmesg" || fail "kernel messages: $E"

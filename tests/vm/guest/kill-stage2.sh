@@ -63,10 +63,7 @@ kill_daemon() {
 
 echo "LMTEST INFO: kill-stage2 start (pid $$) t=$(up)"
 start_watchdog
-ROOT=$(grep ' / ' /proc/mounts | tail -n 1)
-case "$ROOT" in /dev/nbd0\ /\ ext4\ *) ok "root is /dev/nbd0: $ROOT" ;; *) fail "root is not /dev/nbd0: $ROOT" ;; esac
-grep -q "$(cmdline token none)" /etc/base-marker && ok "base image content visible through the snapshot + livemirror" \
-  || fail "/etc/base-marker does not hold this run's token"
+check_live_root
 SUP=$(cat /run/livemirror/serve.pid)
 check_daemon "$SUP"
 [ -s /run/livemirror/state ] && ok "state file /run/livemirror/state: $(wc -c < /run/livemirror/state) bytes" || fail "no state file"
@@ -166,21 +163,13 @@ echo "pre sync killed synced detached released resized" > "$D/EXPECTED_PHASES"
 wait_files resized 3
 
 # ---- stop the load, check everything
-touch /run/lmtest/stop
-wait "$LOADPID"; RC=$?
-[ "$RC" = 0 ] && ok "write load stopped: it saw no I/O error" || fail "write load reported $RC errors"
+stop_load "$LOADPID"
 info "files: pre=$(count pre) sync=$(count sync) killed=$(count killed) synced=$(count synced) detached=$(count detached) released=$(count released) resized=$(count resized)"
 E=$(dmesg_errors)
 [ -z "$E" ] && ok "no I/O errors, ext4 errors or read-only remount in dmesg" || fail "kernel messages: $E"
 info "kernel NBD messages: $(dmesg | grep -acE 'nbd0: (Connection timed out|Dead connection|reconnected)' ) lines: $(dmesg | grep -aE 'block nbd0' | sed 's/^\[ *[0-9.]*\] //' | sort | uniq -c | tr -s ' ' | tr '\n' ';')"
 grep -q ' / ext4 rw' /proc/mounts && ok "/ is still mounted read-write" || fail "/ is not read-write: $(grep ' / ' /proc/mounts)"
-sync
-echo 3 > /proc/sys/vm/drop_caches
-cd "$D" || fail "cd $D"
-BADSUM=$(sha256sum -c MANIFEST 2>&1 | grep -v ': OK$' || true)
-[ -z "$BADSUM" ] && ok "all $(wc -l < MANIFEST) manifest files read back intact after drop_caches" || fail "manifest mismatches: $BADSUM"
-sha256sum -c hot.sha256 >/dev/null 2>&1 && ok "hot.bin intact" || fail "hot.bin mismatch"
-cd /
+verify_load_files "$D"
 J=$(state_is source-detached)
 [ "$(jget error "$J")" = null ] || fail "the daemon reports an error: $J"
 grep -E 'supervisor|ERROR|WARN' "$LOG" | tail -n 12 | sed 's/^/LMLOG daemon: /'

@@ -27,10 +27,7 @@ state_is() { # state_is STATE: status --json says so (else fail, with the JSON)
 }
 
 echo "LMTEST INFO: stage2 start (pid $$) t=$(up)"
-ROOT=$(grep ' / ' /proc/mounts | tail -n 1)
-case "$ROOT" in /dev/nbd0\ /\ ext4\ *) ok "root is /dev/nbd0: $ROOT" ;; *) fail "root is not /dev/nbd0: $ROOT" ;; esac
-grep -q "$(cmdline token none)" /etc/base-marker && ok "base image content visible through the snapshot + livemirror" \
-  || fail "/etc/base-marker does not hold this run's token"
+check_live_root
 
 start_watchdog
 LMPID=$(cat /run/livemirror/serve.pid)
@@ -156,18 +153,9 @@ else
 fi
 
 # ---- stop the load, check every file from the device (not the page cache)
-touch /run/lmtest/stop
-wait "$LOADPID"; RC=$?
-[ "$RC" = 0 ] && ok "write load stopped cleanly" || fail "write load reported $RC errors"
+stop_load "$LOADPID"
 info "files: pre=$(count pre) sync=$(count sync) synced=$(count synced) detached=$(count detached) grown=$(count grown) resized=$(count resized)"
-sync
-echo 3 > /proc/sys/vm/drop_caches
-cd "$D" || fail "cd $D"
-TOTAL=$(wc -l < MANIFEST)
-BADSUM=$(sha256sum -c MANIFEST 2>&1 | grep -v ': OK$' || true)
-[ -z "$BADSUM" ] && ok "all $TOTAL manifest files read back intact after drop_caches" || fail "manifest mismatches: $BADSUM"
-sha256sum -c hot.sha256 >/dev/null 2>&1 && ok "hot.bin (rewritten in place during every phase) intact" || fail "hot.bin mismatch"
-cd /
+verify_load_files "$D"
 J=$(state_is source-detached)
 [ "$(jget error "$J")" = null ] || fail "daemon reports an error: $J"
 ok "final status: $J"
