@@ -29,7 +29,7 @@ pub struct BenchArgs {
     #[arg(long, value_name = "LIST", value_delimiter = ',', default_value = "1,4,8,16,32")]
     pub queue_depths: Vec<usize>,
     /// Bytes per copier I/O.
-    #[arg(long, value_name = "LIST", value_delimiter = ',', value_parser = parse_size, default_value = "1M")]
+    #[arg(long, value_name = "LIST", value_delimiter = ',', value_parser = parse_size, default_value = "1M,2M")]
     pub copy_chunks: Vec<u64>,
     /// Rate limits to try (0 = unlimited).
     #[arg(long, value_name = "LIST", value_delimiter = ',', value_parser = parse_size, default_value = "0")]

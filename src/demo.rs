@@ -156,7 +156,7 @@ fn demo(a: DemoArgs) -> anyhow::Result<()> {
         restart_sync: false,
         export_name: String::new(),
         region_size: Some(64 << 10),
-        queue_depth: 8,
+        queue_depth: engine::device::DEFAULT_QUEUE_DEPTH,
         max_rate: 0,
         min_rate: 0,
         nbd_device: None,

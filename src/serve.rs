@@ -39,7 +39,7 @@ pub struct ServeArgs {
     #[arg(long, value_name = "SIZE", value_parser = parse_size)]
     pub region_size: Option<u64>,
     /// Copier I/Os in flight.
-    #[arg(long, value_name = "N", default_value_t = 8)]
+    #[arg(long, value_name = "N", default_value_t = engine::device::DEFAULT_QUEUE_DEPTH)]
     pub queue_depth: usize,
     /// Copy rate limit (0 = unlimited).
     #[arg(long, value_name = "RATE", default_value = "0", value_parser = parse_size)]
@@ -81,7 +81,7 @@ pub struct ServeArgs {
     /// no OOM kill, supervised restarts (also when argv[0] starts with '@').
     #[arg(long)]
     pub root_storage_daemon: bool,
-    /// Bytes per copier I/O when clients are idle (default 1M; 256K for files in RAM). While clients are busy the copier uses at most 64K.
+    /// Bytes per copier I/O when clients are idle (default 2M; 256K for files in RAM). While clients are busy the copier uses at most 64K.
     #[arg(long, value_name = "SIZE", value_parser = parse_size)]
     pub copy_chunk: Option<u64>,
     /// I/O threads (default: one per CPU).

@@ -199,6 +199,39 @@ def rss_kib(pid, field="VmRSS"):
     return None
 
 
+def disk_stat_path(path):
+    """/sys/.../stat of the block device holding `path`, or None (tmpfs and other virtual filesystems)."""
+    dev = os.stat(path).st_dev
+    if os.major(dev) == 0:
+        return None
+    p = f"/sys/dev/block/{os.major(dev)}:{os.minor(dev)}/stat"
+    return p if os.path.exists(p) else None
+
+
+def settle_disk(path, quiet_s=1.0, limit_s=20.0):
+    """Waits until the disk holding `path` has had no I/O in flight and no new writes for `quiet_s`
+    (the previous copy's write-back must not slow the next one down). Returns the seconds waited."""
+    stat = disk_stat_path(path)
+    if stat is None:
+        return 0.0
+    t0 = time.monotonic()
+    last, quiet_since = None, None
+    while time.monotonic() - t0 < limit_s:
+        with open(stat) as f:
+            fields = f.read().split()
+        writes, in_flight = int(fields[6]), int(fields[8])  # sectors written, I/Os in flight
+        now = time.monotonic()
+        if in_flight == 0 and writes == last:
+            quiet_since = quiet_since or now
+            if now - quiet_since >= quiet_s:
+                break
+        else:
+            quiet_since = None
+        last = writes
+        time.sleep(0.1)
+    return time.monotonic() - t0
+
+
 def drop_caches(notes):
     try:
         os.sync()
@@ -843,9 +876,17 @@ class Bench:
         raw = {m: [] for m in methods}
         names = list(methods)
         for rep in range(self.reps):
+            # Rotated and, every other repetition, reversed: no method always runs right after the
+            # same other one (a disk still writing back the previous copy slows the next).
             order = names[rep % len(names):] + names[:rep % len(names)]
+            if rep % 2:
+                order.reverse()
             for m in order:
                 kind, spec = methods[m]
+                drop_caches(self.notes)
+                settled = settle_disk(S)
+                if settled > 5:
+                    log(f"B {where}: waited {settled:.1f} s for the disk to go quiet")
                 if kind == "cmd":
                     rec = self.measure(lambda: self._copy_cmd(spec, size))
                 else:
@@ -872,7 +913,6 @@ class Bench:
                                                   for m, (k, s) in methods.items()}}
 
     def _copy_cmd(self, argv, size):
-        drop_caches(self.notes)
         usage = Usage().start()
         t0 = time.monotonic()
         r = subprocess.run(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -934,8 +974,9 @@ class Bench:
         out = [
             "## B. Copying (2 GiB, random data; sync engine vs one-shot copy tools)",
             "",
-            f"Source and target (pre-written, same size) in the same directory; page cache dropped before every run; "
-            f"median of {self.reps} run(s). livemirror: `serve --source S --cache direct` started first (not timed), then the "
+            f"Source and target (pre-written, same size) in the same directory; page cache dropped before every run, "
+            "and on the disk a wait until it has had no I/O for 1 s (the previous copy's write-back); the order of the "
+            f"methods is rotated and reversed between repetitions; median of {self.reps} run(s). livemirror: `serve --source S --cache direct` started first (not timed), then the "
             "wall time from `livemirror attach T` until `status` says `synced` (polled every 50 ms); \"internal\" is the "
             "time between the daemon's own `attached` and `synced` events. nbdcopy gets `--flush` (without it, a 2 GiB copy "
             "into the page cache never reaches the disk within the timed run). On tmpfs livemirror is also run with "

@@ -63,16 +63,19 @@ async fn nap(m: &Mirror, timeout: Duration) {
     let _ = tokio::time::timeout(timeout, m.copier.wake.notified()).await;
 }
 
-/// Copier I/O size when none is configured. On disks 1 MiB copied fastest
-/// (`livemirror bench`, 1 GiB file to file on this machine's disk: 320–660 MiB/s
-/// against 230–390 MiB/s with 256 KiB). A file in RAM copies equally fast with
-/// either (2.4–2.7 GiB/s), but each copier write holds the file's inode lock,
-/// which foreground writes to the target wait for: with 256 KiB the p99 of 4K
-/// random writes during a sync dropped from 3.2 ms to 1.2–1.6 ms.
+/// Copier I/O size when none is configured. On disks 2 MiB with the default
+/// queue depth of 16 (32 MiB in flight, as `qemu-img convert -m 16` keeps)
+/// copied fastest: 2 GiB file to file on this machine's disk, 10 runs
+/// alternating with qemu-img, median 0.53 GB/s against its 0.46; 1 MiB at
+/// depth 8 got 0.26–0.49, 2 MiB at depth 8 0.28–0.67 (docs/decisions.md). A file in RAM
+/// copies equally fast with 256 KiB or 1 MiB (2.4–2.7 GiB/s), and each copier
+/// write holds the file's inode lock, which foreground writes to the target wait
+/// for: with 256 KiB the p99 of 4K random writes during a sync dropped from
+/// 3.2 ms to 1.2–1.6 ms.
 pub(crate) fn chunk_for(configured: usize, source: &Backend, target: &Backend) -> u64 {
     match configured {
         0 if source.in_memory() || target.in_memory() => 256 << 10,
-        0 => 1 << 20,
+        0 => 2 << 20,
         n => n as u64,
     }
 }

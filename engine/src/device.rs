@@ -33,6 +33,9 @@ use crate::stacking;
 use crate::status::{DeviceState, Status};
 
 /// Tunables of a mirror device.
+/// Copier I/Os in flight by default (see [`crate::copier::chunk_for`]).
+pub const DEFAULT_QUEUE_DEPTH: usize = 16;
+
 #[derive(Debug, Clone)]
 pub struct MirrorConfig {
     pub region_size: u64,
@@ -54,7 +57,7 @@ impl Default for MirrorConfig {
     fn default() -> Self {
         MirrorConfig {
             region_size: DEFAULT_REGION_SIZE,
-            queue_depth: 8,
+            queue_depth: DEFAULT_QUEUE_DEPTH,
             max_rate: 0,
             min_rate: 32 << 20,
             copy_chunk: 0,
