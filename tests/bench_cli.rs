@@ -32,7 +32,17 @@ fn bench_needs_force_never_writes_the_source_and_recommends_flags() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("--force"));
     assert!(std::fs::read(&tgt).unwrap() == pattern(22, 8 << 20), "the target was written without --force");
 
-    let out = bench(&["--force", "--region-sizes", "64K,1M", "--queue-depths", "1,4", "--bytes", "4M"]);
+    let out = bench(&[
+        "--force",
+        "--region-sizes",
+        "64K,1M",
+        "--queue-depths",
+        "1,4",
+        "--copy-chunks",
+        "1M",
+        "--bytes",
+        "4M",
+    ]);
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{text}{}", String::from_utf8_lossy(&out.stderr));
     let rows = text.lines().filter(|l| l.split_whitespace().next().is_some_and(|w| w.parse::<f64>().is_ok())).count();
@@ -42,7 +52,18 @@ fn bench_needs_force_never_writes_the_source_and_recommends_flags() {
     let t = std::fs::read(&tgt).unwrap();
     assert!(t[..4 << 20] == data[..4 << 20], "the target holds the copied prefix");
 
-    let out = bench(&["--force", "--bytes", "1M", "--region-sizes", "64K", "--queue-depths", "2", "--json"]);
+    let out = bench(&[
+        "--force",
+        "--bytes",
+        "1M",
+        "--region-sizes",
+        "64K",
+        "--queue-depths",
+        "2",
+        "--copy-chunks",
+        "1M",
+        "--json",
+    ]);
     let line = String::from_utf8_lossy(&out.stdout);
     let v: serde_json::Value = serde_json::from_str(line.trim()).expect("one JSON run");
     assert_eq!(v["bytes"], 1 << 20);
