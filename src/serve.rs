@@ -81,7 +81,7 @@ pub struct ServeArgs {
     /// no OOM kill, supervised restarts (also when argv[0] starts with '@').
     #[arg(long)]
     pub root_storage_daemon: bool,
-    /// Bytes per copier I/O when clients are idle (default 2M; 256K for files in RAM). While clients are busy the copier uses at most 64K.
+    /// Bytes per copier I/O when clients are idle (default 2M; 1M for files in RAM). While clients are busy the copier uses at most 64K.
     #[arg(long, value_name = "SIZE", value_parser = parse_size)]
     pub copy_chunk: Option<u64>,
     /// I/O threads (default: one per CPU).

@@ -67,14 +67,13 @@ async fn nap(m: &Mirror, timeout: Duration) {
 /// queue depth of 16 (32 MiB in flight, as `qemu-img convert -m 16` keeps)
 /// copied fastest: 2 GiB file to file on this machine's disk, 10 runs
 /// alternating with qemu-img, median 0.53 GB/s against its 0.46; 1 MiB at
-/// depth 8 got 0.26–0.49, 2 MiB at depth 8 0.28–0.67 (docs/decisions.md). A file in RAM
-/// copies equally fast with 256 KiB or 1 MiB (2.4–2.7 GiB/s), and each copier
-/// write holds the file's inode lock, which foreground writes to the target wait
-/// for: with 256 KiB the p99 of 4K random writes during a sync dropped from
-/// 3.2 ms to 1.2–1.6 ms.
+/// depth 8 got 0.26–0.49, 2 MiB at depth 8 0.28–0.67 (docs/decisions.md). A
+/// file in RAM is copied with plain syscalls up to 1 MiB (see the backend), and
+/// 1 MiB pieces copied 2 GiB tmpfs → tmpfs at 2.75–3.24 GB/s against 2.21–3.10
+/// with 256 KiB (dd: 2.92–3.34). Foreground latency is kept by [`BUSY_CHUNK`].
 pub(crate) fn chunk_for(configured: usize, source: &Backend, target: &Backend) -> u64 {
     match configured {
-        0 if source.in_memory() || target.in_memory() => 256 << 10,
+        0 if source.in_memory() || target.in_memory() => 1 << 20,
         0 => 2 << 20,
         n => n as u64,
     }
