@@ -32,10 +32,10 @@ use crate::regions::{validate_region_size, RegionMap, DEFAULT_REGION_SIZE};
 use crate::stacking;
 use crate::status::{DeviceState, Status};
 
-/// Tunables of a mirror device.
 /// Copier I/Os in flight by default (see [`crate::copier::chunk_for`]).
 pub const DEFAULT_QUEUE_DEPTH: usize = 16;
 
+/// Tunables of a mirror device.
 #[derive(Debug, Clone)]
 pub struct MirrorConfig {
     pub region_size: u64,
