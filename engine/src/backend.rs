@@ -20,7 +20,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use io_uring::{opcode, types};
+use io_uring::{opcode, squeue, types};
 
 use crate::buf::{IoBuf, SharedBuf};
 use crate::error::{Error, IoContext, Result};
@@ -136,18 +136,28 @@ pub struct Backend {
     mem_align: usize,
     identity: Identity,
     writable: bool,
-    /// A file in RAM (tmpfs, ramfs): see [`SYNC_MEMORY_MAX`].
+    /// A file in RAM (tmpfs, ramfs): see [`SYNC_MEMORY_MAX`] and [`WORKER_MEMORY_WRITE_MIN`].
     in_memory: bool,
     hooks: Option<Arc<dyn IoHooks>>,
 }
 
-/// Largest I/O done with a plain syscall on a file in RAM. tmpfs cannot do
+/// Largest read done with a plain syscall on a file in RAM (for writes see
+/// [`WORKER_MEMORY_WRITE_MIN`]). tmpfs cannot do
 /// non-blocking I/O, so io_uring hands every such operation to a kernel worker
 /// thread and back; for a memory copy of this size the handoff costs more than
 /// the copy (measured: 4K reads from tmpfs took about twice the CPU per request
 /// through io_uring). Larger copies still go through io_uring, which keeps them
 /// off the I/O thread.
 const SYNC_MEMORY_MAX: usize = 1 << 20;
+
+/// Smallest write to a file in RAM that is handed to an io_uring worker
+/// instead (forced with IOSQE_ASYNC). The worker's copy into the page cache
+/// then overlaps with the I/O thread's next socket receive or the copier's next
+/// source read, on the other core. Measured on 2 GiB tmpfs copies with 1 MiB
+/// pieces: 0.68 s median vs 0.73 s with plain syscalls; 1M NBD writes at QD8:
+/// 1.96 vs 1.88 GB/s. Writes to one file are serialised by io_uring anyway, so
+/// they do not contend on the inode lock.
+const WORKER_MEMORY_WRITE_MIN: usize = 256 << 10;
 
 fn is_in_memory(fd: RawFd) -> bool {
     const TMPFS_MAGIC: i64 = 0x0102_1994;
@@ -488,10 +498,11 @@ impl Backend {
         off: u64,
         fua: bool,
     ) -> (io::Result<()>, K) {
-        if self.in_memory && len <= SYNC_MEMORY_MAX {
+        if self.in_memory && len < WORKER_MEMORY_WRITE_MIN {
             // SAFETY: the caller guarantees [ptr, ptr+len) stays valid.
             return (unsafe { self.sync_write_all(ptr, len, off, fua) }, keep);
         }
+        let sqe_flags = if self.in_memory { squeue::Flags::ASYNC } else { squeue::Flags::empty() };
         let reactor = match Reactor::current() {
             Ok(r) => r,
             Err(e) => return (Err(e), keep),
@@ -505,7 +516,9 @@ impl Backend {
             let p = unsafe { ptr.add(done) };
             let fd = self.types_fd();
             let o = off + done as u64;
-            let op = reactor.start(keep, |_| opcode::Write::new(fd, p, chunk as u32).offset(o).rw_flags(flags).build());
+            let op = reactor.start(keep, |_| {
+                opcode::Write::new(fd, p, chunk as u32).offset(o).rw_flags(flags).build().flags(sqe_flags)
+            });
             let (res, k) = op.await;
             keep = k;
             match res {

@@ -37,3 +37,45 @@ fn serve_write_read_attach_sync() {
     expect[4096 * 3 + 7..4096 * 3 + 7 + 9000].fill(0xAB);
     assert_eq!(&tt[..4 << 20], &expect[..]);
 }
+
+/// Files in RAM take two write paths by size (plain syscalls, io_uring workers
+/// from 256 KiB): sizes on both sides of the switch, unaligned, several in
+/// flight at once, must land byte for byte.
+#[test]
+fn writes_to_a_file_in_ram_land_on_both_paths() {
+    let dir = tempfile::Builder::new().prefix("lmsmoke").tempdir_in("/dev/shm").expect("/dev/shm must be a tmpfs");
+    let s = dir.path().join("s.img");
+    let size = 16usize << 20;
+    std::fs::File::create(&s).unwrap().set_len(size as u64).unwrap();
+    let mut model = vec![0u8; size];
+    let writes: Vec<(usize, usize)> = vec![
+        (0, 4096),
+        (4096, (256 << 10) - 1),
+        (1 << 20, 256 << 10),
+        ((2 << 20) + 7, 1 << 20),
+        ((5 << 20) + 4095, (3 << 20) + 5),
+        ((9 << 20) + 1, 2 << 20),
+        (size - (1 << 20), 1 << 20),
+    ];
+    rt::block_on(async {
+        let src = Backend::open(&s, &OpenOptions::default()).unwrap();
+        assert!(src.in_memory(), "a file in /dev/shm is in RAM");
+        let m: Arc<Mirror> = Mirror::new(src, MirrorConfig::default()).unwrap();
+        let mut tasks = Vec::new();
+        for (i, &(off, len)) in writes.iter().enumerate() {
+            let fill: Vec<u8> = (0..len).map(|j| (j as u8).wrapping_mul(31).wrapping_add(i as u8 + 1)).collect();
+            model[off..off + len].copy_from_slice(&fill);
+            let m = m.clone();
+            tasks.push(tokio::task::spawn_local(async move { m.write(off as u64, IoBuf::from_slice(&fill), false).await }));
+        }
+        for t in tasks {
+            t.await.unwrap().unwrap();
+        }
+        let (r, buf) = m.read(0, IoBuf::new(size)).await;
+        r.unwrap();
+        assert!(buf.as_slice() == &model[..], "read back differs from the model");
+        m.shutdown().await.unwrap();
+    })
+    .unwrap();
+    assert!(std::fs::read(&s).unwrap() == model, "file differs from the model");
+}
