@@ -562,7 +562,7 @@ class Bench:
     def __init__(self, args):
         self.a = args
         self.quick = args.quick
-        self.reps = 1 if args.quick else 3
+        self.reps = args.reps if args.reps else (1 if args.quick else 5)
         self.runtime = 3 if args.quick else 10
         self.repo = args.repo
         self.lm = os.path.join(self.repo, "target/release/livemirror")
@@ -1456,6 +1456,8 @@ def main():
     ap.add_argument("--out", default=None, help="markdown output (default benches/compare/results/latest.md); "
                                                 "the JSON goes next to it")
     ap.add_argument("--sections", default="ABCDE", help="subset of ABCDE to run (default all)")
+    ap.add_argument("--reps", type=int, default=None,
+                    help="repetitions per measurement (default 5, or 1 with --quick); the tables show medians")
     ap.add_argument("--disk-dir", default="/var/tmp", help="directory on a real disk for section B/D/E files")
     ap.add_argument("--tmpfs-dir", default="/dev/shm", help="tmpfs directory")
     ap.add_argument("--no-build", action="store_true", help="(run.sh) skip cargo build")

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Comparative benchmark: livemirror vs qemu-nbd / nbdkit / dd / qemu-img / nbdcopy.
 #
-#   benches/compare/run.sh [--quick] [--out FILE] [--sections ABCDE] [--no-build]
+#   benches/compare/run.sh [--quick] [--reps N] [--out FILE] [--sections ABCDE] [--no-build]
 #                          [--disk-dir DIR] [--tmpfs-dir DIR]
 #
 # Builds the release binary, runs every section in one go and writes a markdown
@@ -31,7 +31,7 @@ export LMBENCH_CMDLINE="benches/compare/run.sh${*:+ $*}"
 # in between the markers (headings one level down, per-run command lists left
 # out: they stay in the results file).
 case " $* " in
-*" --quick "* | *" --out "* | *" --sections "* | *" -h "* | *" --help "*) exit 0 ;;
+*" --quick "* | *" --reps "* | *" --out "* | *" --sections "* | *" -h "* | *" --help "*) exit 0 ;;
 esac
 "$py" - "$repo/README.md" "$here/results/latest.md" <<'PY'
 import re, sys
