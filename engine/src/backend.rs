@@ -153,10 +153,9 @@ const SYNC_MEMORY_MAX: usize = 1 << 20;
 /// Smallest write to a file in RAM that is handed to an io_uring worker
 /// instead (forced with IOSQE_ASYNC). The worker's copy into the page cache
 /// then overlaps with the I/O thread's next socket receive or the copier's next
-/// source read, on the other core. Measured on 2 GiB tmpfs copies with 1 MiB
-/// pieces: 0.68 s median vs 0.73 s with plain syscalls; 1M NBD writes at QD8:
-/// 1.96 vs 1.88 GB/s. Writes to one file are serialised by io_uring anyway, so
-/// they do not contend on the inode lock.
+/// source read, on the other core (numbers in docs/decisions.md: a 2 GiB tmpfs
+/// sync 15% faster, 1M NBD writes 5–20%). io_uring serialises the writes to one
+/// file, so they do not contend on its inode lock.
 const WORKER_MEMORY_WRITE_MIN: usize = 256 << 10;
 
 fn is_in_memory(fd: RawFd) -> bool {

@@ -66,7 +66,9 @@ fn writes_to_a_file_in_ram_land_on_both_paths() {
             let fill: Vec<u8> = (0..len).map(|j| (j as u8).wrapping_mul(31).wrapping_add(i as u8 + 1)).collect();
             model[off..off + len].copy_from_slice(&fill);
             let m = m.clone();
-            tasks.push(tokio::task::spawn_local(async move { m.write(off as u64, IoBuf::from_slice(&fill), false).await }));
+            tasks.push(tokio::task::spawn_local(
+                async move { m.write(off as u64, IoBuf::from_slice(&fill), false).await },
+            ));
         }
         for t in tasks {
             t.await.unwrap().unwrap();
