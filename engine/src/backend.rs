@@ -144,9 +144,9 @@ pub struct Backend {
 /// Largest read done with a plain syscall on a file in RAM (writes: see
 /// [`WORKER_MEMORY_WRITE_MIN`]). tmpfs cannot do non-blocking I/O, so io_uring
 /// hands every such operation to a kernel worker thread and back; for a memory
-/// copy of this size the handoff costs more than the copy (measured: 4K reads from tmpfs took about twice the CPU per request
-/// through io_uring). Larger copies still go through io_uring, which keeps them
-/// off the I/O thread.
+/// copy of this size the handoff costs more than the copy (measured: 4K reads
+/// from tmpfs took about twice the CPU per request through io_uring). Larger
+/// copies still go through io_uring, which keeps them off the I/O thread.
 const SYNC_MEMORY_MAX: usize = 1 << 20;
 
 /// Smallest write to a file in RAM that is handed to an io_uring worker
