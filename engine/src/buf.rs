@@ -28,9 +28,20 @@ struct RawBuf {
 // SAFETY: RawBuf is a uniquely owned heap allocation.
 unsafe impl Send for RawBuf {}
 
+/// Buffers of at least this size get their own mapping, aligned to a huge page
+/// and marked for transparent huge pages. A 2 MiB O_DIRECT request from one
+/// huge page is one physically contiguous segment, so the block layer sends it
+/// whole and merges neighbours up to the device's limit; from 4 KiB pages it
+/// is split by the segment limit. On this machine's virtio disk a 2 GiB copy
+/// took 1.75–2.68 s instead of 2.81–4.62 s (docs/decisions.md).
+const HUGE_PAGE: usize = 2 << 20;
+
 impl RawBuf {
     fn alloc(cap: usize) -> RawBuf {
         let cap = cap.max(1);
+        if cap >= HUGE_PAGE {
+            return RawBuf::map_huge(cap);
+        }
         let layout = Layout::from_size_align(cap, BUF_ALIGN).expect("buffer layout");
         // SAFETY: layout has non-zero size.
         let ptr = unsafe { alloc::alloc(layout) };
@@ -40,6 +51,10 @@ impl RawBuf {
 
     fn alloc_zeroed(cap: usize) -> RawBuf {
         let cap = cap.max(1);
+        if cap >= HUGE_PAGE {
+            // Fresh anonymous pages read as zeroes.
+            return RawBuf::map_huge(cap);
+        }
         let layout = Layout::from_size_align(cap, BUF_ALIGN).expect("buffer layout");
         // SAFETY: layout has non-zero size.
         let ptr = unsafe { alloc::alloc_zeroed(layout) };
@@ -48,8 +63,55 @@ impl RawBuf {
     }
 }
 
+impl RawBuf {
+    /// Maps `cap` bytes (rounded up to whole huge pages) at a huge-page boundary.
+    fn map_huge(cap: usize) -> RawBuf {
+        let len = cap.next_multiple_of(HUGE_PAGE);
+        let span = len + HUGE_PAGE;
+        // SAFETY: a fresh private anonymous mapping; no existing memory is touched.
+        let base = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                span,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
+        if base == libc::MAP_FAILED {
+            // Out of memory, as for any other allocation.
+            alloc::handle_alloc_error(Layout::from_size_align(len, HUGE_PAGE).expect("huge buffer layout"));
+        }
+        let start = base as usize;
+        let aligned = start.next_multiple_of(HUGE_PAGE);
+        let head = aligned - start;
+        let tail = span - head - len;
+        // SAFETY: both ranges lie inside the mapping made above and are not used.
+        unsafe {
+            if head > 0 {
+                libc::munmap(base, head);
+            }
+            if tail > 0 {
+                libc::munmap((aligned + len) as *mut libc::c_void, tail);
+            }
+            // Only a hint: without transparent huge pages the buffer works as before.
+            libc::madvise(aligned as *mut libc::c_void, len, libc::MADV_HUGEPAGE);
+        }
+        let Some(ptr) = NonNull::new(aligned as *mut u8) else {
+            alloc::handle_alloc_error(Layout::from_size_align(len, HUGE_PAGE).expect("huge buffer layout"))
+        };
+        RawBuf { ptr, cap: len }
+    }
+}
+
 impl Drop for RawBuf {
     fn drop(&mut self) {
+        if self.cap >= HUGE_PAGE {
+            // SAFETY: mapped by map_huge with exactly this address and length.
+            unsafe { libc::munmap(self.ptr.as_ptr().cast(), self.cap) };
+            return;
+        }
         let layout = Layout::from_size_align(self.cap, BUF_ALIGN).expect("buffer layout");
         // SAFETY: allocated with this exact layout.
         unsafe { alloc::dealloc(self.ptr.as_ptr(), layout) }
@@ -326,6 +388,29 @@ impl SharedBuf {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn large_buffers_sit_on_huge_page_boundaries_and_work_whole() {
+        for len in [HUGE_PAGE, 3 * HUGE_PAGE + 5, (64 << 20) + 1] {
+            let mut b = IoBuf::new(len);
+            assert_eq!(b.as_ptr() as usize % HUGE_PAGE, 0, "{len}-byte buffer");
+            for (i, x) in b.as_mut_slice().iter_mut().enumerate() {
+                *x = (i % 251) as u8;
+            }
+            assert!(b.as_slice().iter().enumerate().all(|(i, &x)| x == (i % 251) as u8));
+            let z = IoBuf::zeroed(len);
+            assert_eq!(z.as_ptr() as usize % HUGE_PAGE, 0);
+            assert!(z.as_slice().iter().all(|&x| x == 0), "{len}-byte zeroed buffer");
+        }
+        // A pooled huge buffer comes back whole and is reused.
+        let pool = BufPool::new(64 << 20);
+        let a = pool.alloc_unbudgeted(HUGE_PAGE);
+        let addr = a.as_ptr() as usize;
+        drop(a);
+        assert_eq!(pool.alloc_unbudgeted(HUGE_PAGE).as_ptr() as usize, addr);
+        // Small buffers keep the allocator's 4 KiB alignment.
+        assert_eq!(IoBuf::new(HUGE_PAGE - 4096).as_ptr() as usize % BUF_ALIGN, 0);
+    }
 
     #[test]
     fn classes_round_up_to_powers_of_two() {
