@@ -38,35 +38,36 @@ const HUGE_PAGE: usize = 2 << 20;
 
 impl RawBuf {
     fn alloc(cap: usize) -> RawBuf {
-        let cap = cap.max(1);
-        if cap >= HUGE_PAGE {
-            return RawBuf::map_huge(cap);
-        }
-        let layout = Layout::from_size_align(cap, BUF_ALIGN).expect("buffer layout");
-        // SAFETY: layout has non-zero size.
-        let ptr = unsafe { alloc::alloc(layout) };
-        let Some(ptr) = NonNull::new(ptr) else { alloc::handle_alloc_error(layout) };
-        RawBuf { ptr, cap }
+        RawBuf::allocate(cap, false)
     }
 
     fn alloc_zeroed(cap: usize) -> RawBuf {
+        RawBuf::allocate(cap, true)
+    }
+
+    fn allocate(cap: usize, zeroed: bool) -> RawBuf {
         let cap = cap.max(1);
         if cap >= HUGE_PAGE {
-            // Fresh anonymous pages read as zeroes.
+            // Fresh anonymous pages read as zeroes either way.
             return RawBuf::map_huge(cap);
         }
         let layout = Layout::from_size_align(cap, BUF_ALIGN).expect("buffer layout");
         // SAFETY: layout has non-zero size.
-        let ptr = unsafe { alloc::alloc_zeroed(layout) };
+        let ptr = unsafe {
+            if zeroed {
+                alloc::alloc_zeroed(layout)
+            } else {
+                alloc::alloc(layout)
+            }
+        };
         let Some(ptr) = NonNull::new(ptr) else { alloc::handle_alloc_error(layout) };
         RawBuf { ptr, cap }
     }
-}
 
-impl RawBuf {
     /// Maps `cap` bytes (rounded up to whole huge pages) at a huge-page boundary.
     fn map_huge(cap: usize) -> RawBuf {
         let len = cap.next_multiple_of(HUGE_PAGE);
+        let layout = Layout::from_size_align(len, HUGE_PAGE).expect("huge buffer layout");
         let span = len + HUGE_PAGE;
         // SAFETY: a fresh private anonymous mapping; no existing memory is touched.
         let base = unsafe {
@@ -81,7 +82,7 @@ impl RawBuf {
         };
         if base == libc::MAP_FAILED {
             // Out of memory, as for any other allocation.
-            alloc::handle_alloc_error(Layout::from_size_align(len, HUGE_PAGE).expect("huge buffer layout"));
+            alloc::handle_alloc_error(layout);
         }
         let start = base as usize;
         let aligned = start.next_multiple_of(HUGE_PAGE);
@@ -98,9 +99,7 @@ impl RawBuf {
             // Only a hint: without transparent huge pages the buffer works as before.
             libc::madvise(aligned as *mut libc::c_void, len, libc::MADV_HUGEPAGE);
         }
-        let Some(ptr) = NonNull::new(aligned as *mut u8) else {
-            alloc::handle_alloc_error(Layout::from_size_align(len, HUGE_PAGE).expect("huge buffer layout"))
-        };
+        let Some(ptr) = NonNull::new(aligned as *mut u8) else { alloc::handle_alloc_error(layout) };
         RawBuf { ptr, cap: len }
     }
 }
