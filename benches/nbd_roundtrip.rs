@@ -48,7 +48,7 @@ fn roundtrip(c: &mut Criterion) {
     });
     g.finish();
     drop(client);
-    rt.block_on(server.shutdown());
+    rt.block_on(server.shutdown(std::time::Duration::from_secs(5)));
 }
 
 criterion_group!(benches, roundtrip);

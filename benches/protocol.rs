@@ -7,7 +7,7 @@ use nbd_frontend::request::{validate, Session};
 use std::hint::black_box;
 
 fn requests(c: &mut Criterion) {
-    let s = Session { structured: true, base_allocation: Some(1), read_only: false };
+    let s = Session { structured: true, base_allocation: Some(1), read_only: false, flags: u16::MAX };
     let h = RequestHeader { flags: CMD_FLAG_FUA, kind: CMD_WRITE, cookie: 77, offset: 1 << 30, len: 4096 }.encode();
     let mut g = c.benchmark_group("request");
     g.throughput(Throughput::Elements(1));

@@ -147,30 +147,21 @@ fn demo(a: DemoArgs) -> anyhow::Result<()> {
     );
 
     // 2. Serve it.
-    let args = ServeArgs {
-        source: Some(src.clone()),
-        target: None,
-        listen: vec![format!("unix:{}", sock.display()).parse().map_err(anyhow::Error::msg)?],
-        control: ctl.clone(),
-        state: None,
-        restart_sync: false,
-        export_name: String::new(),
-        region_size: Some(64 << 10),
-        queue_depth: engine::device::DEFAULT_QUEUE_DEPTH,
-        max_rate: 0,
-        min_rate: 0,
-        nbd_device: None,
-        read_only: false,
-        allow_remote: false,
-        cache: engine::CacheMode::Auto,
-        buffer_budget: Some(64 << 20),
-        nbd_connections: 1,
-        nbd_timeout: 30,
-        nbd_dead_timeout: 600,
-        root_storage_daemon: false,
-        copy_chunk: None,
-        workers: None,
-    };
+    // The same parser as `livemirror serve`, so the demo runs with its defaults.
+    let args = ServeArgs::from_args([
+        "--source".into(),
+        src.clone().into_os_string(),
+        "--listen".into(),
+        format!("unix:{}", sock.display()).into(),
+        "--control".into(),
+        ctl.clone().into_os_string(),
+        "--region-size".into(),
+        "64K".into(),
+        "--min-rate".into(),
+        "0".into(),
+        "--buffer-budget".into(),
+        "64M".into(),
+    ])?;
     let daemon = crate::serve::start(&args)?;
     step(2, format!("serving it over NBD on unix:{} (livemirror serve --source {})", sock.display(), src.display()));
 

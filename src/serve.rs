@@ -60,10 +60,34 @@ pub struct ServeArgs {
     /// Page-cache use: auto (O_DIRECT for block devices), direct or buffered.
     #[arg(long, value_name = "MODE", default_value = "auto")]
     pub cache: CacheMode,
-    /// Payload bytes buffered across all connections at most.
-    /// (default 256M; 64M as a root storage daemon, whose memory is locked)
+    /// Payload bytes buffered across all connections at most (each
+    /// connection's reserve comes on top). Default 256M; 64M as a root storage
+    /// daemon, whose memory is locked.
     #[arg(long, value_name = "SIZE", value_parser = parse_size)]
     pub buffer_budget: Option<u64>,
+    /// Bytes of the shared budget one connection may hold (default: a quarter
+    /// of the budget, at least 64M).
+    #[arg(long, value_name = "SIZE", value_parser = parse_size)]
+    pub connection_budget: Option<u64>,
+    /// Bytes each connection may always use outside the shared budget, so an
+    /// honest client is served whatever the others hold.
+    #[arg(long, value_name = "SIZE", default_value = "1M", value_parser = parse_size)]
+    pub connection_reserve: u64,
+    /// Requests one connection may have between reading and answering; at the
+    /// limit its socket is not read.
+    #[arg(long, value_name = "N", default_value_t = nbd_frontend::ConnLimits::DEFAULT_MAX_REQUESTS)]
+    pub max_requests: usize,
+    /// Connections served at once; more are closed right after accept.
+    #[arg(long, value_name = "N", default_value_t = ServerConfig::DEFAULT_MAX_CONNECTIONS)]
+    pub max_connections: usize,
+    /// A client that stops sending a payload it announced, or stops reading
+    /// its replies, for this long is disconnected.
+    #[arg(long, value_name = "SECS", default_value_t = 30.0)]
+    pub stall_timeout: f64,
+    /// On SIGTERM/SIGINT, how long connections may take to receive the replies
+    /// of their requests in flight before they are closed.
+    #[arg(long, value_name = "SECS", default_value_t = 5.0)]
+    pub shutdown_timeout: f64,
     /// Connections the kernel client uses. One by default: with more, Linux
     /// 6.1 was seen to leave a reply unread until the request timed out
     /// (docs/decisions.md).
@@ -143,6 +167,18 @@ pub fn run(args: ServeArgs) -> u8 {
 }
 
 impl ServeArgs {
+    /// Parses `serve`'s arguments from a list (the demo starts a daemon in
+    /// process with the same defaults as the command line).
+    pub fn from_args(args: impl IntoIterator<Item = std::ffi::OsString>) -> anyhow::Result<ServeArgs> {
+        #[derive(clap::Parser)]
+        struct Wrapper {
+            #[command(flatten)]
+            serve: ServeArgs,
+        }
+        let argv = std::iter::once(std::ffi::OsString::from("serve")).chain(args);
+        Ok(<Wrapper as clap::Parser>::try_parse_from(argv)?.serve)
+    }
+
     /// The same arguments with every path made absolute (the daemon may change
     /// its working directory, and a supervisor restarts it with these).
     fn absolute(mut self) -> std::io::Result<ServeArgs> {
@@ -163,6 +199,40 @@ impl ServeArgs {
     }
 }
 
+fn seconds(flag: &str, secs: f64) -> anyhow::Result<std::time::Duration> {
+    std::time::Duration::try_from_secs_f64(secs)
+        .ok()
+        .filter(|d| !d.is_zero())
+        .with_context(|| format!("{flag} must be a positive number of seconds, not {secs}"))
+}
+
+fn server_config(args: &ServeArgs, served: &str) -> anyhow::Result<ServerConfig> {
+    let root_daemon = crate::rootd::requested(args.root_storage_daemon);
+    let budget =
+        args.buffer_budget.map_or(if root_daemon { 64 << 20 } else { ServerConfig::DEFAULT_BUDGET }, |b| b as usize);
+    let mut limits = nbd_frontend::ConnLimits::for_budget(budget);
+    if let Some(c) = args.connection_budget {
+        if c < nbd_frontend::proto::MAX_PAYLOAD as u64 {
+            bail!("--connection-budget must hold at least one 32M payload");
+        }
+        limits.shared_cap = c as usize;
+    }
+    limits.reserve = args.connection_reserve as usize;
+    if args.max_requests == 0 || args.max_connections == 0 {
+        bail!("--max-requests and --max-connections must be at least 1");
+    }
+    limits.max_requests = args.max_requests;
+    limits.stall_timeout = seconds("--stall-timeout", args.stall_timeout)?;
+    Ok(ServerConfig {
+        export_name: args.export_name.clone(),
+        description: format!("livemirror export of {served}"),
+        read_only: args.read_only,
+        buffer_budget: budget,
+        limits,
+        max_connections: args.max_connections,
+    })
+}
+
 /// A running daemon: devices, I/O threads, NBD listeners and control socket.
 pub struct Running {
     pub mirror: Arc<Mirror>,
@@ -171,6 +241,7 @@ pub struct Running {
     workers: Vec<Arc<Worker>>,
     stop_control: tokio::sync::watch::Sender<bool>,
     sockets: Vec<PathBuf>,
+    shutdown_timeout: std::time::Duration,
 }
 
 /// Opens the devices and starts serving; returns once every listener accepts
@@ -215,20 +286,7 @@ pub fn start(args: &ServeArgs) -> anyhow::Result<Running> {
         .map(|i| Worker::spawn(&format!("livemirror-io{i}")).map(Arc::new))
         .collect::<Result<_, _>>()
         .context("cannot start I/O threads")?;
-    let server = Server::new(
-        mirror.clone(),
-        ServerConfig {
-            export_name: args.export_name.clone(),
-            description: format!("livemirror export of {served}"),
-            read_only: args.read_only,
-            buffer_budget: args.buffer_budget.unwrap_or(if crate::rootd::requested(args.root_storage_daemon) {
-                64 << 20
-            } else {
-                256 << 20
-            }) as usize,
-        },
-        workers.clone(),
-    );
+    let server = Server::new(mirror.clone(), server_config(args, &served)?, workers.clone());
     let mut bound = Vec::new();
     let mut sockets = Vec::new();
     for l in &args.listen {
@@ -257,7 +315,8 @@ pub fn start(args: &ServeArgs) -> anyhow::Result<Running> {
         addrs.join(", "),
         args.control.display()
     );
-    let mut running = Running { mirror, server, kernel: None, workers, stop_control, sockets };
+    let shutdown_timeout = seconds("--shutdown-timeout", args.shutdown_timeout)?;
+    let mut running = Running { mirror, server, kernel: None, workers, stop_control, sockets, shutdown_timeout };
     if let Some(t) = started.attach {
         let m = running.mirror.clone();
         running.on_io(move || async move { m.attach(&t).await })?.context("cannot attach the target")?;
@@ -294,12 +353,12 @@ impl Running {
     /// Stops accepting, drains every connection, stops the copier, flushes and
     /// persists, then stops the threads and removes the sockets.
     pub fn shutdown(self) -> anyhow::Result<()> {
-        let Running { mirror, server, kernel, workers, stop_control, sockets } = self;
+        let Running { mirror, server, kernel, workers, stop_control, sockets, shutdown_timeout } = self;
         // The kernel device stays configured: a restarted daemon reconnects it
         // (`livemirror nbd-disconnect` tears it down).
         drop(kernel);
         engine::rt::block_on(async {
-            server.shutdown().await;
+            server.shutdown(shutdown_timeout).await;
             stop_control.send_replace(true);
             mirror.shutdown().await.context("final flush")
         })??;

@@ -189,6 +189,24 @@ impl BufPool {
         Ok(buf)
     }
 
+    /// Takes `bytes` of the budget (rounded up to 4 KiB) without a buffer, waiting
+    /// while it is spent. Callers that fill a buffer as bytes arrive charge it
+    /// piece by piece, so a stalled sender holds only what it has sent.
+    pub async fn charge(&self, bytes: usize) -> Result<BudgetCharge, BudgetExceeded> {
+        let n = bytes.div_ceil(GRANULE).max(1);
+        if n * GRANULE > self.inner.budget_bytes.max(GRANULE) {
+            return Err(BudgetExceeded { len: bytes, budget: self.inner.budget_bytes });
+        }
+        let permit = self
+            .inner
+            .budget
+            .clone()
+            .acquire_many_owned(n as u32)
+            .await
+            .map_err(|_| BudgetExceeded { len: bytes, budget: self.inner.budget_bytes })?;
+        Ok(BudgetCharge { _permit: permit, bytes: n * GRANULE })
+    }
+
     /// Allocates without waiting; `None` when the budget is spent.
     pub fn try_alloc(&self, len: usize) -> Option<IoBuf> {
         let permit = self.inner.budget.clone().try_acquire_many_owned(Self::granules_for(len)).ok()?;
@@ -218,6 +236,19 @@ impl BufPool {
             None => RawBuf::alloc(len),
         };
         IoBuf { raw: Some(raw), len, pool: Some(self.inner.clone()), permit: None }
+    }
+}
+
+/// A share of the pool's budget, given back on drop.
+pub struct BudgetCharge {
+    _permit: OwnedSemaphorePermit,
+    bytes: usize,
+}
+
+impl BudgetCharge {
+    /// Bytes charged (a multiple of 4 KiB).
+    pub fn bytes(&self) -> usize {
+        self.bytes
     }
 }
 

@@ -30,7 +30,7 @@ pub mod uring;
 mod verify;
 
 pub use backend::{Backend, BackendKind, CacheMode, IoHooks, IoKind, LockMode as DeviceLock, OpenOptions};
-pub use buf::{BufPool, IoBuf, SharedBuf};
+pub use buf::{BudgetCharge, BufPool, IoBuf, SharedBuf};
 pub use copier::is_zero;
 pub use device::{Event, Mirror, MirrorConfig, StatusExtent};
 pub use error::{Error, Result};

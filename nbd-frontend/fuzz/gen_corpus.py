@@ -101,8 +101,14 @@ ctx1 = S_BASE | (1 << 3)
 GiB = 1 << 30
 
 
-def req(kind, flags=0, offset=0, length=0, session=S_STRUCT | ctx1, size=GiB):
-    return request(kind, flags, offset, length) + bytes([session]) + u64(size)
+# Transmission flags: HAS_FLAGS, SEND_FLUSH, SEND_FUA, SEND_TRIM, SEND_WRITE_ZEROES,
+# SEND_DF, SEND_CACHE, SEND_FAST_ZERO (what a writable export advertises).
+TF_ALL = (1 << 0) | (1 << 2) | (1 << 3) | (1 << 5) | (1 << 6) | (1 << 7) | (1 << 10) | (1 << 11)
+TF_BARE = (1 << 0) | (1 << 2)
+
+
+def req(kind, flags=0, offset=0, length=0, session=S_STRUCT | ctx1, size=GiB, tflags=TF_ALL):
+    return request(kind, flags, offset, length) + bytes([session]) + u64(size) + tflags.to_bytes(2, "big")
 
 
 requests = {
@@ -120,6 +126,8 @@ requests = {
     "block-status": req(CMD_BLOCK_STATUS, FLAG_REQ_ONE, 0, 1 << 20),
     "block-status-no-context": req(CMD_BLOCK_STATUS, 0, 0, 1 << 20, session=S_STRUCT),
     "read-past-end": req(CMD_READ, 0, (1 << 64) - 1, 2),
+    "trim-not-advertised": req(CMD_TRIM, 0, 0, 4096, tflags=TF_BARE),
+    "write-fua-not-advertised": req(CMD_WRITE, FLAG_FUA, 0, 512, tflags=TF_BARE),
 }
 for name, data in requests.items():
     write("request", name, data)

@@ -10,6 +10,7 @@
 pub mod client;
 pub mod handshake;
 pub mod kernel;
+pub mod limits;
 pub mod netlink;
 pub mod proto;
 pub mod request;
@@ -17,4 +18,5 @@ pub mod server;
 pub mod transmission;
 
 pub use handshake::{Export, Handshake, Negotiated, Progress};
+pub use limits::ConnLimits;
 pub use server::{ListenAddr, Listener, Server, ServerConfig};

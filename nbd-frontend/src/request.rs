@@ -1,7 +1,8 @@
 //! Request validation: the single place where a request header from the wire
 //! becomes a [`Command`] the device may execute. Bounds, payload limits, flags
 //! allowed for the command, read-only exports and negotiated features are all
-//! checked here; nothing downstream re-checks client input.
+//! checked here, against the transmission flags this connection was actually
+//! sent; nothing downstream re-checks client input.
 
 use crate::proto::*;
 
@@ -11,6 +12,8 @@ pub struct Session {
     pub structured: bool,
     pub base_allocation: Option<u32>,
     pub read_only: bool,
+    /// The transmission flags advertised to this client.
+    pub flags: u16,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -35,16 +38,29 @@ pub struct Rejection {
     pub skip: u32,
 }
 
+/// The transmission flag that must have been advertised for a command.
+fn command_flag(kind: u16) -> Option<u16> {
+    match kind {
+        CMD_FLUSH => Some(TF_SEND_FLUSH),
+        CMD_TRIM => Some(TF_SEND_TRIM),
+        CMD_CACHE => Some(TF_SEND_CACHE),
+        CMD_WRITE_ZEROES => Some(TF_SEND_WRITE_ZEROES),
+        _ => None,
+    }
+}
+
+/// Command flags valid for `kind` on this connection, or `None` for an unknown
+/// command.
 fn allowed_flags(kind: u16, s: &Session) -> Option<u16> {
-    // FUA is valid on every command once SEND_FUA is advertised (we always do).
+    let advertised = |tf: u16, cf: u16| if s.flags & tf != 0 { cf } else { 0 };
     let extra = match kind {
-        CMD_READ if s.structured => CMD_FLAG_DF,
-        CMD_READ | CMD_WRITE | CMD_DISC | CMD_FLUSH | CMD_TRIM | CMD_CACHE => 0,
-        CMD_WRITE_ZEROES => CMD_FLAG_NO_HOLE | CMD_FLAG_FAST_ZERO,
+        CMD_READ => advertised(TF_SEND_DF, CMD_FLAG_DF) & if s.structured { CMD_FLAG_DF } else { 0 },
+        CMD_WRITE | CMD_DISC | CMD_FLUSH | CMD_TRIM | CMD_CACHE => 0,
+        CMD_WRITE_ZEROES => CMD_FLAG_NO_HOLE | advertised(TF_SEND_FAST_ZERO, CMD_FLAG_FAST_ZERO),
         CMD_BLOCK_STATUS => CMD_FLAG_REQ_ONE,
         _ => return None,
     };
-    Some(CMD_FLAG_FUA | extra)
+    Some(advertised(TF_SEND_FUA, CMD_FLAG_FUA) | extra)
 }
 
 /// Validates `h` against the session and the current export size.
@@ -54,14 +70,19 @@ pub fn validate(h: &RequestHeader, s: &Session, export_size: u64) -> Result<Comm
     let Some(allowed) = allowed_flags(h.kind, s) else {
         return reject(EINVAL, "unknown command");
     };
-    if h.flags & !allowed != 0 {
-        return reject(EINVAL, "flag not valid for this command");
-    }
-    let fua = h.flags & CMD_FLAG_FUA != 0;
     let writes = matches!(h.kind, CMD_WRITE | CMD_TRIM | CMD_WRITE_ZEROES);
+    // Before the advertised-command check: a read-only export advertises no
+    // TRIM, and a write of any kind to it is EPERM, as the spec asks.
     if writes && s.read_only {
         return reject(EPERM, "the export is read-only");
     }
+    if command_flag(h.kind).is_some_and(|tf| s.flags & tf == 0) {
+        return reject(EINVAL, "command not advertised to this client");
+    }
+    if h.flags & !allowed != 0 {
+        return reject(EINVAL, "flag not valid for this command on this connection");
+    }
+    let fua = h.flags & CMD_FLAG_FUA != 0;
     if matches!(h.kind, CMD_READ | CMD_WRITE) && h.len > MAX_PAYLOAD {
         return reject(EINVAL, "payload larger than the 32 MiB maximum");
     }
@@ -110,7 +131,15 @@ pub fn validate(h: &RequestHeader, s: &Session, export_size: u64) -> Result<Comm
 mod tests {
     use super::*;
 
-    const S: Session = Session { structured: true, base_allocation: Some(1), read_only: false };
+    const ALL: u16 = TF_HAS_FLAGS
+        | TF_SEND_FLUSH
+        | TF_SEND_FUA
+        | TF_SEND_TRIM
+        | TF_SEND_WRITE_ZEROES
+        | TF_SEND_DF
+        | TF_SEND_CACHE
+        | TF_SEND_FAST_ZERO;
+    const S: Session = Session { structured: true, base_allocation: Some(1), read_only: false, flags: ALL };
 
     fn h(kind: u16, flags: u16, offset: u64, len: u32) -> RequestHeader {
         RequestHeader { flags, kind, cookie: 7, offset, len }
@@ -152,6 +181,28 @@ mod tests {
         assert_eq!((e.errno, e.skip), (EINVAL, MAX_PAYLOAD + 1));
         assert_eq!(validate(&h(42, 0, 0, 0), &S, 10).unwrap_err().errno, EINVAL);
         assert_eq!(validate(&h(CMD_FLUSH, 0, 1, 0), &S, 10).unwrap_err().errno, EINVAL);
+    }
+
+    #[test]
+    fn commands_and_flags_must_have_been_advertised() {
+        let bare = Session { flags: TF_HAS_FLAGS | TF_SEND_FLUSH, ..S };
+        for kind in [CMD_TRIM, CMD_CACHE, CMD_WRITE_ZEROES] {
+            let e = validate(&h(kind, 0, 0, 1), &bare, 10).unwrap_err();
+            assert_eq!(e.errno, EINVAL, "command {kind} was not advertised");
+        }
+        assert_eq!(validate(&h(CMD_WRITE, CMD_FLAG_FUA, 0, 1), &bare, 10).unwrap_err().errno, EINVAL, "no SEND_FUA");
+        assert_eq!(validate(&h(CMD_READ, CMD_FLAG_DF, 0, 1), &bare, 10).unwrap_err().errno, EINVAL, "no SEND_DF");
+        let e = validate(
+            &h(CMD_WRITE_ZEROES, CMD_FLAG_FAST_ZERO, 0, 1),
+            &Session { flags: ALL & !TF_SEND_FAST_ZERO, ..S },
+            10,
+        );
+        assert_eq!(e.unwrap_err().errno, EINVAL, "no SEND_FAST_ZERO");
+        let no_flush = Session { flags: TF_HAS_FLAGS, ..S };
+        assert_eq!(validate(&h(CMD_FLUSH, 0, 0, 0), &no_flush, 10).unwrap_err().errno, EINVAL);
+        assert!(validate(&h(CMD_WRITE, 0, 0, 1), &bare, 10).is_ok(), "plain writes need no flag");
+        // A refused WRITE still tells the caller how much payload to skip.
+        assert_eq!(validate(&h(CMD_WRITE, CMD_FLAG_FUA, 0, 7), &bare, 10).unwrap_err().skip, 7);
     }
 
     #[test]

@@ -15,7 +15,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::{watch, Notify};
 
 use crate::handshake::{Export, Handshake, Negotiated, Progress};
-use crate::transmission::{self, ConnShared, Stream};
+use crate::limits::ConnLimits;
+use crate::transmission::{self, ConnShared, Phase, Stream};
 
 /// A client has this long to finish the handshake.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(60);
@@ -116,14 +117,24 @@ impl Listener {
     }
 }
 
-/// What the server exports.
+/// What the server exports, and what clients may hold.
 #[derive(Debug, Clone)]
 pub struct ServerConfig {
     pub export_name: String,
     pub description: String,
     pub read_only: bool,
-    /// Payload bytes held across all connections at most.
+    /// Payload bytes held across all connections at most (each connection's
+    /// reserve comes on top, see [`ConnLimits`]).
     pub buffer_budget: usize,
+    /// What one connection may hold.
+    pub limits: ConnLimits,
+    /// Connections served at once; more are closed right after accept.
+    pub max_connections: usize,
+}
+
+impl ServerConfig {
+    pub const DEFAULT_BUDGET: usize = 256 << 20;
+    pub const DEFAULT_MAX_CONNECTIONS: usize = 128;
 }
 
 impl Default for ServerConfig {
@@ -132,7 +143,9 @@ impl Default for ServerConfig {
             export_name: String::new(),
             description: "livemirror".into(),
             read_only: false,
-            buffer_budget: 256 << 20,
+            buffer_budget: Self::DEFAULT_BUDGET,
+            limits: ConnLimits::for_budget(Self::DEFAULT_BUDGET),
+            max_connections: Self::DEFAULT_MAX_CONNECTIONS,
         }
     }
 }
@@ -143,7 +156,7 @@ struct Inner<D: BlockDevice> {
     pool: BufPool,
     workers: Vec<Arc<Worker>>,
     next_worker: AtomicUsize,
-    shutdown_tx: watch::Sender<bool>,
+    phase: watch::Sender<Phase>,
     active: AtomicUsize,
     idle: Notify,
 }
@@ -162,7 +175,7 @@ impl<D: BlockDevice> Clone for Server<D> {
 impl<D: BlockDevice> Server<D> {
     pub fn new(dev: Arc<D>, cfg: ServerConfig, workers: Vec<Arc<Worker>>) -> Server<D> {
         let pool = BufPool::new(cfg.buffer_budget.max(engine_min_budget()));
-        let (shutdown_tx, _) = watch::channel(false);
+        let (phase, _) = watch::channel(Phase::Running);
         Server {
             inner: Arc::new(Inner {
                 dev,
@@ -170,7 +183,7 @@ impl<D: BlockDevice> Server<D> {
                 pool,
                 workers,
                 next_worker: AtomicUsize::new(0),
-                shutdown_tx,
+                phase,
                 active: AtomicUsize::new(0),
                 idle: Notify::new(),
             }),
@@ -194,14 +207,14 @@ impl<D: BlockDevice> Server<D> {
     /// Accepts connections on `listener` until shutdown. Runs on an engine
     /// thread; connections are spread over the workers.
     pub async fn accept_loop(&self, listener: Listener) {
-        let mut shutdown = self.inner.shutdown_tx.subscribe();
+        let mut shutdown = self.inner.phase.subscribe();
         let res: io::Result<()> = async {
             match listener {
                 Listener::Unix(l, _) => {
                     let l = tokio::net::UnixListener::from_std(l)?;
                     loop {
                         tokio::select! {
-                            _ = shutdown.wait_for(|s| *s) => return Ok(()),
+                            _ = shutdown.wait_for(|p| *p >= Phase::Draining) => return Ok(()),
                             a = l.accept() => match a {
                                 Ok((s, _)) => self.dispatch(AnyStd::Unix(s.into_std()?)),
                                 Err(e) => accept_error(e).await,
@@ -213,7 +226,7 @@ impl<D: BlockDevice> Server<D> {
                     let l = tokio::net::TcpListener::from_std(l)?;
                     loop {
                         tokio::select! {
-                            _ = shutdown.wait_for(|s| *s) => return Ok(()),
+                            _ = shutdown.wait_for(|p| *p >= Phase::Draining) => return Ok(()),
                             a = l.accept() => match a {
                                 Ok((s, peer)) => {
                                     tracing::debug!("connection from {peer}");
@@ -260,6 +273,16 @@ impl<D: BlockDevice> Server<D> {
     }
 
     fn dispatch(&self, stream: AnyStd) {
+        let active = self.inner.active.load(Ordering::SeqCst);
+        if active >= self.inner.cfg.max_connections {
+            // Closed at once (dropping the stream): the client sees the
+            // connection end before the handshake.
+            tracing::warn!(
+                "refusing a connection: {active} connections are served already (--max-connections {})",
+                self.inner.cfg.max_connections
+            );
+            return;
+        }
         let n = self.inner.workers.len().max(1);
         let i = self.inner.next_worker.fetch_add(1, Ordering::Relaxed) % n;
         let Some(worker) = self.inner.workers.get(i) else {
@@ -306,9 +329,9 @@ impl<D: BlockDevice> Server<D> {
 
     /// Negotiates on `stream` and serves it.
     pub async fn serve_stream(&self, mut stream: Stream) -> io::Result<()> {
-        let mut shutdown = self.inner.shutdown_tx.subscribe();
+        let mut shutdown = self.inner.phase.subscribe();
         let negotiated = tokio::select! {
-            _ = shutdown.wait_for(|s| *s) => return Ok(()),
+            _ = shutdown.wait_for(|p| *p >= Phase::Draining) => return Ok(()),
             r = tokio::time::timeout(HANDSHAKE_TIMEOUT, negotiate(&mut stream, vec![self.export()])) => match r {
                 Ok(r) => r?,
                 Err(_) => return Err(io::Error::new(io::ErrorKind::TimedOut, "handshake timed out")),
@@ -330,8 +353,8 @@ impl<D: BlockDevice> Server<D> {
     pub async fn serve_negotiated(&self, stream: Stream, neg: &Negotiated, leftover: Vec<u8>) -> io::Result<()> {
         let shared = ConnShared {
             pool: self.inner.pool.clone(),
-            shutdown: self.inner.shutdown_tx.subscribe(),
-            conn_budget: (self.inner.pool.budget_bytes() / 4).max(engine_min_budget()),
+            phase: self.inner.phase.subscribe(),
+            limits: self.inner.cfg.limits.clone(),
         };
         transmission::serve(stream, self.inner.dev.clone(), neg, leftover, shared).await
     }
@@ -343,10 +366,22 @@ impl<D: BlockDevice> Server<D> {
         Negotiated { export, structured: false, base_allocation: None, flags }
     }
 
-    /// Stops accepting, lets every connection finish its in-flight requests,
-    /// and returns when all have closed.
-    pub async fn shutdown(&self) {
-        self.inner.shutdown_tx.send_replace(true);
+    /// Stops accepting and stops every connection: requests in flight finish and
+    /// their replies are delivered for up to `grace`; then connections still open
+    /// (peers that do not read, payloads that never arrive) are closed. Returns
+    /// when every connection has ended: after `grace` plus the time the requests
+    /// already on the device take.
+    pub async fn shutdown(&self, grace: Duration) {
+        self.inner.phase.send_replace(Phase::Draining);
+        if tokio::time::timeout(grace, self.wait_idle()).await.is_err() {
+            let left = self.active_connections();
+            tracing::warn!("{left} connection(s) still open {} s after the stop: closing them", grace.as_secs_f64());
+            self.inner.phase.send_replace(Phase::Closing);
+            self.wait_idle().await;
+        }
+    }
+
+    async fn wait_idle(&self) {
         loop {
             let idle = self.inner.idle.notified();
             if self.inner.active.load(Ordering::SeqCst) == 0 {

@@ -2,22 +2,35 @@
 //!
 //! A reader parses requests as fast as they arrive and starts each as its own
 //! task, so many requests are in flight and replies go out in completion order.
-//! Payload buffers (WRITE data, READ results) come from the server-wide budgeted
-//! pool: when the budget is spent the reader stops reading the socket, which is
-//! the backpressure. A single writer task batches replies into vectored writes.
+//! A single writer task batches replies into vectored writes.
+//!
+//! What a connection may hold is bounded (limits.rs): a request slot from its
+//! header until its reply is written, and payload bytes charged to the
+//! connection's reserve or its share of the server budget. When either runs out
+//! the reader stops reading the socket: that is the backpressure, and it stalls
+//! only this connection. A peer that stops sending a payload it announced, or
+//! stops reading its replies, for the stall timeout is dropped.
+//!
+//! Stopping: in [`Phase::Draining`] the reader stops taking requests (a payload
+//! still arriving is abandoned: its request was never started), requests in
+//! flight finish and their replies are delivered; in [`Phase::Closing`] replies
+//! not yet written are dropped and the connection closes at once.
 
-use std::cell::Cell;
+use std::cell::{Cell, RefCell};
+use std::future::Future;
 use std::io::{self, IoSlice};
 use std::pin::Pin;
 use std::rc::Rc;
 use std::sync::Arc;
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use engine::{BlockDevice, BufPool, IoBuf, StatusExtent};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
-use tokio::sync::{mpsc, watch, Notify, OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{mpsc, watch, Notify};
 
 use crate::handshake::Negotiated;
+use crate::limits::{Charge, ConnBudget, ConnLimits, SlotGuard, Slots};
 use crate::proto::*;
 use crate::request::{validate, Command, Rejection, Session};
 
@@ -26,10 +39,12 @@ const MAX_EXTENTS: usize = 1 << 16;
 const READ_BUF: usize = 256 << 10;
 const MAX_BATCH_REPLIES: usize = 128;
 const MAX_BATCH_BYTES: usize = 8 << 20;
-/// How long a closing connection may take to deliver its last replies to a peer
-/// that does not read them.
-const DRAIN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
-const GRANULE: usize = 4096;
+/// WRITE payloads are charged and read in pieces of this size (so a stalled
+/// sender holds at most one piece more than it sent).
+const PAYLOAD_PIECE: usize = 1 << 20;
+/// A refused WRITE whose payload is larger than this is not skipped: the
+/// connection is closed instead (nbdkit's rule: twice the maximum payload).
+const MAX_SKIP: u64 = 2 * MAX_PAYLOAD as u64;
 
 /// A connected stream of either kind, split into halves without locks.
 pub enum Stream {
@@ -111,8 +126,10 @@ pub struct Reply {
     head: [u8; 32],
     head_len: u8,
     body: Body,
-    /// This connection's share of the payload budget, released once sent.
-    hold: Option<OwnedSemaphorePermit>,
+    /// Payload bytes charged to the connection, released once sent.
+    charges: Vec<Charge>,
+    /// The request's slot, released once sent.
+    slot: Option<SlotGuard>,
 }
 
 enum Body {
@@ -125,7 +142,7 @@ impl Reply {
     fn new(head: &[u8], body: Body) -> Reply {
         let mut h = [0u8; 32];
         h[..head.len()].copy_from_slice(head);
-        Reply { head: h, head_len: head.len() as u8, body, hold: None }
+        Reply { head: h, head_len: head.len() as u8, body, charges: Vec::new(), slot: None }
     }
 
     fn body_len(&self) -> usize {
@@ -140,8 +157,10 @@ impl Reply {
         Reply::new(&simple_reply(0, cookie), Body::None)
     }
 
-    fn holding(mut self, hold: OwnedSemaphorePermit) -> Reply {
-        self.hold = Some(hold);
+    /// Keeps the request's slot and payload charges until the reply is written.
+    fn holding(mut self, slot: SlotGuard, charges: Vec<Charge>) -> Reply {
+        self.slot = Some(slot);
+        self.charges = charges;
         self
     }
 
@@ -191,28 +210,90 @@ impl Reply {
     }
 }
 
+/// How far a server shutdown has gone (see the module docs).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Phase {
+    Running,
+    Draining,
+    Closing,
+}
+
 /// Server-wide resources a connection uses.
 #[derive(Clone)]
 pub struct ConnShared {
     pub pool: BufPool,
-    pub shutdown: watch::Receiver<bool>,
-    /// Payload bytes one connection may hold (in flight or unsent): a peer that
-    /// stops reading its replies stalls itself, not the others.
-    pub conn_budget: usize,
+    pub phase: watch::Receiver<Phase>,
+    pub limits: ConnLimits,
 }
 
-/// Buffered reading of the request stream.
+/// Why a connection ends early; set once, by whoever notices first.
+#[derive(Default)]
+struct Dead {
+    why: RefCell<Option<String>>,
+    notify: Notify,
+}
+
+impl Dead {
+    fn set(&self, why: String) {
+        let mut w = self.why.borrow_mut();
+        if w.is_none() {
+            *w = Some(why);
+            self.notify.notify_waiters();
+        }
+    }
+    fn is_set(&self) -> bool {
+        self.why.borrow().is_some()
+    }
+    async fn wait(&self) {
+        loop {
+            let n = self.notify.notified();
+            if self.is_set() {
+                return;
+            }
+            n.await;
+        }
+    }
+}
+
+/// What ended a wait of the reader.
+enum Interrupt {
+    Stop,
+    Dead,
+}
+
+/// Runs `fut` unless the server stops taking requests or the connection dies first.
+async fn unless_stopped<F: Future>(
+    fut: F,
+    phase: &mut watch::Receiver<Phase>,
+    dead: &Dead,
+) -> Result<F::Output, Interrupt> {
+    tokio::select! {
+        biased;
+        _ = phase.wait_for(|p| *p >= Phase::Draining) => Err(Interrupt::Stop),
+        _ = dead.wait() => Err(Interrupt::Dead),
+        v = fut => Ok(v),
+    }
+}
+
+fn stalled(what: &str, t: Duration) -> io::Error {
+    io::Error::new(io::ErrorKind::TimedOut, format!("{what} made no progress for {} s", t.as_secs_f64()))
+}
+
+/// Buffered reading of the request stream. Every read that waits for bytes the
+/// peer has announced (the rest of a header, a payload) has the stall deadline;
+/// waiting for the next request does not.
 struct Input {
     buf: Vec<u8>,
     start: usize,
     end: usize,
+    stall: Duration,
 }
 
 impl Input {
-    fn new(leftover: Vec<u8>) -> Input {
+    fn new(leftover: Vec<u8>, stall: Duration) -> Input {
         let mut buf = vec![0u8; READ_BUF.max(leftover.len())];
         buf[..leftover.len()].copy_from_slice(&leftover);
-        Input { end: leftover.len(), buf, start: 0 }
+        Input { end: leftover.len(), buf, start: 0, stall }
     }
 
     fn available(&self) -> usize {
@@ -227,7 +308,13 @@ impl Input {
                 self.end -= self.start;
                 self.start = 0;
             }
-            let got = rd.read(&mut self.buf[self.end..]).await?;
+            let got = if self.available() == 0 {
+                rd.read(&mut self.buf[self.end..]).await?
+            } else {
+                tokio::time::timeout(self.stall, rd.read(&mut self.buf[self.end..]))
+                    .await
+                    .map_err(|_| stalled("a request header", self.stall))??
+            };
             if got == 0 {
                 if self.available() == 0 {
                     return Ok(false);
@@ -250,8 +337,15 @@ impl Input {
         let from_buf = self.available().min(dst.len());
         dst[..from_buf].copy_from_slice(&self.buf[self.start..self.start + from_buf]);
         self.start += from_buf;
-        if from_buf < dst.len() {
-            rd.read_exact(&mut dst[from_buf..]).await?;
+        let mut done = from_buf;
+        while done < dst.len() {
+            let got = tokio::time::timeout(self.stall, rd.read(&mut dst[done..]))
+                .await
+                .map_err(|_| stalled("a WRITE payload", self.stall))??;
+            if got == 0 {
+                return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "connection closed mid-payload"));
+            }
+            done += got;
         }
         Ok(())
     }
@@ -261,17 +355,17 @@ impl Input {
         let from_buf = (self.available() as u64).min(n) as usize;
         self.start += from_buf;
         n -= from_buf as u64;
-        let mut scratch = [0u8; 16 << 10];
+        let mut scratch = vec![0u8; 64 << 10];
         while n > 0 {
             let want = (n as usize).min(scratch.len());
-            rd.read_exact(&mut scratch[..want]).await?;
+            self.read_into(rd, &mut scratch[..want]).await?;
             n -= want as u64;
         }
         Ok(())
     }
 }
 
-/// Counts requests in flight on this connection.
+/// Counts requests started on the device and not finished.
 #[derive(Default)]
 struct InFlight {
     count: Cell<usize>,
@@ -284,8 +378,12 @@ impl InFlight {
         InFlightGuard(self.clone())
     }
     async fn wait_idle(&self) {
-        while self.count.get() > 0 {
-            self.idle.notified().await;
+        loop {
+            let idle = self.idle.notified();
+            if self.count.get() == 0 {
+                return;
+            }
+            idle.await;
         }
     }
 }
@@ -301,9 +399,12 @@ impl Drop for InFlightGuard {
     }
 }
 
-async fn write_all_vectored(wr: &mut WriteHalf, mut slices: &mut [IoSlice<'_>]) -> io::Result<()> {
+/// Writes every slice, failing if a single write makes no progress for `stall`.
+async fn write_all_vectored(wr: &mut WriteHalf, mut slices: &mut [IoSlice<'_>], stall: Duration) -> io::Result<()> {
     while !slices.is_empty() {
-        let n = wr.write_vectored(slices).await?;
+        let n = tokio::time::timeout(stall, wr.write_vectored(slices))
+            .await
+            .map_err(|_| stalled("the peer reading its replies", stall))??;
         if n == 0 {
             return Err(io::Error::new(io::ErrorKind::WriteZero, "peer stopped reading"));
         }
@@ -312,7 +413,7 @@ async fn write_all_vectored(wr: &mut WriteHalf, mut slices: &mut [IoSlice<'_>]) 
     Ok(())
 }
 
-async fn writer(mut wr: WriteHalf, mut rx: mpsc::UnboundedReceiver<Reply>, dead: Rc<Cell<bool>>) {
+async fn writer(mut wr: WriteHalf, mut rx: mpsc::UnboundedReceiver<Reply>, dead: Rc<Dead>, stall: Duration) {
     let mut batch: Vec<Reply> = Vec::with_capacity(MAX_BATCH_REPLIES);
     while let Some(first) = rx.recv().await {
         let mut bytes = first.body_len();
@@ -326,29 +427,33 @@ async fn writer(mut wr: WriteHalf, mut rx: mpsc::UnboundedReceiver<Reply>, dead:
                 Err(_) => break,
             }
         }
-        if !dead.get() {
-            let mut slices: Vec<IoSlice<'_>> = Vec::with_capacity(batch.len() * 2);
-            for r in &batch {
-                slices.push(IoSlice::new(&r.head[..r.head_len as usize]));
-                match &r.body {
-                    Body::None => {}
-                    Body::Buf(b) => slices.push(IoSlice::new(b.as_slice())),
-                    Body::Bytes(v) => slices.push(IoSlice::new(v)),
-                }
-            }
-            if let Err(e) = write_all_vectored(&mut wr, &mut slices).await {
-                tracing::debug!("connection write failed: {e}");
-                dead.set(true);
+        let mut slices: Vec<IoSlice<'_>> = Vec::with_capacity(batch.len() * 2);
+        for r in &batch {
+            slices.push(IoSlice::new(&r.head[..r.head_len as usize]));
+            match &r.body {
+                Body::None => {}
+                Body::Buf(b) => slices.push(IoSlice::new(b.as_slice())),
+                Body::Bytes(v) => slices.push(IoSlice::new(v)),
             }
         }
+        let res = write_all_vectored(&mut wr, &mut slices, stall).await;
+        drop(slices);
+        // Written (or lost with the connection): slots and bytes come back.
         batch.clear();
+        if let Err(e) = res {
+            dead.set(format!("cannot send replies: {e}"));
+            // Dropping the receiver makes every later reply drop at its sender,
+            // releasing what it holds.
+            return;
+        }
     }
     let _ = wr.shutdown().await;
 }
 
 /// Serves the transmission phase on `stream` until the client disconnects, the
-/// connection breaks, or the server shuts down. In-flight requests always
-/// finish before this returns.
+/// connection breaks or stalls, or the server stops. Requests started on the
+/// device always finish before this returns; their replies are delivered unless
+/// the server is closing or the peer stopped reading.
 pub async fn serve<D: BlockDevice>(
     stream: Stream,
     dev: Arc<D>,
@@ -360,30 +465,29 @@ pub async fn serve<D: BlockDevice>(
         structured: neg.structured,
         base_allocation: neg.base_allocation,
         read_only: neg.export.read_only || dev.read_only(),
+        flags: neg.flags,
     };
+    let limits = shared.limits.clone();
     let (mut rd, wr) = stream.into_split();
     let (tx, rx) = mpsc::unbounded_channel::<Reply>();
-    let dead = Rc::new(Cell::new(false));
-    let writer_task = tokio::task::spawn_local(writer(wr, rx, dead.clone()));
+    let dead = Rc::new(Dead::default());
+    let mut writer_task = tokio::task::spawn_local(writer(wr, rx, dead.clone(), limits.stall_timeout));
     let inflight = Rc::new(InFlight::default());
-    let mut input = Input::new(leftover);
-    let mut shutdown = shared.shutdown.clone();
-    let conn_granules = shared.conn_budget.div_ceil(GRANULE).max(1);
-    let budget = Budget { pool: shared.pool.clone(), conn: Arc::new(Semaphore::new(conn_granules)), conn_granules };
-    let result = loop {
-        if dead.get() {
-            break Ok(());
-        }
-        // Between requests, also watch for server shutdown.
+    let slots = Slots::new(limits.max_requests);
+    let budget = ConnBudget::new(shared.pool.clone(), &limits);
+    let mut input = Input::new(leftover, limits.stall_timeout);
+    let mut phase = shared.phase.clone();
+    let result: io::Result<()> = loop {
+        // A slot first: while every slot is taken the socket is not read.
+        let slot = match unless_stopped(slots.take(), &mut phase, &dead).await {
+            Ok(s) => s,
+            Err(_) => break Ok(()),
+        };
         if input.available() < REQUEST_LEN {
-            tokio::select! {
-                biased;
-                _ = shutdown.wait_for(|s| *s) => break Ok(()),
-                r = input.fill(&mut rd, REQUEST_LEN) => match r {
-                    Ok(true) => {}
-                    Ok(false) => break Ok(()),
-                    Err(e) => break Err(e),
-                },
+            match unless_stopped(input.fill(&mut rd, REQUEST_LEN), &mut phase, &dead).await {
+                Ok(Ok(true)) => {}
+                Ok(Ok(false)) | Err(_) => break Ok(()),
+                Ok(Err(e)) => break Err(e),
             }
         }
         let mut hb = [0u8; REQUEST_LEN];
@@ -396,124 +500,136 @@ pub async fn serve<D: BlockDevice>(
         let cmd = match validate(&header, &session, dev.size()) {
             Ok(c) => c,
             Err(Rejection { errno, reason, skip }) => {
-                if let Err(e) = input.skip(&mut rd, skip as u64).await {
-                    break Err(e);
+                if skip as u64 > MAX_SKIP {
+                    let _ = tx.send(Reply::error(&session, cookie, errno, reason).holding(slot, Vec::new()));
+                    break Err(io::Error::new(
+                        io::ErrorKind::InvalidData,
+                        format!("a refused WRITE announced {skip} payload bytes (more than {MAX_SKIP}): hanging up"),
+                    ));
                 }
-                let _ = tx.send(Reply::error(&session, cookie, errno, reason));
+                match unless_stopped(input.skip(&mut rd, skip as u64), &mut phase, &dead).await {
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) => break Err(e),
+                    Err(_) => break Ok(()),
+                }
+                let _ = tx.send(Reply::error(&session, cookie, errno, reason).holding(slot, Vec::new()));
                 continue;
             }
         };
-        let guard = inflight.start();
         match cmd {
-            Command::Disconnect => {
-                drop(guard);
-                break Ok(());
-            }
+            Command::Disconnect => break Ok(()),
             Command::Read { offset, len } => {
-                let (hold, buf) = match budget.take(len as usize, &mut shutdown).await {
-                    Taken::Ok(h, b) => (h, b),
-                    Taken::Shutdown => break Ok(()),
-                    Taken::Err(e) => {
-                        let _ = tx.send(Reply::error(&session, cookie, ENOMEM, &e));
+                let charge = match unless_stopped(budget.charge(len as usize), &mut phase, &dead).await {
+                    Ok(Ok(c)) => c,
+                    Ok(Err(e)) => {
+                        let _ = tx.send(Reply::error(&session, cookie, ENOMEM, &e).holding(slot, Vec::new()));
                         continue;
                     }
+                    Err(_) => break Ok(()),
                 };
-                let (dev, tx) = (dev.clone(), tx.clone());
+                let buf = shared.pool.alloc_unbudgeted(len as usize);
+                let (dev, tx, guard) = (dev.clone(), tx.clone(), inflight.start());
                 tokio::task::spawn_local(async move {
                     let (res, buf) = dev.read(offset, buf).await;
+                    drop(guard);
                     let reply = match res {
                         Ok(()) => Reply::read_data(&session, cookie, offset, buf),
                         Err(e) => Reply::error(&session, cookie, wire_errno(e.errno()), &e.to_string()),
                     };
-                    let _ = tx.send(reply.holding(hold));
-                    drop(guard);
+                    let _ = tx.send(reply.holding(slot, vec![charge]));
                 });
             }
             Command::Write { offset, len, fua } => {
-                let (hold, mut buf) = match budget.take(len as usize, &mut shutdown).await {
-                    Taken::Ok(h, b) => (h, b),
-                    Taken::Shutdown => break Ok(()),
-                    Taken::Err(e) => {
-                        if let Err(e) = input.skip(&mut rd, len as u64).await {
-                            break Err(e);
+                let len = len as usize;
+                let mut buf = shared.pool.alloc_unbudgeted(len);
+                let mut charges = Vec::with_capacity(len.div_ceil(PAYLOAD_PIECE));
+                let mut pos = 0usize;
+                let mut ended: Option<io::Result<()>> = None;
+                let mut refusal: Option<String> = None;
+                while pos < len {
+                    let n = (len - pos).min(PAYLOAD_PIECE);
+                    // Charged piece by piece as the payload arrives.
+                    match unless_stopped(budget.charge(n), &mut phase, &dead).await {
+                        Ok(Ok(c)) => charges.push(c),
+                        Ok(Err(e)) => {
+                            refusal = Some(e);
+                            break;
                         }
-                        let _ = tx.send(Reply::error(&session, cookie, ENOMEM, &e));
-                        continue;
+                        Err(_) => {
+                            ended = Some(Ok(()));
+                            break;
+                        }
                     }
-                };
-                if let Err(e) = input.read_into(&mut rd, buf.as_mut_slice()).await {
-                    break Err(e);
+                    let piece = &mut buf.as_mut_slice()[pos..pos + n];
+                    match unless_stopped(input.read_into(&mut rd, piece), &mut phase, &dead).await {
+                        Ok(Ok(())) => pos += n,
+                        Ok(Err(e)) => {
+                            ended = Some(Err(e));
+                            break;
+                        }
+                        Err(_) => {
+                            ended = Some(Ok(()));
+                            break;
+                        }
+                    }
                 }
-                let (dev, tx) = (dev.clone(), tx.clone());
+                // A payload that never arrived whole: the request was not started
+                // and gets no reply.
+                if let Some(r) = ended {
+                    break r;
+                }
+                if let Some(e) = refusal {
+                    drop(charges);
+                    match unless_stopped(input.skip(&mut rd, (len - pos) as u64), &mut phase, &dead).await {
+                        Ok(Ok(())) => {}
+                        Ok(Err(e)) => break Err(e),
+                        Err(_) => break Ok(()),
+                    }
+                    let _ = tx.send(Reply::error(&session, cookie, ENOMEM, &e).holding(slot, Vec::new()));
+                    continue;
+                }
+                let (dev, tx, guard) = (dev.clone(), tx.clone(), inflight.start());
                 tokio::task::spawn_local(async move {
-                    let reply = match dev.write(offset, buf, fua).await {
+                    let res = dev.write(offset, buf, fua).await;
+                    drop(guard);
+                    let reply = match res {
                         Ok(()) => Reply::ok(cookie),
                         Err(e) => Reply::error(&session, cookie, wire_errno(e.errno()), &e.to_string()),
                     };
-                    drop(hold);
-                    let _ = tx.send(reply);
-                    drop(guard);
+                    // The payload buffer went to the device and is gone; its
+                    // bytes stay charged until the reply is out, which bounds
+                    // what a peer that reads no replies can make us hold.
+                    let _ = tx.send(reply.holding(slot, charges));
                 });
             }
             other => {
-                let (dev, tx) = (dev.clone(), tx.clone());
+                let (dev, tx, guard) = (dev.clone(), tx.clone(), inflight.start());
                 tokio::task::spawn_local(async move {
                     let reply = run_command(&*dev, &session, cookie, other).await;
-                    let _ = tx.send(reply);
                     drop(guard);
+                    let _ = tx.send(reply.holding(slot, Vec::new()));
                 });
             }
         }
     };
-    // Every started request finishes and is answered (if the peer still
-    // listens) before the connection closes.
+    // Requests started on the device finish whatever happens (their buffers
+    // and locks are the engine's); then the replies drain.
     inflight.wait_idle().await;
     drop(tx);
-    // A peer that stopped reading must not keep us here forever.
-    if tokio::time::timeout(DRAIN_TIMEOUT, writer_task).await.is_err() {
-        tracing::info!("dropping a connection whose peer does not read its replies");
+    let closing = async {
+        let _ = phase.wait_for(|p| *p >= Phase::Closing).await;
+    };
+    tokio::select! {
+        _ = &mut writer_task => {}
+        _ = closing => {
+            writer_task.abort();
+            tracing::info!("closing a connection with unsent replies: the server is stopping");
+        }
+    }
+    if let Some(why) = dead.why.borrow().as_ref() {
+        tracing::info!("dropped a connection: {why}");
     }
     result
-}
-
-/// The two budgets a payload buffer is charged to: this connection's and the
-/// server's.
-struct Budget {
-    pool: BufPool,
-    conn: Arc<Semaphore>,
-    conn_granules: usize,
-}
-
-enum Taken {
-    Ok(OwnedSemaphorePermit, IoBuf),
-    Shutdown,
-    Err(String),
-}
-
-impl Budget {
-    /// Waits for both budgets, or for shutdown.
-    async fn take(&self, len: usize, shutdown: &mut watch::Receiver<bool>) -> Taken {
-        let granules = len.div_ceil(GRANULE).max(1);
-        if granules > self.conn_granules {
-            return Taken::Err(format!("a {len}-byte payload exceeds the per-connection budget"));
-        }
-        let conn = tokio::select! {
-            biased;
-            _ = shutdown.wait_for(|s| *s) => return Taken::Shutdown,
-            p = self.conn.clone().acquire_many_owned(granules as u32) => match p {
-                Ok(p) => p,
-                Err(e) => return Taken::Err(e.to_string()),
-            },
-        };
-        tokio::select! {
-            biased;
-            _ = shutdown.wait_for(|s| *s) => Taken::Shutdown,
-            b = self.pool.alloc(len) => match b {
-                Ok(b) => Taken::Ok(conn, b),
-                Err(e) => Taken::Err(e.to_string()),
-            },
-        }
-    }
 }
 
 async fn run_command<D: BlockDevice>(dev: &D, session: &Session, cookie: u64, cmd: Command) -> Reply {

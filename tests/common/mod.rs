@@ -3,6 +3,8 @@
 //! missing: `.ci/run` installs them).
 #![allow(dead_code)]
 
+pub mod raw;
+
 use std::io::Read;
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};

@@ -9,6 +9,7 @@
 //! | 28     | session: bit 0 structured replies, bit 1 base:allocation       |
 //! |        | negotiated (context id = bits 3-7), bit 2 read-only export     |
 //! | 29..37 | export size (big-endian u64)                                   |
+//! | 37..39 | transmission flags advertised to the client (big-endian u16)   |
 //!
 //! A header with a bad magic must be refused by `parse` with that magic; it is
 //! then validated anyway with the magic corrected, so every input exercises
@@ -28,7 +29,7 @@ fn in_bounds(offset: u64, len: u32, size: u64) -> bool {
 }
 
 fuzz_target!(|data: &[u8]| {
-    let mut input = [0u8; 37];
+    let mut input = [0u8; 39];
     let n = data.len().min(input.len());
     input[..n].copy_from_slice(&data[..n]);
 
@@ -53,8 +54,10 @@ fuzz_target!(|data: &[u8]| {
         structured: cfg & 1 != 0,
         base_allocation: (cfg & 2 != 0).then_some((cfg >> 3) as u32),
         read_only: cfg & 4 != 0,
+        flags: u16::from_be_bytes([input[37], input[38]]),
     };
     let size = u64::from_be_bytes(input[29..37].try_into().unwrap());
+    let advertised = |tf: u16| s.flags & tf != 0;
 
     match validate(&h, &s, size) {
         Err(rej) => {
@@ -65,15 +68,29 @@ fuzz_target!(|data: &[u8]| {
         }
         Ok(cmd) => {
             let fua = h.flags & CMD_FLAG_FUA != 0;
-            // Only flags defined for the command pass.
-            let mut allowed = CMD_FLAG_FUA;
+            // Only flags defined for the command, and advertised, pass.
+            let mut allowed = if advertised(TF_SEND_FUA) { CMD_FLAG_FUA } else { 0 };
             match h.kind {
-                CMD_READ if s.structured => allowed |= CMD_FLAG_DF,
-                CMD_WRITE_ZEROES => allowed |= CMD_FLAG_NO_HOLE | CMD_FLAG_FAST_ZERO,
+                CMD_READ if s.structured && advertised(TF_SEND_DF) => allowed |= CMD_FLAG_DF,
+                CMD_WRITE_ZEROES => {
+                    allowed |= CMD_FLAG_NO_HOLE;
+                    if advertised(TF_SEND_FAST_ZERO) {
+                        allowed |= CMD_FLAG_FAST_ZERO;
+                    }
+                }
                 CMD_BLOCK_STATUS => allowed |= CMD_FLAG_REQ_ONE,
                 _ => {}
             }
             assert_eq!(h.flags & !allowed, 0, "{h:?} accepted with flags outside {allowed:#x}");
+            // Commands that need an advertised flag pass only with it.
+            for (kind, tf) in [
+                (CMD_FLUSH, TF_SEND_FLUSH),
+                (CMD_TRIM, TF_SEND_TRIM),
+                (CMD_CACHE, TF_SEND_CACHE),
+                (CMD_WRITE_ZEROES, TF_SEND_WRITE_ZEROES),
+            ] {
+                assert!(h.kind != kind || advertised(tf), "{h:?} accepted without its transmission flag");
+            }
             if s.read_only {
                 assert!(
                     !matches!(cmd, Command::Write { .. } | Command::Trim { .. } | Command::WriteZeroes { .. }),
