@@ -194,6 +194,131 @@ fn a_target_whose_capacity_vanishes_mid_sync_degrades_and_loses_nothing() {
     recover_with_a_good_target(&mut d, dir.path(), &src, &mut model);
 }
 
+// ------------------------------------------------------------ short devices
+//
+// A device that becomes shorter than the export (a truncated image file, a
+// shrunk volume) has failed; its missing bytes must never be served as zeroes.
+
+/// A READ with a simple reply: the data, or the NBD error number.
+fn raw_read(s: &mut UnixStream, off: u64, len: u32) -> Result<Vec<u8>, u32> {
+    use std::io::Read;
+    s.write_all(&common::raw::request_bytes(common::raw::CMD_READ, 0, 7, off, len)).unwrap();
+    let (err, cookie) = common::raw::read_simple_reply(s).expect("reply");
+    assert_eq!(cookie, 7);
+    if err != 0 {
+        return Err(err);
+    }
+    let mut data = vec![0u8; len as usize];
+    s.read_exact(&mut data).expect("payload");
+    Ok(data)
+}
+
+fn truncate(path: &Path, len: u64) {
+    std::fs::OpenOptions::new().write(true).open(path).unwrap().set_len(len).unwrap();
+}
+
+#[test]
+fn a_target_file_truncated_mid_sync_degrades_and_never_serves_zeroes() {
+    let dir = scratch_shm();
+    let size = 32 * MIB;
+    let src = dir.path().join("s.img");
+    let mut model = pattern(43, size as usize);
+    make_image(&src, &model);
+    let tgt = dir.path().join("t.img");
+    make_sparse(&tgt, size);
+    let mut d = Daemon::start(dir.path(), &["--source", p(&src), "--max-rate", "4M"]);
+    d.cli_ok(&["attach", p(&tgt)]);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while u(&d.status()["regions_clean"]) < 200 {
+        assert!(Instant::now() < deadline, "no progress: {}", d.status());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // 40 % is clean and reads of it come from T; now T loses everything.
+    truncate(&tgt, 0);
+    d.wait_state("degraded", 10);
+    let st = d.status();
+    let err = st["error"].as_str().unwrap_or_default().to_string();
+    assert!(err.contains("shorter than the") && err.contains("t.img"), "{st}");
+    assert_same(&export_bytes(&d.uri()), &model, "export after the target was truncated");
+    let o = d.cli(&["detach-source"]);
+    assert_eq!(code(&o), 1, "detach-source must be refused: {}", text(&o));
+    wait_closed(&d, &tgt, "the truncated target");
+    recover_with_a_good_target(&mut d, dir.path(), &src, &mut model);
+}
+
+#[test]
+fn a_target_file_truncated_after_the_sync_degrades_and_reads_come_from_the_source() {
+    let dir = scratch_shm();
+    let size = 16 * MIB;
+    let src = dir.path().join("s.img");
+    let model = pattern(44, size as usize);
+    make_image(&src, &model);
+    let tgt = dir.path().join("t.img");
+    make_sparse(&tgt, size);
+    let d = Daemon::start(dir.path(), &["--source", p(&src), "--target", p(&tgt)]);
+    d.wait_state("synced", 30);
+    truncate(&tgt, size / 2);
+    d.wait_state("degraded", 10);
+    let st = d.status();
+    assert!(st["error"].as_str().unwrap_or_default().contains("shorter than the"), "{st}");
+    assert_same(&export_bytes(&d.uri()), &model, "export after the synced target was truncated");
+    let o = d.cli(&["detach-source"]);
+    assert_eq!(code(&o), 1, "detach-source after the target failed: {}", text(&o));
+    assert_same(&std::fs::read(&src).unwrap(), &model, "the source is intact");
+}
+
+#[test]
+fn a_source_file_truncated_while_serving_fails_reads_past_its_end_with_eio() {
+    let dir = scratch_shm();
+    let size = 16 * MIB;
+    let src = dir.path().join("s.img");
+    let model = pattern(45, size as usize);
+    make_image(&src, &model);
+    let d = Daemon::start(dir.path(), &["--source", p(&src)]);
+    truncate(&src, size / 2);
+    let mut s = common::raw::raw_handshake(&d.sock, "");
+    assert_eq!(raw_read(&mut s, size / 2 + 4096, 4096), Err(5), "a read past the source's new end is EIO");
+    assert_eq!(raw_read(&mut s, size / 2 - 2048, 4096), Err(5), "a read across the new end is EIO");
+    let head = raw_read(&mut s, 0, 4096).expect("the part that is still there reads");
+    assert_same(&head, &model[..4096], "head of the source");
+    // The status says so within the watchdog's interval.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let st = d.status();
+        if st["error"].as_str().is_some_and(|e| e.contains("source failed") && e.contains("shorter than the")) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the status does not report the short source: {st}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // base:allocation does not call the missing half a hole (a copying client
+    // would skip it as zeroes).
+    let out = run_ok(&tool("nbdinfo"), &["--map", &d.uri()]);
+    let tail_hole = out.lines().any(|l| {
+        let f: Vec<&str> = l.split_whitespace().collect();
+        f.len() >= 3 && f[0].parse::<u64>().is_ok_and(|o| o >= size / 2) && f[2] != "0"
+    });
+    assert!(!tail_hole, "the truncated part is reported as a hole or zero:\n{out}");
+}
+
+#[test]
+fn a_source_truncated_while_synced_is_dropped_and_the_target_serves_everything() {
+    let dir = scratch_shm();
+    let size = 16 * MIB;
+    let src = dir.path().join("s.img");
+    let model = pattern(46, size as usize);
+    make_image(&src, &model);
+    let tgt = dir.path().join("t.img");
+    make_sparse(&tgt, size);
+    let d = Daemon::start(dir.path(), &["--source", p(&src), "--target", p(&tgt)]);
+    d.wait_state("synced", 30);
+    truncate(&src, 4096);
+    d.wait_state("source-detached", 10);
+    let st = d.status();
+    assert!(st["source"].is_null(), "{st}");
+    assert_same(&export_bytes(&d.uri()), &model, "export served by the target alone");
+}
+
 #[test]
 fn verify_finds_a_byte_changed_behind_our_back() {
     let dir = scratch_shm();

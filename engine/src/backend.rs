@@ -452,7 +452,9 @@ impl Backend {
     }
 
     /// Reads exactly `len` bytes at `off` into `dst` (kernel-visible memory owned
-    /// by `keep`). Bytes past the end of a file read as zeroes.
+    /// by `keep`). A read that reaches the end of the device fails: the device is
+    /// shorter than the range asked for (truncated, shrunk), and its missing
+    /// bytes are not data.
     async fn raw_read_exact<K: 'static>(&self, keep: K, ptr: *mut u8, len: usize, off: u64) -> (io::Result<()>, K) {
         if self.in_memory && len <= SYNC_MEMORY_MAX {
             // SAFETY: the caller guarantees [ptr, ptr+len) is ours to write.
@@ -474,12 +476,9 @@ impl Backend {
             let (res, k) = op.await;
             keep = k;
             match res {
-                Ok(0) => {
-                    // End of file: the rest reads as zeroes.
-                    // SAFETY: [done, len) is inside the caller's range.
-                    unsafe { std::ptr::write_bytes(p, 0, len - done) };
-                    return (Ok(()), keep);
-                }
+                // The device ended before the range did: it is shorter than the
+                // caller (the export) believes. Never invent the missing bytes.
+                Ok(0) => return (Err(short_device(o)), keep),
                 Ok(n) => done += n as usize,
                 Err(e) if e.raw_os_error() == Some(libc::EINTR) || e.raw_os_error() == Some(libc::EAGAIN) => {}
                 Err(e) => return (Err(e), keep),
@@ -539,12 +538,7 @@ impl Backend {
                 libc::pread(self.fd.as_raw_fd(), ptr.add(done).cast(), len - done, (off + done as u64) as libc::off_t)
             };
             match n {
-                0 => {
-                    // End of file: the rest reads as zeroes.
-                    // SAFETY: within the caller's range.
-                    unsafe { std::ptr::write_bytes(ptr.add(done), 0, len - done) };
-                    return Ok(());
-                }
+                0 => return Err(short_device(off + done as u64)),
                 n if n > 0 => done += n as usize,
                 _ => {
                     let e = io::Error::last_os_error();
@@ -801,8 +795,15 @@ impl Backend {
     /// Allocation status of `[off, off+len)`, at most `max_extents` extents
     /// (the last one may end early; callers ask again from there).
     pub fn allocation(&self, off: u64, len: u64, max_extents: usize) -> io::Result<Vec<Extent>> {
-        let end = (off + len).min(self.size.max(off));
         if self.kind == BackendKind::BlockDevice || len == 0 {
+            return Ok(vec![Extent { len, hole: false }]);
+        }
+        // Past the file's current end (a truncated file) nothing is known to be
+        // a hole: report data, so a client reads it (and gets the error) rather
+        // than skipping it as zeroes.
+        let current = self.current_size()?;
+        let end = (off + len).min(self.size.max(off)).min(current.max(off));
+        if end <= off {
             return Ok(vec![Extent { len, hole: false }]);
         }
         let fd = self.raw_fd();
@@ -851,7 +852,14 @@ impl Backend {
     }
 }
 
-/// Device and inode of a directory, to tell whether two roots are the same.
+/// The error for a read that found the end of the device at `at`.
+fn short_device(at: u64) -> io::Error {
+    io::Error::new(
+        io::ErrorKind::UnexpectedEof,
+        format!("the device ends at byte {at}, inside the range read (truncated or shrunk?)"),
+    )
+}
+
 fn is_unsupported(e: &io::Error) -> bool {
     matches!(e.raw_os_error(), Some(libc::EOPNOTSUPP) | Some(libc::EINVAL) | Some(libc::ENODEV) | Some(libc::ENOSYS))
 }

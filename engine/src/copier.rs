@@ -159,6 +159,11 @@ pub(crate) async fn run(m: Arc<Mirror>, target: Arc<Target>) {
         let t2 = target.clone();
         tokio::task::spawn_local(async move {
             copy_span(&m2, &t2, run, chunk).await;
+            // A target truncated under the copy would be re-extended by the next
+            // writes, its copied part reading as zeroes: look after every span.
+            if !m2.copier_should_stop(&t2) && !t2.backend.current_size().is_ok_and(|n| n >= m2.size()) {
+                m2.check_device_sizes().await;
+            }
             m2.copier.end();
             drop(permit);
         });

@@ -32,6 +32,9 @@ use crate::regions::{validate_region_size, RegionMap, DEFAULT_REGION_SIZE};
 use crate::stacking;
 use crate::status::{DeviceState, Status};
 
+/// How often every device's size is compared with the export's.
+const SIZE_CHECK_INTERVAL: Duration = Duration::from_secs(1);
+
 /// Copier I/Os in flight by default (see [`crate::copier::chunk_for`]).
 pub const DEFAULT_QUEUE_DEPTH: usize = 16;
 
@@ -288,6 +291,7 @@ impl Mirror {
         if let Some(j) = &m.journal {
             j.start(&m)?;
         }
+        m.start_watchdog()?;
         let r = m.route();
         let what = match (&r.source, &r.target) {
             (Some(s), None) => format!("serving {} ({export_size} bytes)", s.path().display()),
@@ -642,6 +646,10 @@ impl Mirror {
         if !is_ours(&self.route()) || !lock(&self.map).all_clean() {
             return Ok(false);
         }
+        // A target that shrank under the copy holds less than the export.
+        if !self.check_device_sizes().await {
+            return Ok(false);
+        }
         if let Err(e) = target.backend.flush().await {
             self.fail_target(target, format!("target flush failed: {e}")).await;
             return Ok(false);
@@ -716,6 +724,13 @@ impl Mirror {
     /// Releases the source: only from `synced`. Afterwards S is closed.
     pub async fn detach_source(&self) -> Result<()> {
         let _t = self.transition.lock().await;
+        // The target must still hold the whole export before the source goes.
+        if self.state() == DeviceState::Synced && !self.check_device_sizes().await {
+            return Err(Error::Refused(format!(
+                "detach-source refused: {}",
+                lock(&self.last_error).clone().unwrap_or_else(|| "a device is shorter than the export".into())
+            )));
+        }
         let rx = self
             .change_route(|r| {
                 (r.state == DeviceState::Synced).then(|| (DeviceState::SourceDetached, None, r.target.clone()))
@@ -1423,6 +1438,82 @@ impl Mirror {
             j.flush_done(seq);
             j.stop().await?;
         }
+        Ok(())
+    }
+
+    /// Checks that every attached device still holds the whole export. A device
+    /// that became shorter (a truncated file, a shrunk volume) has failed: the
+    /// target is dropped (`degraded`), the source too when the target has every
+    /// byte (`synced` → `source-detached`); otherwise the error is recorded and
+    /// reads past the device's end fail with EIO. True when every device fits.
+    pub(crate) async fn check_device_sizes(&self) -> bool {
+        let route = self.route();
+        let export = self.size();
+        let short = |b: &Backend| match b.current_size() {
+            Ok(n) if n >= export => None,
+            Ok(n) => Some(format!("{} is now {n} bytes, shorter than the {export}-byte export", b.path().display())),
+            Err(e) => Some(format!("cannot read the size of {}: {e}", b.path().display())),
+        };
+        let mut fits = true;
+        let mut target_ok = true;
+        if let Some(t) = &route.target {
+            if let Some(why) = short(&t.backend) {
+                fits = false;
+                target_ok = false;
+                if route.source.is_some() {
+                    self.fail_target(t, format!("target failed: {why}")).await;
+                } else {
+                    self.record_fault(format!("target failed: {why}"));
+                }
+            }
+        }
+        if let Some(src) = &route.source {
+            if let Some(why) = short(src) {
+                fits = false;
+                if !(route.state == DeviceState::Synced
+                    && target_ok
+                    && self.fail_source(src, format!("source failed: {why}")).await)
+                {
+                    self.record_fault(format!("source failed: {why}"));
+                }
+            }
+        }
+        fits
+    }
+
+    /// Records a device fault in status and the event log, once per distinct fault.
+    fn record_fault(&self, why: String) {
+        let mut last = lock(&self.last_error);
+        if last.as_deref() != Some(why.as_str()) {
+            *last = Some(why.clone());
+            drop(last);
+            tracing::error!("{why}");
+            self.event(why);
+        }
+    }
+
+    /// Starts the thread that checks the devices' sizes once a second, in every
+    /// state (a device can be truncated while nothing reads it).
+    fn start_watchdog(self: &Arc<Self>) -> Result<()> {
+        let weak = Arc::downgrade(self);
+        std::thread::Builder::new()
+            .name("livemirror-watch".into())
+            .spawn(move || {
+                let res = crate::rt::block_on(async move {
+                    loop {
+                        tokio::time::sleep(SIZE_CHECK_INTERVAL).await;
+                        let Some(m) = weak.upgrade() else { return };
+                        if m.is_shutting_down() {
+                            return;
+                        }
+                        m.check_device_sizes().await;
+                    }
+                });
+                if let Err(e) = res {
+                    tracing::error!("the device size watchdog could not start: {e}");
+                }
+            })
+            .map_err(|e| Error::io("cannot start the device watchdog thread", e))?;
         Ok(())
     }
 

@@ -81,3 +81,33 @@ fn writes_to_a_file_in_ram_land_on_both_paths() {
     .unwrap();
     assert!(std::fs::read(&s).unwrap() == model, "file differs from the model");
 }
+
+/// A read that reaches the end of a device which became shorter fails, on the
+/// plain-syscall path (files in RAM) as on io_uring (files on disk, O_DIRECT
+/// or not): the missing bytes are never returned as zeroes.
+#[test]
+fn reads_past_the_end_of_a_truncated_device_fail_on_every_path() {
+    use engine::CacheMode;
+    let disk = std::path::Path::new("/var/tmp");
+    let dirs = [tempfile::tempdir_in("/dev/shm").unwrap(), tempfile::tempdir_in(disk).unwrap()];
+    for dir in &dirs {
+        for cache in [CacheMode::Buffered, CacheMode::Direct] {
+            let path = dir.path().join(format!("{cache:?}.img"));
+            std::fs::write(&path, vec![0x5au8; 1 << 20]).unwrap();
+            let b = Backend::open(&path, &OpenOptions { cache, ..OpenOptions::default() }).unwrap();
+            std::fs::OpenOptions::new().write(true).open(&path).unwrap().set_len(256 << 10).unwrap();
+            let what = format!("{} ({cache:?}, direct={})", path.display(), b.is_direct());
+            rt::block_on(async {
+                for (off, len) in [(512u64 << 10, 4096usize), ((256 << 10) - 4096, 8192), (0, 1 << 20)] {
+                    let buf = engine::SharedBuf::new(IoBuf::new(len));
+                    let err = b.read_at(&buf, 0, len, off).await.expect_err(&format!("{what}: read at {off}+{len}"));
+                    assert_eq!(err.kind(), std::io::ErrorKind::UnexpectedEof, "{what}: {err}");
+                    assert!(err.to_string().contains("shorter") || err.to_string().contains("ends at"), "{err}");
+                }
+                let buf = engine::SharedBuf::new(IoBuf::new(4096));
+                b.read_at(&buf, 0, 4096, 4096).await.expect("what is still there reads");
+            })
+            .unwrap();
+        }
+    }
+}
