@@ -315,3 +315,141 @@ fn a_restarted_daemon_waits_for_the_exclusive_lock() {
         },
     );
 }
+
+// ------------------------------------------------ a restart onto another disk
+
+/// Serves `src` with `--state`, attaches `tgt` at 4M/s and stops the daemon
+/// (SIGTERM) once about half the regions are clean. Returns the daemon's args.
+fn half_synced(dir: &Path, src: &Path, tgt: &str, state: &Path) -> Vec<String> {
+    let args: Vec<String> =
+        ["--source", p(src), "--state", p(state), "--max-rate", "4M"].iter().map(|s| s.to_string()).collect();
+    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+    let mut d = Daemon::start(dir, &refs);
+    d.cli_ok(&["attach", tgt]);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let st = d.status();
+        if st["regions_clean"].as_u64().unwrap_or(0) * 2 >= st["regions_total"].as_u64().unwrap_or(1) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no progress: {st}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(d.stop().success(), "{}", d.log_text());
+    args
+}
+
+/// After the restart with `args`, the daemon either refused to start or it
+/// syncs to the end; either way the export, and the target once synced, hold
+/// exactly the source.
+fn restart_refused(dir: &Path, args: &[String], want: &str) -> String {
+    let mut cmd = std::process::Command::new(bin());
+    cmd.arg("serve").args(args);
+    cmd.arg("--listen").arg(format!("unix:{}", dir.join("nbd.sock").display()));
+    cmd.arg("--control").arg(dir.join("ctl.sock"));
+    let out = cmd.output().expect("run livemirror serve");
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert_eq!(out.status.code(), Some(1), "a restart onto a replaced target must be refused:\n{err}");
+    assert!(err.contains(want), "the refusal should say why ({want:?}):\n{err}");
+    err
+}
+
+#[test]
+fn a_target_file_replaced_under_the_same_inode_number_is_not_trusted() {
+    // On ext4 a file created right after another was deleted gets its inode
+    // number back: the case a (device, inode) identity cannot see.
+    let dir = tempfile::tempdir_in("/var/tmp").expect("tempdir on disk");
+    let size = 16usize << 20;
+    let src = dir.path().join("src.img");
+    let tgt = dir.path().join("tgt.img");
+    let state = dir.path().join("st");
+    let data = pattern(77, size);
+    make_image(&src, &data);
+    make_sparse(&tgt, size as u64);
+    let mut args = half_synced(dir.path(), &src, p(&tgt), &state);
+    use std::os::unix::fs::MetadataExt;
+    let old_ino = std::fs::metadata(&tgt).unwrap().ino();
+    std::fs::remove_file(&tgt).unwrap();
+    // Create files until one gets the old inode number back (ext4 usually hands
+    // it out again soon), and make that the "new" target.
+    let mut reused = false;
+    for i in 0..256 {
+        let f = dir.path().join(format!("new{i}.img"));
+        make_sparse(&f, size as u64);
+        if std::fs::metadata(&f).unwrap().ino() == old_ino {
+            std::fs::rename(&f, &tgt).unwrap();
+            reused = true;
+            break;
+        }
+    }
+    if !reused {
+        make_sparse(&tgt, size as u64);
+    }
+    args.extend(["--target".to_string(), p(&tgt).to_string()]);
+    // With the inode number reused, only the birth time and generation tell.
+    let err = restart_refused(dir.path(), &args, if reused { "replaced" } else { "does not match the state file" });
+    eprintln!("refused (inode number reused: {reused}): {err}");
+    // --restart-sync starts over onto the new file: every byte is copied.
+    args.push("--restart-sync".into());
+    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+    let mut d = Daemon::start(dir.path(), &refs);
+    d.cli_ok(&["set-rate", "0"]);
+    d.cli_ok(&["wait", "--timeout", "60"]);
+    assert_same(&export_bytes(&d.uri()), &data, "export after the fresh sync");
+    assert!(d.stop().success());
+    assert_same(&std::fs::read(&tgt).unwrap(), &data, "the new target after the fresh sync");
+}
+
+#[test]
+fn a_loop_device_re_pointed_at_another_image_is_not_trusted() {
+    let dir = scratch_shm();
+    let size = 16usize << 20;
+    let src = dir.path().join("src.img");
+    let (back1, back2) = (dir.path().join("disk1.img"), dir.path().join("disk2.img"));
+    let state = dir.path().join("st");
+    let data = pattern(78, size);
+    make_image(&src, &data);
+    make_sparse(&back1, size as u64);
+    make_sparse(&back2, size as u64);
+    let lo = run_ok(&tool("losetup"), &["-f", "--show", p(&back1)]).trim().to_string();
+    let _lo = Loop(lo.clone());
+    let mut args = half_synced(dir.path(), &src, &lo, &state);
+    run_ok(&tool("losetup"), &["-d", &lo]);
+    // Same device node and number, another (blank) image behind it.
+    run_ok(&tool("losetup"), &[&lo, p(&back2)]);
+    args.extend(["--target".to_string(), lo.clone()]);
+    let err = restart_refused(dir.path(), &args, "re-pointed");
+    eprintln!("refused: {err}");
+}
+
+#[test]
+fn a_target_whose_copied_regions_changed_while_stopped_is_copied_again() {
+    // Same file, same identity, but its contents were changed behind our back
+    // while the daemon was down: the resume check notices and starts over.
+    let dir = scratch_shm();
+    let size = 16usize << 20;
+    let src = dir.path().join("src.img");
+    let tgt = dir.path().join("tgt.img");
+    let state = dir.path().join("st");
+    let data = pattern(79, size);
+    make_image(&src, &data);
+    make_sparse(&tgt, size as u64);
+    let args = half_synced(dir.path(), &src, p(&tgt), &state);
+    // Wipe the first 4 MiB of T in place (the copied part).
+    use std::os::unix::fs::FileExt;
+    std::fs::OpenOptions::new().write(true).open(&tgt).unwrap().write_all_at(&vec![0u8; 4 << 20], 0).unwrap();
+    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+    let mut d = Daemon::start(dir.path(), &refs);
+    let st = d.status();
+    assert_eq!(st["state"], "syncing", "{st}");
+    let half = st["regions_total"].as_u64().unwrap() / 2;
+    assert!(st["regions_clean"].as_u64().unwrap() < half, "the changed target's old progress was kept: {st}");
+    assert!(format!("{}", st["events"]).contains("the sync starts over"), "{st}");
+    // Reads never see the wiped bytes.
+    assert_same(&export_bytes(&d.uri()), &data, "export right after the resume");
+    d.cli_ok(&["set-rate", "0"]);
+    d.cli_ok(&["wait", "--timeout", "60"]);
+    assert!(d.cli(&["verify"]).status.success());
+    assert!(d.stop().success());
+    assert_same(&std::fs::read(&tgt).unwrap(), &data, "the target after the second sync");
+}

@@ -17,6 +17,7 @@ mod copier;
 pub mod device;
 pub mod error;
 pub mod hostfs;
+pub mod identity;
 pub mod locks;
 pub mod persist;
 pub mod ratelimit;

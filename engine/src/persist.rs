@@ -50,14 +50,22 @@ use tokio::sync::{watch, Notify};
 use crate::backend::Backend;
 use crate::device::Mirror;
 use crate::error::{Error, Result};
+pub use crate::identity::DeviceIdent;
+use crate::identity::MAX_STACK;
 use crate::regions::Bits;
 use crate::status::DeviceState;
 
 const MAGIC: &[u8; 8] = b"LMSTATE\0";
-const VERSION: u32 = 1;
+/// 2: device identities carry birth time, generation and the block device's
+/// stack (identity.rs). Version 1 files are still read.
+const VERSION: u32 = 2;
 const HEADER_SIZE: u64 = 4096;
 const AREAS_START: u64 = 2 * HEADER_SIZE;
 const MAX_PATH: usize = 1024;
+/// Identity encodings: 1 = number, size and path (format version 1);
+/// 2 = also birth time, generation and stack.
+const IDENT_V1: u8 = 1;
+const IDENT_V2: u8 = 2;
 /// A region with no write for this long may have its intent bit cleared. Long
 /// enough that a region under steady random writes keeps its bit (clearing and
 /// setting it again costs a state write each time), short enough to clear
@@ -71,61 +79,6 @@ pub const QUIET: Duration = Duration::from_millis(4000);
 pub const INTENT_CHUNK: u64 = 4 << 20;
 /// The persister wakes at least this often.
 const TICK: Duration = Duration::from_millis(250);
-
-/// What identifies a device across restarts.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct DeviceIdent {
-    pub path: PathBuf,
-    pub size: u64,
-    pub dev: u64,
-    pub ino: u64,
-    /// Device number of a block device (0 for a file).
-    pub rdev: u64,
-}
-
-impl DeviceIdent {
-    pub fn of(b: &Backend) -> DeviceIdent {
-        let id = b.identity();
-        DeviceIdent {
-            path: b.path().to_path_buf(),
-            size: b.size(),
-            dev: id.dev,
-            ino: id.ino,
-            rdev: id.rdev.unwrap_or(0),
-        }
-    }
-
-    /// Why `other` is not the same device, or `None`.
-    pub fn differs(&self, other: &DeviceIdent) -> Option<String> {
-        let same_thing = if self.rdev != 0 || other.rdev != 0 {
-            self.rdev == other.rdev
-        } else {
-            (self.dev, self.ino) == (other.dev, other.ino)
-        };
-        if !same_thing {
-            return Some(format!(
-                "{} is not the device recorded as {} (device {:#x}/{:#x} inode {} vs {:#x}/{:#x} inode {})",
-                other.path.display(),
-                self.path.display(),
-                other.rdev,
-                other.dev,
-                other.ino,
-                self.rdev,
-                self.dev,
-                self.ino
-            ));
-        }
-        if self.size != other.size {
-            return Some(format!(
-                "{} is {} bytes, but the state file recorded {} bytes",
-                other.path.display(),
-                other.size,
-                self.size
-            ));
-        }
-        None
-    }
-}
 
 /// One decoded slot.
 #[derive(Debug, Clone, PartialEq)]
@@ -170,19 +123,28 @@ impl Enc {
     fn u64(&mut self, v: u64) {
         self.0.extend_from_slice(&v.to_le_bytes());
     }
+    fn bytes(&mut self, b: &[u8], max: usize) {
+        let b = &b[..b.len().min(max)];
+        self.u16(b.len() as u16);
+        self.0.extend_from_slice(b);
+    }
     fn ident(&mut self, d: &Option<DeviceIdent>) {
         match d {
             None => self.u8(0),
             Some(d) => {
-                self.u8(1);
+                self.u8(IDENT_V2);
                 self.u64(d.rdev);
                 self.u64(d.dev);
                 self.u64(d.ino);
                 self.u64(d.size);
-                let p = d.path.as_os_str().as_encoded_bytes();
-                let p = &p[..p.len().min(MAX_PATH)];
-                self.u16(p.len() as u16);
-                self.0.extend_from_slice(p);
+                self.bytes(d.path.as_os_str().as_encoded_bytes(), MAX_PATH);
+                let (secs, nsecs) = d.birth.unwrap_or((0, 0));
+                self.u8(d.birth.is_some() as u8);
+                self.u64(secs as u64);
+                self.u32(nsecs);
+                self.u8(d.generation.is_some() as u8);
+                self.u64(d.generation.unwrap_or(0));
+                self.bytes(d.stack.as_bytes(), MAX_STACK);
             }
         }
     }
@@ -210,24 +172,39 @@ impl<'a> Dec<'a> {
     fn u64(&mut self) -> Option<u64> {
         self.take(8).and_then(|s| s.try_into().ok()).map(u64::from_le_bytes)
     }
-    fn ident(&mut self) -> Option<Option<DeviceIdent>> {
-        match self.u8()? {
-            0 => Some(None),
-            1 => {
-                let rdev = self.u64()?;
-                let dev = self.u64()?;
-                let ino = self.u64()?;
-                let size = self.u64()?;
-                let n = self.u16()? as usize;
-                if n > MAX_PATH {
-                    return None;
-                }
-                let p = self.take(n)?;
-                let path = PathBuf::from(<std::ffi::OsStr as std::os::unix::ffi::OsStrExt>::from_bytes(p));
-                Some(Some(DeviceIdent { path, size, dev, ino, rdev }))
-            }
-            _ => None,
+    fn bytes(&mut self, max: usize) -> Option<&'a [u8]> {
+        let n = self.u16()? as usize;
+        if n > max {
+            return None;
         }
+        self.take(n)
+    }
+    fn ident(&mut self) -> Option<Option<DeviceIdent>> {
+        let tag = self.u8()?;
+        if tag == 0 {
+            return Some(None);
+        }
+        if tag != IDENT_V1 && tag != IDENT_V2 {
+            return None;
+        }
+        let rdev = self.u64()?;
+        let dev = self.u64()?;
+        let ino = self.u64()?;
+        let size = self.u64()?;
+        let p = self.bytes(MAX_PATH)?;
+        let path = PathBuf::from(<std::ffi::OsStr as std::os::unix::ffi::OsStrExt>::from_bytes(p));
+        let mut d = DeviceIdent { path, size, dev, ino, rdev, birth: None, generation: None, stack: String::new() };
+        if tag == IDENT_V2 {
+            let has_birth = self.u8()? != 0;
+            let secs = self.u64()? as i64;
+            let nsecs = self.u32()?;
+            d.birth = has_birth.then_some((secs, nsecs));
+            let has_gen = self.u8()? != 0;
+            let generation = self.u64()?;
+            d.generation = has_gen.then_some(generation);
+            d.stack = String::from_utf8(self.bytes(MAX_STACK)?.to_vec()).ok()?;
+        }
+        Some(Some(d))
     }
 }
 
@@ -258,6 +235,19 @@ fn encode_area(img: &StateImage) -> Vec<u8> {
 }
 
 fn encode_header(img: &StateImage, area: &[u8]) -> Vec<u8> {
+    seal_header(header_fields(img, area))
+}
+
+/// Appends the header's CRC and pads it to its slot.
+fn seal_header(mut fields: Vec<u8>) -> Vec<u8> {
+    let crc = crc32fast::hash(&fields);
+    fields.extend_from_slice(&crc.to_le_bytes());
+    fields.resize(HEADER_SIZE as usize, 0);
+    fields
+}
+
+/// The header's fields, before its CRC.
+fn header_fields(img: &StateImage, area: &[u8]) -> Vec<u8> {
     let mut e = Enc(Vec::with_capacity(HEADER_SIZE as usize));
     e.0.extend_from_slice(MAGIC);
     e.u32(VERSION);
@@ -270,9 +260,6 @@ fn encode_header(img: &StateImage, area: &[u8]) -> Vec<u8> {
     e.u32(crc32fast::hash(area));
     e.ident(&img.source);
     e.ident(&img.target);
-    let crc = crc32fast::hash(&e.0);
-    e.u32(crc);
-    e.0.resize(HEADER_SIZE as usize, 0);
     e.0
 }
 
@@ -295,8 +282,8 @@ fn decode_header(b: &[u8]) -> std::result::Result<Header, String> {
         return Err("not a livemirror state file (bad magic)".into());
     }
     let version = d.u32().ok_or_else(bad)?;
-    if version != VERSION {
-        return Err(format!("state file format version {version}, this livemirror reads {VERSION}"));
+    if !(1..=VERSION).contains(&version) {
+        return Err(format!("state file format version {version}, this livemirror reads 1 to {VERSION}"));
     }
     let area_size = d.u64().ok_or_else(bad)?;
     let seq = d.u64().ok_or_else(bad)?;
@@ -357,6 +344,13 @@ pub fn load(path: &Path) -> io::Result<Loaded> {
                 continue;
             }
         };
+        // The sizes come from the file: check them against its length before
+        // allocating anything of that size.
+        let area_end = h.area_size.checked_mul(slot + 1).and_then(|n| n.checked_add(AREAS_START));
+        if area_end.is_none_or(|end| end > len) {
+            why.push(format!("slot {slot}: bitmaps truncated (the header claims {} bytes each)", h.area_size));
+            continue;
+        }
         let mut area = vec![0u8; h.area_size as usize];
         if f.read_exact_at(&mut area, AREAS_START + slot * h.area_size).is_err() {
             why.push(format!("slot {slot}: bitmaps truncated"));
@@ -896,10 +890,26 @@ mod tests {
     fn image(seq: u64, regions_bytes: u64) -> StateImage {
         let mut img = fresh_image(DeviceState::Syncing, 16, regions_bytes, None, None);
         img.seq = seq;
-        img.source =
-            Some(DeviceIdent { path: "/dev/mapper/live-rw".into(), size: regions_bytes, dev: 5, ino: 6, rdev: 0xfd00 });
-        img.target =
-            Some(DeviceIdent { path: "/dev/sda1".into(), size: regions_bytes * 2, dev: 5, ino: 7, rdev: 0x801 });
+        img.source = Some(DeviceIdent {
+            path: "/dev/mapper/live-rw".into(),
+            size: regions_bytes,
+            dev: 5,
+            ino: 6,
+            rdev: 0xfd00,
+            birth: None,
+            generation: None,
+            stack: "dm-name=live-rw".into(),
+        });
+        img.target = Some(DeviceIdent {
+            path: "/dev/sda1".into(),
+            size: regions_bytes * 2,
+            dev: 5,
+            ino: 7,
+            rdev: 0x801,
+            birth: Some((1_700_000_000, 123)),
+            generation: Some(99),
+            stack: String::new(),
+        });
         for i in (0..img.regions()).step_by(3) {
             img.clean.set(i, true);
         }
@@ -967,6 +977,72 @@ mod tests {
     }
 
     #[test]
+    fn a_header_claiming_huge_bitmaps_is_refused_before_anything_is_allocated() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("state");
+        let a = image(3, 4 << 20);
+        StateFile::create(&p, &a).unwrap();
+        let mut bytes = std::fs::read(&p).unwrap();
+        // A well-formed header (valid CRC) for a 1 PiB export at 4 KiB regions:
+        // 2^38 regions, a 32 GiB bitmap area, in a file of a few KiB.
+        let mut big = a.clone();
+        big.export_size = 1 << 50;
+        big.region_shift = 12;
+        let regions = 1u64 << 38;
+        let mut fields = header_fields(&a, &encode_area(&a));
+        fields[12..20].copy_from_slice(&area_size(regions as usize).to_le_bytes());
+        fields[28..32].copy_from_slice(&12u32.to_le_bytes());
+        fields[33..41].copy_from_slice(&big.export_size.to_le_bytes());
+        fields[41..49].copy_from_slice(&regions.to_le_bytes());
+        let sealed = seal_header(fields);
+        bytes[..HEADER_SIZE as usize].copy_from_slice(&sealed);
+        bytes[HEADER_SIZE as usize..2 * HEADER_SIZE as usize].copy_from_slice(&sealed);
+        std::fs::write(&p, &bytes).unwrap();
+        let Loaded::Corrupt(why) = load(&p).unwrap() else { panic!("a 32 GiB claim in a small file is not valid") };
+        assert!(why.contains("claims"), "{why}");
+    }
+
+    #[test]
+    fn a_version_1_file_still_loads_with_the_identity_it_has() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("state");
+        let a = image(4, 8 << 20);
+        let area = encode_area(&a);
+        // The version 1 encoding: identities without birth, generation, stack.
+        let mut e = Enc(Vec::new());
+        e.0.extend_from_slice(MAGIC);
+        e.u32(1);
+        e.u64(area.len() as u64);
+        e.u64(a.seq);
+        e.u32(a.region_shift);
+        e.u8(a.state.code());
+        e.u64(a.export_size);
+        e.u64(a.regions() as u64);
+        e.u32(crc32fast::hash(&area));
+        for d in [&a.source, &a.target] {
+            let d = d.as_ref().unwrap();
+            e.u8(IDENT_V1);
+            e.u64(d.rdev);
+            e.u64(d.dev);
+            e.u64(d.ino);
+            e.u64(d.size);
+            e.bytes(d.path.as_os_str().as_encoded_bytes(), MAX_PATH);
+        }
+        let header = seal_header(e.0);
+        let mut file = Vec::new();
+        file.extend_from_slice(&header);
+        file.extend_from_slice(&header);
+        file.extend_from_slice(&area);
+        file.extend_from_slice(&area);
+        std::fs::write(&p, &file).unwrap();
+        let Loaded::Valid(got) = load(&p).unwrap() else { panic!("a version 1 file loads") };
+        let t = got.target.clone().unwrap();
+        assert_eq!((t.birth, t.generation, t.stack.as_str()), (None, None, ""));
+        assert_eq!(t.path, a.target.as_ref().unwrap().path);
+        assert_eq!(got.clean, a.clean);
+    }
+
+    #[test]
     fn every_single_byte_flip_in_a_header_is_detected() {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("state");
@@ -981,14 +1057,5 @@ mod tests {
             std::fs::write(&p, &bytes).unwrap();
             assert!(matches!(load(&p).unwrap(), Loaded::Corrupt(_)), "flip at header byte {i} went unnoticed");
         }
-    }
-
-    #[test]
-    fn identities_compare_by_device_and_size() {
-        let a = DeviceIdent { path: "/a".into(), size: 10, dev: 1, ino: 2, rdev: 0 };
-        assert!(a.differs(&a.clone()).is_none());
-        assert!(a.differs(&DeviceIdent { path: "/b".into(), ..a.clone() }).is_none(), "a rename is the same file");
-        assert!(a.differs(&DeviceIdent { ino: 3, ..a.clone() }).is_some());
-        assert!(a.differs(&DeviceIdent { size: 11, ..a.clone() }).unwrap().contains("11 bytes"));
     }
 }

@@ -23,7 +23,7 @@ fn makedev(ma: u64, mi: u64) -> u64 {
     ((ma & 0xffff_f000) << 32) | ((ma & 0xfff) << 8) | ((mi & 0xffff_ff00) << 12) | (mi & 0xff)
 }
 
-fn sysfs_dir(dev: u64) -> PathBuf {
+pub(crate) fn sysfs_dir(dev: u64) -> PathBuf {
     crate::hostfs::sys_path(&format!("dev/block/{}:{}", major(dev), minor(dev)))
 }
 
@@ -33,7 +33,7 @@ fn parse_dev(s: &str) -> Option<u64> {
 }
 
 /// The whole disk a partition belongs to (itself for a whole disk).
-fn whole_disk(dev: u64) -> u64 {
+pub(crate) fn whole_disk(dev: u64) -> u64 {
     let dir = sysfs_dir(dev);
     if dir.join("partition").exists() {
         // dev/block/M:m links to devices/.../disk/partition.

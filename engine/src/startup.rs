@@ -12,10 +12,12 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use crate::backend::{Backend, LockMode, OpenOptions};
+use crate::buf::{IoBuf, SharedBuf};
 use crate::device::{Mirror, MirrorConfig, Parts};
 use crate::error::{Error, Result};
 use crate::persist::{self, DeviceIdent, Loaded, StateFile, StateImage};
 use crate::regions::validate_region_size;
+use crate::regions::Bits;
 use crate::stacking;
 use crate::status::DeviceState;
 
@@ -174,12 +176,23 @@ pub fn start(opts: &StartOptions, mut cfg: MirrorConfig) -> Result<Started> {
             // Regions with a write in flight at the crash are dirty again.
             let mut clean = img.clean.clone();
             clean &= !img.intent.clone();
-            let all_clean = clean.all();
             let intents = img.intent.count_ones();
-            let state = if all_clean { DeviceState::Synced } else { DeviceState::Syncing };
+            // The identity matched; the contents must too. Where a sample of the
+            // copied regions differs, T is not what the state file says: copy
+            // everything again rather than serve stale T data.
+            let mut verifiable = clean.clone();
+            verifiable &= !img.unverifiable.clone();
+            let mismatch = resume_check(&s, &t, &verifiable, img.region_shift, img.export_size)?;
+            if let Some(why) = &mismatch {
+                tracing::warn!("{why}: starting the sync over");
+                clean.fill(false);
+            }
+            let state = if clean.all() { DeviceState::Synced } else { DeviceState::Syncing };
             let bitmaps = (clean, img.discarded.clone(), img.unverifiable.clone());
             let mirror = assemble(state_path, &img, cfg, state, Some(s), Some(t), Some(bitmaps))?;
-            if intents > 0 {
+            if let Some(why) = mismatch {
+                mirror.event(format!("{why}: the sync starts over"));
+            } else if intents > 0 {
                 mirror.event(format!("{intents} regions had writes in flight at the crash: copied again"));
             }
             Ok(Started { mirror, attach: None, resumed_sync: state == DeviceState::Syncing })
@@ -260,4 +273,95 @@ fn resume_target_only(opts: &StartOptions, state_path: &Path, img: StateImage, c
     let bitmaps = (all, none.clone(), none);
     let mirror = assemble(state_path, &img, cfg, DeviceState::SourceDetached, None, Some(t), Some(bitmaps))?;
     Ok(Started { mirror, attach: None, resumed_sync: false })
+}
+
+/// Regions compared at resume: the most recently copied ones (the copier goes
+/// in ascending order, so the highest clean regions), the first ones, and some
+/// spread over the rest.
+const RESUME_SAMPLES_LAST: usize = 8;
+const RESUME_SAMPLES_FIRST: usize = 4;
+const RESUME_SAMPLES_SPREAD: usize = 20;
+/// Bytes compared per sampled region (from its start).
+const RESUME_SAMPLE_BYTES: u64 = 256 << 10;
+
+/// Which clean regions the resume check reads.
+fn resume_samples(clean: &Bits) -> Vec<usize> {
+    let ones: Vec<usize> = clean.iter_ones().collect();
+    if ones.is_empty() {
+        return Vec::new();
+    }
+    let mut pick: Vec<usize> = ones.iter().rev().take(RESUME_SAMPLES_LAST).copied().collect();
+    pick.extend(ones.iter().take(RESUME_SAMPLES_FIRST));
+    let step = (ones.len() / RESUME_SAMPLES_SPREAD).max(1);
+    pick.extend(ones.iter().step_by(step).take(RESUME_SAMPLES_SPREAD));
+    pick.sort_unstable();
+    pick.dedup();
+    pick
+}
+
+/// Runs [`resume_samples_differ`] on a thread of its own, so that it works
+/// whether or not the caller is already on an engine thread.
+fn resume_check(s: &Backend, t: &Backend, clean: &Bits, shift: u32, export_size: u64) -> Result<Option<String>> {
+    std::thread::scope(|scope| {
+        scope
+            .spawn(|| crate::rt::block_on(resume_samples_differ(s, t, clean, shift, export_size)))
+            .join()
+            .map_err(|_| Error::io("the resume check failed", std::io::Error::other("its thread panicked")))?
+            .map_err(|e| Error::io("cannot run the resume check", e))?
+    })
+}
+
+/// Compares samples of the regions recorded as copied between S and T.
+/// `Some(why)` when one differs.
+async fn resume_samples_differ(
+    s: &Backend,
+    t: &Backend,
+    clean: &Bits,
+    shift: u32,
+    export_size: u64,
+) -> Result<Option<String>> {
+    for r in resume_samples(clean) {
+        let off = (r as u64) << shift;
+        let len = ((1u64 << shift).min(RESUME_SAMPLE_BYTES)).min(export_size - off) as usize;
+        let sb = SharedBuf::new(IoBuf::new(len));
+        let tb = SharedBuf::new(IoBuf::new(len));
+        s.read_at(&sb, 0, len, off)
+            .await
+            .map_err(|e| Error::io(format!("resume check: reading {} at offset {off}", s.path().display()), e))?;
+        if let Err(e) = t.read_at(&tb, 0, len, off).await {
+            return Ok(Some(format!(
+                "the target {} cannot be read where the state file says it was copied (offset {off}: {e})",
+                t.path().display()
+            )));
+        }
+        // SAFETY: both reads completed; the buffers are only read now.
+        let (a, b) = unsafe { (sb.slice(0, len), tb.slice(0, len)) };
+        if let Some(at) = a.iter().zip(b).position(|(x, y)| x != y) {
+            return Ok(Some(format!(
+                "the target {} differs from the source at offset {}, in a region the state file records as copied",
+                t.path().display(),
+                off + at as u64
+            )));
+        }
+    }
+    Ok(None)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn resume_samples_include_the_last_copied_regions() {
+        let mut clean = bitvec::bitvec![u64, bitvec::order::Lsb0; 0; 1000];
+        clean[..400].fill(true);
+        let s = resume_samples(&clean);
+        for r in 392..400 {
+            assert!(s.contains(&r), "region {r}, among the last copied, is not sampled: {s:?}");
+        }
+        assert!(s.contains(&0));
+        assert!(s.iter().all(|&r| r < 400), "only clean regions are sampled");
+        assert!(s.len() <= RESUME_SAMPLES_LAST + RESUME_SAMPLES_FIRST + RESUME_SAMPLES_SPREAD);
+        assert!(resume_samples(&bitvec::bitvec![u64, bitvec::order::Lsb0; 0; 10]).is_empty());
+    }
 }
