@@ -25,19 +25,9 @@ fn fill(model: &mut [u8], off: u64, len: u64, b: u8) {
     model[off as usize..(off + len) as usize].fill(b);
 }
 
-fn has_open(d: &Daemon, path: &Path) -> bool {
-    let want = std::fs::canonicalize(path).expect("canonical path");
-    let pid = d.child.as_ref().expect("daemon running").id();
-    std::fs::read_dir(format!("/proc/{pid}/fd"))
-        .expect("/proc/PID/fd")
-        .flatten()
-        .filter_map(|e| std::fs::read_link(e.path()).ok())
-        .any(|f| f == want)
-}
-
 fn wait_closed(d: &Daemon, path: &Path, what: &str) {
     let deadline = Instant::now() + Duration::from_secs(5);
-    while has_open(d, path) {
+    while d.has_open(path) {
         assert!(Instant::now() < deadline, "{what} {} is still open by the daemon", path.display());
         std::thread::sleep(Duration::from_millis(20));
     }
@@ -437,6 +427,8 @@ fn malformed_control_traffic_is_refused_and_the_daemon_keeps_serving() {
     for (what, bytes) in &cases {
         let mut c = UnixStream::connect(&d.control).unwrap();
         let answered = assert_refused_or_closed(ctl_send(&mut c, bytes), what);
+        // Every bad line gets {"ok":false,"error":...}, never a silent hang-up.
+        assert!(answered, "{what}: the daemon closed the connection without a reply");
         if answered {
             // The connection is still usable, or closed: never a wrong answer.
             if let Some(line) = ctl_send(&mut c, b"{\"cmd\":\"status\"}\n") {

@@ -192,22 +192,27 @@ async fn serve_conn(stream: tokio::net::UnixStream, mirror: Arc<Mirror>, mut sto
     let caller = stream.peer_cred().ok().and_then(|c| c.pid()).and_then(|p| u32::try_from(p).ok());
     let (rd, mut wr) = stream.into_split();
     let mut rd = tokio::io::BufReader::new(rd);
-    let mut line = String::new();
+    let mut raw = Vec::new();
     loop {
-        line.clear();
+        raw.clear();
         let mut limited = (&mut rd).take(MAX_LINE);
         tokio::select! {
             _ = stop.wait_for(|s| *s) => return,
-            r = limited.read_line(&mut line) => match r {
+            r = limited.read_until(b'\n', &mut raw) => match r {
                 Ok(0) | Err(_) => return,
                 Ok(_) => {}
             },
         }
-        if !line.ends_with('\n') && line.len() as u64 >= MAX_LINE {
+        if raw.last() != Some(&b'\n') && raw.len() as u64 >= MAX_LINE {
             let _ = wr.write_all(b"{\"ok\":false,\"error\":\"request too long\"}\n").await;
             return;
         }
-        let resp = match serde_json::from_str::<Request>(line.trim()) {
+        // Bytes first, text second: a line that is not UTF-8 gets an answer
+        // like any other bad line, instead of a silent hang-up.
+        let resp = match std::str::from_utf8(&raw)
+            .map_err(|e| format!("bad request: not UTF-8 ({e})"))
+            .and_then(|line| serde_json::from_str::<Request>(line.trim()).map_err(|e| format!("bad request: {e}")))
+        {
             Ok(req) => {
                 let what = format!("{req:?}");
                 let resp = handle(&mirror, req, caller).await;
@@ -216,7 +221,7 @@ async fn serve_conn(stream: tokio::net::UnixStream, mirror: Arc<Mirror>, mut sto
                 }
                 resp
             }
-            Err(e) => Response::err(format!("bad request: {e}")),
+            Err(e) => Response::err(e),
         };
         let mut out = serde_json::to_vec(&resp).unwrap_or_else(|_| b"{\"ok\":false}".to_vec());
         out.push(b'\n');

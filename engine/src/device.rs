@@ -515,6 +515,8 @@ impl Mirror {
             return Err(Error::Refused("no source to copy from".into()));
         };
         drop(route);
+        // A copier of a failed target may still be winding down with it open.
+        self.join_copier().await;
         let target = self.open_target(path, viewer, &source)?;
         let tsize = target.size();
         self.check_target_fits(&target, tsize)?;
@@ -603,6 +605,18 @@ impl Mirror {
             )));
         }
         Ok(())
+    }
+
+    /// Waits until the copier thread (if any) has exited.
+    async fn join_copier(&self) {
+        let handle = lock(&self.copier_thread).take();
+        if let Some(h) = handle {
+            // It exits at its next step once its target is no longer the route's.
+            self.copier.wake.notify_waiters();
+            if tokio::task::spawn_blocking(move || h.join()).await.is_err() {
+                tracing::error!("the copier thread could not be joined");
+            }
+        }
     }
 
     pub(crate) fn start_copier(self: &Arc<Self>, target: Arc<Target>) -> Result<()> {
@@ -724,6 +738,7 @@ impl Mirror {
     /// Releases the source: only from `synced`. Afterwards S is closed.
     pub async fn detach_source(&self) -> Result<()> {
         let _t = self.transition.lock().await;
+        let source = self.route().source.clone();
         // The target must still hold the whole export before the source goes.
         if self.state() == DeviceState::Synced && !self.check_device_sizes().await {
             return Err(Error::Refused(format!(
@@ -747,6 +762,9 @@ impl Mirror {
             )));
         }
         Self::barrier(rx).await;
+        if let Some(s) = source {
+            release(s, "the detached source").await;
+        }
         let path = lock(&self.source_path).take();
         self.event(format!(
             "source detached: {} closed; serving from the target alone",
@@ -778,6 +796,12 @@ impl Mirror {
         Self::barrier(rx).await;
         if let Some(t) = &target {
             t.close_reads().await;
+        }
+        // Done means T is closed: a re-attach right after must not find our own
+        // exclusive lock on it (the copier still held it).
+        self.join_copier().await;
+        if let Some(t) = target {
+            release(t, "the detached target").await;
         }
         lock(&self.map).set_all_dirty();
         let path = lock(&self.target_path).take();
@@ -1527,6 +1551,21 @@ impl Mirror {
         }
         let r = self.route();
         !(r.state == DeviceState::Syncing && r.target.as_ref().is_some_and(|t| Arc::ptr_eq(t, target)))
+    }
+}
+
+/// Drops `dev` once nothing else holds it, so its file descriptor (and its
+/// exclusive lock) is closed when this returns. Holders are requests of the old
+/// route (gone after the barrier) and short-lived checks; 10 s is far beyond
+/// them.
+async fn release<T>(dev: Arc<T>, what: &str) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while Arc::strong_count(&dev) > 1 {
+        if tokio::time::Instant::now() >= deadline {
+            tracing::warn!("{what} is still in use after 10 s; it is closed when the last user finishes");
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
     }
 }
 

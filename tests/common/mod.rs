@@ -229,6 +229,19 @@ impl Daemon {
     }
 }
 
+impl Daemon {
+    /// True while the daemon has `path` open.
+    pub fn has_open(&self, path: &Path) -> bool {
+        let want = std::fs::canonicalize(path).expect("canonical path");
+        let pid = self.child.as_ref().expect("daemon running").id();
+        std::fs::read_dir(format!("/proc/{pid}/fd"))
+            .expect("/proc/PID/fd")
+            .flatten()
+            .filter_map(|e| std::fs::read_link(e.path()).ok())
+            .any(|f| f == want)
+    }
+}
+
 impl Drop for Daemon {
     fn drop(&mut self) {
         self.kill9();

@@ -64,12 +64,11 @@ lm_check() { # lm_check "description" command...   (ok iff the command exits 0)
 # Tools the rig runs on the host (or copies into the guest). QEMU and the kernel are NOT here:
 # they are fetched into the cache. Fails loudly with the apt-get line that fixes it.
 LM_HOST_PKGS="busybox-static nbd-client dmsetup e2fsprogs coreutils gzip binutils"
-lm_check_host() {
+# lm_need CMD:PKG...: every CMD must be on PATH (with /usr/sbin and /sbin); otherwise print
+# the apt-get line that installs the missing ones and fail.
+lm_need() {
   local missing=() pkgs=() pair cmd pkg
-  for pair in busybox:busybox-static nbd-client:nbd-client dmsetup:dmsetup mke2fs:e2fsprogs \
-              debugfs:e2fsprogs e2fsck:e2fsprogs resize2fs:e2fsprogs timeout:coreutils \
-              sha256sum:coreutils truncate:coreutils gzip:gzip ldd:libc-bin strip:binutils \
-              apt-get:apt dpkg:dpkg flock:util-linux; do
+  for pair in "$@"; do
     cmd=${pair%%:*} pkg=${pair#*:}
     if ! PATH=$PATH:/usr/sbin:/sbin command -v "$cmd" >/dev/null 2>&1; then
       missing+=("$cmd"); pkgs+=("$pkg")
@@ -81,6 +80,12 @@ lm_check_host() {
     echo "  apt-get update && apt-get install -y --no-install-recommends $(printf '%s\n' "${pkgs[@]}" | sort -u | tr '\n' ' ')" >&2
     return 1
   fi
+}
+lm_check_host() {
+  lm_need busybox:busybox-static nbd-client:nbd-client dmsetup:dmsetup mke2fs:e2fsprogs \
+          debugfs:e2fsprogs e2fsck:e2fsprogs resize2fs:e2fsprogs timeout:coreutils \
+          sha256sum:coreutils truncate:coreutils gzip:gzip ldd:libc-bin strip:binutils \
+          apt-get:apt dpkg:dpkg flock:util-linux || return 1
   if [[ "$(busybox cpio --help 2>&1)" != *"-o"* ]]; then
     echo "livemirror VM rig: this busybox cannot create cpio archives; install busybox-static:" >&2
     echo "  apt-get install -y --no-install-recommends busybox-static" >&2
@@ -207,31 +212,47 @@ lm_fetch_qemu() {
 # dmsetup), trimmed of documentation and apt caches. Cached as $LM_CACHE/rootfs-SUITE; never
 # modify it (copy it). Needs root and debootstrap. Sets LM_ROOTFS.
 #   LIVEMIRROR_VM_SUITE (default bookworm), LIVEMIRROR_VM_MIRROR (default http://deb.debian.org/debian)
+# lm_fetch_rootfs NAME INCLUDE APT_PKGS builds another tree the same way, $LM_CACHE/rootfs-NAME:
+# debootstrap --include=INCLUDE, then `apt-get install APT_PKGS` in the chroot (apt chooses
+# between alternatives the way a user's apt would, which debootstrap cannot: the kernel's
+# "initramfs-tools | linux-initramfs-tool" with dracut).
 LM_SUITE=${LIVEMIRROR_VM_SUITE:-bookworm}
 LM_ROOTFS_PKGS="systemd-sysv,udev,initramfs-tools,busybox,dmsetup,e2fsprogs,kmod"
 lm_fetch_rootfs() {
-  local dir=$LM_CACHE/rootfs-$LM_SUITE key mirror=${LIVEMIRROR_VM_MIRROR:-http://deb.debian.org/debian} t
-  key="$LM_SUITE minbase $LM_ROOTFS_PKGS"
+  local name=${1:-$LM_SUITE} include=${2:-$LM_ROOTFS_PKGS} aptpkgs=${3:-}
+  local dir=$LM_CACHE/rootfs-$name key mirror=${LIVEMIRROR_VM_MIRROR:-http://deb.debian.org/debian} t rc
+  key="$LM_SUITE minbase $include"
+  [ -n "$aptpkgs" ] && key="$key apt:$aptpkgs"
   LM_ROOTFS=$dir
   if [ -f "$dir.complete" ] && [ "$(cat "$dir.complete")" = "$key" ] && [ -d "$dir" ]; then return 0; fi
   if [ "$(id -u)" != 0 ]; then echo "livemirror VM rig: building the Debian root needs root (debootstrap, chroot)" >&2; return 1; fi
-  if ! PATH=$PATH:/usr/sbin:/sbin command -v debootstrap >/dev/null 2>&1; then
-    echo "livemirror VM rig: debootstrap is missing; install it with:" >&2
-    echo "  apt-get update && apt-get install -y --no-install-recommends debootstrap" >&2
-    return 1
-  fi
-  lm_say "debootstrap $LM_SUITE (minbase + $LM_ROOTFS_PKGS) from $mirror into the cache; takes a few minutes"
+  lm_need debootstrap:debootstrap || return 1
+  lm_say "debootstrap $LM_SUITE (minbase + $include${aptpkgs:+, then apt-get install $aptpkgs}) from $mirror into the cache; takes a few minutes"
   t=$(lm_now)
-  rm -rf "$dir.tmp" "$dir.complete"
-  if ! debootstrap --variant=minbase --include="$LM_ROOTFS_PKGS" "$LM_SUITE" "$dir.tmp" "$mirror" > "$LM_CACHE/debootstrap.log" 2>&1; then
+  rm -rf --one-file-system "$dir.tmp" "$dir.complete"
+  if ! debootstrap --variant=minbase --include="$include" "$LM_SUITE" "$dir.tmp" "$mirror" > "$LM_CACHE/debootstrap.log" 2>&1; then
     tail -n 20 "$LM_CACHE/debootstrap.log" >&2
     echo "livemirror VM rig: debootstrap failed (log: $LM_CACHE/debootstrap.log)" >&2
     return 1
   fi
+  if [ -n "$aptpkgs" ]; then
+    # Package scripts (the kernel's, dracut's) want /proc and /sys; both are unmounted again
+    # before anything else touches the tree.
+    mount -t proc proc "$dir.tmp/proc" && mount -t sysfs sysfs "$dir.tmp/sys" || { umount -l "$dir.tmp/proc" 2>/dev/null; return 1; }
+    # shellcheck disable=SC2086
+    chroot "$dir.tmp" /usr/bin/env DEBIAN_FRONTEND=noninteractive PATH=/usr/sbin:/usr/bin:/sbin:/bin \
+      apt-get install -y -q --no-install-recommends $aptpkgs >> "$LM_CACHE/debootstrap.log" 2>&1 && rc=0 || rc=$?
+    umount "$dir.tmp/sys"; umount "$dir.tmp/proc"
+    if [ "$rc" != 0 ]; then
+      tail -n 20 "$LM_CACHE/debootstrap.log" >&2
+      echo "livemirror VM rig: apt-get install $aptpkgs in the new root failed (log: $LM_CACHE/debootstrap.log)" >&2
+      return 1
+    fi
+  fi
   rm -rf "$dir.tmp"/usr/share/doc/* "$dir.tmp"/usr/share/man/* "$dir.tmp"/usr/share/info/* \
          "$dir.tmp"/usr/share/locale/* "$dir.tmp"/var/cache/apt/*.bin "$dir.tmp"/var/cache/apt/archives/*.deb \
          "$dir.tmp"/var/lib/apt/lists/* "$dir.tmp"/var/log/*.log
-  rm -rf "$dir"; mv "$dir.tmp" "$dir"
+  rm -rf --one-file-system "$dir"; mv "$dir.tmp" "$dir"
   echo "$key" > "$dir.complete"
   lm_say "debootstrap done in $(lm_secs $(($(lm_now) - t)))s: $(du -sm "$dir" | cut -f1) MiB"
 }
@@ -425,23 +446,29 @@ lm_host_check_files() {
 }
 
 # ------------------------------------------------------------------------- booting
-# lm_boot LOG TIMEOUT INITRD APPEND [qemu args...]: boot the cached kernel under TCG, serial
-# console to LOG; streams the marker lines while it runs. Returns QEMU's exit status
+# lm_qemu LOG TIMEOUT [qemu args...]: QEMU under TCG with the serial console to LOG, bounded by
+# TIMEOUT; streams the marker lines while it runs. No kernel of its own: the arguments say what
+# boots (the firmware boots a disk or CD when there is no -kernel). Returns QEMU's exit status
 # (124 = the host timeout killed it).
-lm_boot() {
-  local log=$1 tmo=$2 initrd=$3 append=$4 rc qpid; shift 4
-  [ -n "${LIVEMIRROR_VM_TOLERATE:-}" ] && append="$append lm.tolerate=$LIVEMIRROR_VM_TOLERATE"
+lm_qemu() {
+  local log=$1 tmo=$2 rc qpid; shift 2
   : > "$log"
   timeout -k 5 "$tmo" "${LM_QEMU[@]}" -accel tcg -m "$LM_MEM" -smp "$LM_SMP" \
-    -nographic -no-reboot -nodefaults -serial stdio -monitor none \
-    -kernel "$LM_VMLINUZ" -initrd "$initrd" \
-    -append "console=ttyS0 panic=-1 loglevel=4 $append" "$@" </dev/null >>"$log" 2>&1 &
+    -nographic -no-reboot -nodefaults -serial stdio "$@" </dev/null >>"$log" 2>&1 &
   qpid=$!
   local filter='LMTEST|LMLOG|Kernel panic|BUG:|Call Trace|blocked for more than|livemirror: |lmtest-'
   [ -n "${LIVEMIRROR_VM_VERBOSE:-}" ] && filter='.'
   tail -s 0.2 -n +1 -F --pid="$qpid" "$log" 2>/dev/null | tr -d '\r' | grep -a --line-buffered -E "$filter" | sed -u 's/^/  | /' || true
   wait "$qpid" && rc=0 || rc=$?
   return "$rc"
+}
+
+# lm_boot LOG TIMEOUT INITRD APPEND [qemu args...]: boot the cached kernel with INITRD.
+lm_boot() {
+  local log=$1 tmo=$2 initrd=$3 append=$4; shift 4
+  [ -n "${LIVEMIRROR_VM_TOLERATE:-}" ] && append="$append lm.tolerate=$LIVEMIRROR_VM_TOLERATE"
+  lm_qemu "$log" "$tmo" -monitor none -kernel "$LM_VMLINUZ" -initrd "$initrd" \
+    -append "console=ttyS0 panic=-1 loglevel=4 $append" "$@"
 }
 
 # lm_judge LOG: count the guest's marker lines into LM_OK/LM_FAIL. A guest run passes when it
