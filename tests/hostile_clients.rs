@@ -372,3 +372,128 @@ fn sigterm_with_stalled_and_non_reading_clients_finishes_within_the_bound() {
     assert_eq!(&std::fs::read(&img).unwrap()[8 * MIB..8 * MIB + 4096], &[0x3c; 4096][..]);
     drop(hogs);
 }
+
+/// The hostile mix, for `LIVEMIRROR_HOSTILE_SOAK_SECS` seconds (CI: 20; the
+/// documented soak runs an hour): clients that stall mid-payload, clients that
+/// never read, floods of bad requests, refused giant writes and deep bursts,
+/// over and over, while an honest client writes and reads its own region,
+/// checking every byte against a model and recording its latency. At the end
+/// the export matches the model, memory stayed bounded, and SIGTERM is prompt.
+#[test]
+fn soak_the_hostile_mix_while_an_honest_client_checks_its_bytes_and_latency() {
+    let secs: u64 = std::env::var("LIVEMIRROR_HOSTILE_SOAK_SECS").ok().and_then(|v| v.parse().ok()).unwrap_or(20);
+    let dir = scratch_shm();
+    let size = 64 * MIB;
+    let img = export(dir.path(), size);
+    let mut d = Daemon::start(
+        dir.path(),
+        &["--source", img.to_str().unwrap(), "--stall-timeout", "2", "--shutdown-timeout", "2"],
+    );
+    let daemon_pid = pid(&d);
+    let rss_start = vm_rss_kib(daemon_pid);
+    let stop = Arc::new(AtomicBool::new(false));
+    let sock = d.sock.clone();
+    // Hostile clients: one thread per kind, each starting a new attacker as
+    // soon as the last one was dropped or gave up.
+    let kinds: Vec<thread::JoinHandle<u64>> = (0..5u64)
+        .map(|kind| {
+            let (stop, sock) = (stop.clone(), sock.clone());
+            thread::spawn(move || {
+                let mut rounds = 0u64;
+                while !stop.load(Ordering::Relaxed) {
+                    let Ok(mut s) = std::panic::catch_unwind(|| raw_handshake(&sock, "")) else { continue };
+                    s.set_write_timeout(Some(Duration::from_millis(500))).unwrap();
+                    let _ = match kind {
+                        // A WRITE payload that stops after 1 KiB.
+                        0 => {
+                            let mut b = request_bytes(CMD_WRITE, 0, 1, (rounds % 32) * MIB as u64, 32 * MIB as u32);
+                            b.extend_from_slice(&[0xee; 1024]);
+                            s.write_all(&b)
+                        }
+                        // 4 MiB READs whose replies are never read.
+                        1 => (0..32u64).try_for_each(|i| {
+                            s.write_all(&request_bytes(CMD_READ, 0, i, i * MIB as u64, 4 * MIB as u32))
+                        }),
+                        // A flood of bad READs, replies unread.
+                        2 => {
+                            let flood: Vec<u8> =
+                                (0..4096u64).flat_map(|i| request_bytes(CMD_READ, 0, i, u64::MAX - 1, 512)).collect();
+                            (0..64).try_for_each(|_| s.write_all(&flood))
+                        }
+                        // A refused WRITE announcing 4 GiB.
+                        3 => s.write_all(&request_bytes(CMD_WRITE, 1 << 9, 5, 0, u32::MAX)),
+                        // A deep burst of FLUSHes, all replies read.
+                        _ => {
+                            let burst: Vec<u8> =
+                                (0..3000u64).flat_map(|i| request_bytes(CMD_FLUSH, 0, i, 0, 0)).collect();
+                            let r = s.write_all(&burst);
+                            s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+                            for n in 0..3000 {
+                                let got = read_simple_reply(&mut s);
+                                assert!(got.is_ok(), "deep burst: reply {n} of 3000 never came: {got:?}");
+                            }
+                            r
+                        }
+                    };
+                    if kind != 4 {
+                        // Wait until the server drops it (stall timeout) or give up.
+                        let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                            thread::sleep(Duration::from_millis(2500));
+                            wait_closed(&mut s, 10, "a hostile client")
+                        }));
+                    }
+                    rounds += 1;
+                }
+                rounds
+            })
+        })
+        .collect();
+    // The honest client owns the last 8 MiB of the export.
+    let base = size as u64 - 8 * MIB as u64;
+    let mut model = pattern(5, size)[base as usize..].to_vec();
+    let mut s = raw_handshake(&d.sock, "");
+    let mut rng = Rng(99);
+    let mut lat = Vec::new();
+    let mut peak_rss = rss_start;
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    let mut i = 0u64;
+    while Instant::now() < deadline {
+        let len = 512 * (1 + rng.below(16)) as usize;
+        let off = rng.below((8 * MIB - len) as u64);
+        let data = pattern(1000 + i, len);
+        let t = Instant::now();
+        let mut req = request_bytes(CMD_WRITE, 0, i, base + off, len as u32);
+        req.extend_from_slice(&data);
+        s.write_all(&req).expect("honest write");
+        assert_eq!(read_simple_reply(&mut s).expect("honest write reply"), (0, i));
+        lat.push(t.elapsed());
+        model[off as usize..off as usize + len].copy_from_slice(&data);
+        let roff = rng.below((8 * MIB - 65536) as u64);
+        let t = Instant::now();
+        let got = raw_read_roundtrip(&mut s, base + roff, 65536);
+        lat.push(t.elapsed());
+        assert_same(&got, &model[roff as usize..roff as usize + 65536], "honest read during the soak");
+        if i % 200 == 0 {
+            peak_rss = peak_rss.max(vm_rss_kib(daemon_pid));
+        }
+        i += 1;
+    }
+    stop.store(true, Ordering::Relaxed);
+    let rounds: Vec<u64> = kinds.into_iter().map(|k| k.join().expect("a hostile client thread failed")).collect();
+    let worst = *lat.iter().max().unwrap();
+    let p = p99(&mut lat);
+    eprintln!(
+        "hostile soak {secs} s: {} honest requests, p99 {p:?}, max {worst:?}; hostile rounds {rounds:?}; RSS {rss_start} -> peak {peak_rss} KiB",
+        lat.len()
+    );
+    assert!(rounds.iter().all(|&r| r > 0), "every kind of hostile client ran: {rounds:?}");
+    assert!(worst < Duration::from_secs(2), "an honest request took {worst:?}");
+    // Budget (256 MiB) plus reserves: far below, in practice the pool's retained buffers.
+    assert!(peak_rss < rss_start + 400 * 1024, "RSS grew from {rss_start} to {peak_rss} KiB");
+    let got: Vec<u8> = (0..8).flat_map(|k| raw_read_roundtrip(&mut s, base + k * MIB as u64, MIB as u32)).collect();
+    assert_same(&got, &model, "the honest client's region after the soak");
+    drop(s);
+    let t = Instant::now();
+    let st = d.stop();
+    assert!(st.success() && t.elapsed() < Duration::from_secs(8), "SIGTERM after the soak: {st} in {:?}", t.elapsed());
+}
