@@ -473,7 +473,7 @@ fn soak_the_hostile_mix_while_an_honest_client_checks_its_bytes_and_latency() {
         let got = raw_read_roundtrip(&mut s, base + roff, 65536);
         lat.push(t.elapsed());
         assert_same(&got, &model[roff as usize..roff as usize + 65536], "honest read during the soak");
-        if i % 200 == 0 {
+        if i.is_multiple_of(200) {
             peak_rss = peak_rss.max(vm_rss_kib(daemon_pid));
         }
         i += 1;
