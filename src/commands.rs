@@ -5,7 +5,7 @@ use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use engine::control::{Client, Request, Response};
+use crate::control::{Client, Request, Response};
 use engine::{DeviceState, Status};
 
 use crate::units::{human, human_secs};

@@ -9,9 +9,9 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use crate::control::{Client as Control, Request};
 use anyhow::{bail, Context};
 use clap::Args;
-use engine::control::{Client as Control, Request};
 use engine::DeviceState;
 use nbd_frontend::client::Client;
 
@@ -65,7 +65,7 @@ pub fn run(a: DemoArgs) -> u8 {
     }
 }
 
-fn control(path: &Path, req: Request) -> anyhow::Result<engine::control::Response> {
+fn control(path: &Path, req: Request) -> anyhow::Result<crate::control::Response> {
     let r = Control::connect(path)?.call(&req)?;
     if !r.ok {
         bail!("{req:?} refused: {}", r.error.unwrap_or_default());

@@ -3,6 +3,7 @@
 
 mod bench;
 mod commands;
+mod control;
 mod demo;
 mod rootd;
 mod serve;
@@ -113,14 +114,12 @@ fn main() -> ExitCode {
         Cmd::Attach { target, control } => commands::attach(&control.control, target),
         Cmd::Status { json, control } => commands::status(&control.control, json),
         Cmd::Wait { timeout, control } => commands::wait(&control.control, timeout),
-        Cmd::DetachSource { control } => commands::simple(&control.control, engine::control::Request::DetachSource),
-        Cmd::DetachTarget { control } => commands::simple(&control.control, engine::control::Request::DetachTarget),
+        Cmd::DetachSource { control } => commands::simple(&control.control, crate::control::Request::DetachSource),
+        Cmd::DetachTarget { control } => commands::simple(&control.control, crate::control::Request::DetachTarget),
         Cmd::Verify { control } => commands::verify(&control.control),
-        Cmd::Pause { control } => commands::simple(&control.control, engine::control::Request::Pause),
-        Cmd::Resume { control } => commands::simple(&control.control, engine::control::Request::Resume),
-        Cmd::SetRate { rate, control } => {
-            commands::simple(&control.control, engine::control::Request::SetRate { rate })
-        }
+        Cmd::Pause { control } => commands::simple(&control.control, crate::control::Request::Pause),
+        Cmd::Resume { control } => commands::simple(&control.control, crate::control::Request::Resume),
+        Cmd::SetRate { rate, control } => commands::simple(&control.control, crate::control::Request::SetRate { rate }),
         Cmd::Grow { size, control } => commands::grow(&control.control, size),
         Cmd::Demo(a) => demo::run(a),
         Cmd::Bench(a) => bench::run(a),

@@ -295,7 +295,7 @@ pub fn start(args: &ServeArgs) -> anyhow::Result<Running> {
             sockets.push(p.clone());
         }
     }
-    let control = engine::control::bind_unix_socket(&args.control)
+    let control = nbd_frontend::unix_socket::bind(&args.control)
         .with_context(|| format!("cannot create the control socket {}", args.control.display()))?;
     sockets.push(args.control.clone());
     let addrs: Vec<String> = bound.iter().map(|l| l.local_addr()).collect();
@@ -307,7 +307,7 @@ pub fn start(args: &ServeArgs) -> anyhow::Result<Running> {
     let (stop_control, stop_rx) = tokio::sync::watch::channel(false);
     {
         let m = mirror.clone();
-        io0.run(move || engine::control::serve(control, m, stop_rx))?;
+        io0.run(move || crate::control::serve(control, m, stop_rx))?;
     }
     tracing::info!(
         "serving {served} ({} bytes) on {}; control {}",

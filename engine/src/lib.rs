@@ -12,7 +12,6 @@
 pub mod backend;
 pub mod bench;
 pub mod buf;
-pub mod control;
 mod copier;
 pub mod device;
 pub mod error;

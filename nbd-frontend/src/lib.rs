@@ -16,6 +16,7 @@ pub mod proto;
 pub mod request;
 pub mod server;
 pub mod transmission;
+pub mod unix_socket;
 
 pub use handshake::{Export, Handshake, Negotiated, Progress};
 pub use limits::ConnLimits;

@@ -97,7 +97,7 @@ pub enum Listener {
 impl Listener {
     pub fn bind(addr: &ListenAddr) -> io::Result<Listener> {
         match addr {
-            ListenAddr::Unix(p) => Ok(Listener::Unix(engine::control::bind_unix_socket(p)?, p.clone())),
+            ListenAddr::Unix(p) => Ok(Listener::Unix(crate::unix_socket::bind(p)?, p.clone())),
             ListenAddr::Tcp { .. } => {
                 let addrs = addr.resolve()?;
                 let l = std::net::TcpListener::bind(&addrs[..])
