@@ -260,10 +260,10 @@ impl Mirror {
 
     /// Builds a device in any state (fresh, or resumed from a state file).
     pub(crate) fn assemble(cfg: MirrorConfig, parts: Parts) -> Result<Arc<Mirror>> {
-        let shift = validate_region_size(cfg.region_size).map_err(Error::Refused)?;
+        let shift = validate_region_size(cfg.region_size).map_err(Error::InvalidConfig)?;
         for b in parts.source.iter().chain(parts.target.iter()) {
             if b.alignment() > cfg.region_size {
-                return Err(Error::Refused(format!(
+                return Err(Error::InvalidConfig(format!(
                     "{} needs {}-byte aligned I/O, more than the {}-byte region size",
                     b.path().display(),
                     b.alignment(),
@@ -584,7 +584,7 @@ impl Mirror {
             t = t.with_hooks(h);
         }
         if t.alignment() > self.region_size() {
-            return Err(Error::Refused(format!(
+            return Err(Error::InvalidConfig(format!(
                 "{} needs {}-byte aligned I/O, more than the {}-byte region size",
                 t.path().display(),
                 t.alignment(),
@@ -1133,7 +1133,7 @@ impl Mirror {
             // Every op holding a clone has completed by now; this cannot happen,
             // but never hand out a buffer the kernel may still write.
             Err(_) => {
-                (Err(Error::Refused("internal error: read buffer still shared".into())), IoBuf::new(len as usize))
+                (Err(Error::Internal("read buffer still shared".into())), IoBuf::new(len as usize))
             }
         }
     }
@@ -1235,7 +1235,7 @@ impl Mirror {
 
     async fn read_source(&self, route: &Route, buf: &Arc<SharedBuf>, boff: usize, blen: usize, off: u64) -> Result<()> {
         let Some(s) = &route.source else {
-            return Err(Error::Refused("internal error: no device to read from".into()));
+            return Err(Error::Internal("no device to read from".into()));
         };
         s.read_at(buf, boff, blen, off)
             .await

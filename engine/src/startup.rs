@@ -73,9 +73,9 @@ fn check_state_location(path: &Path) -> Result<()> {
 }
 
 pub fn start(opts: &StartOptions, mut cfg: MirrorConfig) -> Result<Started> {
-    let mut shift = validate_region_size(cfg.region_size).map_err(Error::Refused)?;
+    let mut shift = validate_region_size(cfg.region_size).map_err(Error::InvalidConfig)?;
     let Some(state_path) = &opts.state else {
-        let source = opts.source.as_ref().ok_or_else(|| Error::Refused("--source is required".into()))?;
+        let source = opts.source.as_ref().ok_or_else(|| Error::InvalidConfig("--source is required".into()))?;
         let s = open(source, !cfg.read_only, &cfg)?;
         let mirror = Mirror::new(s, cfg)?;
         return Ok(Started { mirror, attach: opts.target.clone(), resumed_sync: false });
@@ -224,7 +224,7 @@ fn assemble(
 }
 
 fn fresh_start(opts: &StartOptions, state_path: &Path, shift: u32, cfg: MirrorConfig) -> Result<Started> {
-    let source = opts.source.as_ref().ok_or_else(|| Error::Refused("--source is required".into()))?;
+    let source = opts.source.as_ref().ok_or_else(|| Error::InvalidConfig("--source is required".into()))?;
     let s = open(source, !cfg.read_only, &cfg)?;
     let img = persist::fresh_image(DeviceState::Serving, shift, s.size(), Some(&s), None);
     let file = StateFile::create(state_path, &img)
