@@ -250,9 +250,8 @@ async fn copy_bytes(
                     attempt += 1;
                     if attempt >= SOURCE_READ_ATTEMPTS {
                         let msg = format!("source read failed at offset {pos}: {e}");
-                        tracing::error!("copier stopped: {msg}");
                         *m.copier.error.lock().unwrap_or_else(|p| p.into_inner()) = Some(msg.clone());
-                        m.event(format!("copy stopped: {msg} (resume retries)"));
+                        m.error_event(format!("copy stopped: {msg} (resume retries)"));
                         return false;
                     }
                     tokio::time::sleep(Duration::from_millis(50 * attempt as u64)).await;

@@ -192,12 +192,38 @@ impl CopierCtl {
     }
 }
 
-/// One line of the event log shown by `status`.
+/// What an event is about.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum EventKind {
+    /// The device state changed (attached, synced, degraded, ...).
+    State,
+    /// Something failed (a device error, a stopped copy).
+    Error,
+    /// Everything else (pause, rate, verify, grow).
+    #[default]
+    Info,
+}
+
+/// One line of the event log shown by `status`, and what `subscribe_events`
+/// delivers as it happens.
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct Event {
     pub unix_time: f64,
+    #[serde(default)]
+    pub kind: EventKind,
+    /// The device state right after the event.
+    #[serde(default = "serving")]
+    pub state: DeviceState,
     pub message: String,
 }
+
+fn serving() -> DeviceState {
+    DeviceState::Serving
+}
+
+/// Events a slow subscriber may fall behind by before it misses some.
+const EVENT_BACKLOG: usize = 1024;
 
 pub struct Mirror {
     pub(crate) cfg: MirrorConfig,
@@ -215,6 +241,7 @@ pub struct Mirror {
     pub(crate) fg: Foreground,
     pub(crate) pool: BufPool,
     events: Mutex<Vec<Event>>,
+    events_tx: tokio::sync::broadcast::Sender<Event>,
     source_path: Mutex<Option<PathBuf>>,
     target_path: Mutex<Option<PathBuf>>,
     last_error: Mutex<Option<String>>,
@@ -360,6 +387,7 @@ impl Mirror {
             fg: Foreground::default(),
             pool: BufPool::new(256 << 20),
             events: Mutex::new(Vec::new()),
+            events_tx: tokio::sync::broadcast::channel(EVENT_BACKLOG).0,
             source_path: Mutex::new(None),
             target_path: Mutex::new(None),
             last_error: Mutex::new(None),
@@ -412,12 +440,35 @@ impl Mirror {
     }
 
     pub(crate) fn event(&self, message: String) {
-        tracing::info!("{message}");
+        self.log_event(EventKind::Info, message);
+    }
+
+    pub(crate) fn state_event(&self, message: String) {
+        self.log_event(EventKind::State, message);
+    }
+
+    pub(crate) fn error_event(&self, message: String) {
+        self.log_event(EventKind::Error, message);
+    }
+
+    fn log_event(&self, kind: EventKind, message: String) {
+        match kind {
+            EventKind::Error => tracing::error!("{message}"),
+            _ => tracing::info!("{message}"),
+        }
+        let e = Event { unix_time: now_unix(), kind, state: self.state(), message };
         let mut ev = lock(&self.events);
         if ev.len() >= 64 {
             ev.remove(0);
         }
-        ev.push(Event { unix_time: now_unix(), message });
+        ev.push(e.clone());
+        // Nobody listening is fine.
+        let _ = self.events_tx.send(e);
+    }
+
+    /// Every event from now on, as it happens (`livemirror events`).
+    pub fn subscribe_events(&self) -> tokio::sync::broadcast::Receiver<Event> {
+        self.events_tx.subscribe()
     }
 
     pub fn events(&self) -> Vec<Event> {
@@ -546,7 +597,7 @@ impl Mirror {
         }
         Self::barrier(rx).await;
         *lock(&self.target_path) = Some(path.to_path_buf());
-        self.event(format!("attached target {} ({} bytes); sync started", path.display(), tsize));
+        self.state_event(format!("attached target {} ({} bytes); sync started", path.display(), tsize));
         self.start_copier(target)?;
         Ok(())
     }
@@ -678,7 +729,7 @@ impl Mirror {
             return Ok(false);
         }
         Self::barrier(rx).await;
-        self.event("synced: every region is on the target; reads now come from it".into());
+        self.state_event("synced: every region is on the target; reads now come from it".into());
         Ok(true)
     }
 
@@ -699,7 +750,7 @@ impl Mirror {
             Ok(Some(_)) => {
                 self.set_error(Some(reason.clone()));
                 self.copier.wake.notify_waiters();
-                self.event(format!("degraded: target dropped after an error: {reason}"));
+                self.state_event(format!("degraded: target dropped after an error: {reason}"));
             }
             Ok(None) => {}
             Err(e) => {
@@ -724,7 +775,7 @@ impl Mirror {
             Ok(Some(_)) => {
                 *lock(&self.source_path) = None;
                 self.set_error(Some(reason.clone()));
-                self.event(format!("source-detached: source dropped after an error: {reason}"));
+                self.state_event(format!("source-detached: source dropped after an error: {reason}"));
                 true
             }
             Ok(None) => self.route().source.is_none(),
@@ -766,7 +817,7 @@ impl Mirror {
             release(s, "the detached source").await;
         }
         let path = lock(&self.source_path).take();
-        self.event(format!(
+        self.state_event(format!(
             "source detached: {} closed; serving from the target alone",
             path.map(|p| p.display().to_string()).unwrap_or_default()
         ));
@@ -807,7 +858,7 @@ impl Mirror {
         let path = lock(&self.target_path).take();
         self.set_error(None);
         *lock(&self.copier.error) = None;
-        self.event(format!(
+        self.state_event(format!(
             "target {} detached; serving from the source alone",
             path.map(|p| p.display().to_string()).unwrap_or_default()
         ));
@@ -1132,9 +1183,7 @@ impl Mirror {
             Ok(buf) => (res, buf),
             // Every op holding a clone has completed by now; this cannot happen,
             // but never hand out a buffer the kernel may still write.
-            Err(_) => {
-                (Err(Error::Internal("read buffer still shared".into())), IoBuf::new(len as usize))
-            }
+            Err(_) => (Err(Error::Internal("read buffer still shared".into())), IoBuf::new(len as usize)),
         }
     }
 
@@ -1511,8 +1560,7 @@ impl Mirror {
         if last.as_deref() != Some(why.as_str()) {
             *last = Some(why.clone());
             drop(last);
-            tracing::error!("{why}");
-            self.event(why);
+            self.error_event(why);
         }
     }
 

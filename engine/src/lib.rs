@@ -32,7 +32,7 @@ mod verify;
 pub use backend::{Backend, BackendKind, CacheMode, IoHooks, IoKind, LockMode as DeviceLock, OpenOptions};
 pub use buf::{BudgetCharge, BufPool, IoBuf, SharedBuf};
 pub use copier::is_zero;
-pub use device::{Event, Mirror, MirrorConfig, StatusExtent};
+pub use device::{Event, EventKind, Mirror, MirrorConfig, StatusExtent};
 pub use error::{Error, Result};
 pub use status::{DeviceState, Status};
 pub use verify::VerifyReport;

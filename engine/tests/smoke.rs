@@ -111,3 +111,32 @@ fn reads_past_the_end_of_a_truncated_device_fail_on_every_path() {
         }
     }
 }
+
+/// Subscribers see every state change as it happens, in order, each with the
+/// state it led to; the status keeps the same events.
+#[test]
+fn state_changes_reach_event_subscribers_in_order() {
+    let dir = tempfile::tempdir().unwrap();
+    let (s, t) = (dir.path().join("s.img"), dir.path().join("t.img"));
+    std::fs::write(&s, vec![7u8; 1 << 20]).unwrap();
+    std::fs::File::create(&t).unwrap().set_len(1 << 20).unwrap();
+    rt::block_on(async {
+        let m = Mirror::new(Backend::open(&s, &OpenOptions::default()).unwrap(), MirrorConfig::default()).unwrap();
+        let mut rx = m.subscribe_events();
+        m.attach(&t).await.unwrap();
+        let mut states = Vec::new();
+        while states.last() != Some(&DeviceState::Synced) {
+            let e = tokio::time::timeout(std::time::Duration::from_secs(10), rx.recv()).await.unwrap().unwrap();
+            if e.kind == engine::EventKind::State {
+                states.push(e.state);
+            }
+        }
+        m.detach_source().await.unwrap();
+        let e = tokio::time::timeout(std::time::Duration::from_secs(5), rx.recv()).await.unwrap().unwrap();
+        assert_eq!((e.kind, e.state), (engine::EventKind::State, DeviceState::SourceDetached), "{e:?}");
+        assert_eq!(states, vec![DeviceState::Syncing, DeviceState::Synced]);
+        assert!(m.status().events.iter().any(|e| e.kind == engine::EventKind::State && e.state == DeviceState::Synced));
+        m.shutdown().await.unwrap();
+    })
+    .unwrap();
+}
