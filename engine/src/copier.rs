@@ -261,6 +261,7 @@ async fn copy_bytes(
         // SAFETY: the read completed; nothing else touches `buf`.
         let zero = m.cfg.detect_zeroes && is_zero(unsafe { buf.slice(0, n) });
         let res = if zero {
+            m.copier.bytes_zeroed.fetch_add(n as u64, Ordering::Relaxed);
             target.backend.write_zeroes(pos, n as u64, true, false).await
         } else {
             target.backend.write_at(&buf, 0, n, pos, false).await

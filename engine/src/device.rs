@@ -157,6 +157,8 @@ pub(crate) struct CopierCtl {
     pub(crate) running: AtomicBool,
     pub(crate) error: Mutex<Option<String>>,
     pub(crate) bytes_copied: AtomicU64,
+    /// Of those, bytes that read as zeroes and were zeroed on T instead of written.
+    pub(crate) bytes_zeroed: AtomicU64,
     pub(crate) meter: RateMeter,
     /// Copy spans started and not finished.
     pub(crate) in_flight: AtomicUsize,
@@ -380,6 +382,7 @@ impl Mirror {
                 running: AtomicBool::new(false),
                 error: Mutex::new(None),
                 bytes_copied: AtomicU64::new(0),
+                bytes_zeroed: AtomicU64::new(0),
                 meter: RateMeter::new(Duration::from_secs(3)),
                 in_flight: AtomicUsize::new(0),
                 idle: Notify::new(),
@@ -581,6 +584,7 @@ impl Mirror {
             j.reset_clean();
         }
         self.copier.bytes_copied.store(0, Ordering::Relaxed);
+        self.copier.bytes_zeroed.store(0, Ordering::Relaxed);
         self.copier.meter.reset();
         *lock(&self.copier.error) = None;
         self.copier.paused.store(false, Ordering::SeqCst);
@@ -957,7 +961,9 @@ impl Mirror {
         let rate = self.copier.meter.rate();
         let syncing = route.state == DeviceState::Syncing;
         let remaining = if syncing { (total - clean) * region_size } else { 0 };
-        let eta = if !syncing {
+        let paused = self.copier.paused.load(Ordering::Relaxed) && syncing;
+        // A paused copy has no ETA, and no rate: it is not copying.
+        let eta = if !syncing || paused {
             None
         } else if remaining == 0 {
             Some(0.0)
@@ -968,7 +974,7 @@ impl Mirror {
         };
         Status {
             state: route.state,
-            paused: self.copier.paused.load(Ordering::Relaxed) && syncing,
+            paused,
             export_size: self.size(),
             source: route.source.as_ref().map(|s| s.path().display().to_string()),
             target: route.target.as_ref().map(|t| t.backend.path().display().to_string()),
@@ -976,7 +982,9 @@ impl Mirror {
             regions_total: total,
             regions_clean: clean,
             bytes_copied: self.copier.bytes_copied.load(Ordering::Relaxed),
-            copy_rate_bytes_per_sec: if syncing { rate } else { 0.0 },
+            bytes_written_as_zeroes: self.copier.bytes_zeroed.load(Ordering::Relaxed),
+            detect_zeroes: self.cfg.detect_zeroes,
+            copy_rate_bytes_per_sec: if syncing && !paused { rate } else { 0.0 },
             eta_seconds: eta,
             error,
             regions_discarded: discarded,

@@ -68,6 +68,12 @@ pub struct Status {
     pub regions_total: u64,
     pub regions_clean: u64,
     pub bytes_copied: u64,
+    /// Of `bytes_copied`, what read as zeroes on S and was zeroed (or punched)
+    /// on T instead of written (zero detection, `--detect-zeroes`).
+    #[serde(default)]
+    pub bytes_written_as_zeroes: u64,
+    #[serde(default)]
+    pub detect_zeroes: bool,
     pub copy_rate_bytes_per_sec: f64,
     pub eta_seconds: Option<f64>,
     pub error: Option<String>,

@@ -15,7 +15,15 @@ use crate::locks::LockMode;
 #[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
 pub struct VerifyReport {
     pub regions_compared: u64,
+    /// Regions not compared: the two below together.
     pub regions_skipped: u64,
+    /// Not compared because the copy has not reached them yet (dirty or being
+    /// copied): a verify during a sync says how much it could not check.
+    #[serde(default)]
+    pub regions_not_copied_yet: u64,
+    /// Not compared because S and T may legitimately differ there (trimmed).
+    #[serde(default)]
+    pub regions_unverifiable: u64,
     pub bytes_compared: u64,
     /// Byte ranges whose contents differ, coalesced.
     pub mismatches: Vec<(u64, u64)>,
@@ -46,6 +54,13 @@ impl Mirror {
             };
             let verifiable: Vec<bool> = {
                 let m = self.map.lock().unwrap_or_else(|p| p.into_inner());
+                for i in r..end {
+                    if !m.is_clean(i) {
+                        report.regions_not_copied_yet += 1;
+                    } else if m.is_unverifiable(i) {
+                        report.regions_unverifiable += 1;
+                    }
+                }
                 (r..end).map(|i| m.is_clean(i) && !m.is_unverifiable(i)).collect()
             };
             if verifiable.iter().any(|&v| v) {
@@ -86,9 +101,11 @@ impl Mirror {
             r = end;
         }
         self.event(format!(
-            "verify: {} regions compared, {} skipped, {} mismatching ranges",
+            "verify: {} regions compared, {} skipped ({} not copied yet, {} unverifiable), {} mismatching ranges",
             report.regions_compared,
             report.regions_skipped,
+            report.regions_not_copied_yet,
+            report.regions_unverifiable,
             report.mismatches.len()
         ));
         Ok(report)

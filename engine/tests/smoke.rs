@@ -140,3 +140,29 @@ fn state_changes_reach_event_subscribers_in_order() {
     })
     .unwrap();
 }
+
+/// A verify during a sync says how much it could not compare yet; a paused
+/// copy reports no ETA and no rate.
+#[test]
+fn verify_during_a_paused_sync_reports_what_it_could_not_compare() {
+    let dir = tempfile::tempdir().unwrap();
+    let (s, t) = (dir.path().join("s.img"), dir.path().join("t.img"));
+    std::fs::write(&s, vec![9u8; 8 << 20]).unwrap();
+    std::fs::File::create(&t).unwrap().set_len(8 << 20).unwrap();
+    rt::block_on(async {
+        let cfg = MirrorConfig { max_rate: 1 << 20, min_rate: 0, ..MirrorConfig::default() };
+        let m = Mirror::new(Backend::open(&s, &OpenOptions::default()).unwrap(), cfg).unwrap();
+        m.attach(&t).await.unwrap();
+        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+        m.pause().await.unwrap();
+        let st = m.status();
+        assert!(st.paused && st.eta_seconds.is_none() && st.copy_rate_bytes_per_sec == 0.0, "{st:?}");
+        let rep = m.verify().await.unwrap();
+        let total = st.regions_total;
+        assert_eq!(rep.regions_compared + rep.regions_not_copied_yet + rep.regions_unverifiable, total);
+        assert!(rep.regions_not_copied_yet > 0 && rep.regions_not_copied_yet == total - st.regions_clean, "{rep:?}");
+        assert_eq!(rep.regions_skipped, rep.regions_not_copied_yet + rep.regions_unverifiable);
+        m.shutdown().await.unwrap();
+    })
+    .unwrap();
+}
