@@ -11,6 +11,13 @@
 type getarg > /dev/null 2>&1 || . /lib/dracut-lib.sh
 . /usr/lib/livemirror/initrd.sh
 lm_config
+# Live media whose root is overlayfs (rd.live.overlay.overlayfs, or a squashfs that holds the root
+# tree itself, as on Fedora 41 and later) have no block device to serve: dmsquash-live mounted
+# /run/rootfsbase instead of building live-rw. Say so and boot the medium as it is.
+if lm_enabled && [ ! -b "$LM_SOURCE" ] && { getargbool 0 rd.live.overlay.overlayfs || [ -e /run/rootfsbase ]; }; then
+    warn "livemirror: this live medium's root is overlayfs, which has no block device to serve: booting without livemirror (livemirror-install cannot install it; see initrd-glue/README.md)"
+    LM_ENABLE=0
+fi
 if lm_enabled; then
     lm_wait_block "$LM_SOURCE" "$LM_WAIT" \
         || die "livemirror: $LM_SOURCE did not appear within $LM_WAIT s (livemirror.source=, livemirror.wait=)"
