@@ -3,13 +3,17 @@
 //! install (install-e2e, and install-nbdclient-e2e with `nbd-client`), survives `kill -9` of
 //! the daemon under a write load (kill-e2e), and boots a Debian 12 system whose initramfs
 //! `mkinitramfs` built with initrd-glue/, installs it with `livemirror-install` and shuts it
-//! down through the glue (glue-e2e). This test runs `tests/vm/run-all.sh` with the livemirror
+//! down through the glue (glue-e2e), and makes the whole journey on a live ISO built with
+//! dracut's dmsquash-live: boot from the CD, install onto a blank disk without a reboot, eject
+//! the CD, and boot the disk by itself through its own GRUB (live-iso-e2e). This test runs
+//! `tests/vm/run-all.sh` with the livemirror
 //! binary named by `LIVEMIRROR_VM_BIN` (scripts/test-all.sh builds and names the release binary,
 //! which is what a live system carries), else the one cargo just built for the tests.
 //!
 //! It is never skipped: a missing prerequisite fails it with the command that installs it.
-//! The kernel and QEMU are fetched with `apt-get download`, and the Debian root with
-//! debootstrap, into the rig's cache on the first run (see tests/vm/README.md). The whole
+//! The kernel and QEMU are fetched with `apt-get download`, and the Debian roots with
+//! debootstrap, into the rig's cache on the first run; the live ISO is cached there too, keyed
+//! by what it was built from (see tests/vm/README.md). The whole
 //! output streams through the test harness (shown on failure, or live with `--nocapture`) and
 //! is also kept in target/tmp/vm-boot.log.
 

@@ -1,0 +1,263 @@
+# live-iso-e2e guest side: run by systemd (lmtest-live.service) on every boot of the live ISO
+# and of the system installed from it. Which boot this is shows in the kernel command line
+# (the host cannot pass options to the installed system: its own GRUB boots it):
+#   rd.live.image rd.livemirror  boot 1: the live root is served by livemirror; under a write
+#                                load, livemirror-install /dev/vda (the blank disk: the CD is
+#                                on IDE), checks, systemctl poweroff
+#   rd.live.image                the medium without livemirror: dmsquash-live's live-rw is the root
+#   rd.live.overlay.overlayfs    (with rd.livemirror) an overlayfs root: the glue must step aside
+#                                and the installer refuse, leaving the disk untouched
+#   neither                      boot 2: the installed disk, booted by its own GRUB
+. /lmtest/common.sh
+exec </dev/null >/dev/console 2>&1
+export PATH=/usr/sbin:/usr/bin:/sbin:/bin
+D=/data
+RATE=24M # slow enough under TCG that the write load races the copy
+phase() { echo "$1" > /run/lmtest/phase; info "phase=$1 t=$(up)"; }
+count() { grep -c "^$1-" "$D/PHASES" 2>/dev/null || echo 0; }
+count_within() { awk -v p="$1" '$2==p && $3==p' "$D/PHASES" 2>/dev/null | wc -l; }
+wait_files() { # wait_files PHASE N
+  _i=0
+  while [ "$(count_within "$1")" -lt "$2" ]; do
+    _i=$((_i + 1)); [ $_i -gt 900 ] && fail "the write load wrote fewer than $2 files in phase $1"
+    kill -0 "$LOADPID" 2>/dev/null || fail "the write load died in phase $1"
+    sleep 0.1
+  done
+}
+poweroff_systemd() {
+  info "systemctl poweroff at t=$(up)"
+  touch /run/lmtest/done
+  systemctl --no-block poweroff
+  exit 0
+}
+has_arg() { for _a in $(cat /proc/cmdline); do [ "$_a" = "$1" ] && return 0; done; return 1; }
+root_line() { awk '$2=="/"' /proc/mounts | tail -n 1; }
+# systemd's start-up must finish (this service is Type=simple, so it does not hold it up) with
+# the default target active and no failed unit.
+check_default_target() {
+  _s=$(timeout 300 systemctl is-system-running --wait 2>&1)
+  _t=$(systemctl get-default)
+  if [ "$_s" = running ] && [ "$(systemctl is-active "$_t")" = active ]; then
+    ok "systemd reached its default target $_t (is-system-running: running)"
+  else
+    fail "systemd start-up: is-system-running says '$_s', $_t is $(systemctl is-active "$_t"); failed units: $(systemctl --failed --no-legend --plain 2>&1 | tr '\n' ';')"
+  fi
+}
+no_livemirror() { # the glue stayed out of this boot
+  [ -e /run/livemirror/pid ] && fail "livemirror was started (/run/livemirror/pid exists)"
+  _p=$(grep -l '^@livemirror' /proc/[0-9]*/cmdline 2>/dev/null | tr '\n' ' ')
+  [ -z "$_p" ] || fail "livemirror processes run: $_p"
+  [ -e /sys/module/nbd ] && fail "the nbd module is loaded"
+  ok "no livemirror process, no /run/livemirror, nbd not loaded"
+}
+check_files() { # every file the live session wrote, read back from the disk
+  echo 3 > /proc/sys/vm/drop_caches
+  cd "$D" || fail "no $D"
+  _bad=$(sha256sum -c MANIFEST 2>&1 | grep -v ': OK$' || true)
+  [ -z "$_bad" ] && ok "all $(wc -l < MANIFEST) manifest files intact" || fail "manifest mismatches: $_bad"
+  sha256sum -c hot.sha256 >/dev/null 2>&1 && ok "hot.bin intact" || fail "hot.bin mismatch"
+  for _p in pre copy after; do
+    _n=$(grep -c "^$_p-" PHASES || true)
+    [ "$_n" -gt 0 ] && ok "$_n files from phase $_p present" || fail "no files from phase $_p"
+  done
+  cd /
+}
+
+mkdir -p /run/lmtest
+echo boot > /run/lmtest/phase
+cp /bin/busybox /run/lmtest/busybox; cp /lmtest/watchdog.sh /run/lmtest/
+MODE=installed
+has_arg rd.live.image && MODE=plain
+has_arg rd.live.image && has_arg rd.livemirror && MODE=live
+has_arg rd.live.overlay.overlayfs && MODE=overlayfs
+WD=300; [ "$MODE" = live ] && WD=1200
+/run/lmtest/busybox sh /run/lmtest/watchdog.sh "$WD" &
+echo "LMTEST INFO: live guest start mode=$MODE kernel=$(uname -r) t=$(up)"
+info "mode=$MODE"
+info "token=$(sed -n 's/^base-marker //p' /etc/base-marker)"
+info "cmdline=$(tr ' ' ',' < /proc/cmdline)"
+
+# ---------------------------------------------------------------- the medium without livemirror
+if [ "$MODE" = plain ]; then
+  case "$(root_line)" in /dev/mapper/live-rw\ /\ ext4\ *) ok "root is dmsquash-live's /dev/mapper/live-rw: $(root_line)" ;;
+    *) fail "root is not /dev/mapper/live-rw: $(root_line)" ;; esac
+  case "$(dmsetup table live-rw 2>&1)" in *" snapshot "*) ok "live-rw is a dm snapshot: $(dmsetup table live-rw)" ;;
+    *) fail "live-rw: $(dmsetup table live-rw 2>&1)" ;; esac
+  grep -q '^/dev/sr0 /run/initramfs/live iso9660 ' /proc/mounts && ok "the CD is mounted at /run/initramfs/live" \
+    || fail "no /dev/sr0 on /run/initramfs/live: $(grep initramfs /proc/mounts | tr '\n' ';')"
+  no_livemirror
+  check_default_target
+  echo "LMTEST DONE t=$(up)"
+  poweroff_systemd
+fi
+
+# ---------------------------------------------------------------- an overlayfs live root
+if [ "$MODE" = overlayfs ]; then
+  case "$(root_line)" in *" / overlay "*) ok "root is dmsquash-live's overlayfs: $(root_line)" ;;
+    *) fail "root is not overlayfs: $(root_line)" ;; esac
+  # (the initramfs' journal, which the system's journald took over from /run)
+  M=$(journalctl -b -o cat 2>/dev/null | grep -a "livemirror: this live medium's root is overlayfs" | head -n 1)
+  [ -n "$M" ] && ok "the glue said why it stepped aside: $M" || fail "no message from the glue about the overlayfs root in the journal"
+  [ -e /run/livemirror/pid ] && fail "livemirror was started on an overlayfs medium"
+  _p=$(grep -l '^@livemirror' /proc/[0-9]*/cmdline 2>/dev/null | tr '\n' ' ')
+  [ -z "$_p" ] && ok "no livemirror process" || fail "livemirror processes run: $_p"
+  check_default_target
+  OUT=$(livemirror-install --yes /dev/vda 2>&1); RC=$?
+  echo "$OUT" | while read -r l; do info "install: $l"; done
+  case "$RC:$OUT" in 1:*"root file system is overlayfs"*"Nothing was changed"*) ok "livemirror-install refused the overlayfs root with exit 1" ;;
+    *) fail "livemirror-install on an overlayfs root exited $RC" ;; esac
+  blkid -p /dev/vda >/dev/null 2>&1; [ $? = 2 ] && ok "the disk is untouched (blkid -p finds nothing on /dev/vda)" \
+    || fail "the installer changed /dev/vda: $(blkid -p /dev/vda 2>&1)"
+  echo "LMTEST DONE t=$(up)"
+  poweroff_systemd
+fi
+
+# ---------------------------------------------------------------- boot 2: the installed disk
+if [ "$MODE" = installed ]; then
+  case "$(root_line)" in /dev/vda1\ /\ ext4\ *) ok "root is the installed disk's partition: $(root_line)" ;;
+    *) fail "root is not /dev/vda1: $(root_line)" ;; esac
+  C=$(cat /proc/cmdline)
+  case " $C " in *" BOOT_IMAGE=/boot/vmlinuz-$(uname -r) "*) ;; *) fail "the kernel was not booted by the installed GRUB: $C" ;; esac
+  case " $C " in *" root=UUID="*) ok "GRUB from the disk booted /boot/vmlinuz-$(uname -r) with root=UUID=: $C" ;;
+    *) fail "no root=UUID= on the installed system's command line: $C" ;; esac
+  case " $C " in *" rd.live"* | *" livemirror."* | *" root=live:"*) fail "live options on the installed system's command line: $C" ;;
+    *) ok "no live or livemirror options on the command line" ;; esac
+  no_livemirror
+  # (lsinitrd takes many seconds under TCG: once per image)
+  N=$(lsinitrd "/boot/initrd.img-$(uname -r)" 2>/dev/null | grep -cE 'livemirror|dmsquash' || true)
+  [ "$N" = 0 ] && ok "the initramfs this boot used holds no livemirror and no dmsquash-live" \
+    || fail "the installed initramfs still holds $N livemirror/dmsquash files"
+  check_default_target
+  FS=$(df -k / | awk 'NR==2{print $2}'); DISK=$(blockdev --getsize64 /dev/vda1)
+  [ "$FS" -gt $((DISK / 1024 * 85 / 100)) ] && ok "the file system fills the partition: $FS KiB on $((DISK / 1024)) KiB" \
+    || fail "the file system is $FS KiB on a $((DISK / 1024)) KiB partition"
+  check_files
+  dd if=/dev/urandom of=$D/boot2.bin bs=1024 count=256 conv=fsync 2>/dev/null || fail "write on the installed disk"
+  (cd $D && sha256sum boot2.bin > boot2.sha256); sync
+  E=$(dmesg_errors); [ -z "$E" ] && ok "no I/O errors in dmesg" || fail "kernel errors: $E"
+  echo "LMTEST DONE t=$(up)"
+  poweroff_systemd
+fi
+
+# ---------------------------------------------------------------- boot 1: the live system
+case "$(root_line)" in /dev/nbd0\ /\ ext4\ *) ok "root is /dev/nbd0: $(root_line)" ;; *) fail "root is not /dev/nbd0: $(root_line)" ;; esac
+[ -r /run/livemirror/pid ] || fail "no /run/livemirror/pid: the dracut module did not start the daemon"
+check_daemon "$(cat /run/livemirror/pid)"
+J=$(lmstatus) || fail "livemirror status --json failed"
+[ "$(jget state "$J")" = serving ] && [ "$(jget source "$J")" = /dev/mapper/live-rw ] \
+  && ok "status: serving /dev/mapper/live-rw, export $(jget export_size "$J") bytes" || fail "status: $J"
+T=$(dmsetup table live-rw 2>&1)
+case "$T" in *" snapshot "*) ok "dmsquash-live built live-rw as a dm snapshot: $T" ;; *) fail "live-rw: $T" ;; esac
+dmsetup info live-base >/dev/null 2>&1 && ok "live-base exists: $(dmsetup table live-base)" || fail "no live-base"
+LA=$(losetup -a 2>&1 | tr '\n' ';')
+case "$LA" in *squashfs.img*rootfs.img* | *rootfs.img*squashfs.img*) ok "loop devices: $LA" ;; *) fail "the live loop devices are not there: $LA" ;; esac
+grep -q '^/dev/sr0 /run/initramfs/live iso9660 ' /proc/mounts && ok "the CD is mounted at /run/initramfs/live" \
+  || fail "no /dev/sr0 on /run/initramfs/live"
+[ -e /run/initramfs/.need_shutdown ] && ok "dracut will restore its initramfs at shutdown (/run/initramfs/.need_shutdown)" \
+  || fail "no /run/initramfs/.need_shutdown: the shutdown would not detach livemirror"
+check_default_target
+VDA=$(blockdev --getsize64 /dev/vda)
+info "target_size=$VDA"
+
+# ---------------------------------------------------------------- write load + install
+mkdir -p "$D"
+dd if=/dev/urandom of="$D/hot.bin" bs=4096 count=64 conv=fsync 2>/dev/null || fail "creating hot.bin"
+phase pre
+# Ballast in the RAM overlay, so that the memory the release gives back stands out from what
+# the rest of the system allocates and frees meanwhile (about 25 MiB either way, measured).
+dd if=/dev/urandom of="$D/pre-ballast.bin" bs=1M count=160 conv=fsync 2>/dev/null || fail "writing the ballast"
+echo "$(sha256sum "$D/pre-ballast.bin" | cut -d' ' -f1)  pre-ballast.bin" >> "$D/MANIFEST"
+echo "pre-ballast.bin pre pre" >> "$D/PHASES"
+busybox sh /lmtest/load.sh "$D" &
+LOADPID=$!
+wait_files pre 5
+ok "write load running (pid $LOADPID): $(count pre) files before the install"
+
+# The installer's step headers set the load's phase, so that every file is named after the step
+# it was written in; the RAM overlay and MemAvailable are read around the release.
+phase install
+T0=$(up)
+( livemirror-install --yes --rate "$RATE" /dev/vda; echo $? > /run/lmtest/install.rc ) 2>&1 | while read -r l; do
+  case $l in
+  "==> ["*"/"*"] "*)
+    n=${l#==> [}; n=${n%%/*}
+    case $n in
+    4) phase copy ;;
+    6) phase verify ;;
+    7) phase detach; dmsetup status live-rw 2>/dev/null | awk '{split($4,a,"/"); print a[1]*512}' > /run/lmtest/cow ;;
+    8) phase release; awk '/^MemAvailable:/{print $2}' /proc/meminfo > /run/lmtest/mem0
+       info "meminfo before the release: $(grep -E '^(MemFree|MemAvailable|Cached|Shmem|Unevictable):' /proc/meminfo | tr -s ' \n' ' ')" ;;
+    9) awk '/^MemAvailable:/{print $2}' /proc/meminfo > /run/lmtest/mem1; phase grow
+       info "meminfo after the release: $(grep -E '^(MemFree|MemAvailable|Cached|Shmem|Unevictable):' /proc/meminfo | tr -s ' \n' ' ')" ;;
+    10) phase boot ;;
+    esac ;;
+  esac
+  info "install: $l"
+done
+RC=$(cat /run/lmtest/install.rc)
+T1=$(up)
+SECS=$(echo "$T1 $T0" | awk '{printf "%.1f", $1-$2}')
+[ "$RC" = 0 ] && ok "livemirror-install /dev/vda exited 0 after $SECS s" || fail "livemirror-install /dev/vda exited $RC"
+info "install_secs=$SECS"
+phase after
+N=$(count_within copy)
+[ "$N" -ge 3 ] && ok "$N files were written entirely during the copy" \
+  || fail "only $N files were written during the copy: the writes did not race it"
+
+# ---------------------------------------------------------------- the result
+J=$(lmstatus) || fail "livemirror status --json failed after the install"
+[ "$(jget state "$J")" = source-detached ] && [ "$(jget source "$J")" = null ] && [ "$(jget target "$J")" = /dev/vda1 ] \
+  && ok "status: source-detached, target /dev/vda1" || fail "after the install: $J"
+P=$(blockdev --getsize64 /dev/vda1)
+[ "$(jget export_size "$J")" = "$P" ] && ok "export grown to the partition's $P bytes" || fail "export_size $(jget export_size "$J") != $P"
+[ "$(($(cat /sys/block/nbd0/size) * 512))" = "$P" ] && ok "kernel: /dev/nbd0 is $P bytes" \
+  || fail "kernel: /dev/nbd0 is $(($(cat /sys/block/nbd0/size) * 512)) bytes, not $P"
+FS=$(df -k / | awk 'NR==2{print $2}')
+[ "$FS" -gt $((P / 1024 * 85 / 100)) ] && ok "df: / is $FS KiB (the partition is $((P / 1024)) KiB)" || fail "df: / is only $FS KiB"
+PT=$(sfdisk -d /dev/vda 2>&1 | tr '\n' ';')
+case "$PT" in *"label: dos"*"/dev/vda1 : start=        2048,"*"bootable"*) ok "vda: MBR, vda1 from sector 2048, bootable" ;;
+  *) fail "vda's partition table: $PT" ;; esac
+for m in live-rw live-base; do
+  [ -e /dev/mapper/$m ] && fail "/dev/mapper/$m still exists" || ok "/dev/mapper/$m is gone"
+done
+L=$(ls -d /sys/block/loop*/loop 2>/dev/null | wc -l)
+[ "$L" = 0 ] && ok "no loop device is bound any more" || fail "$L loop devices still bound: $(losetup -a 2>&1)"
+grep -qE ' /run/initramfs/(live|squashfs) ' /proc/mounts && fail "live media still mounted: $(grep initramfs /proc/mounts)" \
+  || ok "the CD and the squashfs are unmounted"
+COW=$(cat /run/lmtest/cow 2>/dev/null); M0=$(cat /run/lmtest/mem0 2>/dev/null); M1=$(cat /run/lmtest/mem1 2>/dev/null)
+info "overlay_bytes=$COW mem_available_kib before_release=$M0 after_release=$M1"
+if [ -n "$COW" ] && [ -n "$M0" ] && [ -n "$M1" ] && [ "$COW" -ge $((160 * 1048576)) ]; then
+  BACK=$(((M1 - M0) * 1024))
+  [ "$BACK" -ge $((COW * 3 / 4)) ] && ok "the release gave back $((BACK / 1048576)) MiB of RAM (the overlay held $((COW / 1048576)) MiB)" \
+    || fail "the release gave back only $((BACK / 1048576)) MiB of RAM; the overlay held $((COW / 1048576)) MiB"
+else
+  fail "could not measure the overlay (${COW:-?} bytes, at least the 160 MiB ballast expected) or MemAvailable (${M0:-?} -> ${M1:-?} KiB)"
+fi
+U=$(blkid -p -o value -s UUID /dev/nbd0)
+grep -q "^UUID=$U / ext4 " /etc/fstab && ok "fstab mounts / by UUID=$U" || fail "fstab: $(tr '\n' ';' < /etc/fstab)"
+G=/boot/grub/grub.cfg
+grep -q "root=UUID=$U" $G && ! grep -qE 'rd\.live|rd\.livemirror|livemirror\.' $G \
+  && ok "$G boots root=UUID=$U without live options" || fail "$G: $(grep -E '^\s*linux' $G | head -n 2 | tr '\n' ';')"
+dd if=/dev/vda bs=512 count=1 2>/dev/null | grep -aq GRUB && [ -f /boot/grub/i386-pc/core.img ] \
+  && ok "GRUB is in vda's MBR, its modules in /boot/grub/i386-pc" || fail "no GRUB in vda's MBR"
+I=/boot/initrd.img-$(uname -r)
+lsinitrd "$I" > /run/lmtest/initrd.list 2>/dev/null
+N=$(grep -cE 'livemirror|dmsquash' /run/lmtest/initrd.list || true)
+[ "$N" = 0 ] && grep -q 'virtio_blk' /run/lmtest/initrd.list \
+  && ok "$I: for booting from disk (virtio_blk, no livemirror, no dmsquash-live)" || fail "$I holds $N livemirror/dmsquash files or no virtio_blk"
+wait_files after 5
+
+# ---------------------------------------------------------------- stop the load, check
+stop_load "$LOADPID"
+info "files: pre=$(count pre) install=$(count install) copy=$(count copy) after=$(count after)"
+verify_load_files "$D"
+check_nbd_timeouts "whole run"
+E=$(dmesg_errors)
+[ -z "$E" ] && ok "no I/O errors, ext4 errors or read-only remount in dmesg" || fail "kernel messages: $E"
+grep -q ' / ext4 rw' /proc/mounts && ok "/ is still mounted read-write" || fail "/ is not read-write: $(grep ' / ' /proc/mounts)"
+tail -n 8 /run/livemirror/log | sed 's/^/LMLOG daemon: /'
+sync
+echo "LMTEST DONE t=$(up)"
+# The shutdown goes through systemd and dracut's shutdown (the live initramfs, unpacked by the
+# installer before it replaced /boot's image), whose livemirror hook detaches /dev/nbd0.
+poweroff_systemd
