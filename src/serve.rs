@@ -39,7 +39,7 @@ pub struct ServeArgs {
     #[arg(long, value_name = "SIZE", value_parser = parse_size)]
     pub region_size: Option<u64>,
     /// Copier I/Os in flight.
-    #[arg(long, value_name = "N", default_value_t = engine::device::DEFAULT_QUEUE_DEPTH)]
+    #[arg(long, value_name = "N", default_value_t = engine::DEFAULT_QUEUE_DEPTH)]
     pub queue_depth: usize,
     /// Copy rate limit (0 = unlimited).
     #[arg(long, value_name = "RATE", default_value = "0", value_parser = parse_size)]

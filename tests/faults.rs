@@ -134,7 +134,7 @@ fn a_target_that_fills_up_mid_sync_degrades_and_loses_nothing() {
     let off = offset_in(&msg);
     // A queue depth of 1 MiB copies (the piece size for files in RAM) is in
     // flight, and any of the writes past the full point may report first.
-    let in_flight = engine::device::DEFAULT_QUEUE_DEPTH as u64 * MIB;
+    let in_flight = engine::DEFAULT_QUEUE_DEPTH as u64 * MIB;
     assert!(
         (8 * MIB..=20 * MIB + in_flight).contains(&off),
         "the copy should fail where the 20 MiB filesystem is full: {msg}"

@@ -5,9 +5,9 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use crate::backend::{Backend, CacheMode, LockMode, OpenOptions};
-use crate::device::{Mirror, MirrorConfig};
 use crate::error::{Error, Result};
-use crate::status::DeviceState;
+use crate::mirror::{Mirror, MirrorConfig};
+use crate::state::DeviceState;
 
 /// One measured copy.
 #[derive(Debug, Clone, serde::Serialize)]

@@ -29,11 +29,8 @@ struct RawBuf {
 unsafe impl Send for RawBuf {}
 
 /// Buffers of at least this size get their own mapping, aligned to a huge page
-/// and marked for transparent huge pages. A 2 MiB O_DIRECT request from one
-/// huge page is one physically contiguous segment, so the block layer sends it
-/// whole and merges neighbours up to the device's limit; from 4 KiB pages it
-/// is split by the segment limit. On this machine's virtio disk a 2 GiB copy
-/// took 1.75–2.68 s instead of 2.81–4.62 s (docs/decisions.md).
+/// and marked for transparent huge pages, so an O_DIRECT request from one is a
+/// single contiguous segment the block layer need not split (docs/decisions.md).
 const HUGE_PAGE: usize = 2 << 20;
 
 impl RawBuf {

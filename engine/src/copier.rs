@@ -7,22 +7,131 @@
 //! for the span goes to both devices. Rate tokens are taken before the lock, so a
 //! slow rate limit never holds writers up.
 
+use std::future::Future;
 use std::ops::Range;
-use std::sync::atomic::Ordering;
-use std::sync::Arc;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use tokio::sync::Semaphore;
+use tokio::sync::{Notify, Semaphore};
 
 use crate::backend::Backend;
-use crate::buf::SharedBuf;
-use crate::device::{Mirror, Target};
-use crate::locks::LockMode;
+use crate::buf::{BufPool, SharedBuf};
+use crate::drain::{Drain, DrainGuard};
+use crate::journal::Journal;
+use crate::locks::{LockMode, RangeLocks};
+use crate::ratelimit::{Foreground, RateLimiter, RateMeter};
+use crate::regions::SharedMap;
+use crate::route::{Route, Target};
+use crate::status::EventKind;
+use crate::sync::lock;
 
 const SOURCE_READ_ATTEMPTS: u32 = 3;
 
-fn map_lock(m: &Mirror) -> std::sync::MutexGuard<'_, crate::regions::RegionMap> {
-    m.map.lock().unwrap_or_else(|p| p.into_inner())
+pub(crate) type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + 'a>>;
+
+/// What the copier needs from the device that owns it (and nothing more).
+pub(crate) trait CopyOwner: Send + Sync + 'static {
+    /// The route now. A span holds it while it copies: state changes wait for that.
+    fn route(&self) -> Arc<Route>;
+    fn shutting_down(&self) -> bool;
+    fn export_size(&self) -> u64;
+    /// Drops the failed target (`degraded`).
+    fn fail_target<'a>(&'a self, target: &'a Arc<Target>, reason: String) -> BoxFuture<'a, ()>;
+    /// Nothing is dirty: flush T and enter `synced`. False if the state moved on.
+    fn finish_sync<'a>(&'a self, target: &'a Arc<Target>) -> BoxFuture<'a, crate::error::Result<bool>>;
+    /// Checks every device still holds the export; false (and failed over) if not.
+    fn check_device_sizes(&self) -> BoxFuture<'_, bool>;
+    fn event(&self, kind: EventKind, message: String);
+}
+
+/// The copier's control block, shared with the control commands.
+pub(crate) struct CopierCtl {
+    /// Copy spans in flight. Closed while paused: a span either entered before
+    /// the pause (and `pause` waits for it) or sees the pause and does not start.
+    spans: Arc<Drain>,
+    pub(crate) limiter: RateLimiter,
+    pub(crate) min_rate: AtomicU64,
+    pub(crate) wake: Notify,
+    pub(crate) running: AtomicBool,
+    /// Why the copy stopped (a source read error), until `resume`.
+    pub(crate) error: Mutex<Option<String>>,
+    pub(crate) bytes_copied: AtomicU64,
+    /// Of those, bytes that read as zeroes and were zeroed on T instead of written.
+    pub(crate) bytes_zeroed: AtomicU64,
+    pub(crate) meter: RateMeter,
+}
+
+impl CopierCtl {
+    pub(crate) fn new(max_rate: u64, min_rate: u64) -> CopierCtl {
+        CopierCtl {
+            spans: Drain::new(),
+            limiter: RateLimiter::new(max_rate),
+            min_rate: AtomicU64::new(min_rate),
+            wake: Notify::new(),
+            running: AtomicBool::new(false),
+            error: Mutex::new(None),
+            bytes_copied: AtomicU64::new(0),
+            bytes_zeroed: AtomicU64::new(0),
+            meter: RateMeter::new(Duration::from_secs(3)),
+        }
+    }
+
+    pub(crate) fn is_paused(&self) -> bool {
+        self.spans.is_closed()
+    }
+
+    /// Stops starting spans and waits for those in flight.
+    pub(crate) async fn pause(&self) {
+        self.spans.close();
+        self.spans.wait_idle().await;
+    }
+
+    pub(crate) fn unpause(&self) {
+        self.spans.reopen();
+        self.wake.notify_waiters();
+    }
+
+    fn error(&self) -> Option<String> {
+        lock(&self.error).clone()
+    }
+
+    fn set_error(&self, e: String) {
+        *lock(&self.error) = Some(e);
+    }
+
+    /// A fresh sync: counters and errors start over, not paused.
+    pub(crate) fn reset(&self) {
+        self.bytes_copied.store(0, Ordering::Relaxed);
+        self.bytes_zeroed.store(0, Ordering::Relaxed);
+        self.meter.reset();
+        *lock(&self.error) = None;
+        self.spans.reopen();
+    }
+}
+
+/// Everything one copy job works with: a narrow handle, not the whole device.
+pub(crate) struct CopyJob {
+    pub(crate) owner: Arc<dyn CopyOwner>,
+    pub(crate) map: Arc<SharedMap>,
+    pub(crate) locks: RangeLocks,
+    pub(crate) pool: BufPool,
+    pub(crate) journal: Option<Arc<Journal>>,
+    pub(crate) ctl: Arc<CopierCtl>,
+    pub(crate) fg: Arc<Foreground>,
+    pub(crate) target: Arc<Target>,
+    pub(crate) region_size: u64,
+    pub(crate) queue_depth: usize,
+    /// Configured piece size (0: by device, [`chunk_for`]).
+    pub(crate) copy_chunk: usize,
+    pub(crate) detect_zeroes: bool,
+}
+
+impl CopyJob {
+    fn should_stop(&self) -> bool {
+        self.owner.shutting_down() || !self.owner.route().is_syncing_to(&self.target)
+    }
 }
 
 /// True if every byte is zero (vectorises well: 64-byte blocks OR-folded).
@@ -41,10 +150,10 @@ pub fn is_zero(data: &[u8]) -> bool {
 }
 
 /// The rate the copier may use right now (0 = unlimited).
-fn effective_rate(m: &Mirror) -> u64 {
-    let max = m.copier.limiter.rate();
-    if m.fg.is_active() {
-        let floor = m.copier.min_rate.load(Ordering::Relaxed);
+fn effective_rate(job: &CopyJob) -> u64 {
+    let max = job.ctl.limiter.rate();
+    if job.fg.is_active() {
+        let floor = job.ctl.min_rate.load(Ordering::Relaxed);
         if floor == 0 {
             return max;
         }
@@ -59,18 +168,14 @@ fn effective_rate(m: &Mirror) -> u64 {
 }
 
 /// Waits for a wake-up (state change, resume, set-rate) or `timeout`.
-async fn nap(m: &Mirror, timeout: Duration) {
-    let _ = tokio::time::timeout(timeout, m.copier.wake.notified()).await;
+async fn nap(job: &CopyJob, timeout: Duration) {
+    let _ = tokio::time::timeout(timeout, job.ctl.wake.notified()).await;
 }
 
-/// Copier I/O size when none is configured. On disks 2 MiB with the default
-/// queue depth of 16 (32 MiB in flight, as `qemu-img convert -m 16` keeps)
-/// copied fastest: 2 GiB file to file on this machine's disk, 10 runs
-/// alternating with qemu-img, median 0.53 GB/s against its 0.46; 1 MiB at
-/// depth 8 got 0.26–0.49, 2 MiB at depth 8 0.28–0.67 (docs/decisions.md). A
-/// file in RAM is copied with plain syscalls up to 1 MiB (see the backend), and
-/// 1 MiB pieces copied 2 GiB tmpfs → tmpfs at 2.75–3.24 GB/s against 2.21–3.10
-/// with 256 KiB (dd: 2.92–3.34). Foreground latency is kept by [`BUSY_CHUNK`].
+/// Copier I/O size when none is configured: 2 MiB on disks (with the default
+/// depth of 16, 32 MiB in flight, which this kind of disk rewards), 1 MiB for
+/// files in RAM (the largest copy done with plain syscalls). The measurements
+/// are in docs/decisions.md; client latency is kept by [`BUSY_CHUNK`].
 pub(crate) fn chunk_for(configured: usize, source: &Backend, target: &Backend) -> u64 {
     match configured {
         0 if source.in_memory() || target.in_memory() => 1 << 20,
@@ -79,12 +184,9 @@ pub(crate) fn chunk_for(configured: usize, source: &Backend, target: &Backend) -
     }
 }
 
-/// Copier I/O size while clients are busy. The copier then runs at its floor
-/// rate, so smaller pieces cost no throughput, and a foreground write that
-/// meets a copy in flight (a locked span, the target's inode lock, a device
-/// queue slot) waits for less. 4K random writes during a sync of a file in RAM
-/// (fio QD32, 10 s, two runs each): p99 1.13-1.32x idle with 64 KiB pieces,
-/// 1.34-2.17x with 256 KiB.
+/// Copier I/O size while clients are busy: the copier runs at its floor rate
+/// then, so smaller pieces cost no throughput, and a client write that meets a
+/// copy in flight waits for less (docs/decisions.md).
 const BUSY_CHUNK: u64 = 64 << 10;
 
 /// The I/O size for the next span: the configured one when the copier has
@@ -97,29 +199,32 @@ fn chunk_now(clients_busy: bool, idle_chunk: u64) -> u64 {
     }
 }
 
-pub(crate) async fn run(m: Arc<Mirror>, target: Arc<Target>) {
-    let region = m.region_size();
-    let idle_chunk = match m.route().source.as_deref() {
-        Some(s) => chunk_for(m.cfg.copy_chunk, s, &target.backend),
-        None => chunk_for(m.cfg.copy_chunk, &target.backend, &target.backend),
+/// Copies every dirty region onto the job's target until the sync is done,
+/// the target is dropped, or the daemon stops.
+pub(crate) async fn run(job: Arc<CopyJob>) {
+    let region = job.region_size;
+    let idle_chunk = match job.owner.route().source.as_deref() {
+        Some(s) => chunk_for(job.copy_chunk, s, &job.target.backend),
+        None => chunk_for(job.copy_chunk, &job.target.backend, &job.target.backend),
     };
-    let qd = m.cfg.queue_depth.max(1);
+    let qd = job.queue_depth.max(1);
     let slots = Arc::new(Semaphore::new(qd));
     let mut cursor = 0usize;
     loop {
-        if m.copier_should_stop(&target) {
+        if job.should_stop() {
             break;
         }
-        let halted =
-            m.copier.paused.load(Ordering::SeqCst) || m.copier.error.lock().map(|e| e.is_some()).unwrap_or(false);
-        if halted {
-            nap(&m, Duration::from_millis(200)).await;
+        if job.ctl.is_paused() || job.ctl.error().is_some() {
+            nap(&job, Duration::from_millis(200)).await;
             continue;
         }
-        let chunk = chunk_now(m.fg.is_active(), idle_chunk);
+        let chunk = chunk_now(job.fg.is_active(), idle_chunk);
         let span_regions = (chunk.max(region) / region).max(1) as usize;
-        let next = map_lock(&m).next_dirty_run(cursor, span_regions);
-        let Some(run) = next else {
+        let next = {
+            let map = job.map.lock();
+            map.next_dirty_run(cursor, span_regions).map(|run| (map.bytes_of(run.clone()), run))
+        };
+        let Some((bytes, run)) = next else {
             // End of a pass: let in-flight spans land before looking again.
             let all = slots.clone().acquire_many_owned(qd as u32).await;
             drop(all);
@@ -127,44 +232,33 @@ pub(crate) async fn run(m: Arc<Mirror>, target: Arc<Target>) {
                 cursor = 0;
                 continue;
             }
-            if map_lock(&m).all_clean() {
-                match m.finish_sync(&target).await {
+            if job.map.lock().all_clean() {
+                match job.owner.finish_sync(&job.target).await {
                     Ok(true) => break,
                     Ok(false) => {}
-                    Err(e) => {
-                        *m.copier.error.lock().unwrap_or_else(|p| p.into_inner()) =
-                            Some(format!("cannot record the synced state: {e}"));
-                    }
+                    Err(e) => job.ctl.set_error(format!("cannot record the synced state: {e}")),
                 }
             }
-            nap(&m, Duration::from_millis(100)).await;
+            nap(&job, Duration::from_millis(100)).await;
             continue;
         };
-        let bytes = map_lock(&m).bytes_of(run.clone());
         // Tokens first, lock later: a lock is never held while waiting for rate.
         let len = bytes.end - bytes.start;
         loop {
-            let wait = m.copier.limiter.try_take(len, effective_rate(&m));
-            if wait.is_zero() || m.copier_should_stop(&target) {
+            let wait = job.ctl.limiter.try_take(len, effective_rate(&job));
+            if wait.is_zero() || job.should_stop() {
                 break;
             }
-            nap(&m, wait.min(Duration::from_millis(100))).await;
+            nap(&job, wait.min(Duration::from_millis(100))).await;
         }
         let Ok(permit) = slots.clone().acquire_owned().await else { break };
-        if !m.copier.try_begin() {
+        let Some(span) = job.ctl.spans.enter() else {
             continue; // paused meanwhile: this span is looked at again later
-        }
+        };
         cursor = run.end;
-        let m2 = m.clone();
-        let t2 = target.clone();
+        let job2 = job.clone();
         tokio::task::spawn_local(async move {
-            copy_span(&m2, &t2, run, chunk).await;
-            // A target truncated under the copy would be re-extended by the next
-            // writes, its copied part reading as zeroes: look after every span.
-            if !m2.copier_should_stop(&t2) && !t2.backend.current_size().is_ok_and(|n| n >= m2.size()) {
-                m2.check_device_sizes().await;
-            }
-            m2.copier.end();
+            copy_span(&job2, run, chunk, span).await;
             drop(permit);
         });
     }
@@ -173,18 +267,19 @@ pub(crate) async fn run(m: Arc<Mirror>, target: Arc<Target>) {
 }
 
 /// Copies one span of regions under an exclusive lock.
-async fn copy_span(m: &Arc<Mirror>, target: &Arc<Target>, run: Range<usize>, chunk: u64) {
-    let bytes = map_lock(m).bytes_of(run.clone());
-    let _guard = m.locks.lock(bytes.clone(), LockMode::Exclusive).await;
+async fn copy_span(job: &CopyJob, run: Range<usize>, chunk: u64, _span: DrainGuard) {
+    let bytes = job.map.lock().bytes_of(run.clone());
+    let guard = job.locks.lock(bytes.clone(), LockMode::Exclusive).await;
     // Holding the route makes state changes wait for this copy (the barrier).
-    let route = m.route();
-    if m.copier_should_stop(target) {
+    let route = job.owner.route();
+    if job.should_stop() {
         return;
     }
     let Some(source) = route.source.clone() else { return };
+    let target = &job.target;
     // Regions may have become clean meanwhile (TRIM skips them).
-    let pieces: Vec<(Range<usize>, bool)> = {
-        let map = map_lock(m);
+    let pieces: Vec<(Range<u64>, Range<usize>, bool)> = {
+        let map = job.map.lock();
         let mut out: Vec<(Range<usize>, bool)> = Vec::new();
         for r in run {
             if map.is_clean(r) {
@@ -196,52 +291,52 @@ async fn copy_span(m: &Arc<Mirror>, target: &Arc<Target>, run: Range<usize>, chu
                 _ => out.push((r..r + 1, d)),
             }
         }
-        out
+        out.into_iter().map(|(rs, d)| (map.bytes_of(rs.clone()), rs, d)).collect()
     };
-    for (regions, discarded) in pieces {
-        let br = map_lock(m).bytes_of(regions.clone());
+    for (br, regions, discarded) in pieces {
         if discarded {
             // Trimmed before the copy reached it: zero T instead of copying, so
             // the range keeps reading as zeroes.
             if let Err(e) = target.backend.write_zeroes(br.start, br.end - br.start, true, false).await {
-                m.fail_target(target, format!("target zeroing failed at offset {}: {e}", br.start)).await;
+                job.owner.fail_target(target, format!("target zeroing failed at offset {}: {e}", br.start)).await;
                 return;
             }
-            let mut map = map_lock(m);
+            let mut map = job.map.lock();
             map.set_clean(regions.clone(), true);
             map.set_unverifiable(regions.clone(), true);
             map.set_discarded(regions.clone(), false);
         } else {
-            if !copy_bytes(m, target, &source, br.clone(), chunk).await {
+            if !copy_bytes(job, &source, br.clone(), chunk).await {
                 return;
             }
-            let mut map = map_lock(m);
+            let mut map = job.map.lock();
             map.set_clean(regions.clone(), true);
             map.set_unverifiable(regions.clone(), false);
             drop(map);
             let n = br.end - br.start;
-            m.copier.bytes_copied.fetch_add(n, Ordering::Relaxed);
-            m.copier.meter.record(n);
+            job.ctl.bytes_copied.fetch_add(n, Ordering::Relaxed);
+            job.ctl.meter.record(n);
         }
-        if let Some(j) = &m.journal {
+        if let Some(j) = &job.journal {
             j.note_cleaned(regions);
         }
+    }
+    drop((guard, route));
+    // A target truncated under the copy would be re-extended by the next writes,
+    // its copied part reading as zeroes: look after every span.
+    if !job.should_stop() && !target.backend.current_size().is_ok_and(|n| n >= job.owner.export_size()) {
+        job.owner.check_device_sizes().await;
     }
 }
 
 /// Copies `range` from S to T in chunks. False if the copy stopped (an error was
 /// recorded or the target dropped).
-async fn copy_bytes(
-    m: &Arc<Mirror>,
-    target: &Arc<Target>,
-    source: &crate::backend::Backend,
-    range: Range<u64>,
-    chunk: u64,
-) -> bool {
+async fn copy_bytes(job: &CopyJob, source: &Backend, range: Range<u64>, chunk: u64) -> bool {
+    let target = &job.target;
     let mut pos = range.start;
     while pos < range.end {
         let n = (range.end - pos).min(chunk) as usize;
-        let buf = SharedBuf::new(m.pool.alloc_unbudgeted(n));
+        let buf = SharedBuf::new(job.pool.alloc_unbudgeted(n));
         let mut attempt = 0;
         loop {
             match source.read_at(&buf, 0, n, pos).await {
@@ -250,8 +345,8 @@ async fn copy_bytes(
                     attempt += 1;
                     if attempt >= SOURCE_READ_ATTEMPTS {
                         let msg = format!("source read failed at offset {pos}: {e}");
-                        *m.copier.error.lock().unwrap_or_else(|p| p.into_inner()) = Some(msg.clone());
-                        m.error_event(format!("copy stopped: {msg} (resume retries)"));
+                        job.ctl.set_error(msg.clone());
+                        job.owner.event(EventKind::Error, format!("copy stopped: {msg} (resume retries)"));
                         return false;
                     }
                     tokio::time::sleep(Duration::from_millis(50 * attempt as u64)).await;
@@ -259,15 +354,15 @@ async fn copy_bytes(
             }
         }
         // SAFETY: the read completed; nothing else touches `buf`.
-        let zero = m.cfg.detect_zeroes && is_zero(unsafe { buf.slice(0, n) });
+        let zero = job.detect_zeroes && is_zero(unsafe { buf.slice(0, n) });
         let res = if zero {
-            m.copier.bytes_zeroed.fetch_add(n as u64, Ordering::Relaxed);
+            job.ctl.bytes_zeroed.fetch_add(n as u64, Ordering::Relaxed);
             target.backend.write_zeroes(pos, n as u64, true, false).await
         } else {
             target.backend.write_at(&buf, 0, n, pos, false).await
         };
         if let Err(e) = res {
-            m.fail_target(target, format!("target write failed at offset {pos}: {e}")).await;
+            job.owner.fail_target(target, format!("target write failed at offset {pos}: {e}")).await;
             return false;
         }
         pos += n as u64;

@@ -22,7 +22,7 @@ use std::os::fd::RawFd;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
-use crate::backend::{Backend, BackendKind};
+use crate::backend::{Backend, BackendKind, LocalDevice};
 use crate::stacking::{sysfs_dir, whole_disk};
 
 /// Longest stack description kept (sysfs strings are short; this bounds a
@@ -48,22 +48,7 @@ pub struct DeviceIdent {
 
 impl DeviceIdent {
     pub fn of(b: &Backend) -> DeviceIdent {
-        let id = b.identity();
-        let (birth, generation) = match b.kind() {
-            BackendKind::File => (file_birth(b.raw_fd()), file_generation(b.raw_fd())),
-            BackendKind::BlockDevice => (None, None),
-        };
-        let stack = id.rdev.map(|r| block_identity(r, 0)).unwrap_or_default();
-        DeviceIdent {
-            path: b.path().to_path_buf(),
-            size: b.size(),
-            dev: id.dev,
-            ino: id.ino,
-            rdev: id.rdev.unwrap_or(0),
-            birth,
-            generation,
-            stack: truncate(stack),
-        }
+        b.ident()
     }
 
     /// Why `other` (what is there now) is not the device recorded as `self`, or `None`.
@@ -106,6 +91,26 @@ impl DeviceIdent {
             return Some(format!("{now} is {} bytes, but the state file recorded {} bytes", other.size, self.size));
         }
         None
+    }
+}
+
+/// The identity of a local file or block device.
+pub(crate) fn of_local(d: &LocalDevice) -> DeviceIdent {
+    let id = d.identity();
+    let (birth, generation) = match d.kind() {
+        BackendKind::File => (file_birth(d.raw_fd()), file_generation(d.raw_fd())),
+        BackendKind::BlockDevice => (None, None),
+    };
+    let stack = id.rdev.map(|r| block_identity(r, 0)).unwrap_or_default();
+    DeviceIdent {
+        path: d.path().to_path_buf(),
+        size: d.size(),
+        dev: id.dev,
+        ino: id.ino,
+        rdev: id.rdev.unwrap_or(0),
+        birth,
+        generation,
+        stack: truncate(stack),
     }
 }
 

@@ -3,8 +3,8 @@
 //! The engine knows nothing about NBD. It exposes a [`Mirror`] device with the
 //! operations a block frontend needs (read, write, flush, trim, write-zeroes,
 //! block status, size) and the management operations of the mirror (attach,
-//! detach, verify, pause, rate, grow, status). See `../shared/design/semantics.md`
-//! for the rules it keeps.
+//! detach, verify, pause, rate, grow, status). docs/semantics.md states the
+//! rules it keeps; docs/architecture.md maps where each is enforced.
 //!
 //! All I/O runs on threads set up by [`rt`] (a tokio current-thread runtime with
 //! a per-thread io_uring).
@@ -13,18 +13,24 @@ pub mod backend;
 pub mod bench;
 pub mod buf;
 mod copier;
-pub mod device;
+pub mod drain;
 pub mod error;
 pub mod hostfs;
 pub mod identity;
+pub mod journal;
 pub mod locks;
-pub mod persist;
+pub mod mirror;
 pub mod ratelimit;
 pub mod regions;
+mod route;
 pub mod rt;
 pub mod stacking;
 pub mod startup;
+pub mod state;
+pub mod statefile;
 pub mod status;
+pub mod sync;
+#[cfg(feature = "testing")]
 pub mod testing;
 pub mod uring;
 mod verify;
@@ -32,9 +38,11 @@ mod verify;
 pub use backend::{Backend, BackendKind, CacheMode, IoHooks, IoKind, LockMode as DeviceLock, OpenOptions};
 pub use buf::{BudgetCharge, BufPool, IoBuf, SharedBuf};
 pub use copier::is_zero;
-pub use device::{Event, EventKind, Mirror, MirrorConfig, StatusExtent};
+pub use drain::{Drain, DrainGuard};
 pub use error::{Error, Result};
-pub use status::{DeviceState, Status};
+pub use mirror::{Mirror, MirrorConfig, StatusExtent, DEFAULT_QUEUE_DEPTH};
+pub use state::{DeviceState, Transition};
+pub use status::{Event, EventKind, Status};
 pub use verify::VerifyReport;
 
 /// The device API a block frontend (NBD today, ublk perhaps later) talks to.

@@ -7,6 +7,7 @@
 //! writers to its range, so a hot region cannot starve the copy, and since a
 //! request only ever waits for earlier ones there is no deadlock.
 
+use crate::sync::lock;
 use std::future::Future;
 use std::ops::Range;
 use std::pin::Pin;
@@ -82,9 +83,7 @@ impl RangeLocks {
     }
 
     fn table(&self) -> MutexGuard<'_, Table> {
-        // A panic while holding this lock would already have aborted the process
-        // (panic = abort in release); recover the data in tests.
-        self.table.lock().unwrap_or_else(|p| p.into_inner())
+        lock(&self.table)
     }
 
     /// Locks `range` in `mode`. An empty range is granted at once.

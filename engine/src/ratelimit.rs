@@ -1,6 +1,7 @@
 //! A token bucket for the copier whose rate can change at any time, plus the
 //! foreground-activity signal the copier backs off on.
 
+use crate::sync::lock;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
@@ -36,7 +37,7 @@ impl RateLimiter {
         if rate == 0 {
             return Duration::ZERO;
         }
-        let mut guard = self.bucket.lock().unwrap_or_else(|p| p.into_inner());
+        let mut guard = lock(&self.bucket);
         let now = Instant::now();
         // At most a quarter second of burst.
         let cap = rate as f64 / 4.0;
@@ -104,7 +105,7 @@ impl RateMeter {
 
     pub fn record(&self, bytes: u64) {
         let now = Instant::now();
-        let mut s = self.samples.lock().unwrap_or_else(|p| p.into_inner());
+        let mut s = lock(&self.samples);
         s.push_back((now, bytes));
         while s.front().is_some_and(|(t, _)| now.duration_since(*t) > self.window) {
             s.pop_front();
@@ -112,13 +113,13 @@ impl RateMeter {
     }
 
     pub fn reset(&self) {
-        self.samples.lock().unwrap_or_else(|p| p.into_inner()).clear();
+        lock(&self.samples).clear();
     }
 
     /// Bytes per second over the window (0 when idle for a whole window).
     pub fn rate(&self) -> f64 {
         let now = Instant::now();
-        let mut s = self.samples.lock().unwrap_or_else(|p| p.into_inner());
+        let mut s = lock(&self.samples);
         while s.front().is_some_and(|(t, _)| now.duration_since(*t) > self.window) {
             s.pop_front();
         }

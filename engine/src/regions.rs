@@ -5,7 +5,9 @@
 //! One bit per region per property (1 TiB at 64 KiB is 16 Mi regions: 2 MiB per
 //! bitmap). Nothing here allocates per region or per request.
 
-use std::ops::Range;
+use std::ops::{Deref, DerefMut, Range};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Mutex, MutexGuard};
 
 use bitvec::prelude::*;
 
@@ -234,6 +236,58 @@ impl RegionMap {
         self.unverifiable.resize(n, false);
         self.clean_count += (n - old) as u64;
         self.export_size = new_size;
+    }
+}
+
+/// The region map as requests, the copier and the journal share it: a mutex,
+/// plus a hint readable without it saying whether any region is discarded, so
+/// the write path can shape its lock without a trip to the map when none is.
+pub struct SharedMap {
+    map: Mutex<RegionMap>,
+    discarded_hint: AtomicBool,
+}
+
+impl SharedMap {
+    pub fn new(map: RegionMap) -> SharedMap {
+        let hint = AtomicBool::new(map.discarded_count() > 0);
+        SharedMap { map: Mutex::new(map), discarded_hint: hint }
+    }
+
+    pub fn lock(&self) -> MapGuard<'_> {
+        MapGuard { guard: crate::sync::lock(&self.map), hint: &self.discarded_hint }
+    }
+
+    /// False when no region was discarded at the end of the last trip to the
+    /// map. Callers that act on it re-check under their range lock.
+    pub fn maybe_discarded(&self) -> bool {
+        self.discarded_hint.load(Ordering::Acquire)
+    }
+}
+
+/// A trip to the map; refreshes the discard hint when it ends.
+pub struct MapGuard<'a> {
+    guard: MutexGuard<'a, RegionMap>,
+    hint: &'a AtomicBool,
+}
+
+impl Deref for MapGuard<'_> {
+    type Target = RegionMap;
+    fn deref(&self) -> &RegionMap {
+        &self.guard
+    }
+}
+
+impl DerefMut for MapGuard<'_> {
+    fn deref_mut(&mut self) -> &mut RegionMap {
+        &mut self.guard
+    }
+}
+
+impl Drop for MapGuard<'_> {
+    fn drop(&mut self) {
+        // Still under the mutex: a writer that reads the hint before taking its
+        // range lock and the map after it sees every discard made before.
+        self.hint.store(self.guard.discarded_count() > 0, Ordering::Release);
     }
 }
 

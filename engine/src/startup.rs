@@ -13,13 +13,14 @@ use std::sync::Arc;
 
 use crate::backend::{Backend, LockMode, OpenOptions};
 use crate::buf::{IoBuf, SharedBuf};
-use crate::device::{Mirror, MirrorConfig, Parts};
 use crate::error::{Error, Result};
-use crate::persist::{self, DeviceIdent, Loaded, StateFile, StateImage};
+use crate::journal::Journal;
+use crate::mirror::{Mirror, MirrorConfig, Parts};
 use crate::regions::validate_region_size;
 use crate::regions::Bits;
 use crate::stacking;
-use crate::status::DeviceState;
+use crate::state::DeviceState;
+use crate::statefile::{self, DeviceIdent, Loaded, StateFile, StateImage};
 
 #[derive(Debug, Clone, Default)]
 pub struct StartOptions {
@@ -81,7 +82,7 @@ pub fn start(opts: &StartOptions, mut cfg: MirrorConfig) -> Result<Started> {
         return Ok(Started { mirror, attach: opts.target.clone(), resumed_sync: false });
     };
     check_state_location(state_path)?;
-    let loaded = persist::load(state_path)
+    let loaded = statefile::load(state_path)
         .map_err(|e| Error::io(format!("cannot read the state file {}", state_path.display()), e))?;
     if let Loaded::Valid(img) = &loaded {
         let from_file =
@@ -217,7 +218,7 @@ fn assemble(
     if let Some((clean, _, _)) = &bitmaps {
         jimg.clean = clean.clone();
     }
-    let journal = persist::journal_for(&jimg, file);
+    let journal = Journal::open(&jimg, file);
     journal.set_state(state, source.as_ref(), target.as_ref());
     let export_size = img.export_size;
     Mirror::assemble(cfg, Parts { state, source, target, export_size, bitmaps, journal: Some(journal) })
@@ -226,10 +227,10 @@ fn assemble(
 fn fresh_start(opts: &StartOptions, state_path: &Path, shift: u32, cfg: MirrorConfig) -> Result<Started> {
     let source = opts.source.as_ref().ok_or_else(|| Error::InvalidConfig("--source is required".into()))?;
     let s = open(source, !cfg.read_only, &cfg)?;
-    let img = persist::fresh_image(DeviceState::Serving, shift, s.size(), Some(&s), None);
+    let img = statefile::fresh_image(DeviceState::Serving, shift, s.size(), Some(&s), None);
     let file = StateFile::create(state_path, &img)
         .map_err(|e| Error::io(format!("cannot create the state file {}", state_path.display()), e))?;
-    let journal = persist::journal_for(&img, file);
+    let journal = Journal::open(&img, file);
     let export_size = s.size();
     let mirror = Mirror::assemble(
         cfg,

@@ -1,58 +1,37 @@
-//! Device states and the status report (`livemirror status --json`).
-
-use std::fmt;
+//! The status report (`livemirror status --json`) and the event log.
 
 use serde::{Deserialize, Serialize};
 
-use crate::device::Event;
+pub use crate::state::DeviceState;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+/// What an event is about.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "kebab-case")]
-pub enum DeviceState {
-    Serving,
-    Syncing,
-    Synced,
-    SourceDetached,
-    Degraded,
+pub enum EventKind {
+    /// The device state changed (attached, synced, degraded, ...).
+    State,
+    /// Something failed (a device error, a stopped copy).
+    Error,
+    /// Everything else (pause, rate, verify, grow).
+    #[default]
+    Info,
 }
 
-impl DeviceState {
-    pub fn as_str(&self) -> &'static str {
-        match self {
-            DeviceState::Serving => "serving",
-            DeviceState::Syncing => "syncing",
-            DeviceState::Synced => "synced",
-            DeviceState::SourceDetached => "source-detached",
-            DeviceState::Degraded => "degraded",
-        }
-    }
-
-    pub fn code(&self) -> u8 {
-        match self {
-            DeviceState::Serving => 0,
-            DeviceState::Syncing => 1,
-            DeviceState::Synced => 2,
-            DeviceState::SourceDetached => 3,
-            DeviceState::Degraded => 4,
-        }
-    }
-
-    pub fn from_code(c: u8) -> Option<DeviceState> {
-        Some(match c {
-            0 => DeviceState::Serving,
-            1 => DeviceState::Syncing,
-            2 => DeviceState::Synced,
-            3 => DeviceState::SourceDetached,
-            4 => DeviceState::Degraded,
-            _ => return None,
-        })
-    }
+/// One line of the event log shown by `status`, and what
+/// `Mirror::subscribe_events` delivers as it happens.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Event {
+    pub unix_time: f64,
+    #[serde(default)]
+    pub kind: EventKind,
+    /// The device state right after the event.
+    #[serde(default = "serving")]
+    pub state: DeviceState,
+    pub message: String,
 }
 
-impl fmt::Display for DeviceState {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
+fn serving() -> DeviceState {
+    DeviceState::Serving
 }
 
 /// The status object. The first twelve fields are the contract of

@@ -10,6 +10,7 @@ use std::time::Duration;
 use tokio::sync::Notify;
 
 use crate::backend::{HookFuture, IoHooks, IoKind};
+use crate::sync::lock;
 
 /// A point where matching operations stop until released.
 #[derive(Default)]
@@ -102,30 +103,20 @@ impl TestHooks {
 
     /// Fails matching operations with `errno` (`times`: `None` = always).
     pub fn fail(&self, kind: IoKind, range: Range<u64>, errno: i32, times: Option<usize>) {
-        self.rules.lock().unwrap_or_else(|p| p.into_inner()).push(Rule {
-            kind,
-            range,
-            action: Action::Fail(errno),
-            remaining: times,
-        });
+        lock(&self.rules).push(Rule { kind, range, action: Action::Fail(errno), remaining: times });
     }
 
     /// Holds matching operations at `gate` (`times`: `None` = always).
     pub fn hold(&self, kind: IoKind, range: Range<u64>, gate: Arc<Gate>, times: Option<usize>) {
-        self.rules.lock().unwrap_or_else(|p| p.into_inner()).push(Rule {
-            kind,
-            range,
-            action: Action::Hold(gate),
-            remaining: times,
-        });
+        lock(&self.rules).push(Rule { kind, range, action: Action::Hold(gate), remaining: times });
     }
 
     pub fn clear(&self) {
-        self.rules.lock().unwrap_or_else(|p| p.into_inner()).clear();
+        lock(&self.rules).clear();
     }
 
     pub fn log(&self) -> Vec<OpRecord> {
-        self.log.lock().unwrap_or_else(|p| p.into_inner()).clone()
+        lock(&self.log).clone()
     }
 
     /// Recorded operations of `kind` overlapping `range`.
@@ -139,9 +130,9 @@ impl TestHooks {
 
 impl IoHooks for TestHooks {
     fn before(&self, kind: IoKind, offset: u64, len: u64) -> HookFuture<'_> {
-        self.log.lock().unwrap_or_else(|p| p.into_inner()).push(OpRecord { kind, offset, len });
+        lock(&self.log).push(OpRecord { kind, offset, len });
         let action = {
-            let mut rules = self.rules.lock().unwrap_or_else(|p| p.into_inner());
+            let mut rules = lock(&self.rules);
             let end = offset + len.max(1);
             let hit = rules
                 .iter_mut()

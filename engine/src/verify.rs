@@ -7,9 +7,9 @@
 use std::ops::Range;
 
 use crate::buf::SharedBuf;
-use crate::device::Mirror;
 use crate::error::{Error, Result};
 use crate::locks::LockMode;
+use crate::mirror::Mirror;
 
 /// What `verify` found.
 #[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
@@ -41,19 +41,19 @@ impl Mirror {
         drop(route);
         let region = self.region_size();
         let span_regions = ((1u64 << 20) / region).max(1) as usize;
-        let total = self.map.lock().unwrap_or_else(|p| p.into_inner()).len();
+        let total = self.map.lock().len();
         let mut report = VerifyReport::default();
         let mut r = 0usize;
         while r < total {
             let end = (r + span_regions).min(total);
-            let bytes = self.map.lock().unwrap_or_else(|p| p.into_inner()).bytes_of(r..end);
+            let bytes = self.map.lock().bytes_of(r..end);
             let _guard = self.locks.lock(bytes.clone(), LockMode::Exclusive).await;
             let route = self.route();
             let (Some(s), Some(t)) = (route.source.clone(), route.target.clone()) else {
                 return Err(Error::Refused(format!("verify stopped: the state changed to {}", route.state)));
             };
             let verifiable: Vec<bool> = {
-                let m = self.map.lock().unwrap_or_else(|p| p.into_inner());
+                let m = self.map.lock();
                 for i in r..end {
                     if !m.is_clean(i) {
                         report.regions_not_copied_yet += 1;
@@ -77,7 +77,7 @@ impl Mirror {
                     return Err(Error::Refused(format!("verify stopped: {msg}; the target was dropped")));
                 }
                 for (k, &v) in verifiable.iter().enumerate() {
-                    let rr: Range<u64> = self.map.lock().unwrap_or_else(|p| p.into_inner()).byte_range(r + k);
+                    let rr: Range<u64> = self.map.lock().byte_range(r + k);
                     if !v {
                         report.regions_skipped += 1;
                         continue;

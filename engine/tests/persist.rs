@@ -7,8 +7,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use engine::backend::{HookFuture, IoHooks, IoKind};
-use engine::persist::{self, DeviceIdent, Loaded, StateFile};
 use engine::startup::{start, StartOptions};
+use engine::statefile::{self, DeviceIdent, Loaded, StateFile};
 use engine::{rt, Backend, DeviceState, IoBuf, MirrorConfig, OpenOptions};
 
 const R: u64 = 64 << 10;
@@ -38,7 +38,7 @@ async fn wait_state(m: &engine::Mirror, want: DeviceState) {
 }
 
 fn intent_on_disk(state: &Path, region: usize) -> bool {
-    match persist::load(state).expect("read state") {
+    match statefile::load(state).expect("read state") {
         Loaded::Valid(img) => img.intent[region],
         other => panic!("state file unreadable: {other:?}"),
     }
@@ -117,7 +117,7 @@ fn intent_regions_are_dirty_again_on_resume() {
     let open =
         |p: &Path| Backend::open(p, &OpenOptions { lock: engine::DeviceLock::None, ..Default::default() }).unwrap();
     let (sb, tb) = (open(&s), open(&t));
-    let mut img = persist::fresh_image(DeviceState::Synced, 16, 8 * R, Some(&sb), Some(&tb));
+    let mut img = statefile::fresh_image(DeviceState::Synced, 16, 8 * R, Some(&sb), Some(&tb));
     img.clean.fill(true);
     img.intent.set(2, true);
     img.intent.set(6, true);

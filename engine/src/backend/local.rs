@@ -1,7 +1,7 @@
-//! A block backend: one regular file or block device, driven through the
+//! A local device: one regular file or block device, driven through the
 //! thread's io_uring.
 //!
-//! The backend hides device alignment. With O_DIRECT every transfer must be
+//! It hides device alignment. With O_DIRECT every transfer must be
 //! aligned; an unaligned write is turned into a read-modify-write of the covering
 //! aligned range. The caller (the mirror device) holds that covering range
 //! exclusively for the duration, so two concurrent unaligned writes to one sector
@@ -9,19 +9,19 @@
 
 use std::ffi::CString;
 use std::fmt;
-use std::fs::File;
-use std::future::Future;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::FileTypeExt;
 use std::path::{Path, PathBuf};
-use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use io_uring::{opcode, squeue, types};
 
+#[cfg(feature = "testing")]
+use super::IoHooks;
+use super::{BackendKind, CacheMode, Extent, Identity, IoKind, LockMode, OpenOptions};
 use crate::buf::{IoBuf, SharedBuf};
 use crate::error::{Error, IoContext, Result};
 use crate::uring::Reactor;
@@ -33,98 +33,7 @@ nix::ioctl_read!(ioctl_blkgetsize64, 0x12, 114, u64);
 nix::ioctl_read_bad!(ioctl_blksszget, nix::request_code_none!(0x12, 104), libc::c_int);
 nix::ioctl_write_ptr_bad!(ioctl_blkdiscard, nix::request_code_none!(0x12, 119), [u64; 2]);
 
-/// How to use the page cache.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum CacheMode {
-    /// O_DIRECT for block devices, the page cache for regular files.
-    #[default]
-    Auto,
-    /// Always O_DIRECT (falls back to buffered for a file whose size is not aligned).
-    Direct,
-    /// Always through the page cache.
-    Buffered,
-}
-
-impl std::str::FromStr for CacheMode {
-    type Err = String;
-    fn from_str(s: &str) -> std::result::Result<Self, String> {
-        match s {
-            "auto" => Ok(CacheMode::Auto),
-            "direct" | "none" => Ok(CacheMode::Direct),
-            "buffered" | "writeback" => Ok(CacheMode::Buffered),
-            _ => Err(format!("unknown cache mode {s:?} (auto, direct, buffered)")),
-        }
-    }
-}
-
-/// What to do when another process holds the device.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum LockMode {
-    /// No exclusive lock (read-only tools).
-    None,
-    /// Fail at once with a clear error.
-    Fail,
-    /// Wait until the holder is gone (a restarted daemon waits for the I/O of its
-    /// killed predecessor to drain: the kernel drops the lock only then).
-    Wait,
-}
-
-#[derive(Debug, Clone)]
-pub struct OpenOptions {
-    pub writable: bool,
-    pub cache: CacheMode,
-    pub lock: LockMode,
-}
-
-impl Default for OpenOptions {
-    fn default() -> Self {
-        OpenOptions { writable: true, cache: CacheMode::Auto, lock: LockMode::Fail }
-    }
-}
-
-/// Kinds of I/O, as seen by test hooks.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum IoKind {
-    Read,
-    Write,
-    Flush,
-    Zero,
-    Discard,
-}
-
-pub type HookFuture<'a> = Pin<Box<dyn Future<Output = io::Result<()>> + 'a>>;
-
-/// Called before every operation of a backend: tests use it to inject errors and
-/// to hold an operation at a precise point (deterministic interleavings).
-pub trait IoHooks: Send + Sync + 'static {
-    fn before(&self, kind: IoKind, offset: u64, len: u64) -> HookFuture<'_>;
-}
-
-/// Identity of the thing behind a path, to compare devices and detect stacking.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Identity {
-    /// Device holding the inode (the filesystem for files).
-    pub dev: u64,
-    pub ino: u64,
-    /// For block devices, the device number.
-    pub rdev: Option<u64>,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum BackendKind {
-    File,
-    BlockDevice,
-}
-
-/// One extent of allocation status.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Extent {
-    pub len: u64,
-    /// Not allocated (reads as zeroes).
-    pub hole: bool,
-}
-
-pub struct Backend {
+pub struct LocalDevice {
     fd: OwnedFd,
     path: PathBuf,
     kind: BackendKind,
@@ -138,23 +47,18 @@ pub struct Backend {
     writable: bool,
     /// A file in RAM (tmpfs, ramfs): see [`SYNC_MEMORY_MAX`] and [`WORKER_MEMORY_WRITE_MIN`].
     in_memory: bool,
+    #[cfg(feature = "testing")]
     hooks: Option<Arc<dyn IoHooks>>,
 }
 
-/// Largest read done with a plain syscall on a file in RAM (writes: see
-/// [`WORKER_MEMORY_WRITE_MIN`]). tmpfs cannot do non-blocking I/O, so io_uring
-/// hands every such operation to a kernel worker thread and back; for a memory
-/// copy of this size the handoff costs more than the copy (measured: 4K reads
-/// from tmpfs took about twice the CPU per request through io_uring). Larger
-/// copies still go through io_uring, which keeps them off the I/O thread.
+/// Largest read done with a plain syscall on a file in RAM: tmpfs cannot do
+/// non-blocking I/O, so io_uring would hand it to a worker thread and back,
+/// which costs more than the copy itself up to this size (docs/decisions.md).
 const SYNC_MEMORY_MAX: usize = 1 << 20;
 
-/// Smallest write to a file in RAM that is handed to an io_uring worker
-/// instead (forced with IOSQE_ASYNC). The worker's copy into the page cache
-/// then overlaps with the I/O thread's next socket receive or the copier's next
-/// source read, on the other core (numbers in docs/decisions.md: a 2 GiB tmpfs
-/// sync 15% faster, 1M NBD writes 5–20%). io_uring serialises the writes to one
-/// file, so they do not contend on its inode lock.
+/// Smallest write to a file in RAM handed to an io_uring worker on purpose
+/// (IOSQE_ASYNC): its copy into the page cache then overlaps with the next
+/// receive or source read on the other core (docs/decisions.md).
 const WORKER_MEMORY_WRITE_MIN: usize = 256 << 10;
 
 fn is_in_memory(fd: RawFd) -> bool {
@@ -169,9 +73,9 @@ fn is_in_memory(fd: RawFd) -> bool {
     matches!(st.f_type as i64, TMPFS_MAGIC | RAMFS_MAGIC)
 }
 
-impl fmt::Debug for Backend {
+impl fmt::Debug for LocalDevice {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Backend")
+        f.debug_struct("LocalDevice")
             .field("path", &self.path)
             .field("kind", &self.kind)
             .field("size", &self.size)
@@ -231,9 +135,9 @@ fn try_flock(fd: RawFd) -> io::Result<bool> {
     }
 }
 
-impl Backend {
+impl LocalDevice {
     /// Opens `path` as a backend. Errors name the path and say what failed.
-    pub fn open(path: &Path, opts: &OpenOptions) -> Result<Backend> {
+    pub fn open(path: &Path, opts: &OpenOptions) -> Result<LocalDevice> {
         Self::open_as(path, None, opts)
     }
 
@@ -241,7 +145,7 @@ impl Backend {
     /// back to PID 1's view. A daemon started in an initrd keeps the initrd as
     /// its root after switch_root, where /dev paths of the real system do not
     /// resolve; the caller of `attach` and PID 1 see them.
-    pub fn open_as(path: &Path, viewer: Option<u32>, opts: &OpenOptions) -> Result<Backend> {
+    pub fn open_as(path: &Path, viewer: Option<u32>, opts: &OpenOptions) -> Result<LocalDevice> {
         let abs = std::path::absolute(path).ctx(|| format!("bad path {}", path.display()))?;
         let actual = crate::hostfs::locate(&abs, viewer);
         let mut b = Self::open_resolved(&actual, &abs, opts)?;
@@ -249,7 +153,7 @@ impl Backend {
         Ok(b)
     }
 
-    fn open_resolved(path: &Path, shown: &Path, opts: &OpenOptions) -> Result<Backend> {
+    fn open_resolved(path: &Path, shown: &Path, opts: &OpenOptions) -> Result<LocalDevice> {
         let meta = std::fs::metadata(path).ctx(|| format!("cannot open {}", shown.display()))?;
         let ft = meta.file_type();
         let kind = if ft.is_block_device() {
@@ -357,7 +261,7 @@ impl Backend {
         let identity =
             Identity { dev: st.st_dev, ino: st.st_ino, rdev: (kind == BackendKind::BlockDevice).then_some(st.st_rdev) };
         let in_memory = kind == BackendKind::File && is_in_memory(fd.as_raw_fd());
-        Ok(Backend {
+        Ok(LocalDevice {
             fd,
             path: path.to_path_buf(),
             kind,
@@ -368,24 +272,27 @@ impl Backend {
             identity,
             writable: opts.writable,
             in_memory,
+            #[cfg(feature = "testing")]
             hooks: None,
         })
     }
 
     /// Exposes only the first `size` bytes (benchmarks copy a prefix).
-    pub fn with_size_limit(mut self, size: u64) -> Backend {
+    pub fn with_size_limit(mut self, size: u64) -> LocalDevice {
         self.size = self.size.min(size);
         self
     }
 
-    pub fn with_hooks(mut self, hooks: Arc<dyn IoHooks>) -> Backend {
+    #[cfg(feature = "testing")]
+    pub fn with_hooks(mut self, hooks: Arc<dyn IoHooks>) -> LocalDevice {
         self.hooks = Some(hooks);
         self
     }
 
     /// Pretends the device needs `align`-byte aligned transfers even when it does
     /// not (tests exercise read-modify-write on plain files with this).
-    pub fn with_forced_alignment(mut self, align: u64) -> Backend {
+    #[cfg(feature = "testing")]
+    pub fn with_forced_alignment(mut self, align: u64) -> LocalDevice {
         assert!(align.is_power_of_two());
         self.align = self.align.max(align);
         self.mem_align = self.mem_align.max(align as usize);
@@ -440,11 +347,19 @@ impl Backend {
         self.align > 1 && (!off.is_multiple_of(self.align) || !len.is_multiple_of(self.align))
     }
 
+    #[cfg(feature = "testing")]
     async fn hook(&self, kind: IoKind, off: u64, len: u64) -> io::Result<()> {
         match &self.hooks {
             Some(h) => h.before(kind, off, len).await,
             None => Ok(()),
         }
+    }
+
+    /// Production builds have no hooks: nothing to wait for.
+    #[cfg(not(feature = "testing"))]
+    #[inline(always)]
+    async fn hook(&self, _kind: IoKind, _off: u64, _len: u64) -> io::Result<()> {
+        Ok(())
     }
 
     fn types_fd(&self) -> types::Fd {
@@ -846,9 +761,9 @@ impl Backend {
         Ok(out)
     }
 
-    /// A `File` view of the descriptor (for synchronous tools such as tests).
-    pub fn try_clone_file(&self) -> io::Result<File> {
-        Ok(File::from(self.fd.try_clone()?))
+    /// What identifies this device across restarts (identity.rs).
+    pub fn ident(&self) -> crate::identity::DeviceIdent {
+        crate::identity::of_local(self)
     }
 }
 

@@ -1,0 +1,283 @@
+//! The backend seam: every device the engine reads and writes.
+//!
+//! [`Backend`] is what routing, the copier, verify and the journal see: the
+//! operations a mirrored device needs (aligned-or-not reads and writes, flush,
+//! zeroing, discard, allocation status, prefetch) and what the engine asks
+//! about it (size, alignment, whether zeroing is cheap, whether it lives in
+//! RAM, its identity for the state file). Each kind of device is one variant;
+//! today there is the local file or block device ([`local::LocalDevice`]). A
+//! remote NBD export or a copy-on-write overlay is another variant here and
+//! nothing else: the rest of the engine never matches on the kind.
+//!
+//! An enum rather than a trait object: the hot path (a 4K write) stays free of
+//! boxed futures, and adding a variant makes the compiler list every method it
+//! must answer.
+
+use std::future::Future;
+use std::io;
+use std::path::Path;
+use std::pin::Pin;
+use std::sync::Arc;
+
+use crate::buf::SharedBuf;
+use crate::error::Result;
+use crate::identity::DeviceIdent;
+
+pub mod local;
+
+pub use local::LocalDevice;
+
+/// How to use the page cache.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum CacheMode {
+    /// O_DIRECT for block devices, the page cache for regular files.
+    #[default]
+    Auto,
+    /// Always O_DIRECT (falls back to buffered for a file whose size is not aligned).
+    Direct,
+    /// Always through the page cache.
+    Buffered,
+}
+
+impl std::str::FromStr for CacheMode {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "auto" => Ok(CacheMode::Auto),
+            "direct" | "none" => Ok(CacheMode::Direct),
+            "buffered" | "writeback" => Ok(CacheMode::Buffered),
+            _ => Err(format!("unknown cache mode {s:?} (auto, direct, buffered)")),
+        }
+    }
+}
+
+/// What to do when another process holds the device.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LockMode {
+    /// No exclusive lock (read-only tools).
+    None,
+    /// Fail at once with a clear error.
+    Fail,
+    /// Wait until the holder is gone (a restarted daemon waits for the I/O of its
+    /// killed predecessor to drain: the kernel drops the lock only then).
+    Wait,
+}
+
+#[derive(Debug, Clone)]
+pub struct OpenOptions {
+    pub writable: bool,
+    pub cache: CacheMode,
+    pub lock: LockMode,
+}
+
+impl Default for OpenOptions {
+    fn default() -> Self {
+        OpenOptions { writable: true, cache: CacheMode::Auto, lock: LockMode::Fail }
+    }
+}
+
+/// Kinds of I/O, as seen by test hooks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum IoKind {
+    Read,
+    Write,
+    Flush,
+    Zero,
+    Discard,
+}
+
+pub type HookFuture<'a> = Pin<Box<dyn Future<Output = io::Result<()>> + 'a>>;
+
+/// Called before every operation of a backend: tests use it to inject errors and
+/// to hold an operation at a precise point (deterministic interleavings).
+pub trait IoHooks: Send + Sync + 'static {
+    fn before(&self, kind: IoKind, offset: u64, len: u64) -> HookFuture<'_>;
+}
+
+/// Identity of the thing behind a path, to compare devices and detect stacking.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Identity {
+    /// Device holding the inode (the filesystem for files).
+    pub dev: u64,
+    pub ino: u64,
+    /// For block devices, the device number.
+    pub rdev: Option<u64>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BackendKind {
+    File,
+    BlockDevice,
+}
+
+/// One extent of allocation status.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Extent {
+    pub len: u64,
+    /// Not allocated (reads as zeroes).
+    pub hole: bool,
+}
+
+/// A device the engine mirrors from or to.
+#[derive(Debug)]
+pub enum Backend {
+    Local(LocalDevice),
+}
+
+impl Backend {
+    /// Opens a local file or block device. Errors name the path and say what failed.
+    pub fn open(path: &Path, opts: &OpenOptions) -> Result<Backend> {
+        LocalDevice::open(path, opts).map(Backend::Local)
+    }
+
+    /// Opens a path as seen by process `viewer` (see [`LocalDevice::open_as`]).
+    pub fn open_as(path: &Path, viewer: Option<u32>, opts: &OpenOptions) -> Result<Backend> {
+        LocalDevice::open_as(path, viewer, opts).map(Backend::Local)
+    }
+
+    /// Exposes only the first `size` bytes (benchmarks copy a prefix).
+    pub fn with_size_limit(self, size: u64) -> Backend {
+        match self {
+            Backend::Local(d) => Backend::Local(d.with_size_limit(size)),
+        }
+    }
+
+    #[cfg(feature = "testing")]
+    pub fn with_hooks(self, hooks: Arc<dyn IoHooks>) -> Backend {
+        match self {
+            Backend::Local(d) => Backend::Local(d.with_hooks(hooks)),
+        }
+    }
+
+    #[cfg(feature = "testing")]
+    pub fn with_forced_alignment(self, align: u64) -> Backend {
+        match self {
+            Backend::Local(d) => Backend::Local(d.with_forced_alignment(align)),
+        }
+    }
+
+    /// The name it was opened by (a path, or a URI for a remote device).
+    pub fn path(&self) -> &Path {
+        match self {
+            Backend::Local(d) => d.path(),
+        }
+    }
+
+    /// Its size when opened.
+    pub fn size(&self) -> u64 {
+        match self {
+            Backend::Local(d) => d.size(),
+        }
+    }
+
+    /// Its size now (a file or device may have grown or shrunk).
+    pub fn current_size(&self) -> io::Result<u64> {
+        match self {
+            Backend::Local(d) => d.current_size(),
+        }
+    }
+
+    pub fn kind(&self) -> BackendKind {
+        match self {
+            Backend::Local(d) => d.kind(),
+        }
+    }
+
+    /// Bypasses the page cache.
+    pub fn is_direct(&self) -> bool {
+        match self {
+            Backend::Local(d) => d.is_direct(),
+        }
+    }
+
+    /// Offset and length alignment of its transfers (1: any).
+    pub fn alignment(&self) -> u64 {
+        match self {
+            Backend::Local(d) => d.alignment(),
+        }
+    }
+
+    /// Zeroing a range is a metadata operation, cheaper than writing zeroes.
+    pub fn zeroing_is_fast(&self) -> bool {
+        self.kind() == BackendKind::File
+    }
+
+    /// A file in RAM: copies are memory copies (the copier sizes its pieces by it).
+    pub fn in_memory(&self) -> bool {
+        match self {
+            Backend::Local(d) => d.in_memory(),
+        }
+    }
+
+    /// Device and inode numbers, to compare devices and detect stacking.
+    pub fn identity(&self) -> Identity {
+        match self {
+            Backend::Local(d) => d.identity(),
+        }
+    }
+
+    /// What identifies it across restarts (the state file's record).
+    pub fn ident(&self) -> DeviceIdent {
+        match self {
+            Backend::Local(d) => d.ident(),
+        }
+    }
+
+    /// Reads `[off, off+len)` into `buf[buf_off..buf_off+len]`. A read that
+    /// reaches the device's end fails (it is shorter than asked).
+    pub async fn read_at(&self, buf: &Arc<SharedBuf>, buf_off: usize, len: usize, off: u64) -> io::Result<()> {
+        match self {
+            Backend::Local(d) => d.read_at(buf, buf_off, len, off).await,
+        }
+    }
+
+    /// Writes `buf[buf_off..buf_off+len]` at `off`; an unaligned write is a
+    /// read-modify-write, for which the caller holds the covering range exclusively.
+    pub async fn write_at(
+        &self,
+        buf: &Arc<SharedBuf>,
+        buf_off: usize,
+        len: usize,
+        off: u64,
+        fua: bool,
+    ) -> io::Result<()> {
+        match self {
+            Backend::Local(d) => d.write_at(buf, buf_off, len, off, fua).await,
+        }
+    }
+
+    /// Makes every completed write durable.
+    pub async fn flush(&self) -> io::Result<()> {
+        match self {
+            Backend::Local(d) => d.flush().await,
+        }
+    }
+
+    /// Writes zeroes; with `may_unmap` the range may become a hole.
+    pub async fn write_zeroes(&self, off: u64, len: u64, may_unmap: bool, fua: bool) -> io::Result<()> {
+        match self {
+            Backend::Local(d) => d.write_zeroes(off, len, may_unmap, fua).await,
+        }
+    }
+
+    /// A hint: the range's contents are not needed.
+    pub async fn discard(&self, off: u64, len: u64) -> io::Result<()> {
+        match self {
+            Backend::Local(d) => d.discard(off, len).await,
+        }
+    }
+
+    /// A hint: the range will be read soon.
+    pub async fn prefetch(&self, off: u64, len: u64) -> io::Result<()> {
+        match self {
+            Backend::Local(d) => d.prefetch(off, len).await,
+        }
+    }
+
+    /// Allocation status of `[off, off+len)`, at most `max_extents` extents.
+    pub fn allocation(&self, off: u64, len: u64, max_extents: usize) -> io::Result<Vec<Extent>> {
+        match self {
+            Backend::Local(d) => d.allocation(off, len, max_extents),
+        }
+    }
+}
