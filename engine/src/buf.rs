@@ -361,6 +361,7 @@ pub struct SharedBuf {
 // SAFETY: concurrent access is limited to disjoint ranges (reads) or read-only
 // access (writes), as documented on every raw accessor.
 unsafe impl Sync for SharedBuf {}
+// SAFETY: the IoBuf inside is an owned heap allocation, movable between threads.
 unsafe impl Send for SharedBuf {}
 
 impl SharedBuf {

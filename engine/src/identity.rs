@@ -22,8 +22,7 @@ use std::os::fd::RawFd;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
-use crate::backend::{Backend, BackendKind, LocalDevice};
-use crate::stacking::{sysfs_dir, whole_disk};
+use crate::sysfs::{sysfs_dir, whole_disk};
 
 /// Longest stack description kept (sysfs strings are short; this bounds a
 /// hostile state file too).
@@ -47,10 +46,6 @@ pub struct DeviceIdent {
 }
 
 impl DeviceIdent {
-    pub fn of(b: &Backend) -> DeviceIdent {
-        b.ident()
-    }
-
     /// Why `other` (what is there now) is not the device recorded as `self`, or `None`.
     pub fn differs(&self, other: &DeviceIdent) -> Option<String> {
         let now = other.path.display();
@@ -94,27 +89,7 @@ impl DeviceIdent {
     }
 }
 
-/// The identity of a local file or block device.
-pub(crate) fn of_local(d: &LocalDevice) -> DeviceIdent {
-    let id = d.identity();
-    let (birth, generation) = match d.kind() {
-        BackendKind::File => (file_birth(d.raw_fd()), file_generation(d.raw_fd())),
-        BackendKind::BlockDevice => (None, None),
-    };
-    let stack = id.rdev.map(|r| block_identity(r, 0)).unwrap_or_default();
-    DeviceIdent {
-        path: d.path().to_path_buf(),
-        size: d.size(),
-        dev: id.dev,
-        ino: id.ino,
-        rdev: id.rdev.unwrap_or(0),
-        birth,
-        generation,
-        stack: truncate(stack),
-    }
-}
-
-fn truncate(mut s: String) -> String {
+pub(crate) fn truncate(mut s: String) -> String {
     if s.len() > MAX_STACK {
         let mut end = MAX_STACK;
         while !s.is_char_boundary(end) {
@@ -125,7 +100,7 @@ fn truncate(mut s: String) -> String {
     s
 }
 
-fn file_birth(fd: RawFd) -> Option<(i64, u32)> {
+pub(crate) fn file_birth(fd: RawFd) -> Option<(i64, u32)> {
     // SAFETY: statx is plain data; the kernel fills it.
     let mut stx: libc::statx = unsafe { std::mem::zeroed() };
     let empty = c"";
@@ -136,7 +111,7 @@ fn file_birth(fd: RawFd) -> Option<(i64, u32)> {
 
 nix::ioctl_read!(ioctl_getversion, b'v', 1, libc::c_long);
 
-fn file_generation(fd: RawFd) -> Option<u64> {
+pub(crate) fn file_generation(fd: RawFd) -> Option<u64> {
     let mut g: libc::c_long = 0;
     // SAFETY: FS_IOC_GETVERSION writes one long; unsupported filesystems fail.
     unsafe { ioctl_getversion(fd, &mut g) }.ok().map(|_| g as u64)
@@ -149,7 +124,7 @@ fn read_attr(dir: &Path, name: &str) -> Option<String> {
 }
 
 /// What sysfs says identifies block device `rdev` (see the module docs).
-fn block_identity(rdev: u64, depth: usize) -> String {
+pub(crate) fn block_identity(rdev: u64, depth: usize) -> String {
     let dir = sysfs_dir(rdev);
     let mut out = String::new();
     for (label, attr) in [

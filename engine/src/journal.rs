@@ -189,8 +189,8 @@ impl Journal {
     pub fn set_state(&self, state: DeviceState, source: Option<&Backend>, target: Option<&Backend>) {
         let mut st = lock(&self.sh.st);
         st.state = state;
-        st.source = source.map(DeviceIdent::of);
-        st.target = target.map(DeviceIdent::of);
+        st.source = source.map(Backend::ident);
+        st.target = target.map(Backend::ident);
         Self::bump(&mut st);
     }
 

@@ -30,6 +30,7 @@ pub mod state;
 pub mod statefile;
 pub mod status;
 pub mod sync;
+pub mod sysfs;
 #[cfg(feature = "testing")]
 pub mod testing;
 pub mod uring;

@@ -20,7 +20,7 @@ use crate::regions::validate_region_size;
 use crate::regions::Bits;
 use crate::stacking;
 use crate::state::DeviceState;
-use crate::statefile::{self, DeviceIdent, Loaded, StateFile, StateImage};
+use crate::statefile::{self, Loaded, StateFile, StateImage};
 
 #[derive(Debug, Clone, Default)]
 pub struct StartOptions {
@@ -132,7 +132,7 @@ pub fn start(opts: &StartOptions, mut cfg: MirrorConfig) -> Result<Started> {
         Error::Refused(format!("--source is required: the state file {} says {}", state_path.display(), img.state))
     })?;
     let s = open(source_path, !cfg.read_only, &cfg)?;
-    if let Some(why) = img.source.as_ref().and_then(|rec| rec.differs(&DeviceIdent::of(&s))) {
+    if let Some(why) = img.source.as_ref().and_then(|rec| rec.differs(&s.ident())) {
         drop(s);
         return refuse_or_restart(opts.restart_sync, format!("the source does not match the state file: {why}"), fresh);
     }
@@ -165,7 +165,7 @@ pub fn start(opts: &StartOptions, mut cfg: MirrorConfig) -> Result<Started> {
             };
             let tpath = opts.target.clone().unwrap_or_else(|| rec_t.path.clone());
             let t = open(&tpath, true, &cfg)?;
-            if let Some(why) = rec_t.differs(&DeviceIdent::of(&t)) {
+            if let Some(why) = rec_t.differs(&t.ident()) {
                 drop((s, t));
                 return refuse_or_restart(
                     opts.restart_sync,
@@ -258,7 +258,7 @@ fn resume_target_only(opts: &StartOptions, state_path: &Path, img: StateImage, c
     })?;
     let tpath = opts.target.clone().unwrap_or_else(|| rec_t.path.clone());
     let t = open(&tpath, !cfg.read_only, &cfg)?;
-    if let Some(why) = rec_t.differs(&DeviceIdent::of(&t)) {
+    if let Some(why) = rec_t.differs(&t.ident()) {
         return Err(Error::Refused(format!("the target does not match the state file: {why}")));
     }
     if t.size() < img.export_size {

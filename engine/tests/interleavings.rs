@@ -1,6 +1,7 @@
 //! Deterministic replays of the races semantics.md names. Hooks hold an
 //! operation at an exact point; the test then checks what may and may not
 //! happen meanwhile, releases it, and checks every byte at the end.
+#![allow(clippy::unwrap_used, unreachable_pub)] // test code: a panic is a failure; helpers are shared through `mod common`
 mod common;
 use common::pattern;
 

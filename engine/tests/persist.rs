@@ -1,4 +1,5 @@
 //! Write-intent ordering and resume, checked deterministically in-process.
+#![allow(clippy::unwrap_used, unreachable_pub)] // test code: a panic is a failure; helpers are shared through `mod common`
 mod common;
 use common::pattern;
 
@@ -8,7 +9,7 @@ use std::time::Duration;
 
 use engine::backend::{HookFuture, IoHooks, IoKind};
 use engine::startup::{start, StartOptions};
-use engine::statefile::{self, DeviceIdent, Loaded, StateFile};
+use engine::statefile::{self, Loaded, StateFile};
 use engine::{rt, Backend, DeviceState, IoBuf, MirrorConfig, OpenOptions};
 
 const R: u64 = 64 << 10;
@@ -121,7 +122,7 @@ fn intent_regions_are_dirty_again_on_resume() {
     img.clean.fill(true);
     img.intent.set(2, true);
     img.intent.set(6, true);
-    assert_eq!(img.source, Some(DeviceIdent::of(&sb)));
+    assert_eq!(img.source, Some(sb.ident()));
     drop((sb, tb));
     StateFile::create(&st, &img).unwrap();
     rt::block_on(async {

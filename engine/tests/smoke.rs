@@ -1,3 +1,4 @@
+#![allow(clippy::unwrap_used, unreachable_pub)] // test code: a panic is a failure; helpers are shared through `mod common`
 use engine::{rt, Backend, DeviceState, IoBuf, Mirror, MirrorConfig, OpenOptions};
 use std::sync::Arc;
 

@@ -7,23 +7,23 @@
 //! exclusively for the duration, so two concurrent unaligned writes to one sector
 //! cannot lose each other's bytes.
 
-use std::ffi::CString;
 use std::fmt;
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
-use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::FileTypeExt;
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
 
 use io_uring::{opcode, squeue, types};
 
 #[cfg(feature = "testing")]
 use super::IoHooks;
-use super::{BackendKind, CacheMode, Extent, Identity, IoKind, LockMode, OpenOptions};
+mod open;
+
+use open::fstat;
+
+use super::{BackendKind, Extent, Identity, IoKind};
 use crate::buf::{IoBuf, SharedBuf};
-use crate::error::{Error, IoContext, Result};
+use crate::identity::{self, DeviceIdent};
 use crate::uring::Reactor;
 
 /// The largest single kernel transfer we issue; longer requests are split.
@@ -61,18 +61,6 @@ const SYNC_MEMORY_MAX: usize = 1 << 20;
 /// receive or source read on the other core (docs/decisions.md).
 const WORKER_MEMORY_WRITE_MIN: usize = 256 << 10;
 
-fn is_in_memory(fd: RawFd) -> bool {
-    const TMPFS_MAGIC: i64 = 0x0102_1994;
-    const RAMFS_MAGIC: i64 = 0x8584_58f6;
-    // SAFETY: statfs is plain data; fstatfs fills it.
-    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
-    // SAFETY: valid fd and pointer.
-    if unsafe { libc::fstatfs(fd, &mut st) } != 0 {
-        return false;
-    }
-    matches!(st.f_type as i64, TMPFS_MAGIC | RAMFS_MAGIC)
-}
-
 impl fmt::Debug for LocalDevice {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("LocalDevice")
@@ -85,198 +73,7 @@ impl fmt::Debug for LocalDevice {
     }
 }
 
-fn open_raw(path: &Path, flags: libc::c_int) -> io::Result<OwnedFd> {
-    let c = CString::new(path.as_os_str().as_bytes())
-        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "path contains a NUL byte"))?;
-    // SAFETY: valid C string; the returned fd is owned below.
-    let fd = unsafe { libc::open(c.as_ptr(), flags | libc::O_CLOEXEC) };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: fd was just opened by us.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
-}
-
-fn fstat(fd: RawFd) -> io::Result<libc::stat> {
-    // SAFETY: stat is plain data; fstat fills it.
-    let mut st: libc::stat = unsafe { std::mem::zeroed() };
-    // SAFETY: valid fd and pointer.
-    if unsafe { libc::fstat(fd, &mut st) } < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(st)
-}
-
-/// O_DIRECT alignment (memory, offset) of a regular file, from statx when the
-/// kernel reports it.
-fn file_dio_align(fd: RawFd) -> (usize, u64) {
-    // SAFETY: statx is plain data.
-    let mut stx: libc::statx = unsafe { std::mem::zeroed() };
-    let empty = c"";
-    // SAFETY: valid fd, empty path with AT_EMPTY_PATH, valid out pointer.
-    let r = unsafe { libc::statx(fd, empty.as_ptr(), libc::AT_EMPTY_PATH, libc::STATX_DIOALIGN, &mut stx) };
-    if r == 0 && stx.stx_mask & libc::STATX_DIOALIGN != 0 && stx.stx_dio_offset_align != 0 {
-        (stx.stx_dio_mem_align.max(1) as usize, stx.stx_dio_offset_align as u64)
-    } else {
-        (4096, 4096)
-    }
-}
-
-fn try_flock(fd: RawFd) -> io::Result<bool> {
-    // SAFETY: plain syscall on a valid fd.
-    if unsafe { libc::flock(fd, libc::LOCK_EX | libc::LOCK_NB) } == 0 {
-        return Ok(true);
-    }
-    let e = io::Error::last_os_error();
-    if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
-        Ok(false)
-    } else {
-        Err(e)
-    }
-}
-
 impl LocalDevice {
-    /// Opens `path` as a backend. Errors name the path and say what failed.
-    pub fn open(path: &Path, opts: &OpenOptions) -> Result<LocalDevice> {
-        Self::open_as(path, None, opts)
-    }
-
-    /// Opens a path as seen by process `viewer` (its root directory), falling
-    /// back to PID 1's view. A daemon started in an initrd keeps the initrd as
-    /// its root after switch_root, where /dev paths of the real system do not
-    /// resolve; the caller of `attach` and PID 1 see them.
-    pub fn open_as(path: &Path, viewer: Option<u32>, opts: &OpenOptions) -> Result<LocalDevice> {
-        let abs = std::path::absolute(path).ctx(|| format!("bad path {}", path.display()))?;
-        let actual = crate::hostfs::locate(&abs, viewer);
-        let mut b = Self::open_resolved(&actual, &abs, opts)?;
-        b.path = abs;
-        Ok(b)
-    }
-
-    fn open_resolved(path: &Path, shown: &Path, opts: &OpenOptions) -> Result<LocalDevice> {
-        let meta = std::fs::metadata(path).ctx(|| format!("cannot open {}", shown.display()))?;
-        let ft = meta.file_type();
-        let kind = if ft.is_block_device() {
-            BackendKind::BlockDevice
-        } else if ft.is_file() {
-            BackendKind::File
-        } else {
-            return Err(Error::Refused(format!("{} is neither a regular file nor a block device", shown.display())));
-        };
-        let mut flags = if opts.writable { libc::O_RDWR } else { libc::O_RDONLY };
-        if kind == BackendKind::BlockDevice && opts.lock != LockMode::None {
-            // The kernel's exclusive claim: fails while the device is mounted or
-            // held by another O_EXCL opener (dm, md, another livemirror).
-            flags |= libc::O_EXCL;
-        }
-        let want_direct = match opts.cache {
-            CacheMode::Auto => kind == BackendKind::BlockDevice,
-            CacheMode::Direct => true,
-            CacheMode::Buffered => false,
-        };
-        let started = Instant::now();
-        let mut warned = false;
-        let fd = loop {
-            let attempt = open_raw(path, flags | if want_direct { libc::O_DIRECT } else { 0 });
-            match attempt {
-                Ok(fd) => match opts.lock {
-                    LockMode::None => break fd,
-                    _ => match try_flock(fd.as_raw_fd()) {
-                        Ok(true) => break fd,
-                        Ok(false) if opts.lock == LockMode::Wait => {}
-                        Ok(false) => {
-                            return Err(Error::Refused(format!(
-                                "{} is in use by another process (exclusive lock held)",
-                                shown.display()
-                            )))
-                        }
-                        Err(e) => return Err(Error::io(format!("cannot lock {}", shown.display()), e)),
-                    },
-                },
-                Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {
-                    if opts.lock != LockMode::Wait {
-                        return Err(Error::Refused(format!(
-                            "{} is busy (mounted, or held exclusively by another process)",
-                            shown.display()
-                        )));
-                    }
-                }
-                Err(e) if e.raw_os_error() == Some(libc::EINVAL) && want_direct => {
-                    return Err(Error::io(format!("{} does not support O_DIRECT", shown.display()), e));
-                }
-                Err(e) => {
-                    let what = if opts.writable { "for writing" } else { "for reading" };
-                    return Err(Error::io(format!("cannot open {} {what}", shown.display()), e));
-                }
-            }
-            if !warned && started.elapsed() > Duration::from_secs(1) {
-                tracing::warn!("waiting for exclusive access to {} (another process holds it)", shown.display());
-                warned = true;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        };
-        let st = fstat(fd.as_raw_fd()).ctx(|| format!("cannot stat {}", shown.display()))?;
-        let (size, mut align, mut mem_align) = match kind {
-            BackendKind::BlockDevice => {
-                let mut size = 0u64;
-                // SAFETY: BLKGETSIZE64 writes one u64.
-                unsafe { ioctl_blkgetsize64(fd.as_raw_fd(), &mut size) }
-                    .map_err(io::Error::from)
-                    .ctx(|| format!("cannot read the size of {}", shown.display()))?;
-                let mut lbs: libc::c_int = 512;
-                // SAFETY: BLKSSZGET writes one int.
-                unsafe { ioctl_blksszget(fd.as_raw_fd(), &mut lbs) }
-                    .map_err(io::Error::from)
-                    .ctx(|| format!("cannot read the block size of {}", shown.display()))?;
-                let lbs = lbs.max(512) as u64;
-                (size, lbs, lbs as usize)
-            }
-            BackendKind::File => {
-                let (m, a) = file_dio_align(fd.as_raw_fd());
-                (st.st_size as u64, a, m)
-            }
-        };
-        let mut direct = want_direct;
-        let mut fd = fd;
-        if direct && kind == BackendKind::File && size % align != 0 {
-            // The last partial block could only be written by extending the file.
-            tracing::warn!(
-                "{}: size {size} is not a multiple of the O_DIRECT alignment {align}; using the page cache",
-                shown.display()
-            );
-            let buffered = open_raw(path, if opts.writable { libc::O_RDWR } else { libc::O_RDONLY })
-                .ctx(|| format!("cannot reopen {}", shown.display()))?;
-            if opts.lock != LockMode::None {
-                // Same process, so this is an upgrade of our own lock, not a wait.
-                drop(fd);
-                try_flock(buffered.as_raw_fd()).ctx(|| format!("cannot lock {}", shown.display()))?;
-            }
-            fd = buffered;
-            direct = false;
-        }
-        if !direct {
-            align = 1;
-            mem_align = 1;
-        }
-        let identity =
-            Identity { dev: st.st_dev, ino: st.st_ino, rdev: (kind == BackendKind::BlockDevice).then_some(st.st_rdev) };
-        let in_memory = kind == BackendKind::File && is_in_memory(fd.as_raw_fd());
-        Ok(LocalDevice {
-            fd,
-            path: path.to_path_buf(),
-            kind,
-            size,
-            direct,
-            align,
-            mem_align,
-            identity,
-            writable: opts.writable,
-            in_memory,
-            #[cfg(feature = "testing")]
-            hooks: None,
-        })
-    }
-
     /// Exposes only the first `size` bytes (benchmarks copy a prefix).
     pub fn with_size_limit(mut self, size: u64) -> LocalDevice {
         self.size = self.size.min(size);
@@ -383,7 +180,7 @@ impl LocalDevice {
         let mut keep = keep;
         while done < len {
             let chunk = (len - done).min(MAX_OP_BYTES);
-            // SAFETY (pointer arithmetic): done < len, within the caller's range.
+            // SAFETY: done < len, so the pointer stays within the caller's range.
             let p = unsafe { ptr.add(done) };
             let fd = self.types_fd();
             let o = off + done as u64;
@@ -761,9 +558,25 @@ impl LocalDevice {
         Ok(out)
     }
 
-    /// What identifies this device across restarts (identity.rs).
-    pub fn ident(&self) -> crate::identity::DeviceIdent {
-        crate::identity::of_local(self)
+    /// What identifies this device across restarts (identity.rs): for a file
+    /// also its birth time and generation, for a block device what sysfs says.
+    pub fn ident(&self) -> DeviceIdent {
+        let id = self.identity;
+        let (birth, generation) = match self.kind {
+            BackendKind::File => (identity::file_birth(self.raw_fd()), identity::file_generation(self.raw_fd())),
+            BackendKind::BlockDevice => (None, None),
+        };
+        let stack = id.rdev.map(|r| identity::block_identity(r, 0)).unwrap_or_default();
+        DeviceIdent {
+            path: self.path.clone(),
+            size: self.size,
+            dev: id.dev,
+            ino: id.ino,
+            rdev: id.rdev.unwrap_or(0),
+            birth,
+            generation,
+            stack: identity::truncate(stack),
+        }
     }
 }
 
