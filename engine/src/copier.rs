@@ -89,6 +89,8 @@ impl CopierCtl {
     }
 
     pub(crate) fn unpause(&self) {
+        // The rate is measured afresh: the pause is not part of it.
+        self.meter.reset();
         self.spans.reopen();
         self.wake.notify_waiters();
     }

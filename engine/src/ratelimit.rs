@@ -14,7 +14,8 @@ pub struct RateLimiter {
     rate: AtomicU64,
     /// (time of last refill, available tokens). Tokens may go negative: a big
     /// take is allowed at once and paid for by waiting afterwards.
-    /// `None` until first use: a fresh bucket starts full.
+    /// `None` until first use: a fresh bucket starts empty, so a copy never
+    /// starts with a burst above its rate.
     bucket: Mutex<Option<(Instant, f64)>>,
 }
 
@@ -41,7 +42,7 @@ impl RateLimiter {
         let now = Instant::now();
         // At most a quarter second of burst.
         let cap = rate as f64 / 4.0;
-        let b = guard.get_or_insert((now, cap));
+        let b = guard.get_or_insert((now, 0.0));
         let elapsed = now.duration_since(b.0).as_secs_f64();
         b.1 = (b.1 + elapsed * rate as f64).min(cap.max(bytes as f64));
         b.0 = now;
@@ -92,15 +93,20 @@ impl Drop for ForegroundGuard<'_> {
     }
 }
 
-/// A sliding estimate of a byte rate over the last few seconds.
+/// A sliding estimate of a byte rate over the last few seconds: the bytes
+/// finished in the window, divided by the window's length — or by the time since
+/// the measurement started, if that is shorter. (Dividing by the time since the
+/// first sample instead would leave out the time the first bytes took, and show
+/// more than was copied.)
 pub struct RateMeter {
     samples: Mutex<std::collections::VecDeque<(Instant, u64)>>,
     window: Duration,
+    started: Mutex<Instant>,
 }
 
 impl RateMeter {
     pub fn new(window: Duration) -> RateMeter {
-        RateMeter { samples: Mutex::new(Default::default()), window }
+        RateMeter { samples: Mutex::new(Default::default()), window, started: Mutex::new(Instant::now()) }
     }
 
     pub fn record(&self, bytes: u64) {
@@ -112,8 +118,10 @@ impl RateMeter {
         }
     }
 
+    /// Starts a new measurement (a new sync, a resumed copy).
     pub fn reset(&self) {
         lock(&self.samples).clear();
+        *lock(&self.started) = Instant::now();
     }
 
     /// Bytes per second over the window (0 when idle for a whole window).
@@ -123,11 +131,14 @@ impl RateMeter {
         while s.front().is_some_and(|(t, _)| now.duration_since(*t) > self.window) {
             s.pop_front();
         }
-        let Some(first) = s.front().map(|(t, _)| *t) else { return 0.0 };
+        if s.is_empty() {
+            return 0.0;
+        }
         let total: u64 = s.iter().map(|(_, b)| b).sum();
-        // Measure from the first sample, but never over less than half a
-        // second, so a single burst does not read as an absurd rate.
-        let span = now.duration_since(first).as_secs_f64().max(0.5);
+        let since_start = now.duration_since(*lock(&self.started));
+        // Never over less than a tenth of a second, so the very first piece
+        // does not read as an absurd rate.
+        let span = self.window.min(since_start).as_secs_f64().max(0.1);
         total as f64 / span
     }
 }
@@ -143,12 +154,43 @@ mod tests {
     }
 
     #[test]
-    fn limited_rate_makes_big_takes_wait() {
+    fn limited_rate_makes_takes_wait_from_the_start() {
         let r = RateLimiter::new(1 << 20);
-        // Burst allowance is a quarter second: the first 256 KiB go at once.
-        assert_eq!(r.try_take(256 << 10, 1 << 20), Duration::ZERO);
+        // A fresh bucket is empty: no burst above the rate, even at the start.
         let wait = r.try_take(256 << 10, 1 << 20);
-        assert!(wait > Duration::from_millis(100), "second quarter-second must wait, got {wait:?}");
+        assert!(wait > Duration::from_millis(100), "a quarter-second's bytes must wait, got {wait:?}");
+    }
+
+    /// Granted bytes over a second never exceed the rate by more than one take.
+    #[test]
+    fn the_limiter_never_grants_more_than_its_rate() {
+        let rate = 8u64 << 20;
+        let r = RateLimiter::new(rate);
+        let take = 1u64 << 20;
+        let t0 = Instant::now();
+        let mut granted = 0u64;
+        while t0.elapsed() < Duration::from_millis(1500) {
+            let w = r.try_take(take, rate);
+            if w.is_zero() {
+                granted += take;
+            } else {
+                std::thread::sleep(w.min(Duration::from_millis(20)));
+            }
+        }
+        let allowed = rate as f64 * t0.elapsed().as_secs_f64() + take as f64;
+        assert!(granted as f64 <= allowed, "granted {granted} bytes, the rate allows {allowed}");
+        assert!(granted as f64 >= 0.8 * rate as f64 * 1.5, "the limiter starved the copy: {granted}");
+    }
+
+    #[test]
+    fn the_meter_counts_the_time_the_first_bytes_took() {
+        let m = RateMeter::new(Duration::from_secs(3));
+        m.reset();
+        std::thread::sleep(Duration::from_millis(400));
+        // 4 MiB finished after 0.4 s: 10 MiB/s, not "4 MiB over no time".
+        m.record(4 << 20);
+        let rate = m.rate();
+        assert!(rate < 11.0 * (1 << 20) as f64 && rate > 9.0 * (1 << 20) as f64, "rate {rate}");
     }
 
     #[test]
