@@ -229,6 +229,8 @@ lm_fetch_rootfs() {
   lm_need debootstrap:debootstrap || return 1
   lm_say "debootstrap $LM_SUITE (minbase + $include${aptpkgs:+, then apt-get install $aptpkgs}) from $mirror into the cache; takes a few minutes"
   t=$(lm_now)
+  # (a run killed during the apt step below leaves /proc and /sys mounted in the tree)
+  umount -l "$dir.tmp/proc" "$dir.tmp/sys" 2>/dev/null || true
   rm -rf --one-file-system "$dir.tmp" "$dir.complete"
   if ! debootstrap --variant=minbase --include="$include" "$LM_SUITE" "$dir.tmp" "$mirror" > "$LM_CACHE/debootstrap.log" 2>&1; then
     tail -n 20 "$LM_CACHE/debootstrap.log" >&2
