@@ -85,11 +85,8 @@ pub async fn handle(mirror: &Arc<Mirror>, req: Request, caller: Option<u32>) -> 
             Err(e) => Response::err(e),
         },
         Request::Pause => mirror.pause().await.map_or_else(Response::err, |()| Response::ok()),
-        Request::Resume => mirror.resume().map_or_else(Response::err, |()| Response::ok()),
-        Request::SetRate { rate } => {
-            mirror.set_rate(rate);
-            Response::ok()
-        }
+        Request::Resume => mirror.resume().await.map_or_else(Response::err, |()| Response::ok()),
+        Request::SetRate { rate } => mirror.set_rate(rate).await.map_or_else(Response::err, |()| Response::ok()),
         Request::Grow { size } => match mirror.grow(size).await {
             Ok(size) => Response { ok: true, size: Some(size), ..Default::default() },
             Err(e) => Response::err(e),

@@ -41,14 +41,14 @@ pub struct ServeArgs {
     /// Copier I/Os in flight.
     #[arg(long, value_name = "N", default_value_t = engine::DEFAULT_QUEUE_DEPTH)]
     pub queue_depth: usize,
-    /// Copy rate limit (0 = unlimited).
-    #[arg(long, value_name = "RATE", default_value = "0", value_parser = parse_size)]
-    pub max_rate: u64,
-    /// The copy rate kept while clients are busy (the copier backs off to it).
-    /// 32M kept a 4K random-write p99 during a sync at 1.6-1.7x idle; 64M let it
-    /// reach 2.6x (docs/decisions.md).
-    #[arg(long, value_name = "RATE", default_value = "32M", value_parser = parse_size)]
-    pub min_rate: u64,
+    /// Copy rate limit, 0 = unlimited [default: 0, or with --state the rate
+    /// `set-rate` last set].
+    #[arg(long, value_name = "RATE", value_parser = parse_size)]
+    pub max_rate: Option<u64>,
+    /// The copy rate kept while clients are busy (the copier backs off to it)
+    /// [default: 32M, or with --state the floor last set].
+    #[arg(long, value_name = "RATE", value_parser = parse_size)]
+    pub min_rate: Option<u64>,
     /// Attach the kernel's NBD client to this device over netlink.
     #[arg(long, value_name = "/dev/nbdN")]
     pub nbd_device: Option<PathBuf>,
@@ -261,8 +261,8 @@ pub fn start(args: &ServeArgs) -> anyhow::Result<Running> {
     let cfg = MirrorConfig {
         region_size: args.region_size.unwrap_or(engine::regions::DEFAULT_REGION_SIZE),
         queue_depth: args.queue_depth.max(1),
-        max_rate: args.max_rate,
-        min_rate: args.min_rate,
+        max_rate: args.max_rate.unwrap_or(0),
+        min_rate: args.min_rate.unwrap_or(engine::MirrorConfig::default().min_rate),
         copy_chunk: args.copy_chunk.unwrap_or(0) as usize,
         read_only: args.read_only,
         cache: args.cache,
@@ -275,6 +275,8 @@ pub fn start(args: &ServeArgs) -> anyhow::Result<Running> {
             state: args.state.clone(),
             restart_sync: args.restart_sync,
             region_size_explicit: args.region_size.is_some(),
+            max_rate_explicit: args.max_rate.is_some(),
+            min_rate_explicit: args.min_rate.is_some(),
         },
         cfg,
     )?;

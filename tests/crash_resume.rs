@@ -453,3 +453,41 @@ fn a_target_whose_copied_regions_changed_while_stopped_is_copied_again() {
     assert!(d.stop().success());
     assert_same(&std::fs::read(&tgt).unwrap(), &data, "the target after the second sync");
 }
+
+#[test]
+fn set_rate_and_pause_survive_a_restart_with_state() {
+    let dir = scratch_shm();
+    let size = 32usize << 20;
+    let src = dir.path().join("src.img");
+    let tgt = dir.path().join("tgt.img");
+    let state = dir.path().join("st");
+    let data = pattern(80, size);
+    make_image(&src, &data);
+    make_sparse(&tgt, size as u64);
+    let base = ["--source", p(&src), "--state", p(&state)];
+    let mut d = Daemon::start(dir.path(), &base);
+    d.cli_ok(&["set-rate", "3M"]);
+    d.cli_ok(&["attach", p(&tgt)]);
+    std::thread::sleep(Duration::from_millis(500));
+    d.cli_ok(&["pause"]);
+    assert!(d.stop().success());
+    // Restarted without --max-rate: the rate and the pause set at runtime hold.
+    let mut d = Daemon::start(dir.path(), &base);
+    let st = d.status();
+    assert_eq!((st["state"].as_str(), st["paused"].as_bool()), (Some("syncing"), Some(true)), "{st}");
+    assert_eq!(st["max_rate"], 3 << 20, "{st}");
+    let clean = st["regions_clean"].as_u64().unwrap();
+    std::thread::sleep(Duration::from_millis(400));
+    assert_eq!(d.status()["regions_clean"].as_u64().unwrap(), clean, "a paused copy went on after the restart");
+    d.cli_ok(&["resume"]);
+    assert!(d.stop().success());
+    // A rate given on the command line wins over the recorded one.
+    let mut args = base.to_vec();
+    args.extend(["--max-rate", "0"]);
+    let mut d = Daemon::start(dir.path(), &args);
+    let st = d.status();
+    assert_eq!((st["paused"].as_bool(), st["max_rate"].as_u64()), (Some(false), Some(0)), "{st}");
+    d.cli_ok(&["wait", "--timeout", "60"]);
+    assert!(d.stop().success());
+    assert_same(&std::fs::read(&tgt).unwrap(), &data, "the target after the resumed sync");
+}

@@ -88,6 +88,11 @@ impl CopierCtl {
         self.spans.wait_idle().await;
     }
 
+    /// Paused from the start (a restart of a paused copy): nothing is in flight.
+    pub(crate) fn close_for_pause(&self) {
+        self.spans.close();
+    }
+
     pub(crate) fn unpause(&self) {
         // The rate is measured afresh: the pause is not part of it.
         self.meter.reset();

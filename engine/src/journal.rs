@@ -34,7 +34,7 @@ use crate::error::{Error, Result};
 use crate::regions::Bits;
 use crate::route::Route;
 use crate::state::DeviceState;
-use crate::statefile::{DeviceIdent, StateFile, StateImage};
+use crate::statefile::{DeviceIdent, Settings, StateFile, StateImage};
 use crate::sync::lock;
 
 /// A region with no write for this long may have its intent bit cleared. Long
@@ -75,6 +75,7 @@ struct JState {
     export_size: u64,
     source: Option<DeviceIdent>,
     target: Option<DeviceIdent>,
+    settings: Option<Settings>,
     intent: Bits,
     /// Generation at which a chunk's intent bits were set, until a persist
     /// covers it (keyed by chunk).
@@ -144,6 +145,7 @@ impl Journal {
                     export_size: img.export_size,
                     source: img.source.clone(),
                     target: img.target.clone(),
+                    settings: img.settings,
                     intent: bitvec![u64, Lsb0; 0; n],
                     intent_gen: HashMap::new(),
                     durable_clean: img.clean.clone(),
@@ -192,6 +194,29 @@ impl Journal {
         st.source = source.map(Backend::ident);
         st.target = target.map(Backend::ident);
         Self::bump(&mut st);
+    }
+
+    /// Records the copy settings; the next persist writes them.
+    pub fn note_settings(&self, settings: Settings) {
+        let mut st = lock(&self.sh.st);
+        if st.settings != Some(settings) {
+            st.settings = Some(settings);
+            Self::bump(&mut st);
+            self.sh.kick.notify_one();
+        }
+    }
+
+    /// Records the copy settings and waits until they are durable.
+    pub async fn set_settings(&self, settings: Settings) -> Result<()> {
+        let want = {
+            let mut st = lock(&self.sh.st);
+            if st.settings == Some(settings) {
+                return Ok(());
+            }
+            st.settings = Some(settings);
+            Self::bump(&mut st)
+        };
+        self.wait_durable(want).await
     }
 
     pub fn set_export_size(&self, size: u64) {
@@ -337,6 +362,7 @@ fn snapshot(sh: &Shared, host: &dyn JournalHost) -> (u64, StateImage) {
         export_size: st.export_size,
         source: st.source.clone(),
         target: st.target.clone(),
+        settings: st.settings,
         clean: st.durable_clean.clone(),
         intent: st.intent.clone(),
         discarded: fit(discarded),

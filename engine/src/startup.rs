@@ -30,6 +30,10 @@ pub struct StartOptions {
     pub restart_sync: bool,
     /// The region size was given on the command line (else a state file's wins).
     pub region_size_explicit: bool,
+    /// `--max-rate` / `--min-rate` were given on the command line (else the
+    /// rates last set at runtime, recorded in the state file, apply).
+    pub max_rate_explicit: bool,
+    pub min_rate_explicit: bool,
 }
 
 /// A started device and what the caller still has to do.
@@ -84,6 +88,18 @@ pub fn start(opts: &StartOptions, mut cfg: MirrorConfig) -> Result<Started> {
     check_state_location(state_path)?;
     let loaded = statefile::load(state_path)
         .map_err(|e| Error::io(format!("cannot read the state file {}", state_path.display()), e))?;
+    if let Some(set) = match &loaded {
+        Loaded::Valid(img) => img.settings,
+        _ => None,
+    } {
+        // Runtime settings survive a restart, unless given again now.
+        if !opts.max_rate_explicit {
+            cfg.max_rate = set.max_rate;
+        }
+        if !opts.min_rate_explicit {
+            cfg.min_rate = set.min_rate;
+        }
+    }
     if let Loaded::Valid(img) = &loaded {
         let from_file =
             img.region_shift != shift && (!opts.region_size_explicit || img.state == DeviceState::SourceDetached);
@@ -221,7 +237,9 @@ fn assemble(
     let journal = Journal::open(&jimg, file);
     journal.set_state(state, source.as_ref(), target.as_ref());
     let export_size = img.export_size;
-    Mirror::assemble(cfg, Parts { state, source, target, export_size, bitmaps, journal: Some(journal) })
+    let m = Mirror::assemble(cfg, Parts { state, source, target, export_size, bitmaps, journal: Some(journal) })?;
+    m.restore_settings(img.settings);
+    Ok(m)
 }
 
 fn fresh_start(opts: &StartOptions, state_path: &Path, shift: u32, cfg: MirrorConfig) -> Result<Started> {

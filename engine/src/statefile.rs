@@ -39,7 +39,8 @@ use crate::state::DeviceState;
 
 const MAGIC: &[u8; 8] = b"LMSTATE\0";
 /// 2: device identities carry birth time, generation and the block device's
-/// stack (identity.rs). Version 1 files are still read.
+/// stack (identity.rs), and the runtime copy settings are kept. Version 1 files
+/// are still read.
 const VERSION: u32 = 2;
 const HEADER_SIZE: u64 = 4096;
 const AREAS_START: u64 = 2 * HEADER_SIZE;
@@ -48,6 +49,16 @@ const MAX_PATH: usize = 1024;
 /// 2 = also birth time, generation and stack.
 const IDENT_V1: u8 = 1;
 const IDENT_V2: u8 = 2;
+/// Copy settings that survive a restart.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Settings {
+    /// Bytes per second; 0 = unlimited.
+    pub max_rate: u64,
+    /// The floor while clients are busy.
+    pub min_rate: u64,
+    pub paused: bool,
+}
+
 /// One decoded slot.
 #[derive(Debug, Clone, PartialEq)]
 pub struct StateImage {
@@ -57,6 +68,9 @@ pub struct StateImage {
     pub export_size: u64,
     pub source: Option<DeviceIdent>,
     pub target: Option<DeviceIdent>,
+    /// The copy settings changed at runtime (`set-rate`, `pause`, the floor
+    /// rate), so a restart keeps them. `None` in a version 1 file.
+    pub settings: Option<Settings>,
     pub clean: Bits,
     pub intent: Bits,
     pub discarded: Bits,
@@ -228,6 +242,11 @@ fn header_fields(img: &StateImage, area: &[u8]) -> Vec<u8> {
     e.u32(crc32fast::hash(area));
     e.ident(&img.source);
     e.ident(&img.target);
+    let set = img.settings.unwrap_or_default();
+    e.u8(img.settings.is_some() as u8);
+    e.u64(set.max_rate);
+    e.u64(set.min_rate);
+    e.u8(set.paused as u8);
     e.0
 }
 
@@ -241,6 +260,7 @@ struct Header {
     area_crc: u32,
     source: Option<DeviceIdent>,
     target: Option<DeviceIdent>,
+    settings: Option<Settings>,
 }
 
 /// What is wrong with one slot of a state file.
@@ -288,6 +308,15 @@ fn decode_header(b: &[u8]) -> Result<Header, Corruption> {
     let area_crc = d.u32().ok_or(Truncated)?;
     let source = d.ident().ok_or(BadIdentity("source"))?;
     let target = d.ident().ok_or(BadIdentity("target"))?;
+    let settings = if version >= 2 {
+        let recorded = d.u8().ok_or(Truncated)? != 0;
+        let max_rate = d.u64().ok_or(Truncated)?;
+        let min_rate = d.u64().ok_or(Truncated)?;
+        let paused = d.u8().ok_or(Truncated)? != 0;
+        recorded.then_some(Settings { max_rate, min_rate, paused })
+    } else {
+        None
+    };
     let end = d.pos;
     let crc = d.u32().ok_or(Truncated)?;
     if crc32fast::hash(&b[..end]) != crc {
@@ -300,7 +329,7 @@ fn decode_header(b: &[u8]) -> Result<Header, Corruption> {
     if regions as u64 != export_size.div_ceil(1 << region_shift) || area_size != self::area_size(regions) {
         return Err(InconsistentSizes);
     }
-    Ok(Header { area_size, seq, region_shift, state, export_size, regions, area_crc, source, target })
+    Ok(Header { area_size, seq, region_shift, state, export_size, regions, area_crc, source, target, settings })
 }
 
 /// Why no slot of a state file could be used.
@@ -380,6 +409,7 @@ pub fn load(path: &Path) -> io::Result<Loaded> {
             export_size: h.export_size,
             source: h.source,
             target: h.target,
+            settings: h.settings,
             clean: bits_from(&area[..w], h.regions),
             intent: bits_from(&area[w..2 * w], h.regions),
             discarded: bits_from(&area[2 * w..3 * w], h.regions),
@@ -476,6 +506,7 @@ pub fn fresh_image(
         export_size,
         source: source.map(Backend::ident),
         target: target.map(Backend::ident),
+        settings: None,
         clean: bitvec![u64, Lsb0; 0; n],
         intent: bitvec![u64, Lsb0; 0; n],
         discarded: bitvec![u64, Lsb0; 0; n],
@@ -513,6 +544,7 @@ mod tests {
         for i in (0..img.regions()).step_by(3) {
             img.clean.set(i, true);
         }
+        img.settings = Some(Settings { max_rate: 40 << 20, min_rate: 8 << 20, paused: true });
         img.intent.set(1, true);
         img.discarded.set(2, true);
         let last = img.regions() - 1;
@@ -641,6 +673,7 @@ mod tests {
         let Loaded::Valid(got) = load(&p).unwrap() else { panic!("a version 1 file loads") };
         let t = got.target.clone().unwrap();
         assert_eq!((t.birth, t.generation, t.stack.as_str()), (None, None, ""));
+        assert_eq!(got.settings, None, "version 1 files recorded no settings");
         assert_eq!(t.path, a.target.as_ref().unwrap().path);
         assert_eq!(got.clean, a.clean);
     }

@@ -373,7 +373,7 @@ fn source_read_error_stops_the_copier_until_resume() {
         assert!(st.error.as_deref().unwrap_or("").contains("source read failed"), "{st:?}");
         tokio::time::sleep(Duration::from_millis(200)).await;
         assert_eq!(fx.m.state(), DeviceState::Syncing, "no progress past the bad region without resume");
-        fx.m.resume().expect("resume");
+        fx.m.resume().await.expect("resume");
         wait_state(&fx.m, DeviceState::Synced).await;
         assert!(fx.m.status().error.is_none());
         fx.m.shutdown().await.expect("shutdown");

@@ -169,3 +169,33 @@ fn an_already_durable_intent_bit_costs_no_state_write() {
     })
     .unwrap();
 }
+
+#[test]
+fn the_copy_floor_set_at_runtime_survives_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let (s, st) = (dir.path().join("s"), dir.path().join("state"));
+    std::fs::write(&s, pattern(4, (4 * R) as usize)).unwrap();
+    let opts = StartOptions { source: Some(s.clone()), state: Some(st.clone()), ..Default::default() };
+    rt::block_on(async {
+        let m = start(&opts, cfg()).expect("start").mirror;
+        m.set_min_rate(5 << 20).await.expect("set-min-rate");
+        m.set_rate(7 << 20).await.expect("set-rate");
+        m.shutdown().await.unwrap();
+    })
+    .unwrap();
+    rt::block_on(async {
+        let m = start(&opts, cfg()).expect("restart").mirror;
+        let got = m.settings();
+        assert_eq!((got.min_rate, got.max_rate, got.paused), (5 << 20, 7 << 20, false));
+        m.shutdown().await.unwrap();
+    })
+    .unwrap();
+    let explicit = StartOptions { min_rate_explicit: true, ..opts.clone() };
+    rt::block_on(async {
+        let m = start(&explicit, MirrorConfig { min_rate: 1 << 20, ..cfg() }).expect("restart").mirror;
+        assert_eq!(m.settings().min_rate, 1 << 20, "a floor given at start wins");
+        assert_eq!(m.settings().max_rate, 7 << 20);
+        m.shutdown().await.unwrap();
+    })
+    .unwrap();
+}

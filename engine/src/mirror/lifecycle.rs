@@ -27,6 +27,7 @@ use crate::error::{Error, Result};
 use crate::route::{Route, Target};
 use crate::stacking;
 use crate::state::{DeviceState, Refusal, Transition};
+use crate::statefile::Settings;
 use crate::status::EventKind;
 use crate::sync::lock;
 
@@ -430,35 +431,73 @@ impl Mirror {
         Ok(want)
     }
 
-    /// Pauses the copy; returns once no copy I/O is in flight any more.
+    /// Pauses the copy; returns once no copy I/O is in flight any more (and,
+    /// with `--state`, once a restart would find the copy paused too).
     pub async fn pause(&self) -> Result<()> {
         self.state().next(Transition::PauseResume).map_err(refused)?;
         self.copier.pause().await;
+        self.persist_settings().await?;
         self.event("copy paused".into());
         Ok(())
     }
 
-    pub fn resume(&self) -> Result<()> {
+    pub async fn resume(&self) -> Result<()> {
         self.state().next(Transition::PauseResume).map_err(refused)?;
         *lock(&self.copier.error) = None;
         self.set_error(None);
         self.copier.unpause();
+        self.persist_settings().await?;
         self.event("copy resumed".into());
         Ok(())
     }
 
-    pub fn set_rate(&self, rate: u64) {
+    /// Limits the copy rate (0 = unlimited); kept across a restart with `--state`.
+    pub async fn set_rate(&self, rate: u64) -> Result<()> {
         self.copier.limiter.set_rate(rate);
         self.copier.wake.notify_waiters();
+        self.persist_settings().await?;
         self.event(if rate == 0 {
             "copy rate unlimited".into()
         } else {
             format!("copy rate limited to {rate} bytes/s")
         });
+        Ok(())
     }
 
-    pub fn set_min_rate(&self, rate: u64) {
+    /// The copy rate kept while clients are busy; kept across a restart too.
+    pub async fn set_min_rate(&self, rate: u64) -> Result<()> {
         self.copier.min_rate.store(rate, Ordering::Relaxed);
+        self.persist_settings().await?;
+        self.event(format!("copy floor while clients are busy: {rate} bytes/s"));
+        Ok(())
+    }
+
+    /// The copy settings as they are now.
+    pub fn settings(&self) -> Settings {
+        Settings {
+            max_rate: self.copier.limiter.rate(),
+            min_rate: self.copier.min_rate.load(Ordering::Relaxed),
+            paused: self.copier.is_paused(),
+        }
+    }
+
+    /// A copy that was paused before a restart stays paused (startup.rs); the
+    /// journal then records the settings in force now (a flag on the command
+    /// line may have changed a rate).
+    pub(crate) fn restore_settings(&self, recorded: Option<Settings>) {
+        if recorded.is_some_and(|s| s.paused) && self.state() == DeviceState::Syncing {
+            self.copier.close_for_pause();
+        }
+        if let Some(j) = &self.journal {
+            j.note_settings(self.settings());
+        }
+    }
+
+    async fn persist_settings(&self) -> Result<()> {
+        match &self.journal {
+            Some(j) => j.set_settings(self.settings()).await,
+            None => Ok(()),
+        }
     }
 
     /// Stops the copier, flushes every device and persists the state. Requests
