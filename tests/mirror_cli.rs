@@ -16,6 +16,13 @@ const MIB: u64 = 1 << 20;
 struct Model(Vec<u8>);
 
 impl Model {
+    /// The model extended with zeroes (what a grown export shows) to `len`.
+    fn padded(&self, len: u64) -> Vec<u8> {
+        let mut v = self.0.clone();
+        v.resize(len as usize, 0);
+        v
+    }
+
     fn fill(&mut self, off: u64, len: u64, byte: u8) {
         let end = (off + len) as usize;
         if self.0.len() < end {
@@ -416,4 +423,54 @@ fn the_rate_shown_never_exceeds_the_limit() {
     // One 1 MiB piece of rounding over the 3 s window, and a little timing slack.
     assert!(worst <= limit * 1.1, "status showed {:.2} MiB/s under an 8 MiB/s limit: {shown:?}", worst / MIB as f64);
     assert!(real <= limit * 1.1 && real >= limit * 0.7, "the copy ran at {:.2} MiB/s", real / MIB as f64);
+}
+
+#[test]
+fn a_second_migration_without_a_restart_and_across_one() {
+    let dir = scratch_shm();
+    let src = dir.path().join("s.img");
+    let t1 = dir.path().join("t1.img");
+    let t2 = dir.path().join("t2.img");
+    let state = dir.path().join("st");
+    let size = 16 * MIB;
+    let mut model = Model(pattern(16, size as usize));
+    make_image(&src, &model.0);
+    make_sparse(&t1, 24 * MIB);
+    make_sparse(&t2, 40 * MIB);
+    let mut d = Daemon::start(dir.path(), &["--source", p(&src), "--state", p(&state)]);
+    let uri = d.uri();
+    // The first migration: S -> T1, then T1 alone, grown.
+    d.cli_ok(&["attach", p(&t1)]);
+    wait_ok(&d, 60);
+    d.cli_ok(&["detach-source"]);
+    d.cli_ok(&["grow"]);
+    qemu_io_ok(&d, &uri, &[format!("write -P 0x41 {} 65536", 20 * MIB), "flush".into()]);
+    model.fill(20 * MIB, 65536, 0x41);
+    // The second: T1 -> T2, with the daemon restarted in the middle of it.
+    d.cli_ok(&["set-rate", "4M"]);
+    d.cli_ok(&["attach", p(&t2)]);
+    let st = d.status();
+    assert_eq!(st["state"], "syncing", "{st}");
+    assert!(st["source"].as_str().is_some_and(|s| s.ends_with("t1.img")), "T1 is the source now: {st}");
+    assert!(st["target"].as_str().is_some_and(|s| s.ends_with("t2.img")), "{st}");
+    qemu_io_ok(&d, &uri, &["write -P 0x42 4096 8192".into(), "flush".into()]);
+    model.fill(4096, 8192, 0x42);
+    std::thread::sleep(Duration::from_millis(700));
+    assert!(d.stop().success());
+    // Restarted with the command line of the first migration's end: it resumes
+    // the recorded chain (T1 -> T2).
+    d.restart(&["--target", p(&t1), "--state", p(&state)]);
+    let st = d.status();
+    assert_eq!(st["state"], "syncing", "the second sync resumes: {st}\n{}", d.log_text());
+    assert!(st["source"].as_str().is_some_and(|s| s.ends_with("t1.img")), "{st}");
+    d.cli_ok(&["set-rate", "0"]);
+    wait_ok(&d, 60);
+    verify_ok(&d);
+    d.cli_ok(&["detach-source"]);
+    assert!(!d.has_open(&t1), "the first target is closed after the second detach-source");
+    d.cli_ok(&["grow"]);
+    assert_eq!(u(&d.status()["export_size"]), 40 * MIB);
+    assert_same(&export_bytes(&uri)[..24 * MIB as usize], &model.padded(24 * MIB), "export after two migrations");
+    assert!(d.stop().success());
+    assert_same(&std::fs::read(&t2).unwrap()[..24 * MIB as usize], &model.padded(24 * MIB), "T2 after two migrations");
 }

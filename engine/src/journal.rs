@@ -417,7 +417,7 @@ async fn persister(sh: Arc<Shared>, m: Weak<dyn JournalHost>) {
             let mut ok = true;
             if need_flush {
                 let seq = lock(&sh.st).write_seq;
-                for dev in route.source.iter().map(|s| &**s).chain(route.target.iter().map(|t| &t.backend)) {
+                for dev in route.source.iter().map(|s| &**s).chain(route.target.iter().map(|t| &*t.backend)) {
                     ok &= dev.flush().await.is_ok();
                 }
                 if ok {

@@ -26,13 +26,14 @@ use crate::state::DeviceState;
 
 /// The target and the gate that lets it be dropped under reads in flight.
 pub(crate) struct Target {
-    pub(crate) backend: Backend,
+    /// Shared, because a second migration makes it the next sync's source.
+    pub(crate) backend: Arc<Backend>,
     reads: Arc<Drain>,
 }
 
 impl Target {
     pub(crate) fn new(backend: Backend) -> Arc<Target> {
-        Arc::new(Target { backend, reads: Drain::new() })
+        Arc::new(Target { backend: Arc::new(backend), reads: Drain::new() })
     }
 
     /// Enters the gate for one read; `None` once the target is being dropped.
@@ -174,7 +175,7 @@ impl Route {
     /// everything, else S.
     pub(crate) fn query_device(&self) -> Option<&Backend> {
         match self.state {
-            DeviceState::Synced | DeviceState::SourceDetached => self.target.as_ref().map(|t| &t.backend),
+            DeviceState::Synced | DeviceState::SourceDetached => self.target.as_ref().map(|t| &*t.backend),
             _ => self.source.as_deref(),
         }
     }

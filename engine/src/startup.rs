@@ -5,7 +5,7 @@
 //! | (no file) | serve the source; `--target` is attached fresh |
 //! | `serving`, `degraded` | serve the source (discarded marks kept); `--target` starts a fresh sync |
 //! | `syncing`, `synced` | reopen S and T, clean = persisted clean minus intent regions; the copy continues |
-//! | `source-detached` | serve T alone (`--source` is ignored: it is stale); `--restart-sync` refused |
+//! | `source-detached` | serve T alone (`--source` is ignored: it is stale); `--restart-sync` refused; a later `attach` is a second migration |
 //! | corrupt, or S/T differ | refused with the reason, unless `--restart-sync` |
 
 use std::path::{Path, PathBuf};
@@ -144,10 +144,15 @@ pub fn start(opts: &StartOptions, mut cfg: MirrorConfig) -> Result<Started> {
             fresh,
         );
     }
-    let source_path = opts.source.as_ref().ok_or_else(|| {
-        Error::Refused(format!("--source is required: the state file {} says {}", state_path.display(), img.state))
+    let (source_path, target_path) = chain_paths(opts, &img);
+    let source_path = source_path.ok_or_else(|| {
+        Error::InvalidConfig(format!(
+            "--source is required: the state file {} says {}",
+            state_path.display(),
+            img.state
+        ))
     })?;
-    let s = open(source_path, !cfg.read_only, &cfg)?;
+    let s = open(&source_path, !cfg.read_only, &cfg)?;
     if let Some(why) = img.source.as_ref().and_then(|rec| rec.differs(&s.ident())) {
         drop(s);
         return refuse_or_restart(opts.restart_sync, format!("the source does not match the state file: {why}"), fresh);
@@ -179,7 +184,7 @@ pub fn start(opts: &StartOptions, mut cfg: MirrorConfig) -> Result<Started> {
                     img.state
                 )));
             };
-            let tpath = opts.target.clone().unwrap_or_else(|| rec_t.path.clone());
+            let tpath = target_path.unwrap_or_else(|| rec_t.path.clone());
             let t = open(&tpath, true, &cfg)?;
             if let Some(why) = rec_t.differs(&t.ident()) {
                 drop((s, t));
@@ -215,6 +220,27 @@ pub fn start(opts: &StartOptions, mut cfg: MirrorConfig) -> Result<Started> {
             Ok(Started { mirror, attach: None, resumed_sync: state == DeviceState::Syncing })
         }
         DeviceState::SourceDetached => unreachable!("handled above"),
+    }
+}
+
+/// The source and target to open for a resume: what the command line names,
+/// else what the state file recorded. A command line with `--target` alone that
+/// names the recorded *source* is the one of a first migration, restarted after
+/// a second one (the device served then is the source now): it resumes the
+/// recorded chain.
+fn chain_paths(opts: &StartOptions, img: &StateImage) -> (Option<PathBuf>, Option<PathBuf>) {
+    let recorded_source = img.source.as_ref().map(|d| d.path.clone());
+    let recorded_target = img.target.as_ref().map(|d| d.path.clone());
+    match (&opts.source, &opts.target) {
+        (Some(s), t) => (Some(s.clone()), t.clone()),
+        (None, Some(t)) if recorded_source.as_ref() == Some(t) => {
+            tracing::info!(
+                "{} is the source of the sync recorded in the state file (a second migration); resuming it",
+                t.display()
+            );
+            (recorded_source, recorded_target)
+        }
+        (None, t) => (recorded_source, t.clone()),
     }
 }
 

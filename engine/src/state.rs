@@ -27,7 +27,8 @@ pub enum DeviceState {
 /// What can happen to a device.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Transition {
-    /// `attach`: a new target starts a sync.
+    /// `attach`: a new target starts a sync (from source-detached, the device
+    /// served now becomes its source: a second migration).
     Attach,
     /// The copier found nothing dirty and flushed the target.
     SyncComplete,
@@ -75,9 +76,10 @@ impl DeviceState {
         use Transition::*;
         let refuse = |reason| Err(Refusal { state: self, transition: t, reason });
         match (self, t) {
-            (Serving | Degraded, Attach) => Ok(Syncing),
+            // From source-detached: a second migration, the device served now
+            // becomes the source of a sync onto the new target.
+            (Serving | Degraded | SourceDetached, Attach) => Ok(Syncing),
             (Syncing | Synced, Attach) => refuse("a target is already attached; detach-target first"),
-            (SourceDetached, Attach) => refuse("the source is detached; nothing to copy from"),
 
             (Syncing, SyncComplete) => Ok(Synced),
             (_, SyncComplete) => refuse("no sync is running"),
@@ -153,6 +155,7 @@ mod tests {
         let allowed = [
             (Serving, Attach, Syncing),
             (Degraded, Attach, Syncing),
+            (SourceDetached, Attach, Syncing),
             (Syncing, SyncComplete, Synced),
             (Syncing, TargetFailed, Degraded),
             (Synced, TargetFailed, Degraded),

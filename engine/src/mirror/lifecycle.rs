@@ -60,7 +60,7 @@ impl Mirror {
         };
         drop(current);
         if let Some(j) = &self.journal {
-            j.set_state(state, source.as_deref(), target.as_ref().map(|t| &t.backend));
+            j.set_state(state, source.as_deref(), target.as_ref().map(|t| &*t.backend));
             j.persist().await?;
         }
         let (route, drained) = Route::new(state, source, target);
@@ -86,9 +86,10 @@ impl Mirror {
         let _t = self.transition.lock().await;
         let route = self.route();
         route.state.next(Transition::Attach).map_err(refused)?;
-        let Some(source) = route.source.clone() else {
-            return Err(Error::Refused("no source to copy from".into()));
+        let Some(source) = copy_source(&route) else {
+            return Err(Error::Internal(format!("no device to copy from in state {}", route.state)));
         };
+        let second_migration = route.source.is_none();
         drop(route);
         // A copier of a failed target may still be winding down with it open.
         self.join_copier().await;
@@ -107,13 +108,26 @@ impl Mirror {
         self.copier.reset();
         self.set_error(None);
         let t2 = target.clone();
+        let s2 = source.clone();
         let rx = self
-            .change_route(Transition::Attach, move |old| old.source.clone().map(|s| (Some(s), Some(t2))))
+            .change_route(Transition::Attach, move |old| {
+                copy_source(old).is_some_and(|s| Arc::ptr_eq(&s, &s2)).then(|| (Some(s2), Some(t2)))
+            })
             .await?
             .map_err(refused)?;
         Self::barrier(rx).await;
+        *lock(&self.source_path) = Some(source.path().to_path_buf());
         *lock(&self.target_path) = Some(path.to_path_buf());
-        self.state_event(format!("attached target {} ({} bytes); sync started", path.display(), tsize));
+        self.state_event(if second_migration {
+            format!(
+                "attached target {} ({} bytes); sync started from {}, the device served until now",
+                path.display(),
+                tsize,
+                source.path().display()
+            )
+        } else {
+            format!("attached target {} ({} bytes); sync started", path.display(), tsize)
+        });
         self.start_copier(target)
     }
 
@@ -523,6 +537,16 @@ impl Mirror {
             j.stop().await?;
         }
         Ok(())
+    }
+}
+
+/// The device a new sync copies from: S, or in source-detached the device
+/// served now (a second migration).
+fn copy_source(route: &Route) -> Option<Arc<Backend>> {
+    match (&route.source, &route.target, route.state) {
+        (Some(s), _, _) => Some(s.clone()),
+        (None, Some(t), DeviceState::SourceDetached) => Some(t.backend.clone()),
+        _ => None,
     }
 }
 
