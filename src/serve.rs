@@ -267,6 +267,7 @@ pub fn start(args: &ServeArgs) -> anyhow::Result<Running> {
         read_only: args.read_only,
         cache: args.cache,
         detect_zeroes: true,
+        ..MirrorConfig::default()
     };
     let started = engine::startup::start(
         &engine::startup::StartOptions {

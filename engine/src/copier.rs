@@ -139,6 +139,10 @@ impl CopyJob {
     fn should_stop(&self) -> bool {
         self.owner.shutting_down() || !self.owner.route().is_syncing_to(&self.target)
     }
+
+    fn link_down(&self) -> bool {
+        self.target.backend.is_reconnecting() || self.owner.route().source.as_ref().is_some_and(|s| s.is_reconnecting())
+    }
 }
 
 /// True if every byte is zero (vectorises well: 64-byte blocks OR-folded).
@@ -221,7 +225,9 @@ pub(crate) async fn run(job: Arc<CopyJob>) {
         if job.should_stop() {
             break;
         }
-        if job.ctl.is_paused() || job.ctl.error().is_some() {
+        if job.ctl.is_paused() || job.ctl.error().is_some() || job.link_down() {
+            // A remote device reconnecting is waited for, not failed: the copy
+            // goes on once its link is back (or the device gives up and fails).
             nap(&job, Duration::from_millis(200)).await;
             continue;
         }

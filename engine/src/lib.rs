@@ -36,12 +36,15 @@ pub mod testing;
 pub mod uring;
 mod verify;
 
-pub use backend::{Backend, BackendKind, CacheMode, IoHooks, IoKind, LockMode as DeviceLock, OpenOptions};
+pub use backend::{
+    Backend, BackendKind, CacheMode, DeviceOpener, IoHooks, IoKind, LinkState, LockMode as DeviceLock, OpenOptions,
+    RemoteDevice,
+};
 pub use buf::{BudgetCharge, BufPool, IoBuf, SharedBuf};
 pub use copier::is_zero;
 pub use drain::{Drain, DrainGuard};
 pub use error::{Error, Result};
-pub use mirror::{Mirror, MirrorConfig, StatusExtent, DEFAULT_QUEUE_DEPTH};
+pub use mirror::{Mirror, MirrorConfig, Opener, StatusExtent, DEFAULT_QUEUE_DEPTH};
 pub use state::{DeviceState, Transition};
 pub use status::{Event, EventKind, Status};
 pub use verify::VerifyReport;

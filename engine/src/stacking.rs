@@ -58,8 +58,8 @@ pub fn underlying(source: &Identity) -> Underlying {
 
 /// Refuses `target` if it is `source` or something `source` is built on.
 pub fn check_target_is_independent(source: &Backend, target: &Backend) -> Result<()> {
-    let s = source.identity();
-    let t = target.identity();
+    // A remote device is built on nothing local, and nothing local on it.
+    let (Some(s), Some(t)) = (source.identity(), target.identity()) else { return Ok(()) };
     let refuse = |why: &str| {
         Err(Error::Refused(format!(
             "refusing target {}: {why} (source {})",

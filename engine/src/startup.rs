@@ -48,7 +48,7 @@ pub struct Started {
 fn open(path: &Path, writable: bool, cfg: &MirrorConfig) -> Result<Backend> {
     // A restarted daemon waits here until the killed one's I/O has drained:
     // the kernel releases the exclusive claims only then.
-    Backend::open_as(path, None, &OpenOptions { writable, cache: cfg.cache, lock: LockMode::Wait })
+    cfg.opener.0.open(path, None, &OpenOptions { writable, cache: cfg.cache, lock: LockMode::Wait })
 }
 
 fn refuse_or_restart<T>(restart: bool, why: String, fresh: impl FnOnce() -> Result<T>) -> Result<T> {

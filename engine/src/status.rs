@@ -59,6 +59,13 @@ pub struct Status {
     pub regions_discarded: u64,
     pub regions_unverifiable: u64,
     pub max_rate: u64,
+    /// The link of a remote source or target (`{"state":"connected"}` or
+    /// `{"state":"reconnecting","attempts":N,"last_error":"…"}`); absent for a
+    /// local device.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source_link: Option<crate::backend::LinkState>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target_link: Option<crate::backend::LinkState>,
     pub copier_running: bool,
     #[serde(default)]
     pub events: Vec<Event>,

@@ -4,10 +4,11 @@
 //! operations a mirrored device needs (aligned-or-not reads and writes, flush,
 //! zeroing, discard, allocation status, prefetch) and what the engine asks
 //! about it (size, alignment, whether zeroing is cheap, whether it lives in
-//! RAM, its identity for the state file). Each kind of device is one variant;
-//! today there is the local file or block device ([`local::LocalDevice`]). A
-//! remote NBD export or a copy-on-write overlay is another variant here and
-//! nothing else: the rest of the engine never matches on the kind.
+//! RAM, its identity for the state file). Each kind of device is one variant:
+//! the local file or block device ([`local::LocalDevice`]) and a device behind
+//! a link ([`remote::RemoteDevice`], implemented outside the engine: an NBD
+//! export). A copy-on-write overlay would be another variant here and nothing
+//! else: the rest of the engine never matches on the kind.
 //!
 //! An enum rather than a trait object: the hot path (a 4K write) stays free of
 //! boxed futures, and adding a variant makes the compiler list every method it
@@ -24,8 +25,10 @@ use crate::error::Result;
 use crate::identity::DeviceIdent;
 
 pub mod local;
+pub mod remote;
 
 pub use local::LocalDevice;
+pub use remote::{DeviceOpener, LinkState, LocalOpener, RemoteDevice};
 
 /// How to use the page cache.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -108,6 +111,8 @@ pub struct Identity {
 pub enum BackendKind {
     File,
     BlockDevice,
+    /// Behind a link (an NBD export).
+    Remote,
 }
 
 /// One extent of allocation status.
@@ -122,6 +127,7 @@ pub struct Extent {
 #[derive(Debug)]
 pub enum Backend {
     Local(LocalDevice),
+    Remote(Arc<dyn RemoteDevice>),
 }
 
 impl Backend {
@@ -139,6 +145,7 @@ impl Backend {
     pub fn with_size_limit(self, size: u64) -> Backend {
         match self {
             Backend::Local(d) => Backend::Local(d.with_size_limit(size)),
+            Backend::Remote(r) => Backend::Remote(r),
         }
     }
 
@@ -146,6 +153,7 @@ impl Backend {
     pub fn with_hooks(self, hooks: Arc<dyn IoHooks>) -> Backend {
         match self {
             Backend::Local(d) => Backend::Local(d.with_hooks(hooks)),
+            Backend::Remote(r) => Backend::Remote(r),
         }
     }
 
@@ -153,6 +161,7 @@ impl Backend {
     pub fn with_forced_alignment(self, align: u64) -> Backend {
         match self {
             Backend::Local(d) => Backend::Local(d.with_forced_alignment(align)),
+            Backend::Remote(r) => Backend::Remote(r),
         }
     }
 
@@ -160,6 +169,7 @@ impl Backend {
     pub fn path(&self) -> &Path {
         match self {
             Backend::Local(d) => d.path(),
+            Backend::Remote(r) => r.name(),
         }
     }
 
@@ -167,6 +177,7 @@ impl Backend {
     pub fn size(&self) -> u64 {
         match self {
             Backend::Local(d) => d.size(),
+            Backend::Remote(r) => r.size(),
         }
     }
 
@@ -174,12 +185,14 @@ impl Backend {
     pub fn current_size(&self) -> io::Result<u64> {
         match self {
             Backend::Local(d) => d.current_size(),
+            Backend::Remote(r) => r.current_size(),
         }
     }
 
     pub fn kind(&self) -> BackendKind {
         match self {
             Backend::Local(d) => d.kind(),
+            Backend::Remote(_) => BackendKind::Remote,
         }
     }
 
@@ -187,6 +200,7 @@ impl Backend {
     pub fn is_direct(&self) -> bool {
         match self {
             Backend::Local(d) => d.is_direct(),
+            Backend::Remote(_) => false,
         }
     }
 
@@ -194,25 +208,33 @@ impl Backend {
     pub fn alignment(&self) -> u64 {
         match self {
             Backend::Local(d) => d.alignment(),
+            Backend::Remote(r) => r.alignment(),
         }
     }
 
-    /// Zeroing a range is a metadata operation, cheaper than writing zeroes.
+    /// Zeroing a range is cheaper than writing zeroes (a metadata operation on
+    /// a file; what the server says for a remote device).
     pub fn zeroing_is_fast(&self) -> bool {
-        self.kind() == BackendKind::File
+        match self {
+            Backend::Local(d) => d.kind() == BackendKind::File,
+            Backend::Remote(r) => r.zeroing_is_fast(),
+        }
     }
 
     /// A file in RAM: copies are memory copies (the copier sizes its pieces by it).
     pub fn in_memory(&self) -> bool {
         match self {
             Backend::Local(d) => d.in_memory(),
+            Backend::Remote(_) => false,
         }
     }
 
-    /// Device and inode numbers, to compare devices and detect stacking.
-    pub fn identity(&self) -> Identity {
+    /// Device and inode numbers, to compare devices and detect stacking; a
+    /// remote device has none.
+    pub fn identity(&self) -> Option<Identity> {
         match self {
-            Backend::Local(d) => d.identity(),
+            Backend::Local(d) => Some(d.identity()),
+            Backend::Remote(_) => None,
         }
     }
 
@@ -220,6 +242,7 @@ impl Backend {
     pub fn ident(&self) -> DeviceIdent {
         match self {
             Backend::Local(d) => d.ident(),
+            Backend::Remote(r) => r.ident(),
         }
     }
 
@@ -228,6 +251,7 @@ impl Backend {
     pub async fn read_at(&self, buf: &Arc<SharedBuf>, buf_off: usize, len: usize, off: u64) -> io::Result<()> {
         match self {
             Backend::Local(d) => d.read_at(buf, buf_off, len, off).await,
+            Backend::Remote(r) => r.read_at(buf, buf_off, len, off).await,
         }
     }
 
@@ -243,6 +267,7 @@ impl Backend {
     ) -> io::Result<()> {
         match self {
             Backend::Local(d) => d.write_at(buf, buf_off, len, off, fua).await,
+            Backend::Remote(r) => r.write_at(buf, buf_off, len, off, fua).await,
         }
     }
 
@@ -250,6 +275,7 @@ impl Backend {
     pub async fn flush(&self) -> io::Result<()> {
         match self {
             Backend::Local(d) => d.flush().await,
+            Backend::Remote(r) => r.flush().await,
         }
     }
 
@@ -257,6 +283,7 @@ impl Backend {
     pub async fn write_zeroes(&self, off: u64, len: u64, may_unmap: bool, fua: bool) -> io::Result<()> {
         match self {
             Backend::Local(d) => d.write_zeroes(off, len, may_unmap, fua).await,
+            Backend::Remote(r) => r.write_zeroes(off, len, may_unmap, fua).await,
         }
     }
 
@@ -264,6 +291,7 @@ impl Backend {
     pub async fn discard(&self, off: u64, len: u64) -> io::Result<()> {
         match self {
             Backend::Local(d) => d.discard(off, len).await,
+            Backend::Remote(r) => r.discard(off, len).await,
         }
     }
 
@@ -271,13 +299,28 @@ impl Backend {
     pub async fn prefetch(&self, off: u64, len: u64) -> io::Result<()> {
         match self {
             Backend::Local(d) => d.prefetch(off, len).await,
+            Backend::Remote(r) => r.prefetch(off, len).await,
         }
     }
 
     /// Allocation status of `[off, off+len)`, at most `max_extents` extents.
-    pub fn allocation(&self, off: u64, len: u64, max_extents: usize) -> io::Result<Vec<Extent>> {
+    pub async fn allocation(&self, off: u64, len: u64, max_extents: usize) -> io::Result<Vec<Extent>> {
         match self {
             Backend::Local(d) => d.allocation(off, len, max_extents),
+            Backend::Remote(r) => r.allocation(off, len, max_extents).await,
         }
+    }
+
+    /// The link of a remote device; `None` for a local one.
+    pub fn link(&self) -> Option<LinkState> {
+        match self {
+            Backend::Local(_) => None,
+            Backend::Remote(r) => Some(r.link()),
+        }
+    }
+
+    /// A remote device whose link is down (the copier waits for it).
+    pub fn is_reconnecting(&self) -> bool {
+        matches!(self.link(), Some(LinkState::Reconnecting { .. }))
     }
 }

@@ -135,9 +135,8 @@ impl Mirror {
         // Before opening: our own exclusive lock on S would otherwise make S
         // look "in use by another process".
         let abs = std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf());
-        if let Ok(meta) = std::fs::metadata(crate::hostfs::locate(&abs, viewer)) {
+        if let (Ok(meta), Some(s)) = (std::fs::metadata(crate::hostfs::locate(&abs, viewer)), source.identity()) {
             use std::os::unix::fs::{FileTypeExt, MetadataExt};
-            let s = source.identity();
             let same = (meta.dev(), meta.ino()) == (s.dev, s.ino)
                 || (meta.file_type().is_block_device() && Some(meta.rdev()) == s.rdev);
             if same {
@@ -149,7 +148,7 @@ impl Mirror {
             }
         }
         let opts = OpenOptions { writable: true, cache: self.cfg.cache, lock: LockMode::Fail };
-        let t = Backend::open_as(path, viewer, &opts)?;
+        let t = self.cfg.opener.0.open(path, viewer, &opts)?;
         stacking::check_target_is_independent(source, &t)?;
         self.prepare_target(t)
     }

@@ -30,7 +30,7 @@ use std::time::SystemTime;
 
 use tokio::sync::{oneshot, watch};
 
-use crate::backend::{Backend, CacheMode};
+use crate::backend::{Backend, CacheMode, DeviceOpener, LocalOpener};
 use crate::buf::BufPool;
 use crate::copier::CopierCtl;
 use crate::error::{Error, Result};
@@ -69,6 +69,25 @@ pub struct MirrorConfig {
     pub cache: CacheMode,
     /// Treat all-zero source chunks as zeroes on the target (punch/zero-range).
     pub detect_zeroes: bool,
+    /// Opens the devices named to `attach` and at start (local paths by
+    /// default; the binary adds NBD URIs).
+    pub opener: Opener,
+}
+
+/// The [`DeviceOpener`] a device uses.
+#[derive(Clone)]
+pub struct Opener(pub Arc<dyn DeviceOpener>);
+
+impl Default for Opener {
+    fn default() -> Self {
+        Opener(Arc::new(LocalOpener))
+    }
+}
+
+impl std::fmt::Debug for Opener {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Opener")
+    }
 }
 
 impl Default for MirrorConfig {
@@ -82,6 +101,7 @@ impl Default for MirrorConfig {
             read_only: false,
             cache: CacheMode::Auto,
             detect_zeroes: true,
+            opener: Opener::default(),
         }
     }
 }

@@ -172,6 +172,7 @@ impl Mirror {
                 (None, Some(d)) => {
                     let exts = d
                         .allocation(range.start, range.end - range.start, max - out.len())
+                        .await
                         .map_err(|e| Error::io(format!("allocation query on {}", d.path().display()), e))?;
                     let mut covered = 0;
                     for e in exts {

@@ -22,6 +22,13 @@ mod open;
 use open::fstat;
 
 use super::{BackendKind, Extent, Identity, IoKind};
+
+/// What a local device is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum LocalKind {
+    File,
+    BlockDevice,
+}
 use crate::buf::{IoBuf, SharedBuf};
 use crate::identity::{self, DeviceIdent};
 use crate::uring::Reactor;
@@ -36,7 +43,7 @@ nix::ioctl_write_ptr_bad!(ioctl_blkdiscard, nix::request_code_none!(0x12, 119), 
 pub struct LocalDevice {
     fd: OwnedFd,
     path: PathBuf,
-    kind: BackendKind,
+    kind: LocalKind,
     size: u64,
     direct: bool,
     /// Offset and length alignment the kernel requires (1 when buffered).
@@ -103,7 +110,10 @@ impl LocalDevice {
         self.size
     }
     pub fn kind(&self) -> BackendKind {
-        self.kind
+        match self.kind {
+            LocalKind::File => BackendKind::File,
+            LocalKind::BlockDevice => BackendKind::BlockDevice,
+        }
     }
     pub fn is_direct(&self) -> bool {
         self.direct
@@ -124,8 +134,8 @@ impl LocalDevice {
     /// Re-reads the current size (a file or device may have grown).
     pub fn current_size(&self) -> io::Result<u64> {
         match self.kind {
-            BackendKind::File => Ok(fstat(self.raw_fd())?.st_size as u64),
-            BackendKind::BlockDevice => {
+            LocalKind::File => Ok(fstat(self.raw_fd())?.st_size as u64),
+            LocalKind::BlockDevice => {
                 let mut size = 0u64;
                 // SAFETY: BLKGETSIZE64 writes one u64.
                 unsafe { ioctl_blkgetsize64(self.raw_fd(), &mut size) }.map_err(io::Error::from)?;
@@ -397,7 +407,7 @@ impl LocalDevice {
         self.hook(IoKind::Zero, off, len).await?;
         let end = off + len;
         // Block devices zero only whole logical blocks; do the edges by writing.
-        let gran = if self.kind == BackendKind::BlockDevice { self.align.max(512) } else { 1 };
+        let gran = if self.kind == LocalKind::BlockDevice { self.align.max(512) } else { 1 };
         let mid_start = off.div_ceil(gran) * gran;
         let mid_end = end / gran * gran;
         if mid_start >= mid_end {
@@ -423,7 +433,7 @@ impl LocalDevice {
                 Err(e) => return Err(e),
             }
         }
-        if !done && self.kind == BackendKind::File {
+        if !done && self.kind == LocalKind::File {
             // tmpfs has no ZERO_RANGE: punch, then allocate again so the range
             // stays provisioned.
             if self.fallocate(punch, mid_start, mlen).await.is_ok()
@@ -469,8 +479,8 @@ impl LocalDevice {
         }
         self.hook(IoKind::Discard, off, len).await?;
         match self.kind {
-            BackendKind::File => self.fallocate(libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE, off, len).await,
-            BackendKind::BlockDevice => {
+            LocalKind::File => self.fallocate(libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE, off, len).await,
+            LocalKind::BlockDevice => {
                 let a = self.align.max(512);
                 let s = off.div_ceil(a) * a;
                 let e = (off + len) / a * a;
@@ -507,7 +517,7 @@ impl LocalDevice {
     /// Allocation status of `[off, off+len)`, at most `max_extents` extents
     /// (the last one may end early; callers ask again from there).
     pub fn allocation(&self, off: u64, len: u64, max_extents: usize) -> io::Result<Vec<Extent>> {
-        if self.kind == BackendKind::BlockDevice || len == 0 {
+        if self.kind == LocalKind::BlockDevice || len == 0 {
             return Ok(vec![Extent { len, hole: false }]);
         }
         // Past the file's current end (a truncated file) nothing is known to be
@@ -563,8 +573,8 @@ impl LocalDevice {
     pub fn ident(&self) -> DeviceIdent {
         let id = self.identity;
         let (birth, generation) = match self.kind {
-            BackendKind::File => (identity::file_birth(self.raw_fd()), identity::file_generation(self.raw_fd())),
-            BackendKind::BlockDevice => (None, None),
+            LocalKind::File => (identity::file_birth(self.raw_fd()), identity::file_generation(self.raw_fd())),
+            LocalKind::BlockDevice => (None, None),
         };
         let stack = id.rdev.map(|r| identity::block_identity(r, 0)).unwrap_or_default();
         DeviceIdent {

@@ -9,8 +9,9 @@ use std::os::unix::fs::FileTypeExt;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
+use super::LocalKind;
 use super::{ioctl_blkgetsize64, ioctl_blksszget, LocalDevice};
-use crate::backend::{BackendKind, CacheMode, Identity, LockMode, OpenOptions};
+use crate::backend::{CacheMode, Identity, LockMode, OpenOptions};
 use crate::error::{Error, IoContext, Result};
 
 impl LocalDevice {
@@ -35,20 +36,20 @@ impl LocalDevice {
         let meta = std::fs::metadata(path).ctx(|| format!("cannot open {}", shown.display()))?;
         let ft = meta.file_type();
         let kind = if ft.is_block_device() {
-            BackendKind::BlockDevice
+            LocalKind::BlockDevice
         } else if ft.is_file() {
-            BackendKind::File
+            LocalKind::File
         } else {
             return Err(Error::Refused(format!("{} is neither a regular file nor a block device", shown.display())));
         };
         let mut flags = if opts.writable { libc::O_RDWR } else { libc::O_RDONLY };
-        if kind == BackendKind::BlockDevice && opts.lock != LockMode::None {
+        if kind == LocalKind::BlockDevice && opts.lock != LockMode::None {
             // The kernel's exclusive claim: fails while the device is mounted or
             // held by another O_EXCL opener (dm, md, another livemirror).
             flags |= libc::O_EXCL;
         }
         let want_direct = match opts.cache {
-            CacheMode::Auto => kind == BackendKind::BlockDevice,
+            CacheMode::Auto => kind == LocalKind::BlockDevice,
             CacheMode::Direct => true,
             CacheMode::Buffered => false,
         };
@@ -95,7 +96,7 @@ impl LocalDevice {
         };
         let st = fstat(fd.as_raw_fd()).ctx(|| format!("cannot stat {}", shown.display()))?;
         let (size, mut align, mut mem_align) = match kind {
-            BackendKind::BlockDevice => {
+            LocalKind::BlockDevice => {
                 let mut size = 0u64;
                 // SAFETY: BLKGETSIZE64 writes one u64.
                 unsafe { ioctl_blkgetsize64(fd.as_raw_fd(), &mut size) }
@@ -109,14 +110,14 @@ impl LocalDevice {
                 let lbs = lbs.max(512) as u64;
                 (size, lbs, lbs as usize)
             }
-            BackendKind::File => {
+            LocalKind::File => {
                 let (m, a) = file_dio_align(fd.as_raw_fd());
                 (st.st_size as u64, a, m)
             }
         };
         let mut direct = want_direct;
         let mut fd = fd;
-        if direct && kind == BackendKind::File && size % align != 0 {
+        if direct && kind == LocalKind::File && size % align != 0 {
             // The last partial block could only be written by extending the file.
             tracing::warn!(
                 "{}: size {size} is not a multiple of the O_DIRECT alignment {align}; using the page cache",
@@ -137,8 +138,8 @@ impl LocalDevice {
             mem_align = 1;
         }
         let identity =
-            Identity { dev: st.st_dev, ino: st.st_ino, rdev: (kind == BackendKind::BlockDevice).then_some(st.st_rdev) };
-        let in_memory = kind == BackendKind::File && is_in_memory(fd.as_raw_fd());
+            Identity { dev: st.st_dev, ino: st.st_ino, rdev: (kind == LocalKind::BlockDevice).then_some(st.st_rdev) };
+        let in_memory = kind == LocalKind::File && is_in_memory(fd.as_raw_fd());
         Ok(LocalDevice {
             fd,
             path: path.to_path_buf(),
