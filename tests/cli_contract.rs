@@ -266,7 +266,11 @@ fn refusals_exit_1_with_a_one_line_reason() {
     d.cli_ok(&["detach-source"]);
     assert_eq!(d.state(), "source-detached");
     refused(&d, &["detach-source"], &[]);
-    refused(&d, &["attach", p(&other)], &[]);
+    // attach here is a second migration (the device served now is its source):
+    // that device itself, or one too small for the export, is refused.
+    refused(&d, &["attach", p(&tgt)], &["it is the source itself"]);
+    refused(&d, &["attach", p(&small)], &["4194304"]);
+    assert_eq!(d.state(), "source-detached");
     let line = refused(&d, &["grow", "4M"], &["never shrinks"]);
     assert!(line.contains("4194304") || line.contains("4M"), "{line}");
     refused(&d, &["grow", "13M"], &[]);

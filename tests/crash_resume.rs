@@ -235,8 +235,12 @@ fn progress_survives_a_kill_after_a_quiet_spell() {
     assert!(before > 1000, "the copy made progress ({before} regions)");
     rig.daemon.as_mut().expect("daemon").kill9();
     rig.start(&[]);
-    let after = rig.d().status()["regions_clean"].as_u64().unwrap_or(0);
+    let st = rig.d().status();
+    let after = st["regions_clean"].as_u64().unwrap_or(0);
     assert!(after * 10 >= before * 9, "kept {after} of {before} clean regions");
+    // The pause was recorded and survives the kill.
+    assert_eq!(st["paused"], true, "{st}");
+    rig.d().cli_ok(&["resume"]);
     rig.d().cli_ok(&["set-rate", "0"]);
     rig.d().cli_ok(&["wait", "--timeout", "60"]);
     assert_eq!(exit_code(&rig.daemon.as_mut().expect("daemon").stop()), 0);

@@ -59,6 +59,12 @@ pub struct Status {
     pub regions_discarded: u64,
     pub regions_unverifiable: u64,
     pub max_rate: u64,
+    /// How the source's and target's I/O goes: "direct", "buffered" or
+    /// "network" (`--cache auto` picks per device: docs/decisions.md).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source_io: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target_io: Option<String>,
     /// The link of a remote source or target (`{"state":"connected"}` or
     /// `{"state":"reconnecting","attempts":N,"last_error":"…"}`); absent for a
     /// local device.

@@ -167,3 +167,27 @@ fn verify_during_a_paused_sync_reports_what_it_could_not_compare() {
     })
     .unwrap();
 }
+
+/// `--cache auto` picks O_DIRECT for files on a disk filesystem and the page
+/// cache for files in RAM, and status says which.
+#[test]
+fn cache_auto_is_direct_on_disk_and_buffered_in_ram() {
+    let disk = tempfile::tempdir_in("/var/tmp").unwrap();
+    let ram = tempfile::tempdir_in("/dev/shm").unwrap();
+    let (s, t) = (disk.path().join("s.img"), ram.path().join("t.img"));
+    std::fs::write(&s, vec![1u8; 1 << 20]).unwrap();
+    std::fs::File::create(&t).unwrap().set_len(1 << 20).unwrap();
+    rt::block_on(async {
+        let src = Backend::open(&s, &OpenOptions::default()).unwrap();
+        assert!(src.is_direct(), "a file on a disk filesystem is opened O_DIRECT by default");
+        let m = Mirror::new(src, MirrorConfig::default()).unwrap();
+        m.attach(&t).await.unwrap();
+        let st = m.status();
+        assert_eq!((st.source_io.as_deref(), st.target_io.as_deref()), (Some("direct"), Some("buffered")), "{st:?}");
+        m.shutdown().await.unwrap();
+    })
+    .unwrap();
+    // An unaligned size cannot be written with O_DIRECT: the page cache, quietly.
+    std::fs::write(&s, vec![1u8; 1000]).unwrap();
+    assert!(!Backend::open(&s, &OpenOptions::default()).unwrap().is_direct());
+}

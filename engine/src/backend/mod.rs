@@ -311,6 +311,16 @@ impl Backend {
         }
     }
 
+    /// How its I/O goes, for status: "direct" (O_DIRECT), "buffered" (the page
+    /// cache) or "network".
+    pub fn io_mode(&self) -> &'static str {
+        match self {
+            Backend::Local(d) if d.is_direct() => "direct",
+            Backend::Local(_) => "buffered",
+            Backend::Remote(_) => "network",
+        }
+    }
+
     /// The link of a remote device; `None` for a local one.
     pub fn link(&self) -> Option<LinkState> {
         match self {

@@ -48,6 +48,8 @@ impl Mirror {
             regions_discarded: discarded,
             regions_unverifiable: unverifiable,
             max_rate: self.copier.limiter.rate(),
+            source_io: route.source.as_ref().map(|s| s.io_mode().to_string()),
+            target_io: route.target.as_ref().map(|t| t.backend.io_mode().to_string()),
             source_link: route.source.as_ref().and_then(|s| s.link()),
             target_link: route.target.as_ref().and_then(|t| t.backend.link()),
             copier_running: self.copier.running.load(Ordering::Relaxed),
