@@ -80,6 +80,7 @@ pub fn attach<D: BlockDevice>(
         nl.reconnect(index, &fds, opts.timeout, opts.dead_conn_timeout).map_err(|e| {
             io::Error::new(e.kind(), format!("cannot reconnect {} (RECONFIGURE): {e}", opts.device.display()))
         })?;
+        crate::stats::Stats::bump(&server.stats().kernel_reconnects);
         tracing::info!("reconnected {} to this daemon ({n} connections)", opts.device.display());
         if let Err(e) = nl.resize(index, export_size) {
             tracing::warn!("cannot set the size of {}: {e}", opts.device.display());
@@ -120,8 +121,9 @@ pub fn attach<D: BlockDevice>(
                         let fds: Vec<_> = ends.iter().map(|s| s.as_raw_fd()).collect();
                         nl.reconnect(index, &fds, opts2.timeout, opts2.dead_conn_timeout)
                     });
-                    if let Err(e) = res {
-                        tracing::error!("cannot replace the dead connection: {e}");
+                    match res {
+                        Ok(()) => crate::stats::Stats::bump(&server.stats().kernel_reconnects),
+                        Err(e) => tracing::error!("cannot replace the dead connection: {e}"),
                     }
                 }
                 Ok(_) => {}

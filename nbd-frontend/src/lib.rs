@@ -15,6 +15,7 @@ pub mod netlink;
 pub mod proto;
 pub mod request;
 pub mod server;
+pub mod stats;
 pub mod transmission;
 pub mod unix_socket;
 

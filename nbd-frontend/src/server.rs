@@ -16,6 +16,7 @@ use tokio::sync::{watch, Notify};
 
 use crate::handshake::{Export, Handshake, Negotiated, Progress};
 use crate::limits::ConnLimits;
+use crate::stats::Stats;
 use crate::transmission::{self, ConnShared, Phase, Stream};
 
 /// A client has this long to finish the handshake.
@@ -159,6 +160,7 @@ struct Inner<D: BlockDevice> {
     phase: watch::Sender<Phase>,
     active: AtomicUsize,
     idle: Notify,
+    stats: Arc<Stats>,
 }
 
 /// An NBD server for one device. Cheap to clone.
@@ -186,12 +188,18 @@ impl<D: BlockDevice> Server<D> {
                 phase,
                 active: AtomicUsize::new(0),
                 idle: Notify::new(),
+                stats: Arc::new(Stats::default()),
             }),
         }
     }
 
     pub fn pool(&self) -> &BufPool {
         &self.inner.pool
+    }
+
+    /// Request and connection counters (monitoring).
+    pub fn stats(&self) -> &Arc<Stats> {
+        &self.inner.stats
     }
 
     fn export(&self) -> Export {
@@ -252,6 +260,7 @@ impl<D: BlockDevice> Server<D> {
         let i = self.inner.next_worker.fetch_add(1, Ordering::Relaxed) % n;
         let worker = self.inner.workers.get(i).ok_or_else(|| io::Error::other("no worker"))?;
         self.inner.active.fetch_add(1, Ordering::SeqCst);
+        Stats::bump(&self.inner.stats.connections_accepted);
         let server = self.clone();
         let res = worker.run(move || async move {
             let res = async {
@@ -281,6 +290,7 @@ impl<D: BlockDevice> Server<D> {
                 "refusing a connection: {active} connections are served already (--max-connections {})",
                 self.inner.cfg.max_connections
             );
+            Stats::bump(&self.inner.stats.connections_refused);
             return;
         }
         let n = self.inner.workers.len().max(1);
@@ -290,6 +300,7 @@ impl<D: BlockDevice> Server<D> {
             return;
         };
         self.inner.active.fetch_add(1, Ordering::SeqCst);
+        Stats::bump(&self.inner.stats.connections_accepted);
         let server = self.clone();
         let res = worker.run(move || async move {
             let res = server.serve_std(stream).await;
@@ -355,6 +366,7 @@ impl<D: BlockDevice> Server<D> {
             pool: self.inner.pool.clone(),
             phase: self.inner.phase.subscribe(),
             limits: self.inner.cfg.limits.clone(),
+            stats: self.inner.stats.clone(),
         };
         transmission::serve(stream, self.inner.dev.clone(), neg, leftover, shared).await
     }

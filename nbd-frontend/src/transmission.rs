@@ -23,7 +23,7 @@ use std::pin::Pin;
 use std::rc::Rc;
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use engine::{BlockDevice, BufPool, IoBuf, StatusExtent};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
@@ -33,6 +33,7 @@ use crate::handshake::Negotiated;
 use crate::limits::{Charge, ConnBudget, ConnLimits, SlotGuard, Slots};
 use crate::proto::*;
 use crate::request::{validate, Command, Rejection, Session};
+use crate::stats::Stats;
 
 /// Most extents returned for one BLOCK_STATUS (the spec suggests ≤ 2^20).
 const MAX_EXTENTS: usize = 1 << 16;
@@ -224,6 +225,7 @@ pub struct ConnShared {
     pub pool: BufPool,
     pub phase: watch::Receiver<Phase>,
     pub limits: ConnLimits,
+    pub stats: Arc<Stats>,
 }
 
 /// Why a connection ends early; set once, by whoever notices first.
@@ -497,9 +499,11 @@ pub async fn serve<D: BlockDevice>(
             Err(e) => break Err(io::Error::new(io::ErrorKind::InvalidData, e.to_string())),
         };
         let cookie = header.cookie;
+        let (kind, started) = (header.kind, Instant::now());
         let cmd = match validate(&header, &session, dev.size()) {
             Ok(c) => c,
             Err(Rejection { errno, reason, skip }) => {
+                shared.stats.record(kind, 0, started, false);
                 if skip as u64 > MAX_SKIP {
                     let _ = tx.send(Reply::error(&session, cookie, errno, reason).holding(slot, Vec::new()));
                     break Err(io::Error::new(
@@ -522,16 +526,18 @@ pub async fn serve<D: BlockDevice>(
                 let charge = match unless_stopped(budget.charge(len as usize), &mut phase, &dead).await {
                     Ok(Ok(c)) => c,
                     Ok(Err(e)) => {
+                        shared.stats.record(kind, 0, started, false);
                         let _ = tx.send(Reply::error(&session, cookie, ENOMEM, &e).holding(slot, Vec::new()));
                         continue;
                     }
                     Err(_) => break Ok(()),
                 };
                 let buf = shared.pool.alloc_unbudgeted(len as usize);
-                let (dev, tx, guard) = (dev.clone(), tx.clone(), inflight.start());
+                let (dev, tx, guard, stats) = (dev.clone(), tx.clone(), inflight.start(), shared.stats.clone());
                 tokio::task::spawn_local(async move {
                     let (res, buf) = dev.read(offset, buf).await;
                     drop(guard);
+                    stats.record(kind, len as u64, started, res.is_ok());
                     let reply = match res {
                         Ok(()) => Reply::read_data(&session, cookie, offset, buf),
                         Err(e) => Reply::error(&session, cookie, wire_errno(e.errno()), &e.to_string()),
@@ -585,13 +591,15 @@ pub async fn serve<D: BlockDevice>(
                         Ok(Err(e)) => break Err(e),
                         Err(_) => break Ok(()),
                     }
+                    shared.stats.record(kind, 0, started, false);
                     let _ = tx.send(Reply::error(&session, cookie, ENOMEM, &e).holding(slot, Vec::new()));
                     continue;
                 }
-                let (dev, tx, guard) = (dev.clone(), tx.clone(), inflight.start());
+                let (dev, tx, guard, stats) = (dev.clone(), tx.clone(), inflight.start(), shared.stats.clone());
                 tokio::task::spawn_local(async move {
                     let res = dev.write(offset, buf, fua).await;
                     drop(guard);
+                    stats.record(kind, len as u64, started, res.is_ok());
                     let reply = match res {
                         Ok(()) => Reply::ok(cookie),
                         Err(e) => Reply::error(&session, cookie, wire_errno(e.errno()), &e.to_string()),
@@ -603,10 +611,11 @@ pub async fn serve<D: BlockDevice>(
                 });
             }
             other => {
-                let (dev, tx, guard) = (dev.clone(), tx.clone(), inflight.start());
+                let (dev, tx, guard, stats) = (dev.clone(), tx.clone(), inflight.start(), shared.stats.clone());
                 tokio::task::spawn_local(async move {
-                    let reply = run_command(&*dev, &session, cookie, other).await;
+                    let (reply, ok) = run_command(&*dev, &session, cookie, other).await;
                     drop(guard);
+                    stats.record(kind, 0, started, ok);
                     let _ = tx.send(reply.holding(slot, Vec::new()));
                 });
             }
@@ -632,14 +641,16 @@ pub async fn serve<D: BlockDevice>(
     result
 }
 
-async fn run_command<D: BlockDevice>(dev: &D, session: &Session, cookie: u64, cmd: Command) -> Reply {
+/// Runs a command without payload; the flag says whether it succeeded.
+async fn run_command<D: BlockDevice>(dev: &D, session: &Session, cookie: u64, cmd: Command) -> (Reply, bool) {
     let res = match cmd {
         Command::Flush => dev.flush().await,
         Command::Trim { offset, len, fua } => dev.trim(offset, len as u64, fua).await,
         Command::Cache { offset, len } => dev.cache(offset, len as u64).await,
         Command::WriteZeroes { offset, len, fua, may_unmap, fast } => {
             if fast && !dev.fast_zero() {
-                return Reply::error(session, cookie, ENOTSUP, "zeroing is not faster than writing on this device");
+                // Refusing a fast zero is the protocol's answer, not a failure.
+                return (Reply::error(session, cookie, ENOTSUP, "zeroing is not faster than writing on this device"), true);
             }
             dev.write_zeroes(offset, len as u64, may_unmap, fua).await
         }
@@ -654,17 +665,17 @@ async fn run_command<D: BlockDevice>(dev: &D, session: &Session, cookie: u64, cm
                         ext.truncate(1);
                         ext[0].len = ext[0].len.min(len as u64);
                     }
-                    Reply::block_status(cookie, context, &ext)
+                    (Reply::block_status(cookie, context, &ext), true)
                 }
-                Err(e) => Reply::error(session, cookie, wire_errno(e.errno()), &e.to_string()),
+                Err(e) => (Reply::error(session, cookie, wire_errno(e.errno()), &e.to_string()), false),
             };
         }
         Command::Read { .. } | Command::Write { .. } | Command::Disconnect => {
-            return Reply::error(session, cookie, EINVAL, "internal dispatch error")
+            return (Reply::error(session, cookie, EINVAL, "internal dispatch error"), false)
         }
     };
     match res {
-        Ok(()) => Reply::ok(cookie),
-        Err(e) => Reply::error(session, cookie, wire_errno(e.errno()), &e.to_string()),
+        Ok(()) => (Reply::ok(cookie), true),
+        Err(e) => (Reply::error(session, cookie, wire_errno(e.errno()), &e.to_string()), false),
     }
 }
