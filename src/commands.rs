@@ -1,12 +1,12 @@
 //! The control commands: talk to the daemon, print, pick the exit code
 //! (0 ok, 1 failed or refused, 2 usage, 3 wait timed out).
 
-use std::io::IsTerminal;
+use std::io::{IsTerminal, Write};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use crate::control::{Client, Request, Response};
-use engine::{DeviceState, Status};
+use engine::{DeviceState, Status, VerifyReport};
 
 use crate::units::{human, human_secs};
 
@@ -53,22 +53,69 @@ fn fetch_status(control: &Path) -> Result<Status, u8> {
     })
 }
 
-pub fn status(control: &Path, json: bool) -> u8 {
+/// The value at a dotted `path` in `v`: object keys, and array indexes
+/// (negative ones count from the end).
+pub fn lookup<'a>(v: &'a serde_json::Value, path: &str) -> Option<&'a serde_json::Value> {
+    let mut cur = v;
+    for seg in path.split('.') {
+        cur = match cur {
+            serde_json::Value::Object(o) => o.get(seg)?,
+            serde_json::Value::Array(a) => {
+                let i: i64 = seg.parse().ok()?;
+                let i = if i < 0 { a.len().checked_sub(i.unsigned_abs() as usize)? } else { i as usize };
+                a.get(i)?
+            }
+            _ => return None,
+        };
+    }
+    Some(cur)
+}
+
+/// How `status --get` prints a value: strings bare, everything else as JSON
+/// (`null`, `true`, `42`, `{"a":1}`).
+pub fn bare(v: &serde_json::Value) -> String {
+    match v {
+        serde_json::Value::String(s) => s.clone(),
+        other => other.to_string(),
+    }
+}
+
+pub fn status(control: &Path, json: bool, get: &[String]) -> u8 {
     let st = match fetch_status(control) {
         Ok(s) => s,
         Err(c) => return c,
     };
-    if json {
-        match serde_json::to_string(&st) {
-            Ok(s) => println!("{s}"),
+    if json || !get.is_empty() {
+        let v = match serde_json::to_value(&st) {
+            Ok(v) => v,
             Err(e) => {
-                eprintln!("livemirror: {e}");
+                eprintln!("livemirror: cannot encode the status: {e}");
                 return 1;
             }
+        };
+        if json {
+            println!("{v}");
+            return 0;
         }
+        let mut out = String::new();
+        for f in get {
+            match lookup(&v, f) {
+                Some(x) => {
+                    out.push_str(&bare(x));
+                    out.push('\n');
+                }
+                None => {
+                    let fields: Vec<&str> =
+                        v.as_object().map(|o| o.keys().map(String::as_str).collect()).unwrap_or_default();
+                    eprintln!("livemirror: the status has no field {f:?} (fields: {})", fields.join(", "));
+                    return 1;
+                }
+            }
+        }
+        print!("{out}");
         return 0;
     }
-    let pct = if st.regions_total > 0 { 100.0 * st.regions_clean as f64 / st.regions_total as f64 } else { 100.0 };
+    let pct = percent(&st);
     println!("state:    {}{}", st.state, if st.paused { " (paused)" } else { "" });
     println!("export:   {} bytes ({})", st.export_size, human(st.export_size as f64));
     println!("source:   {}", st.source.as_deref().unwrap_or("-"));
@@ -80,14 +127,23 @@ pub fn status(control: &Path, json: bool) -> u8 {
         human(st.region_size as f64)
     );
     if st.state == DeviceState::Syncing || st.bytes_copied > 0 {
-        let eta = st.eta_seconds.map(human_secs).unwrap_or_else(|| "-".into());
-        println!(
-            "copied:   {} at {}/s, ETA {eta}{}",
-            human(st.bytes_copied as f64),
-            human(st.copy_rate_bytes_per_sec),
-            if st.max_rate > 0 { format!(" (limit {}/s)", human(st.max_rate as f64)) } else { String::new() }
-        );
+        let limit = if st.max_rate > 0 { format!(" (limit {}/s)", human(st.max_rate as f64)) } else { String::new() };
+        if st.paused {
+            println!("copied:   {}, paused{limit}", human(st.bytes_copied as f64));
+        } else {
+            let eta = st.eta_seconds.map(human_secs).unwrap_or_else(|| "-".into());
+            println!(
+                "copied:   {} at {}/s, ETA {eta}{limit}",
+                human(st.bytes_copied as f64),
+                human(st.copy_rate_bytes_per_sec)
+            );
+        }
     }
+    println!(
+        "zeroes:   detection {}; {} of the copy written as zeroes",
+        if st.detect_zeroes { "on" } else { "off" },
+        human(st.bytes_written_as_zeroes as f64)
+    );
     if st.regions_discarded > 0 || st.regions_unverifiable > 0 {
         println!("trimmed:  {} discarded, {} unverifiable regions", st.regions_discarded, st.regions_unverifiable);
     }
@@ -101,8 +157,95 @@ pub fn status(control: &Path, json: bool) -> u8 {
     0
 }
 
+fn percent(st: &Status) -> f64 {
+    if st.regions_total > 0 {
+        100.0 * st.regions_clean as f64 / st.regions_total as f64
+    } else {
+        100.0
+    }
+}
+
+/// Follows the daemon's event stream, one JSON object per line on stdout.
+pub fn events(control: &Path, interval: f64) -> u8 {
+    let mut c = match Client::connect(control) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("livemirror: {e}");
+            return 1;
+        }
+    };
+    match c.call(&Request::Events { interval }) {
+        Ok(r) if r.ok => {}
+        Ok(r) => {
+            eprintln!("livemirror: {}", r.error.as_deref().unwrap_or("the daemon refused without a reason"));
+            return 1;
+        }
+        Err(e) => {
+            eprintln!("livemirror: {e}");
+            return 1;
+        }
+    }
+    let mut out = std::io::stdout().lock();
+    let mut ended = false;
+    loop {
+        match c.read_line() {
+            Ok(Some(line)) => {
+                ended = line.starts_with(br#"{"#) && line.windows(12).any(|w| w == br#""type":"end""#);
+                // A reader that went away (`| head -1`) is not an error.
+                if out.write_all(&line).and_then(|()| out.flush()).is_err() {
+                    return 0;
+                }
+            }
+            Ok(None) if ended => return 0,
+            Ok(None) => {
+                eprintln!("livemirror: the daemon closed the event stream");
+                return 1;
+            }
+            Err(e) => {
+                eprintln!("livemirror: the event stream broke: {e}");
+                return 1;
+            }
+        }
+    }
+}
+
+/// One line of `wait`'s progress, honest about a pause.
+pub fn progress_message(st: &Status) -> String {
+    let regions = format!("{}/{} regions", st.regions_clean, st.regions_total);
+    if st.paused {
+        return format!("{regions}, paused (livemirror resume continues)");
+    }
+    format!(
+        "{regions}, {}/s, ETA {}",
+        human(st.copy_rate_bytes_per_sec),
+        st.eta_seconds.map(human_secs).unwrap_or_else(|| "-".into())
+    )
+}
+
+/// Why waiting for this status can never succeed, if so.
+fn hopeless(st: &Status) -> Option<String> {
+    match st.state {
+        DeviceState::Degraded => Some(format!("degraded: {}", st.error.as_deref().unwrap_or("target failed"))),
+        DeviceState::Serving => {
+            Some("no target is attached: nothing to wait for (`livemirror attach TARGET` starts a sync)".to_string())
+        }
+        DeviceState::Syncing => st.error.clone().map(|e| format!("the copy stopped: {e}")),
+        _ => None,
+    }
+}
+
 pub fn wait(control: &Path, timeout: Option<f64>) -> u8 {
     let start = Instant::now();
+    // The first status decides whether there is anything to wait for at all,
+    // before any progress is drawn.
+    let first = match fetch_status(control) {
+        Ok(s) => s,
+        Err(c) => return c,
+    };
+    if let Some(f) = hopeless(&first) {
+        eprintln!("livemirror: {f}");
+        return 1;
+    }
     let tty = std::io::stderr().is_terminal();
     let bar = tty.then(|| {
         let b = indicatif::ProgressBar::new(0);
@@ -113,27 +256,45 @@ pub fn wait(control: &Path, timeout: Option<f64>) -> u8 {
         b
     });
     let mut last_line = Instant::now() - Duration::from_secs(60);
+    let mut said_paused = false;
+    let mut next = Some(first);
     loop {
-        let st = match fetch_status(control) {
-            Ok(s) => s,
-            Err(c) => return c,
+        let st = match next.take() {
+            Some(s) => s,
+            None => match fetch_status(control) {
+                Ok(s) => s,
+                Err(c) => {
+                    if let Some(b) = &bar {
+                        b.abandon();
+                    }
+                    return c;
+                }
+            },
         };
         let done = matches!(st.state, DeviceState::Synced | DeviceState::SourceDetached);
-        let msg = format!(
-            "{}/{} regions, {}/s, ETA {}",
-            st.regions_clean,
-            st.regions_total,
-            human(st.copy_rate_bytes_per_sec),
-            st.eta_seconds.map(human_secs).unwrap_or_else(|| "-".into())
-        );
+        if let Some(f) = hopeless(&st) {
+            if let Some(b) = &bar {
+                b.abandon();
+            }
+            eprintln!("livemirror: {f}");
+            return 1;
+        }
+        let msg = progress_message(&st);
+        if st.paused && !said_paused && timeout.is_none() {
+            // Without a timeout a paused wait would look hung: say why it waits.
+            let why = "the copy is paused: waiting until `livemirror resume` (Ctrl-C stops waiting)";
+            match &bar {
+                Some(b) => b.println(why),
+                None => eprintln!("{why}"),
+            }
+        }
+        said_paused = st.paused;
         if let Some(b) = &bar {
             b.set_length(st.regions_total.max(1));
             b.set_position(st.regions_clean);
             b.set_message(msg.clone());
         } else if done || last_line.elapsed() >= Duration::from_secs(2) {
-            let pct =
-                if st.regions_total > 0 { 100.0 * st.regions_clean as f64 / st.regions_total as f64 } else { 100.0 };
-            eprintln!("{}: {pct:.1}% ({msg})", st.state);
+            eprintln!("{}: {:.1}% ({msg})", st.state, percent(&st));
             last_line = Instant::now();
         }
         if done {
@@ -141,19 +302,6 @@ pub fn wait(control: &Path, timeout: Option<f64>) -> u8 {
                 b.finish_with_message(format!("synced ({})", human(st.bytes_copied as f64)));
             }
             return 0;
-        }
-        let failure = match st.state {
-            DeviceState::Degraded => Some(format!("degraded: {}", st.error.as_deref().unwrap_or("target failed"))),
-            DeviceState::Serving => Some("no target is attached".to_string()),
-            DeviceState::Syncing => st.error.clone().map(|e| format!("the copy stopped: {e}")),
-            _ => None,
-        };
-        if let Some(f) = failure {
-            if let Some(b) = &bar {
-                b.abandon();
-            }
-            eprintln!("livemirror: {f}");
-            return 1;
         }
         if timeout.is_some_and(|t| start.elapsed().as_secs_f64() >= t) {
             if let Some(b) = &bar {
@@ -166,7 +314,48 @@ pub fn wait(control: &Path, timeout: Option<f64>) -> u8 {
     }
 }
 
-pub fn verify(control: &Path) -> u8 {
+/// verify's summary line, and whether a `--strict` run passes. Zero regions
+/// compared is never called a match.
+pub fn verify_summary(rep: &VerifyReport) -> (String, bool) {
+    let mut s = format!(
+        "verify: {} regions compared ({}), {} mismatching ranges",
+        rep.regions_compared,
+        human(rep.bytes_compared as f64),
+        rep.mismatches.len()
+    );
+    if rep.regions_not_copied_yet > 0 {
+        s.push_str(&format!(
+            "; {} regions not compared because the copy has not reached them yet (verify --wait compares everything)",
+            rep.regions_not_copied_yet
+        ));
+    }
+    if rep.regions_unverifiable > 0 {
+        s.push_str(&format!("; {} trimmed regions cannot be compared", rep.regions_unverifiable));
+    }
+    let other = rep.regions_skipped.saturating_sub(rep.regions_not_copied_yet + rep.regions_unverifiable);
+    if other > 0 {
+        s.push_str(&format!("; {other} more regions skipped"));
+    }
+    if rep.mismatches.is_empty() {
+        if rep.regions_compared == 0 {
+            s.push_str(": nothing was compared, so this is no evidence that the disks match");
+        } else if rep.regions_not_copied_yet > 0 {
+            s.push_str(": the compared regions match; the others are not checked");
+        } else {
+            s.push_str(": source and target match");
+        }
+    }
+    let strict_ok = rep.mismatches.is_empty() && rep.regions_compared > 0 && rep.regions_not_copied_yet == 0;
+    (s, strict_ok)
+}
+
+pub fn verify(control: &Path, wait_first: bool, timeout: Option<f64>, strict: bool) -> u8 {
+    if wait_first {
+        let c = wait(control, timeout);
+        if c != 0 {
+            return c;
+        }
+    }
     let r = match call(control, &Request::Verify) {
         Ok(r) => r,
         Err(c) => return c,
@@ -178,14 +367,13 @@ pub fn verify(control: &Path) -> u8 {
     for (s, e) in &rep.mismatches {
         println!("mismatch: bytes {s}..{e} ({} bytes)", e - s);
     }
-    println!(
-        "verify: {} regions compared ({}), {} skipped, {} mismatching ranges",
-        rep.regions_compared,
-        human(rep.bytes_compared as f64),
-        rep.regions_skipped,
-        rep.mismatches.len()
-    );
-    u8::from(!rep.mismatches.is_empty())
+    let (line, strict_ok) = verify_summary(&rep);
+    println!("{line}");
+    if !rep.mismatches.is_empty() || (strict && !strict_ok) {
+        1
+    } else {
+        0
+    }
 }
 
 pub fn grow(control: &Path, size: Option<u64>) -> u8 {
@@ -197,5 +385,61 @@ pub fn grow(control: &Path, size: Option<u64>) -> u8 {
             0
         }
         Err(c) => c,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn get_prints_fields_bare_and_follows_dotted_paths() {
+        let v = serde_json::json!({
+            "state": "degraded",
+            "error": "target write failed at offset 0: cannot open \"/x\\\"y\": gone",
+            "eta_seconds": null,
+            "paused": false,
+            "export_size": 1024,
+            "events": [{"message": "first"}, {"message": "last"}],
+        });
+        assert_eq!(bare(lookup(&v, "state").unwrap()), "degraded");
+        assert_eq!(bare(lookup(&v, "error").unwrap()), r#"target write failed at offset 0: cannot open "/x\"y": gone"#);
+        assert_eq!(bare(lookup(&v, "eta_seconds").unwrap()), "null");
+        assert_eq!(bare(lookup(&v, "paused").unwrap()), "false");
+        assert_eq!(bare(lookup(&v, "export_size").unwrap()), "1024");
+        assert_eq!(bare(lookup(&v, "events.0.message").unwrap()), "first");
+        assert_eq!(bare(lookup(&v, "events.-1.message").unwrap()), "last");
+        assert_eq!(bare(lookup(&v, "events.1").unwrap()), r#"{"message":"last"}"#);
+        assert!(lookup(&v, "events.2").is_none());
+        assert!(lookup(&v, "events.-3").is_none());
+        assert!(lookup(&v, "nope").is_none());
+        assert!(lookup(&v, "state.x").is_none());
+    }
+
+    fn report(compared: u64, not_yet: u64, mismatches: usize) -> VerifyReport {
+        VerifyReport {
+            regions_compared: compared,
+            regions_skipped: not_yet,
+            regions_not_copied_yet: not_yet,
+            regions_unverifiable: 0,
+            bytes_compared: compared * 65536,
+            mismatches: vec![(0, 4096); mismatches],
+        }
+    }
+
+    #[test]
+    fn nothing_compared_is_never_a_pass() {
+        let (line, ok) = verify_summary(&report(0, 100, 0));
+        assert!(!ok);
+        assert!(line.contains("100 regions not compared because the copy has not reached them yet"), "{line}");
+        assert!(line.contains("nothing was compared"), "{line}");
+        assert!(!line.contains("match;") && !line.contains("source and target match"), "{line}");
+        let (line, ok) = verify_summary(&report(40, 60, 0));
+        assert!(!ok, "{line}");
+        assert!(line.contains("the others are not checked"), "{line}");
+        let (line, ok) = verify_summary(&report(100, 0, 0));
+        assert!(ok && line.ends_with("source and target match"), "{line}");
+        let (line, ok) = verify_summary(&report(100, 0, 2));
+        assert!(!ok && line.contains("2 mismatching ranges") && !line.contains("match:"), "{line}");
     }
 }

@@ -14,9 +14,12 @@
 //! ```
 //!
 //! Commands: `status`, `attach {target}`, `detach-source`, `detach-target`,
-//! `verify`, `pause`, `resume`, `set-rate {rate}`, `grow {size?}`.
+//! `verify`, `pause`, `resume`, `set-rate {rate}`, `grow {size?}`, and
+//! `events {interval}`, which turns the connection into a stream: after the
+//! `{"ok":true}` answer the daemon writes one JSON object per line (see
+//! [`stream_events`]) until the client hangs up or the daemon stops.
 
-use std::io::{self, BufRead, BufReader, Write};
+use std::io::{self, BufRead, BufReader, Read, Write};
 use std::os::unix::net::{UnixListener as StdUnixListener, UnixStream as StdUnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -39,6 +42,7 @@ pub enum Request {
     Resume,
     SetRate { rate: u64 },
     Grow { size: Option<u64> },
+    Events { interval: f64 },
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, Default)]
@@ -91,6 +95,102 @@ pub async fn handle(mirror: &Arc<Mirror>, req: Request, caller: Option<u32>) -> 
             Ok(size) => Response { ok: true, size: Some(size), ..Default::default() },
             Err(e) => Response::err(e),
         },
+        // Answered by serve_conn, which owns the connection it streams on.
+        Request::Events { .. } => Response::err("events is a stream: it needs a connection of its own"),
+    }
+}
+
+/// One line of the event stream, as JSON: `type` says which kind it is.
+/// - `status`: the whole status object (without its event log), once, first;
+/// - `event`: an engine event as it happens (`kind` state, error or info, the
+///   `state` it led to, `message`);
+/// - `progress`: every interval while syncing (state, paused, regions, bytes,
+///   rate, ETA, percent);
+/// - `lagged`: this reader fell behind and `missed` events were dropped;
+/// - `end`: the daemon is stopping; nothing follows.
+fn stream_line(kind: &str, mut v: serde_json::Value) -> Vec<u8> {
+    if let Some(o) = v.as_object_mut() {
+        o.insert("type".into(), kind.into());
+    }
+    let mut out = serde_json::to_vec(&v).unwrap_or_else(|_| br#"{"type":"invalid"}"#.to_vec());
+    out.push(b'\n');
+    out
+}
+
+fn now_unix() -> f64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64())
+}
+
+/// The `progress` object of a status.
+pub fn progress_json(st: &Status) -> serde_json::Value {
+    let pct = if st.regions_total > 0 { 100.0 * st.regions_clean as f64 / st.regions_total as f64 } else { 100.0 };
+    serde_json::json!({
+        "unix_time": now_unix(),
+        "state": st.state,
+        "paused": st.paused,
+        "percent": (pct * 100.0).round() / 100.0,
+        "regions_clean": st.regions_clean,
+        "regions_total": st.regions_total,
+        "bytes_copied": st.bytes_copied,
+        "bytes_written_as_zeroes": st.bytes_written_as_zeroes,
+        "copy_rate_bytes_per_sec": st.copy_rate_bytes_per_sec,
+        "eta_seconds": st.eta_seconds,
+    })
+}
+
+/// Streams events and progress to `wr` until the client hangs up (anything it
+/// sends, or EOF, ends the stream) or the daemon stops.
+async fn stream_events<R, W>(
+    mirror: &Arc<Mirror>,
+    interval: f64,
+    rd: &mut R,
+    wr: &mut W,
+    stop: &mut tokio::sync::watch::Receiver<bool>,
+) where
+    R: tokio::io::AsyncRead + Unpin,
+    W: tokio::io::AsyncWrite + Unpin,
+{
+    use tokio::sync::broadcast::error::RecvError;
+    // Subscribe before the snapshot, so nothing falls between the two.
+    let mut events = mirror.subscribe_events();
+    let mut first = serde_json::to_value(mirror.status()).unwrap_or_default();
+    if let Some(o) = first.as_object_mut() {
+        o.remove("events");
+        o.insert("unix_time".into(), now_unix().into());
+    }
+    let mut pending = stream_line("status", first);
+    let mut tick = tokio::time::interval(Duration::from_secs_f64(interval));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tick.reset();
+    let mut scratch = [0u8; 64];
+    loop {
+        if !pending.is_empty() {
+            tokio::select! {
+                _ = stop.wait_for(|s| *s) => return,
+                r = wr.write_all(&pending) => if r.is_err() { return },
+            }
+            pending.clear();
+        }
+        tokio::select! {
+            _ = stop.wait_for(|s| *s) => {
+                let end = stream_line("end", serde_json::json!({"unix_time": now_unix(), "reason": "the daemon is stopping"}));
+                let _ = tokio::time::timeout(Duration::from_secs(1), wr.write_all(&end)).await;
+                return;
+            }
+            // The client sends nothing on a stream: bytes or EOF both end it.
+            _ = rd.read(&mut scratch) => return,
+            e = events.recv() => match e {
+                Ok(ev) => pending = stream_line("event", serde_json::to_value(&ev).unwrap_or_default()),
+                Err(RecvError::Lagged(n)) => pending = stream_line("lagged", serde_json::json!({"unix_time": now_unix(), "missed": n})),
+                Err(RecvError::Closed) => return,
+            },
+            _ = tick.tick() => {
+                let st = mirror.status();
+                if st.state == engine::DeviceState::Syncing {
+                    pending = stream_line("progress", progress_json(&st));
+                }
+            }
+        }
     }
 }
 
@@ -151,6 +251,17 @@ async fn serve_conn(stream: tokio::net::UnixStream, mirror: Arc<Mirror>, mut sto
             .map_err(|e| format!("bad request: not UTF-8 ({e})"))
             .and_then(|line| serde_json::from_str::<Request>(line.trim()).map_err(|e| format!("bad request: {e}")))
         {
+            Ok(Request::Events { interval }) => {
+                if !(interval.is_finite() && (0.01..=3600.0).contains(&interval)) {
+                    Response::err(format!("events: the interval must be between 0.01 and 3600 seconds, not {interval}"))
+                } else {
+                    if wr.write_all(b"{\"ok\":true}\n").await.is_err() {
+                        return;
+                    }
+                    stream_events(&mirror, interval, &mut rd, &mut wr, &mut stop).await;
+                    return;
+                }
+            }
             Ok(req) => {
                 let what = format!("{req:?}");
                 let resp = handle(&mirror, req, caller).await;
@@ -173,9 +284,14 @@ use tokio::io::AsyncReadExt as _;
 
 /// A synchronous client (the CLI commands).
 pub struct Client {
+    path: PathBuf,
     reader: BufReader<StdUnixStream>,
     writer: StdUnixStream,
 }
+
+/// Requests the daemon answers at once; a peer that stays silent on one of
+/// these for this long is not a livemirror daemon (or is hung).
+const QUICK_ANSWER: Duration = Duration::from_secs(30);
 
 impl Client {
     pub fn connect(path: &Path) -> io::Result<Client> {
@@ -188,18 +304,65 @@ impl Client {
                 ),
             )
         })?;
-        Ok(Client { reader: BufReader::new(s.try_clone()?), writer: s })
+        Ok(Client { path: path.to_path_buf(), reader: BufReader::new(s.try_clone()?), writer: s })
+    }
+
+    /// Why a peer is not a livemirror control socket, from what it sent.
+    fn not_control(&self, got: &[u8]) -> io::Error {
+        let p = self.path.display();
+        let msg = if got.is_empty() {
+            format!("{p} closed the connection without answering: it is not a livemirror control socket")
+        } else if got.starts_with(b"NBDMAGIC") {
+            format!(
+                "{p} is an NBD socket, not a livemirror control socket (give --control the daemon's control socket)"
+            )
+        } else {
+            let shown: String = String::from_utf8_lossy(&got[..got.len().min(40)]).escape_debug().collect();
+            format!("{p} is not a livemirror control socket: it answered \"{shown}\"")
+        };
+        io::Error::new(io::ErrorKind::InvalidData, msg)
+    }
+
+    /// Reads one line; `Ok(None)` on EOF before any byte.
+    pub fn read_line(&mut self) -> io::Result<Option<Vec<u8>>> {
+        let mut raw = Vec::new();
+        let n = (&mut self.reader).take(MAX_LINE).read_until(b'\n', &mut raw)?;
+        Ok((n > 0).then_some(raw))
     }
 
     pub fn call(&mut self, req: &Request) -> io::Result<Response> {
         let mut line = serde_json::to_vec(req).map_err(io::Error::other)?;
         line.push(b'\n');
-        self.writer.write_all(&line)?;
-        let mut resp = String::new();
-        if self.reader.read_line(&mut resp)? == 0 {
-            return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "the daemon closed the control connection"));
+        let quick = matches!(req, Request::Status | Request::SetRate { .. });
+        self.writer.set_read_timeout(quick.then_some(QUICK_ANSWER))?;
+        if let Err(e) = self.writer.write_all(&line) {
+            // A peer that hung up as soon as it read something it did not
+            // understand; whatever it sent before says what it was.
+            let mut got = Vec::new();
+            let _ = (&mut self.reader).take(64).read_to_end(&mut got);
+            return Err(if got.is_empty() {
+                io::Error::new(e.kind(), format!("cannot send to {}: {e}", self.path.display()))
+            } else {
+                self.not_control(&got)
+            });
         }
-        serde_json::from_str(&resp).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, format!("bad reply: {e}")))
+        let raw = match self.read_line() {
+            Ok(Some(r)) => r,
+            Ok(None) => return Err(self.not_control(&[])),
+            Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => {
+                return Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    format!(
+                        "no answer from {} within {} s: it is not a livemirror control socket, or the daemon is hung",
+                        self.path.display(),
+                        QUICK_ANSWER.as_secs()
+                    ),
+                ))
+            }
+            Err(e) => return Err(io::Error::new(e.kind(), format!("cannot read from {}: {e}", self.path.display()))),
+        };
+        self.writer.set_read_timeout(None)?;
+        serde_json::from_slice::<Response>(&raw).map_err(|_| self.not_control(&raw))
     }
 }
 

@@ -5,6 +5,9 @@ mod bench;
 mod commands;
 mod control;
 mod demo;
+mod generate;
+mod metrics;
+mod notify;
 mod rootd;
 mod serve;
 mod units;
@@ -17,20 +20,30 @@ use clap::{Args, Parser, Subcommand};
 pub const DEFAULT_CONTROL: &str = "/run/livemirror/control.sock";
 pub const DEFAULT_LISTEN: &str = "unix:/run/livemirror/nbd.sock";
 
+const AFTER_HELP: &str = "\
+Sizes and rates: a number with an optional binary unit K, M, G or T, also written KB or KiB,
+in any case (1K = 1024 bytes); decimals that make whole bytes (1.5G); rates may end in /s.
+Examples: 4096, 64K, 10mb, 1.5G, 100M/s, \"24.0 MiB/s\".
+
+Exit codes: 0 success, 1 failed or refused (one line on stderr says why), 2 usage error,
+3 `wait` (or `verify --wait`) timed out.";
+
 #[derive(Parser)]
 #[command(
     name = "livemirror",
     version,
-    about = "Serve a block device over NBD and mirror it live onto a hot-added target"
+    about = "Serve a block device over NBD and mirror it live onto a hot-added target",
+    after_help = AFTER_HELP
 )]
-struct Cli {
+pub struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
 }
 
 #[derive(Args, Clone)]
 pub struct ControlArg {
-    /// The daemon's control socket.
+    /// The daemon's control socket (the livemirror@NAME service uses
+    /// /run/livemirror/NAME/control.sock).
     #[arg(long, value_name = "PATH", default_value = DEFAULT_CONTROL)]
     pub control: PathBuf,
 }
@@ -41,6 +54,9 @@ enum Cmd {
     Serve(Box<serve::ServeArgs>),
     /// Hot-add TARGET and start the sync; returns once started.
     Attach {
+        /// The disk or image to copy onto: at least as large as the export;
+        /// everything on it is overwritten.
+        #[arg(value_name = "TARGET")]
         target: PathBuf,
         #[command(flatten)]
         control: ControlArg,
@@ -48,13 +64,31 @@ enum Cmd {
     /// Show the daemon's state.
     Status {
         /// One JSON object on one line.
-        #[arg(long)]
+        #[arg(long, conflicts_with = "get")]
         json: bool,
+        /// Print one field of the JSON object, bare: strings without quotes,
+        /// null as `null`, objects and arrays as compact JSON. A dotted path
+        /// reaches into objects and arrays (`events.-1.message`: negative
+        /// indexes count from the end). Repeat for several fields, one per line.
+        #[arg(long, value_name = "FIELD")]
+        get: Vec<String>,
         #[command(flatten)]
         control: ControlArg,
     },
-    /// Wait until synced (exit 1 if degraded or stopped on an error, 3 on timeout).
+    /// Follow the daemon: one JSON object per line for every event and state
+    /// change as it happens, and progress at a steady interval while syncing.
+    Events {
+        /// Seconds between progress lines while syncing.
+        #[arg(long, value_name = "SECS", default_value_t = 1.0)]
+        interval: f64,
+        #[command(flatten)]
+        control: ControlArg,
+    },
+    /// Wait until synced (exit 1 if degraded, no target or stopped on an
+    /// error, 3 on timeout).
     Wait {
+        /// Give up after this many seconds (exit 3); default: wait as long as
+        /// it takes.
         #[arg(long, value_name = "SECS")]
         timeout: Option<f64>,
         #[command(flatten)]
@@ -70,12 +104,24 @@ enum Cmd {
         #[command(flatten)]
         control: ControlArg,
     },
-    /// Compare source and target region by region (CRC32); exit 0 iff they match.
+    /// Compare source and target region by region (CRC32); exit 0 iff no
+    /// region differs.
     Verify {
+        /// First wait for the sync to complete (as `wait` does), so that every
+        /// region can be compared.
+        #[arg(long)]
+        wait: bool,
+        /// With --wait: give up waiting after this many seconds (exit 3).
+        #[arg(long, value_name = "SECS", requires = "wait")]
+        timeout: Option<f64>,
+        /// Exit 1 also when some regions could not be compared because the
+        /// copy has not reached them yet, or when nothing was compared.
+        #[arg(long)]
+        strict: bool,
         #[command(flatten)]
         control: ControlArg,
     },
-    /// Pause the copy (foreground I/O continues).
+    /// Pause the copy (client I/O continues).
     Pause {
         #[command(flatten)]
         control: ControlArg,
@@ -85,16 +131,19 @@ enum Cmd {
         #[command(flatten)]
         control: ControlArg,
     },
-    /// Limit the copy rate (bytes/s with K/M/G suffixes; 0 = unlimited).
+    /// Limit the copy rate.
     SetRate {
-        #[arg(value_parser = units::parse_size)]
+        /// Bytes per second, e.g. 100M or 1.5G/s; 0 = unlimited.
+        #[arg(value_name = "RATE", value_parser = units::parse_rate)]
         rate: u64,
         #[command(flatten)]
         control: ControlArg,
     },
-    /// Grow the export to the target's size (or SIZE), after detach-source.
+    /// Grow the export, after detach-source.
     Grow {
-        #[arg(value_parser = units::parse_size)]
+        /// The new export size, e.g. 20G (default: the target's whole size;
+        /// never smaller than now).
+        #[arg(value_name = "SIZE", value_parser = units::parse_size)]
         size: Option<u64>,
         #[command(flatten)]
         control: ControlArg,
@@ -104,22 +153,31 @@ enum Cmd {
     /// Measure the copier on your own devices and recommend flags (writes TARGET; needs --force).
     Bench(bench::BenchArgs),
     /// Disconnect a kernel NBD device over netlink (after its filesystem is unmounted).
-    NbdDisconnect { device: PathBuf },
+    NbdDisconnect {
+        /// The kernel NBD device, /dev/nbdN.
+        #[arg(value_name = "DEVICE")]
+        device: PathBuf,
+    },
+    /// Write man pages or shell completions generated from this CLI (packaging).
+    #[command(hide = true)]
+    Generate(generate::GenerateArgs),
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    use crate::control::Request;
     let code = match cli.cmd {
         Cmd::Serve(a) => serve::run(*a),
         Cmd::Attach { target, control } => commands::attach(&control.control, target),
-        Cmd::Status { json, control } => commands::status(&control.control, json),
+        Cmd::Status { json, get, control } => commands::status(&control.control, json, &get),
+        Cmd::Events { interval, control } => commands::events(&control.control, interval),
         Cmd::Wait { timeout, control } => commands::wait(&control.control, timeout),
-        Cmd::DetachSource { control } => commands::simple(&control.control, crate::control::Request::DetachSource),
-        Cmd::DetachTarget { control } => commands::simple(&control.control, crate::control::Request::DetachTarget),
-        Cmd::Verify { control } => commands::verify(&control.control),
-        Cmd::Pause { control } => commands::simple(&control.control, crate::control::Request::Pause),
-        Cmd::Resume { control } => commands::simple(&control.control, crate::control::Request::Resume),
-        Cmd::SetRate { rate, control } => commands::simple(&control.control, crate::control::Request::SetRate { rate }),
+        Cmd::DetachSource { control } => commands::simple(&control.control, Request::DetachSource),
+        Cmd::DetachTarget { control } => commands::simple(&control.control, Request::DetachTarget),
+        Cmd::Verify { wait, timeout, strict, control } => commands::verify(&control.control, wait, timeout, strict),
+        Cmd::Pause { control } => commands::simple(&control.control, Request::Pause),
+        Cmd::Resume { control } => commands::simple(&control.control, Request::Resume),
+        Cmd::SetRate { rate, control } => commands::simple(&control.control, Request::SetRate { rate }),
         Cmd::Grow { size, control } => commands::grow(&control.control, size),
         Cmd::Demo(a) => demo::run(a),
         Cmd::Bench(a) => bench::run(a),
@@ -130,6 +188,7 @@ fn main() -> ExitCode {
                 1
             }
         },
+        Cmd::Generate(a) => generate::run(a),
     };
     ExitCode::from(code)
 }

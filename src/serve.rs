@@ -10,13 +10,28 @@ use engine::rt::Worker;
 use engine::{CacheMode, Mirror, MirrorConfig};
 use nbd_frontend::{ListenAddr, Listener, Server, ServerConfig};
 
-use crate::units::parse_size;
+use crate::units::{parse_rate, parse_size};
+
+/// `--detect-zeroes on|off`, as qemu names the switch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum OnOff {
+    On,
+    Off,
+}
+
+/// `--metrics ADDR`: only TCP (a scraper connects over the network stack).
+fn parse_metrics_addr(s: &str) -> Result<ListenAddr, String> {
+    match s.parse::<ListenAddr>()? {
+        a @ ListenAddr::Tcp { .. } => Ok(a),
+        ListenAddr::Unix(_) => Err(format!("{s}: the metrics address is tcp:HOST:PORT")),
+    }
+}
 
 #[derive(Args, Debug)]
 pub struct ServeArgs {
-    /// The device or image to serve (may be left out only when the state file
-    /// says source-detached).
-    #[arg(long, value_name = "PATH")]
+    /// The device or image to serve (may be left out only with --state, when
+    /// the state file says source-detached).
+    #[arg(long, value_name = "PATH", required_unless_present = "state")]
     pub source: Option<PathBuf>,
     /// Attach this target right after start.
     #[arg(long, value_name = "PATH")]
@@ -33,6 +48,7 @@ pub struct ServeArgs {
     /// Ignore a mismatching state file and start over.
     #[arg(long)]
     pub restart_sync: bool,
+    /// The NBD export name clients ask for (default "", the default export).
     #[arg(long, value_name = "NAME", default_value = "")]
     pub export_name: String,
     /// Bitmap granularity (default 64K, or the state file's).
@@ -41,22 +57,35 @@ pub struct ServeArgs {
     /// Copier I/Os in flight.
     #[arg(long, value_name = "N", default_value_t = engine::DEFAULT_QUEUE_DEPTH)]
     pub queue_depth: usize,
-    /// Copy rate limit, 0 = unlimited [default: 0, or with --state the rate
-    /// `set-rate` last set].
-    #[arg(long, value_name = "RATE", value_parser = parse_size)]
+    /// Copy rate limit in bytes per second, 0 = unlimited (default: 0, or
+    /// with --state the rate `set-rate` last set).
+    #[arg(long, value_name = "RATE", value_parser = parse_rate)]
     pub max_rate: Option<u64>,
-    /// The copy rate kept while clients are busy (the copier backs off to it)
-    /// [default: 32M, or with --state the floor last set].
-    #[arg(long, value_name = "RATE", value_parser = parse_size)]
+    /// The copy rate kept while clients are busy: the copier backs off to it
+    /// (default: 32M, or with --state the floor last set; docs/decisions.md
+    /// says how 32M was chosen).
+    #[arg(long, value_name = "RATE", value_parser = parse_rate)]
     pub min_rate: Option<u64>,
     /// Attach the kernel's NBD client to this device over netlink.
     #[arg(long, value_name = "/dev/nbdN")]
     pub nbd_device: Option<PathBuf>,
+    /// Export read-only: clients' writes, trims and write-zeroes are refused
+    /// (a target can still be attached and synced).
     #[arg(long)]
     pub read_only: bool,
-    /// Allow a TCP listen address that is not loopback (NBD has no authentication).
+    /// Allow TCP listen and metrics addresses that are not loopback (NBD has
+    /// no authentication).
     #[arg(long)]
     pub allow_remote: bool,
+    /// Serve Prometheus metrics at http://ADDR/metrics; ADDR is tcp:HOST:PORT
+    /// (loopback unless --allow-remote).
+    #[arg(long, value_name = "ADDR", value_parser = parse_metrics_addr)]
+    pub metrics: Option<ListenAddr>,
+    /// Zero detection: on, runs of zeroes read from the source are zeroed on
+    /// the target (a hole in a file, an unmap on a disk that supports it)
+    /// instead of written; off, every byte is written.
+    #[arg(long, value_name = "on|off", value_enum, default_value = "on")]
+    pub detect_zeroes: OnOff,
     /// Page-cache use: auto (O_DIRECT for block devices), direct or buffered.
     #[arg(long, value_name = "MODE", default_value = "auto")]
     pub cache: CacheMode,
@@ -88,9 +117,8 @@ pub struct ServeArgs {
     /// of their requests in flight before they are closed.
     #[arg(long, value_name = "SECS", default_value_t = 5.0)]
     pub shutdown_timeout: f64,
-    /// Connections the kernel client uses. One by default: with more, Linux
-    /// 6.1 was seen to leave a reply unread until the request timed out
-    /// (docs/decisions.md).
+    /// Connections the kernel client uses (see docs/decisions.md before
+    /// raising it).
     #[arg(long, value_name = "N", default_value_t = 1)]
     pub nbd_connections: usize,
     /// Kernel request timeout: requests in flight on a dead connection are
@@ -105,7 +133,8 @@ pub struct ServeArgs {
     /// no OOM kill, supervised restarts (also when argv[0] starts with '@').
     #[arg(long)]
     pub root_storage_daemon: bool,
-    /// Bytes per copier I/O when clients are idle (default 2M; 1M for files in RAM). While clients are busy the copier uses at most 64K.
+    /// Bytes per copier I/O while clients are idle (default 2M; 1M for files
+    /// in RAM); while they are busy, at most 64K.
     #[arg(long, value_name = "SIZE", value_parser = parse_size)]
     pub copy_chunk: Option<u64>,
     /// I/O threads (default: one per CPU).
@@ -237,17 +266,68 @@ fn server_config(args: &ServeArgs, served: &str) -> anyhow::Result<ServerConfig>
 pub struct Running {
     pub mirror: Arc<Mirror>,
     pub server: Server<Mirror>,
-    kernel: Option<nbd_frontend::kernel::KernelAttachment>,
+    kernel: Option<(PathBuf, nbd_frontend::kernel::KernelAttachment)>,
+    /// What a clean stop does with the kernel device (see [`kernel_on_stop`]).
+    kernel_stop: KernelStop,
     workers: Vec<Arc<Worker>>,
     stop_control: tokio::sync::watch::Sender<bool>,
-    sockets: Vec<PathBuf>,
+    sockets: SocketFiles,
     shutdown_timeout: std::time::Duration,
+}
+
+/// What a clean stop (SIGTERM) does with a kernel NBD device we connected.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KernelStop {
+    /// Flush it and disconnect it: nobody will reconnect it, and a device left
+    /// configured would hold its I/O for the whole dead-connection timeout.
+    FlushAndDisconnect,
+    /// Leave it configured: the root filesystem's storage daemon is restarted
+    /// (by its supervisor, or the next boot stage) and reconnects it.
+    Keep,
+}
+
+pub fn kernel_on_stop(root_daemon: bool) -> KernelStop {
+    if root_daemon {
+        KernelStop::Keep
+    } else {
+        KernelStop::FlushAndDisconnect
+    }
+}
+
+/// Socket files this daemon created. Removed when dropped (a failed start
+/// leaves none behind), unless handed over with [`SocketFiles::take`].
+#[derive(Default)]
+struct SocketFiles(Vec<PathBuf>);
+
+impl SocketFiles {
+    fn take(&mut self) -> Vec<PathBuf> {
+        std::mem::take(&mut self.0)
+    }
+}
+
+impl Drop for SocketFiles {
+    fn drop(&mut self) {
+        for p in self.take() {
+            let _ = std::fs::remove_file(engine::hostfs::locate(&p, None));
+        }
+    }
+}
+
+/// Fails early, before anything is opened or bound, when `--nbd-device`
+/// cannot work on this host.
+fn check_kernel_nbd(dev: &std::path::Path) -> anyhow::Result<()> {
+    if nbd_frontend::netlink::device_index(dev).is_none() {
+        bail!("--nbd-device {}: not an NBD device (expected /dev/nbdN)", dev.display());
+    }
+    nbd_frontend::netlink::NbdNetlink::open()
+        .with_context(|| format!("--nbd-device {}: cannot use the kernel's NBD client", dev.display()))?;
+    Ok(())
 }
 
 /// Opens the devices and starts serving; returns once every listener accepts
 /// and the control socket answers.
 pub fn start(args: &ServeArgs) -> anyhow::Result<Running> {
-    for l in &args.listen {
+    for l in args.listen.iter().chain(&args.metrics) {
         let local = l.is_local_only().with_context(|| format!("cannot resolve {l}"))?;
         if !local && !args.allow_remote {
             bail!("refusing to listen on {l}: it is reachable from other hosts and NBD has no authentication (add --allow-remote to insist)");
@@ -258,6 +338,9 @@ pub fn start(args: &ServeArgs) -> anyhow::Result<Running> {
             bail!("--copy-chunk must be a multiple of 4K between 4K and 64M");
         }
     }
+    if let Some(dev) = &args.nbd_device {
+        check_kernel_nbd(dev)?;
+    }
     let cfg = MirrorConfig {
         region_size: args.region_size.unwrap_or(engine::regions::DEFAULT_REGION_SIZE),
         queue_depth: args.queue_depth.max(1),
@@ -266,7 +349,7 @@ pub fn start(args: &ServeArgs) -> anyhow::Result<Running> {
         copy_chunk: args.copy_chunk.unwrap_or(0) as usize,
         read_only: args.read_only,
         cache: args.cache,
-        detect_zeroes: true,
+        detect_zeroes: args.detect_zeroes == OnOff::On,
         ..MirrorConfig::default()
     };
     let started = engine::startup::start(
@@ -291,16 +374,31 @@ pub fn start(args: &ServeArgs) -> anyhow::Result<Running> {
         .context("cannot start I/O threads")?;
     let server = Server::new(mirror.clone(), server_config(args, &served)?, workers.clone());
     let mut bound = Vec::new();
-    let mut sockets = Vec::new();
+    let mut sockets = SocketFiles::default();
     for l in &args.listen {
-        bound.push(Listener::bind(l).with_context(|| format!("cannot listen on {l}"))?);
+        bound.push(match l {
+            // Listener::bind names a TCP address in its errors itself.
+            ListenAddr::Tcp { .. } => Listener::bind(l)?,
+            ListenAddr::Unix(_) => Listener::bind(l).with_context(|| format!("cannot listen on {l}"))?,
+        });
         if let ListenAddr::Unix(p) = l {
-            sockets.push(p.clone());
+            sockets.0.push(p.clone());
         }
     }
     let control = nbd_frontend::unix_socket::bind(&args.control)
         .with_context(|| format!("cannot create the control socket {}", args.control.display()))?;
-    sockets.push(args.control.clone());
+    sockets.0.push(args.control.clone());
+    let metrics = match &args.metrics {
+        Some(a) => {
+            let addrs = a.resolve().with_context(|| format!("cannot resolve {a}"))?;
+            let l =
+                std::net::TcpListener::bind(&addrs[..]).with_context(|| format!("cannot listen for metrics on {a}"))?;
+            l.set_nonblocking(true).context("metrics socket")?;
+            Some(l)
+        }
+        None => None,
+    };
+    let metrics_addr = metrics.as_ref().and_then(|l| l.local_addr().ok());
     let addrs: Vec<String> = bound.iter().map(|l| l.local_addr()).collect();
     let io0 = workers[0].clone();
     for l in bound {
@@ -310,16 +408,31 @@ pub fn start(args: &ServeArgs) -> anyhow::Result<Running> {
     let (stop_control, stop_rx) = tokio::sync::watch::channel(false);
     {
         let m = mirror.clone();
-        io0.run(move || crate::control::serve(control, m, stop_rx))?;
+        let stop = stop_rx.clone();
+        io0.run(move || crate::control::serve(control, m, stop))?;
+    }
+    if let Some(l) = metrics {
+        let (m, s, stop) = (mirror.clone(), server.clone(), stop_rx.clone());
+        io0.run(move || crate::metrics::serve(l, m, s, stop))?;
     }
     tracing::info!(
-        "serving {served} ({} bytes) on {}; control {}",
+        "serving {served} ({} bytes) on {}; control {}{}",
         mirror.size(),
         addrs.join(", "),
-        args.control.display()
+        args.control.display(),
+        metrics_addr.map(|a| format!("; metrics http://{a}/metrics")).unwrap_or_default()
     );
     let shutdown_timeout = seconds("--shutdown-timeout", args.shutdown_timeout)?;
-    let mut running = Running { mirror, server, kernel: None, workers, stop_control, sockets, shutdown_timeout };
+    let mut running = Running {
+        mirror,
+        server,
+        kernel: None,
+        kernel_stop: kernel_on_stop(crate::rootd::requested(args.root_storage_daemon)),
+        workers,
+        stop_control,
+        sockets,
+        shutdown_timeout,
+    };
     if let Some(t) = started.attach {
         let m = running.mirror.clone();
         running.on_io(move || async move { m.attach(&t).await })?.context("cannot attach the target")?;
@@ -336,9 +449,31 @@ pub fn start(args: &ServeArgs) -> anyhow::Result<Running> {
         };
         let k = nbd_frontend::kernel::attach(&running.server, &opts, running.mirror.subscribe_size())
             .with_context(|| format!("cannot attach the kernel client to {}", dev.display()))?;
-        running.kernel = Some(k);
+        running.kernel = Some((dev.clone(), k));
     }
     Ok(running)
+}
+
+/// Flushes a kernel block device (its page cache, then a FLUSH to us), for at
+/// most `limit`: a device that does not answer must not hold up the stop.
+fn flush_kernel_device(dev: &std::path::Path, limit: std::time::Duration) {
+    let (tx, rx) = std::sync::mpsc::channel();
+    let path = dev.to_path_buf();
+    let spawned = std::thread::Builder::new().name("livemirror-nbd-flush".into()).spawn(move || {
+        let r = std::fs::File::open(&path).and_then(|f| f.sync_all());
+        let _ = tx.send(r);
+    });
+    if let Err(e) = spawned {
+        tracing::warn!("cannot flush {}: {e}", dev.display());
+        return;
+    }
+    match rx.recv_timeout(limit) {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => tracing::warn!("cannot flush {}: {e}", dev.display()),
+        Err(_) => {
+            tracing::warn!("flushing {} took more than {} s: disconnecting anyway", dev.display(), limit.as_secs_f64())
+        }
+    }
 }
 
 impl Running {
@@ -356,10 +491,23 @@ impl Running {
     /// Stops accepting, drains every connection, stops the copier, flushes and
     /// persists, then stops the threads and removes the sockets.
     pub fn shutdown(self) -> anyhow::Result<()> {
-        let Running { mirror, server, kernel, workers, stop_control, sockets, shutdown_timeout } = self;
-        // The kernel device stays configured: a restarted daemon reconnects it
-        // (`livemirror nbd-disconnect` tears it down).
-        drop(kernel);
+        let Running { mirror, server, kernel, kernel_stop, workers, stop_control, sockets, shutdown_timeout } = self;
+        if let Some((dev, mut k)) = kernel {
+            match kernel_stop {
+                KernelStop::FlushAndDisconnect => {
+                    // While our connections still serve it: the kernel's
+                    // dirty pages and its FLUSH reach the devices first.
+                    flush_kernel_device(&dev, shutdown_timeout);
+                    match k.disconnect() {
+                        Ok(()) => tracing::info!("disconnected {}", dev.display()),
+                        Err(e) => tracing::warn!("cannot disconnect {}: {e}", dev.display()),
+                    }
+                }
+                // A restarted daemon reconnects it (`livemirror nbd-disconnect`
+                // tears it down).
+                KernelStop::Keep => drop(k),
+            }
+        }
         engine::rt::block_on(async {
             server.shutdown(shutdown_timeout).await;
             stop_control.send_replace(true);
@@ -371,17 +519,20 @@ impl Running {
                 w.join();
             }
         }
-        for p in sockets {
-            let _ = std::fs::remove_file(engine::hostfs::locate(&p, None));
-        }
+        // Removes the socket files.
+        drop(sockets);
         Ok(())
     }
 }
 
 fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let running = start(&args)?;
+    let notifier = crate::notify::Notifier::start(&args.control, running.mirror.clone());
     engine::rt::block_on(wait_for_signal())??;
     tracing::info!("shutting down: finishing in-flight requests");
+    if let Some(n) = notifier {
+        n.stopping();
+    }
     running.shutdown()?;
     tracing::info!("stopped cleanly");
     Ok(())
@@ -396,4 +547,29 @@ async fn wait_for_signal() -> anyhow::Result<()> {
         _ = int.recv() => {}
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_the_root_storage_daemon_leaves_its_kernel_device_configured() {
+        assert_eq!(kernel_on_stop(false), KernelStop::FlushAndDisconnect);
+        assert_eq!(kernel_on_stop(true), KernelStop::Keep);
+    }
+
+    #[test]
+    fn a_missing_source_is_a_usage_error_unless_a_state_file_may_name_it() {
+        let e = ServeArgs::from_args(["--target".into(), "/t".into()]).map(|_| ()).unwrap_err();
+        let e = e.downcast::<clap::Error>().expect("a clap error");
+        assert_eq!(e.exit_code(), 2);
+        assert!(ServeArgs::from_args(["--state".into(), "/s".into()]).is_ok());
+    }
+
+    #[test]
+    fn metrics_take_tcp_only() {
+        assert!(parse_metrics_addr("tcp:127.0.0.1:9100").is_ok());
+        assert!(parse_metrics_addr("unix:/run/m.sock").unwrap_err().contains("tcp:HOST:PORT"));
+    }
 }

@@ -1,19 +1,79 @@
-//! Sizes and rates with binary suffixes, as interface.md specifies.
+//! Sizes and rates: one grammar for every flag and argument that takes one.
+//!
+//! ```text
+//! SIZE := NUMBER [ ' ' ] [ UNIT ]        NUMBER := DIGITS [ '.' DIGITS ]
+//! RATE := SIZE [ '/s' ]                  UNIT   := B | K | M | G | T, each optionally
+//!                                                   followed by B or iB
+//! ```
+//!
+//! Case does not matter and every unit is binary: `64K`, `64k`, `64KB`,
+//! `64KiB` and `64kib` are all 65536 bytes. A decimal must come out as a whole
+//! number of bytes (`1.5G` is fine, `1.3K` is not). The optional space lets a
+//! value the CLI prints (`24.0 MiB/s`) be given back to it as it is.
 
-/// Parses `4096`, `64K`, `1M`, `2G`, `1T` (also `64KiB`, `64k`); rates may end in `/s`.
+/// What the grammar accepts, for `--help` and error messages.
+pub const SIZE_GRAMMAR: &str =
+    "a number with an optional binary unit K, M, G or T (also KB/KiB, any case; 1K = 1024), e.g. 4096, 64K, 1.5G, 10mb";
+pub const RATE_GRAMMAR: &str =
+    "bytes per second: a number with an optional binary unit K, M, G or T (also KB/KiB, any case; 1K = 1024) and an optional /s, e.g. 0, 500K, 100M/s, 1.5GiB/s";
+
+/// Parses a size (no `/s`).
 pub fn parse_size(s: &str) -> Result<u64, String> {
-    let t = s.trim();
-    let t = t.strip_suffix("/s").unwrap_or(t);
-    let t = t.strip_suffix("iB").or_else(|| t.strip_suffix('B')).unwrap_or(t);
-    let (num, shift) = match t.chars().last() {
-        Some('k' | 'K') => (&t[..t.len() - 1], 10),
-        Some('m' | 'M') => (&t[..t.len() - 1], 20),
-        Some('g' | 'G') => (&t[..t.len() - 1], 30),
-        Some('t' | 'T') => (&t[..t.len() - 1], 40),
-        _ => (t, 0),
+    parse(s, false).map_err(|why| format!("invalid size {s:?}: {why}; expected {SIZE_GRAMMAR}"))
+}
+
+/// Parses a rate in bytes per second (`/s` allowed).
+pub fn parse_rate(s: &str) -> Result<u64, String> {
+    parse(s, true).map_err(|why| format!("invalid rate {s:?}: {why}; expected {RATE_GRAMMAR}"))
+}
+
+fn parse(s: &str, rate: bool) -> Result<u64, &'static str> {
+    let mut t = s.trim();
+    if rate {
+        if let Some(x) = t.strip_suffix("/s").or_else(|| t.strip_suffix("/S")) {
+            t = x;
+        }
+    }
+    let digits_end = t.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(t.len());
+    let (num, unit) = t.split_at(digits_end);
+    let unit = unit.strip_prefix(' ').unwrap_or(unit);
+    let shift = match unit.to_ascii_lowercase().as_str() {
+        "" | "b" => 0,
+        "k" | "kb" | "kib" => 10,
+        "m" | "mb" | "mib" => 20,
+        "g" | "gb" | "gib" => 30,
+        "t" | "tb" | "tib" => 40,
+        _ if !rate && unit.contains('/') => return Err("a size takes no /s"),
+        _ => return Err("unknown unit"),
     };
-    let n: u64 = num.trim().parse().map_err(|_| format!("{s:?} is not a size (examples: 4096, 64K, 1M, 2G)"))?;
-    n.checked_mul(1u64 << shift).ok_or_else(|| format!("{s:?} is too large"))
+    let (int, frac) = match num.split_once('.') {
+        Some((i, f)) => (i, f),
+        None => (num, ""),
+    };
+    if int.is_empty() || !int.bytes().all(|b| b.is_ascii_digit()) || !frac.bytes().all(|b| b.is_ascii_digit()) {
+        return Err("no number");
+    }
+    if num.ends_with('.') {
+        return Err("no digits after the decimal point");
+    }
+    let too_large = "too large";
+    let whole: u64 = int.parse().map_err(|_| too_large)?;
+    let mut bytes = whole.checked_mul(1u64 << shift).ok_or(too_large)?;
+    if !frac.is_empty() {
+        // Exact integer arithmetic: frac / 10^digits of a unit.
+        if frac.len() > 12 {
+            return Err("too many decimals");
+        }
+        let f: u128 = frac.parse().map_err(|_| "no number")?;
+        let scaled = f * (1u128 << shift);
+        let den = 10u128.pow(frac.len() as u32);
+        if scaled % den != 0 {
+            return Err("not a whole number of bytes");
+        }
+        let part = u64::try_from(scaled / den).map_err(|_| too_large)?;
+        bytes = bytes.checked_add(part).ok_or(too_large)?;
+    }
+    Ok(bytes)
 }
 
 /// Human form of a byte count, e.g. `1.5 GiB`.
@@ -56,13 +116,41 @@ mod tests {
         assert_eq!(parse_size("4096"), Ok(4096));
         assert_eq!(parse_size("64K"), Ok(65536));
         assert_eq!(parse_size("64KiB"), Ok(65536));
-        assert_eq!(parse_size("1M"), Ok(1 << 20));
+        assert_eq!(parse_size("64kib"), Ok(65536));
+        assert_eq!(parse_size("64KB"), Ok(65536));
+        assert_eq!(parse_size("10mb"), Ok(10 << 20));
+        assert_eq!(parse_size("1.5G"), Ok(3 << 29));
+        assert_eq!(parse_size("0.5k"), Ok(512));
+        assert_eq!(parse_size("100 M"), Ok(100 << 20));
         assert_eq!(parse_size("2G"), Ok(2 << 30));
-        assert_eq!(parse_size("100M/s"), Ok(100 << 20));
+        assert_eq!(parse_size("1T"), Ok(1 << 40));
+        assert_eq!(parse_size("512B"), Ok(512));
         assert_eq!(parse_size("0"), Ok(0));
-        assert!(parse_size("12Q").is_err());
-        assert!(parse_size("").is_err());
-        assert!(parse_size("99999999999T").is_err());
+        for bad in ["12Q", "", "K", "1.3K", "1.", ".5K", "1..5", "99999999999T", "-1", "1M/s", "1 2", "1  M", "fast"] {
+            let e = parse_size(bad).expect_err(bad);
+            assert!(e.contains("expected a number with an optional binary unit"), "{bad}: {e}");
+        }
+        assert!(parse_size("1M/s").unwrap_err().contains("a size takes no /s"));
+        assert!(parse_size("1.3K").unwrap_err().contains("not a whole number of bytes"));
+    }
+
+    #[test]
+    fn rates() {
+        assert_eq!(parse_rate("100M/s"), Ok(100 << 20));
+        assert_eq!(parse_rate("64KB/s"), Ok(64 << 10));
+        assert_eq!(parse_rate("24.0 MiB/s"), Ok(24 << 20));
+        assert_eq!(parse_rate("1.5gib/S"), Ok(3 << 29));
+        assert_eq!(parse_rate("0"), Ok(0));
+        let e = parse_rate("10 per second").unwrap_err();
+        assert!(e.starts_with("invalid rate \"10 per second\": unknown unit; expected bytes per second"), "{e}");
+    }
+
+    #[test]
+    fn what_the_cli_prints_parses_back() {
+        for v in [512u64, 1536, 24 << 20, 3 << 29] {
+            let h = human(v as f64);
+            assert_eq!(parse_size(&h), Ok(v), "{h}");
+        }
     }
 
     #[test]

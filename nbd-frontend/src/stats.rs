@@ -21,8 +21,10 @@ pub const COMMANDS: [&str; 8] = ["read", "write", "flush", "trim", "cache", "wri
 /// Upper bounds of the latency histogram's buckets, in microseconds (a last
 /// bucket, +Inf, takes the rest). From a 4K request on RAM (tens of µs) to a
 /// FLUSH behind a slow disk (seconds).
-pub const BUCKETS_US: [u64; 16] =
-    [50, 100, 250, 500, 1_000, 2_500, 5_000, 10_000, 25_000, 50_000, 100_000, 250_000, 500_000, 1_000_000, 2_500_000, 10_000_000];
+pub const BUCKETS_US: [u64; 16] = [
+    50, 100, 250, 500, 1_000, 2_500, 5_000, 10_000, 25_000, 50_000, 100_000, 250_000, 500_000, 1_000_000, 2_500_000,
+    10_000_000,
+];
 
 /// The counters of one command.
 #[derive(Default)]

@@ -650,7 +650,10 @@ async fn run_command<D: BlockDevice>(dev: &D, session: &Session, cookie: u64, cm
         Command::WriteZeroes { offset, len, fua, may_unmap, fast } => {
             if fast && !dev.fast_zero() {
                 // Refusing a fast zero is the protocol's answer, not a failure.
-                return (Reply::error(session, cookie, ENOTSUP, "zeroing is not faster than writing on this device"), true);
+                return (
+                    Reply::error(session, cookie, ENOTSUP, "zeroing is not faster than writing on this device"),
+                    true,
+                );
             }
             dev.write_zeroes(offset, len as u64, may_unmap, fua).await
         }
