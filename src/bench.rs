@@ -8,7 +8,7 @@ use clap::Args;
 use engine::bench::{measure_copy, CopyRun};
 use engine::{CacheMode, MirrorConfig};
 
-use crate::units::{human, parse_size};
+use crate::units::{human, parse_rate, parse_size};
 
 #[derive(Args, Debug)]
 pub struct BenchArgs {
@@ -24,15 +24,17 @@ pub struct BenchArgs {
     /// How much of the source each run copies (default: all of it, at most 1G).
     #[arg(long, value_name = "SIZE", value_parser = parse_size)]
     pub bytes: Option<u64>,
+    /// Bitmap region sizes to try (comma-separated sizes).
     #[arg(long, value_name = "LIST", value_delimiter = ',', value_parser = parse_size, default_value = "64K,1M,4M")]
     pub region_sizes: Vec<u64>,
+    /// Copier I/Os in flight to try (comma-separated).
     #[arg(long, value_name = "LIST", value_delimiter = ',', default_value = "1,4,8,16,32")]
     pub queue_depths: Vec<usize>,
     /// Bytes per copier I/O.
     #[arg(long, value_name = "LIST", value_delimiter = ',', value_parser = parse_size, default_value = "1M,2M")]
     pub copy_chunks: Vec<u64>,
-    /// Rate limits to try (0 = unlimited).
-    #[arg(long, value_name = "LIST", value_delimiter = ',', value_parser = parse_size, default_value = "0")]
+    /// Rate limits to try, in bytes per second (0 = unlimited).
+    #[arg(long, value_name = "LIST", value_delimiter = ',', value_parser = parse_rate, default_value = "0")]
     pub rates: Vec<u64>,
     /// auto, direct or buffered (direct measures the devices, not the page cache).
     #[arg(long, value_name = "MODE", default_value = "direct")]

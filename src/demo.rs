@@ -16,7 +16,7 @@ use engine::DeviceState;
 use nbd_frontend::client::Client;
 
 use crate::serve::ServeArgs;
-use crate::units::{human, parse_size};
+use crate::units::{human, parse_rate, parse_size};
 
 #[derive(Args, Debug)]
 pub struct DemoArgs {
@@ -24,7 +24,7 @@ pub struct DemoArgs {
     #[arg(long, value_name = "SIZE", default_value = "64M", value_parser = parse_size)]
     pub size: u64,
     /// Copy rate during the demo, slow enough for writes to race the copy.
-    #[arg(long, value_name = "RATE", default_value = "24M", value_parser = parse_size)]
+    #[arg(long, value_name = "RATE", default_value = "24M", value_parser = parse_rate)]
     pub rate: u64,
     /// Work in this directory and keep the images (default: a temporary one).
     #[arg(long, value_name = "DIR")]
