@@ -280,13 +280,19 @@ fn lines_of(child: &mut std::process::Child) -> mpsc::Receiver<String> {
 
 /// Reads stream lines until `f` matches one (panics after `secs`); returns
 /// every line read, the match last.
-fn until(rx: &mpsc::Receiver<String>, secs: u64, what: &str, f: impl Fn(&serde_json::Value) -> bool) -> Vec<serde_json::Value> {
+fn until(
+    rx: &mpsc::Receiver<String>,
+    secs: u64,
+    what: &str,
+    f: impl Fn(&serde_json::Value) -> bool,
+) -> Vec<serde_json::Value> {
     let deadline = Instant::now() + Duration::from_secs(secs);
     let mut got = Vec::new();
     loop {
         let left = deadline.saturating_duration_since(Instant::now());
         let l = rx.recv_timeout(left).unwrap_or_else(|_| panic!("{what}: not seen in {secs} s; got {got:?}"));
-        let v: serde_json::Value = serde_json::from_str(&l).unwrap_or_else(|e| panic!("not one JSON object ({e}): {l}"));
+        let v: serde_json::Value =
+            serde_json::from_str(&l).unwrap_or_else(|e| panic!("not one JSON object ({e}): {l}"));
         assert!(v["type"].is_string() && v["unix_time"].is_number(), "no type or time: {l}");
         let hit = f(&v);
         got.push(v);
@@ -352,11 +358,16 @@ fn events_follow_every_state_change_and_progress_as_it_happens() {
     let st = d.status();
     let log = st["events"].as_array().expect("events in status");
     let find = |state: &str, needle: &str| {
-        log.iter().find(|e| e["kind"] == "state" && e["state"] == state && e["message"].as_str().is_some_and(|m| m.contains(needle)))
+        log.iter().find(|e| {
+            e["kind"] == "state" && e["state"] == state && e["message"].as_str().is_some_and(|m| m.contains(needle))
+        })
     };
     assert!(find("syncing", "attached").is_some(), "no attach event in status: {st}");
     assert!(find("synced", "synced").is_some(), "no synced event in status: {st}");
-    assert!(log.iter().any(|e| e["kind"] == "info" && e["message"].as_str().is_some_and(|m| m.contains("paus"))), "{st}");
+    assert!(
+        log.iter().any(|e| e["kind"] == "info" && e["message"].as_str().is_some_and(|m| m.contains("paus"))),
+        "{st}"
+    );
     let times: Vec<f64> = log.iter().filter_map(|e| e["unix_time"].as_f64()).collect();
     assert_eq!(times.len(), log.len());
     assert!(times.windows(2).all(|w| w[0] <= w[1]), "events out of order: {st}");
@@ -408,7 +419,10 @@ fn status_get_prints_fields_bare_even_with_quotes_inside() {
     // An event whose message has a quote and a backslash (JSON-escaped in
     // status --json) comes out as the text itself.
     let events = st["events"].as_array().expect("events");
-    let i = events.iter().position(|e| e["message"].as_str().is_some_and(|m| m.contains("attached"))).expect("attach event");
+    let i = events
+        .iter()
+        .position(|e| e["message"].as_str().is_some_and(|m| m.contains("attached")))
+        .expect("attach event");
     let want = events[i]["message"].as_str().unwrap_or_default().to_string();
     assert!(want.contains(r#"t"q\.img"#), "{want}");
     let json = d.cli_ok(&["status", "--json"]);
@@ -637,7 +651,10 @@ fn every_argument_of_every_command_has_help() {
         .filter_map(|l| l.split_whitespace().next().map(str::to_string))
         .filter(|c| c != "help")
         .collect();
-    assert!(cmds.len() >= 15 && cmds.contains(&"nbd-disconnect".to_string()) && cmds.contains(&"events".to_string()), "{top}");
+    assert!(
+        cmds.len() >= 15 && cmds.contains(&"nbd-disconnect".to_string()) && cmds.contains(&"events".to_string()),
+        "{top}"
+    );
     assert!(top.contains("1K = 1024") && top.contains("Exit codes"), "the grammar and exit codes: {top}");
     let mut bare = Vec::new();
     for c in &cmds {
@@ -696,7 +713,11 @@ fn one_size_and_rate_grammar_everywhere() {
     for bad in ["12Q", "1.3K", "fast", "1e3"] {
         let o = d.cli(&["set-rate", bad]);
         assert_eq!(code(&o), 2, "set-rate {bad}: {}", text(&o));
-        assert!(stderr(&o).contains("K, M, G or T") && stderr(&o).contains("1.5G"), "the error says what is accepted: {}", text(&o));
+        assert!(
+            stderr(&o).contains("K, M, G or T") && stderr(&o).contains("1.5G"),
+            "the error says what is accepted: {}",
+            text(&o)
+        );
     }
     let o = d.cli(&["grow", "1M/s"]);
     assert_eq!(code(&o), 2, "a size with /s: {}", text(&o));
@@ -797,7 +818,14 @@ fn every_failure_says_its_reason_once() {
             p(&dir.path().join("c.sock")).into(),
         ],
         vec!["serve".into(), "--source".into(), p(&src).into(), "--state".into(), p(&nodir).into()],
-        vec!["bench".into(), "--source".into(), p(&missing).into(), "--target".into(), p(&src).into(), "--force".into()],
+        vec![
+            "bench".into(),
+            "--source".into(),
+            p(&missing).into(),
+            "--target".into(),
+            p(&src).into(),
+            "--force".into(),
+        ],
         vec!["nbd-disconnect".into(), "/dev/nbd0".into()],
         vec!["generate".into(), "man".into(), p(&under_file).into()],
     ];
@@ -849,7 +877,8 @@ fn man_pages_and_completions_are_generated_from_the_cli() {
     let top = std::fs::read_to_string(man.join("livemirror.1")).expect("livemirror.1");
     assert!(top.contains(".TH livemirror 1") && top.contains("attach"), "{top}");
     for c in ["serve", "attach", "status", "events", "wait", "verify", "set-rate", "grow", "nbd-disconnect"] {
-        let page = std::fs::read_to_string(man.join(format!("livemirror-{c}.1"))).unwrap_or_else(|e| panic!("livemirror-{c}.1: {e}"));
+        let page = std::fs::read_to_string(man.join(format!("livemirror-{c}.1")))
+            .unwrap_or_else(|e| panic!("livemirror-{c}.1: {e}"));
         assert!(page.contains(&format!(".TH livemirror-{c} 1")), "{c}: {page}");
     }
     let serve = std::fs::read_to_string(man.join("livemirror-serve.1")).expect("serve page");
