@@ -67,7 +67,7 @@ fn parse(s: &str, rate: bool) -> Result<u64, &'static str> {
         let f: u128 = frac.parse().map_err(|_| "no number")?;
         let scaled = f * (1u128 << shift);
         let den = 10u128.pow(frac.len() as u32);
-        if scaled % den != 0 {
+        if !scaled.is_multiple_of(den) {
             return Err("not a whole number of bytes");
         }
         let part = u64::try_from(scaled / den).map_err(|_| too_large)?;
