@@ -378,6 +378,8 @@ mod tests {
         assert_eq!(r, Request::SetRate { rate: 1 << 20 });
         let r: Request = serde_json::from_str(r#"{"cmd":"grow","size":null}"#).expect("parses");
         assert_eq!(r, Request::Grow { size: None });
+        let r = Request::Events { interval: 0.5 };
+        assert_eq!(serde_json::to_string(&r).ok().as_deref(), Some(r#"{"cmd":"events","interval":0.5}"#));
         assert!(serde_json::from_str::<Request>(r#"{"cmd":"format-disk"}"#).is_err());
     }
 }
