@@ -209,9 +209,23 @@ pub fn events(control: &Path, interval: f64) -> u8 {
     }
 }
 
+/// Why a remote device's link holds up the copy, if it does.
+fn link_down(st: &Status) -> Option<String> {
+    use engine::backend::LinkState;
+    [("source", &st.source_link), ("target", &st.target_link)].into_iter().find_map(|(which, l)| match l {
+        Some(LinkState::Reconnecting { attempts, last_error }) => {
+            Some(format!("the {which}'s link is down, reconnecting (attempt {attempts}: {last_error})"))
+        }
+        _ => None,
+    })
+}
+
 /// One line of `wait`'s progress, honest about a pause.
 pub fn progress_message(st: &Status) -> String {
     let regions = format!("{}/{} regions", st.regions_clean, st.regions_total);
+    if let Some(why) = link_down(st) {
+        return format!("{regions}, waiting: {why}");
+    }
     if st.paused {
         return format!("{regions}, paused (livemirror resume continues)");
     }
@@ -414,6 +428,26 @@ mod tests {
         assert!(lookup(&v, "events.-3").is_none());
         assert!(lookup(&v, "nope").is_none());
         assert!(lookup(&v, "state.x").is_none());
+    }
+
+    #[test]
+    fn progress_shows_no_eta_while_paused_and_says_what_holds_it_up() {
+        let mut st: Status = serde_json::from_value(serde_json::json!({
+            "state": "syncing", "paused": false, "export_size": 1u64 << 30, "source": "/dev/s", "target": "/dev/t",
+            "region_size": 65536, "regions_total": 1000, "regions_clean": 250, "bytes_copied": 1u64 << 28,
+            "copy_rate_bytes_per_sec": 1048576.0, "eta_seconds": 750.0, "error": null, "regions_discarded": 0,
+            "regions_unverifiable": 0, "max_rate": 0, "copier_running": true
+        }))
+        .expect("a status");
+        assert_eq!(progress_message(&st), "250/1000 regions, 1.0 MiB/s, ETA 12m30s");
+        st.paused = true;
+        st.eta_seconds = None;
+        let m = progress_message(&st);
+        assert!(m.contains("paused") && !m.contains("ETA"), "{m}");
+        st.target_link =
+            Some(engine::backend::LinkState::Reconnecting { attempts: 3, last_error: "connection refused".into() });
+        let m = progress_message(&st);
+        assert!(m.contains("the target's link is down") && m.contains("attempt 3: connection refused"), "{m}");
     }
 
     fn report(compared: u64, not_yet: u64, mismatches: usize) -> VerifyReport {
