@@ -1,6 +1,7 @@
 //! The region bitmap at 1 TiB / 64 KiB = 16 Mi regions: finding the next dirty
 //! run when almost everything is clean (the copier's last pass), and the clean
 //! runs of a write (every write-through while syncing).
+#![allow(clippy::unwrap_used)] // benchmark setup: a panic is a failed run
 use criterion::{criterion_group, criterion_main, Criterion};
 use engine::regions::RegionMap;
 use std::hint::black_box;

@@ -1,5 +1,6 @@
 //! The copier, tmpfs to tmpfs, across region sizes and queue depths: the time
 //! from attach to synced for a 128 MiB image (random data, so no zero skipping).
+#![allow(clippy::unwrap_used)] // benchmark setup: a panic is a failed run
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use engine::{rt, Backend, DeviceState, Mirror, MirrorConfig, OpenOptions};
 use std::path::Path;

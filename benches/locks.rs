@@ -1,6 +1,7 @@
 //! Range locks: the per-request cost when uncontended, and throughput when two
 //! threads hammer overlapping ranges with an occasional exclusive (copier-like)
 //! holder.
+#![allow(clippy::unwrap_used)] // benchmark setup: a panic is a failed run
 use criterion::{criterion_group, criterion_main, Criterion};
 use engine::locks::{LockMode, RangeLocks};
 use std::future::Future;

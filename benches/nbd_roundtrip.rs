@@ -1,6 +1,7 @@
 //! One 4 KiB request over a Unix socket through the whole stack (client
 //! encode, server parse/validate, engine, io_uring on a tmpfs file, reply) at
 //! queue depth 1: the per-request latency floor.
+#![allow(clippy::unwrap_used)] // benchmark setup: a panic is a failed run
 use std::sync::Arc;
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};

@@ -1,5 +1,6 @@
 //! NBD wire work per request: header decode + validation, reply encoding, and
 //! a whole fixed-newstyle negotiation.
+#![allow(clippy::unwrap_used)] // benchmark setup: a panic is a failed run
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
 use nbd_frontend::handshake::{Export, Handshake, Progress};
 use nbd_frontend::proto::*;

@@ -11,37 +11,37 @@ use engine::{CacheMode, MirrorConfig};
 use crate::units::{human, parse_rate, parse_size};
 
 #[derive(Args, Debug)]
-pub struct BenchArgs {
+pub(crate) struct BenchArgs {
     /// Read from here (opened read-only).
     #[arg(long, value_name = "PATH")]
-    pub source: PathBuf,
+    pub(crate) source: PathBuf,
     /// Copy onto here: its contents are destroyed, so --force is required.
     #[arg(long, value_name = "PATH")]
-    pub target: PathBuf,
+    pub(crate) target: PathBuf,
     /// Confirm that TARGET may be overwritten.
     #[arg(long)]
-    pub force: bool,
+    pub(crate) force: bool,
     /// How much of the source each run copies (default: all of it, at most 1G).
     #[arg(long, value_name = "SIZE", value_parser = parse_size)]
-    pub bytes: Option<u64>,
+    pub(crate) bytes: Option<u64>,
     /// Bitmap region sizes to try (comma-separated sizes).
     #[arg(long, value_name = "LIST", value_delimiter = ',', value_parser = parse_size, default_value = "64K,1M,4M")]
-    pub region_sizes: Vec<u64>,
+    pub(crate) region_sizes: Vec<u64>,
     /// Copier I/Os in flight to try (comma-separated).
     #[arg(long, value_name = "LIST", value_delimiter = ',', default_value = "1,4,8,16,32")]
-    pub queue_depths: Vec<usize>,
+    pub(crate) queue_depths: Vec<usize>,
     /// Bytes per copier I/O.
     #[arg(long, value_name = "LIST", value_delimiter = ',', value_parser = parse_size, default_value = "1M,2M")]
-    pub copy_chunks: Vec<u64>,
+    pub(crate) copy_chunks: Vec<u64>,
     /// Rate limits to try, in bytes per second (0 = unlimited).
     #[arg(long, value_name = "LIST", value_delimiter = ',', value_parser = parse_rate, default_value = "0")]
-    pub rates: Vec<u64>,
+    pub(crate) rates: Vec<u64>,
     /// auto, direct or buffered (direct measures the devices, not the page cache).
     #[arg(long, value_name = "MODE", default_value = "direct")]
-    pub cache: CacheMode,
+    pub(crate) cache: CacheMode,
     /// Print the runs as JSON lines instead of a table.
     #[arg(long)]
-    pub json: bool,
+    pub(crate) json: bool,
 }
 
 /// The best run, preferring smaller regions and queue depths among runs within
@@ -53,7 +53,7 @@ fn recommend(runs: &[CopyRun]) -> Option<&CopyRun> {
         .min_by_key(|r| (r.region_size, r.queue_depth, r.copy_chunk))
 }
 
-pub fn run(a: BenchArgs) -> u8 {
+pub(crate) fn run(a: BenchArgs) -> u8 {
     if !a.force {
         eprintln!(
             "livemirror: bench writes {} (it copies the source onto it); pass --force if its contents may be destroyed",

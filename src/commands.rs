@@ -26,14 +26,14 @@ fn call(control: &Path, req: &Request) -> Result<Response, u8> {
     Ok(r)
 }
 
-pub fn simple(control: &Path, req: Request) -> u8 {
+pub(crate) fn simple(control: &Path, req: Request) -> u8 {
     match call(control, &req) {
         Ok(_) => 0,
         Err(c) => c,
     }
 }
 
-pub fn attach(control: &Path, target: PathBuf) -> u8 {
+pub(crate) fn attach(control: &Path, target: PathBuf) -> u8 {
     // The daemon resolves the path in its own working directory: send it absolute.
     let target = std::path::absolute(&target).unwrap_or(target);
     match call(control, &Request::Attach { target: target.clone() }) {
@@ -55,7 +55,7 @@ fn fetch_status(control: &Path) -> Result<Status, u8> {
 
 /// The value at a dotted `path` in `v`: object keys, and array indexes
 /// (negative ones count from the end).
-pub fn lookup<'a>(v: &'a serde_json::Value, path: &str) -> Option<&'a serde_json::Value> {
+pub(crate) fn lookup<'a>(v: &'a serde_json::Value, path: &str) -> Option<&'a serde_json::Value> {
     let mut cur = v;
     for seg in path.split('.') {
         cur = match cur {
@@ -73,14 +73,14 @@ pub fn lookup<'a>(v: &'a serde_json::Value, path: &str) -> Option<&'a serde_json
 
 /// How `status --get` prints a value: strings bare, everything else as JSON
 /// (`null`, `true`, `42`, `{"a":1}`).
-pub fn bare(v: &serde_json::Value) -> String {
+pub(crate) fn bare(v: &serde_json::Value) -> String {
     match v {
         serde_json::Value::String(s) => s.clone(),
         other => other.to_string(),
     }
 }
 
-pub fn status(control: &Path, json: bool, get: &[String]) -> u8 {
+pub(crate) fn status(control: &Path, json: bool, get: &[String]) -> u8 {
     let st = match fetch_status(control) {
         Ok(s) => s,
         Err(c) => return c,
@@ -166,7 +166,7 @@ fn percent(st: &Status) -> f64 {
 }
 
 /// Follows the daemon's event stream, one JSON object per line on stdout.
-pub fn events(control: &Path, interval: f64) -> u8 {
+pub(crate) fn events(control: &Path, interval: f64) -> u8 {
     let mut c = match Client::connect(control) {
         Ok(c) => c,
         Err(e) => {
@@ -221,7 +221,7 @@ fn link_down(st: &Status) -> Option<String> {
 }
 
 /// One line of `wait`'s progress, honest about a pause.
-pub fn progress_message(st: &Status) -> String {
+pub(crate) fn progress_message(st: &Status) -> String {
     let regions = format!("{}/{} regions", st.regions_clean, st.regions_total);
     if let Some(why) = link_down(st) {
         return format!("{regions}, waiting: {why}");
@@ -248,7 +248,7 @@ fn hopeless(st: &Status) -> Option<String> {
     }
 }
 
-pub fn wait(control: &Path, timeout: Option<f64>) -> u8 {
+pub(crate) fn wait(control: &Path, timeout: Option<f64>) -> u8 {
     let start = Instant::now();
     // The first status decides whether there is anything to wait for at all,
     // before any progress is drawn.
@@ -330,7 +330,7 @@ pub fn wait(control: &Path, timeout: Option<f64>) -> u8 {
 
 /// verify's summary line, and whether a `--strict` run passes. Zero regions
 /// compared is never called a match.
-pub fn verify_summary(rep: &VerifyReport) -> (String, bool) {
+pub(crate) fn verify_summary(rep: &VerifyReport) -> (String, bool) {
     let mut s = format!(
         "verify: {} regions compared ({}), {} mismatching ranges",
         rep.regions_compared,
@@ -363,7 +363,7 @@ pub fn verify_summary(rep: &VerifyReport) -> (String, bool) {
     (s, strict_ok)
 }
 
-pub fn verify(control: &Path, wait_first: bool, timeout: Option<f64>, strict: bool) -> u8 {
+pub(crate) fn verify(control: &Path, wait_first: bool, timeout: Option<f64>, strict: bool) -> u8 {
     if wait_first {
         let c = wait(control, timeout);
         if c != 0 {
@@ -390,7 +390,7 @@ pub fn verify(control: &Path, wait_first: bool, timeout: Option<f64>, strict: bo
     }
 }
 
-pub fn grow(control: &Path, size: Option<u64>) -> u8 {
+pub(crate) fn grow(control: &Path, size: Option<u64>) -> u8 {
     match call(control, &Request::Grow { size }) {
         Ok(r) => {
             if let Some(s) = r.size {

@@ -32,7 +32,7 @@ use engine::{Mirror, Status, VerifyReport};
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(tag = "cmd", rename_all = "kebab-case")]
-pub enum Request {
+pub(crate) enum Request {
     Status,
     Attach { target: PathBuf },
     DetachSource,
@@ -46,16 +46,16 @@ pub enum Request {
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, Default)]
-pub struct Response {
-    pub ok: bool,
+pub(crate) struct Response {
+    pub(crate) ok: bool,
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub error: Option<String>,
+    pub(crate) error: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub status: Option<Status>,
+    pub(crate) status: Option<Status>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub report: Option<VerifyReport>,
+    pub(crate) report: Option<VerifyReport>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub size: Option<u64>,
+    pub(crate) size: Option<u64>,
 }
 
 impl Response {
@@ -69,7 +69,7 @@ impl Response {
 
 /// Handles one request.
 /// Handles one request from the process `caller` (its pid, when known).
-pub async fn handle(mirror: &Arc<Mirror>, req: Request, caller: Option<u32>) -> Response {
+pub(crate) async fn handle(mirror: &Arc<Mirror>, req: Request, caller: Option<u32>) -> Response {
     match req {
         Request::Status => Response { ok: true, status: Some(mirror.status()), ..Default::default() },
         Request::Attach { target } => match mirror.attach_as(&target, caller).await {
@@ -122,7 +122,7 @@ fn now_unix() -> f64 {
 }
 
 /// The `progress` object of a status.
-pub fn progress_json(st: &Status) -> serde_json::Value {
+pub(crate) fn progress_json(st: &Status) -> serde_json::Value {
     let pct = if st.regions_total > 0 { 100.0 * st.regions_clean as f64 / st.regions_total as f64 } else { 100.0 };
     serde_json::json!({
         "unix_time": now_unix(),
@@ -196,7 +196,7 @@ async fn stream_events<R, W>(
 
 /// Serves the control socket until `stop` turns true; open connections are
 /// closed then too (an idle client must not keep the daemon from exiting).
-pub async fn serve(listener: StdUnixListener, mirror: Arc<Mirror>, stop: tokio::sync::watch::Receiver<bool>) {
+pub(crate) async fn serve(listener: StdUnixListener, mirror: Arc<Mirror>, stop: tokio::sync::watch::Receiver<bool>) {
     let listener = match tokio::net::UnixListener::from_std(listener) {
         Ok(l) => l,
         Err(e) => {
@@ -283,7 +283,7 @@ async fn serve_conn(stream: tokio::net::UnixStream, mirror: Arc<Mirror>, mut sto
 use tokio::io::AsyncReadExt as _;
 
 /// A synchronous client (the CLI commands).
-pub struct Client {
+pub(crate) struct Client {
     path: PathBuf,
     reader: BufReader<StdUnixStream>,
     writer: StdUnixStream,
@@ -294,7 +294,7 @@ pub struct Client {
 const QUICK_ANSWER: Duration = Duration::from_secs(30);
 
 impl Client {
-    pub fn connect(path: &Path) -> io::Result<Client> {
+    pub(crate) fn connect(path: &Path) -> io::Result<Client> {
         let s = StdUnixStream::connect(path).map_err(|e| {
             io::Error::new(
                 e.kind(),
@@ -324,13 +324,13 @@ impl Client {
     }
 
     /// Reads one line; `Ok(None)` on EOF before any byte.
-    pub fn read_line(&mut self) -> io::Result<Option<Vec<u8>>> {
+    pub(crate) fn read_line(&mut self) -> io::Result<Option<Vec<u8>>> {
         let mut raw = Vec::new();
         let n = (&mut self.reader).take(MAX_LINE).read_until(b'\n', &mut raw)?;
         Ok((n > 0).then_some(raw))
     }
 
-    pub fn call(&mut self, req: &Request) -> io::Result<Response> {
+    pub(crate) fn call(&mut self, req: &Request) -> io::Result<Response> {
         let mut line = serde_json::to_vec(req).map_err(io::Error::other)?;
         line.push(b'\n');
         let quick = matches!(req, Request::Status | Request::SetRate { .. });

@@ -19,16 +19,16 @@ use crate::serve::ServeArgs;
 use crate::units::{human, parse_rate, parse_size};
 
 #[derive(Args, Debug)]
-pub struct DemoArgs {
+pub(crate) struct DemoArgs {
     /// Size of the source image.
     #[arg(long, value_name = "SIZE", default_value = "64M", value_parser = parse_size)]
-    pub size: u64,
+    pub(crate) size: u64,
     /// Copy rate during the demo, slow enough for writes to race the copy.
     #[arg(long, value_name = "RATE", default_value = "24M", value_parser = parse_rate)]
-    pub rate: u64,
+    pub(crate) rate: u64,
     /// Work in this directory and keep the images (default: a temporary one).
     #[arg(long, value_name = "DIR")]
-    pub dir: Option<PathBuf>,
+    pub(crate) dir: Option<PathBuf>,
 }
 
 /// xorshift64*: deterministic and dependency-free.
@@ -55,7 +55,7 @@ fn step(n: usize, msg: impl AsRef<str>) {
     println!("[{n}] {}", msg.as_ref());
 }
 
-pub fn run(a: DemoArgs) -> u8 {
+pub(crate) fn run(a: DemoArgs) -> u8 {
     match demo(a) {
         Ok(()) => 0,
         Err(e) => {

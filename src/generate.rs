@@ -8,7 +8,7 @@ use anyhow::Context;
 use clap::{Args, CommandFactory, Subcommand};
 
 #[derive(Args)]
-pub struct GenerateArgs {
+pub(crate) struct GenerateArgs {
     #[command(subcommand)]
     what: What,
 }
@@ -33,7 +33,7 @@ enum What {
     },
 }
 
-pub fn run(a: GenerateArgs) -> u8 {
+pub(crate) fn run(a: GenerateArgs) -> u8 {
     let res = match a.what {
         What::Man { dir } => man(&dir).map(|files| {
             for f in files {
@@ -52,7 +52,7 @@ pub fn run(a: GenerateArgs) -> u8 {
 }
 
 /// Writes the man pages into `dir`; returns their paths.
-pub fn man(dir: &Path) -> anyhow::Result<Vec<PathBuf>> {
+pub(crate) fn man(dir: &Path) -> anyhow::Result<Vec<PathBuf>> {
     std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     let cmd = crate::Cli::command();
     let mut written = Vec::new();

@@ -17,8 +17,8 @@ use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
 
-pub const DEFAULT_CONTROL: &str = "/run/livemirror/control.sock";
-pub const DEFAULT_LISTEN: &str = "unix:/run/livemirror/nbd.sock";
+pub(crate) const DEFAULT_CONTROL: &str = "/run/livemirror/control.sock";
+pub(crate) const DEFAULT_LISTEN: &str = "unix:/run/livemirror/nbd.sock";
 
 const AFTER_HELP: &str = "\
 Sizes and rates: a number with an optional binary unit K, M, G or T, also written KB or KiB,
@@ -35,17 +35,17 @@ Exit codes: 0 success, 1 failed or refused (one line on stderr says why), 2 usag
     about = "Serve a block device over NBD and mirror it live onto a hot-added target",
     after_help = AFTER_HELP
 )]
-pub struct Cli {
+pub(crate) struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
 }
 
 #[derive(Args, Clone)]
-pub struct ControlArg {
+pub(crate) struct ControlArg {
     /// The daemon's control socket (the livemirror@NAME service uses
     /// /run/livemirror/NAME/control.sock).
     #[arg(long, value_name = "PATH", default_value = DEFAULT_CONTROL)]
-    pub control: PathBuf,
+    pub(crate) control: PathBuf,
 }
 
 #[derive(Subcommand)]

@@ -27,18 +27,18 @@ const MAX_CLIENTS: usize = 8;
 
 /// Events seen since the daemon started, by kind.
 #[derive(Default)]
-pub struct EventCounts {
-    pub state: Cell<u64>,
-    pub error: Cell<u64>,
-    pub info: Cell<u64>,
+pub(crate) struct EventCounts {
+    pub(crate) state: Cell<u64>,
+    pub(crate) error: Cell<u64>,
+    pub(crate) info: Cell<u64>,
     /// Events this counter missed because it fell behind (never expected).
-    pub missed: Cell<u64>,
+    pub(crate) missed: Cell<u64>,
 }
 
 /// What the frontend contributes to a scrape.
-pub struct Frontend<'a> {
-    pub stats: &'a Stats,
-    pub connections: usize,
+pub(crate) struct Frontend<'a> {
+    pub(crate) stats: &'a Stats,
+    pub(crate) connections: usize,
 }
 
 fn metric(out: &mut String, name: &str, kind: &str, help: &str) {
@@ -52,7 +52,7 @@ fn one(out: &mut String, name: &str, kind: &str, help: &str, value: impl std::fm
 }
 
 /// The whole exposition text.
-pub fn render(st: &Status, fe: &Frontend<'_>, events: &EventCounts) -> String {
+pub(crate) fn render(st: &Status, fe: &Frontend<'_>, events: &EventCounts) -> String {
     let mut o = String::with_capacity(16 << 10);
     metric(&mut o, "livemirror_state", "gauge", "1 for the mirror's current state, 0 for the others.");
     for s in [
@@ -223,7 +223,7 @@ async fn read_head(s: &mut tokio::net::TcpStream) -> std::io::Result<Vec<u8>> {
 }
 
 /// Serves scrapes until `stop` turns true.
-pub async fn serve(
+pub(crate) async fn serve(
     listener: std::net::TcpListener,
     mirror: Arc<Mirror>,
     server: Server<Mirror>,

@@ -19,7 +19,7 @@ use crate::units::{human, human_secs};
 const STATUS_EVERY: Duration = Duration::from_secs(1);
 
 /// The one-line STATUS= text for a status.
-pub fn status_line(st: &Status) -> String {
+pub(crate) fn status_line(st: &Status) -> String {
     let pct = if st.regions_total > 0 { 100.0 * st.regions_clean as f64 / st.regions_total as f64 } else { 100.0 };
     let target = st.target.as_deref().unwrap_or("-");
     match st.state {
@@ -49,7 +49,7 @@ fn send(states: &[NotifyState]) {
 }
 
 /// The notifier of a running daemon.
-pub struct Notifier {
+pub(crate) struct Notifier {
     stop: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
 }
@@ -57,7 +57,7 @@ pub struct Notifier {
 impl Notifier {
     /// Checks that the control socket answers, sends READY=1 with the first
     /// STATUS=, and keeps STATUS= current. `None` outside a notify service.
-    pub fn start(control: &Path, mirror: Arc<Mirror>) -> Option<Notifier> {
+    pub(crate) fn start(control: &Path, mirror: Arc<Mirror>) -> Option<Notifier> {
         std::env::var_os("NOTIFY_SOCKET")?;
         // The listeners accept from the moment they are bound; that the
         // control socket answers is checked the way a client would see it.
@@ -89,7 +89,7 @@ impl Notifier {
     }
 
     /// STOPPING=1: the stop has begun.
-    pub fn stopping(mut self) {
+    pub(crate) fn stopping(mut self) {
         self.stop.store(true, Ordering::Relaxed);
         if let Some(t) = self.thread.take() {
             let _ = t.join();

@@ -23,14 +23,14 @@ use nix::sys::wait::{waitpid, WaitStatus};
 use nix::unistd::{fork, ForkResult, Pid};
 
 /// True when this process should behave as the root storage daemon.
-pub fn requested(flag: bool) -> bool {
+pub(crate) fn requested(flag: bool) -> bool {
     flag || std::env::args_os().next().is_some_and(|a| a.as_encoded_bytes().first() == Some(&b'@'))
 }
 
 /// Locks memory, marks the process as an I/O flusher and exempts it from the
 /// OOM killer. Failures are logged, not fatal: a daemon that runs is better
 /// than none, and the log says what is missing.
-pub fn harden() {
+pub(crate) fn harden() {
     // SAFETY: plain syscalls with constant arguments.
     unsafe {
         if libc::mlockall(libc::MCL_CURRENT | libc::MCL_FUTURE) != 0 {
@@ -59,7 +59,7 @@ extern "C" fn forward(sig: libc::c_int) {
 }
 
 /// What the caller of [`supervise`] is after it returns.
-pub enum Role {
+pub(crate) enum Role {
     /// The forked daemon: go on and serve.
     Daemon,
     /// The supervisor is done: exit with this code.
@@ -79,7 +79,7 @@ fn set_handler(handler: SigHandler) {
 /// single thread (before logging, runtimes or workers start). Returns
 /// [`Role::Daemon`] in each forked daemon and [`Role::Exit`] in the supervisor
 /// once the daemon stopped for good.
-pub fn supervise() -> Role {
+pub(crate) fn supervise() -> Role {
     harden();
     set_handler(SigHandler::Handler(forward));
     let mut restarts = 0u32;

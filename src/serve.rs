@@ -14,7 +14,7 @@ use crate::units::{parse_rate, parse_size};
 
 /// `--detect-zeroes on|off`, as qemu names the switch.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum OnOff {
+pub(crate) enum OnOff {
     On,
     Off,
 }
@@ -28,118 +28,118 @@ fn parse_metrics_addr(s: &str) -> Result<ListenAddr, String> {
 }
 
 #[derive(Args, Debug)]
-pub struct ServeArgs {
+pub(crate) struct ServeArgs {
     /// The device or image to serve (may be left out only with --state, when
     /// the state file says source-detached).
     #[arg(long, value_name = "PATH", required_unless_present = "state")]
-    pub source: Option<PathBuf>,
+    pub(crate) source: Option<PathBuf>,
     /// Attach this target right after start.
     #[arg(long, value_name = "PATH")]
-    pub target: Option<PathBuf>,
+    pub(crate) target: Option<PathBuf>,
     /// unix:PATH or tcp:HOST:PORT (repeatable).
     #[arg(long, value_name = "ADDR", default_value = crate::DEFAULT_LISTEN)]
-    pub listen: Vec<ListenAddr>,
+    pub(crate) listen: Vec<ListenAddr>,
     /// The control socket.
     #[arg(long, value_name = "PATH", default_value = crate::DEFAULT_CONTROL)]
-    pub control: PathBuf,
+    pub(crate) control: PathBuf,
     /// Persisted bitmap; enables crash-resume.
     #[arg(long, value_name = "PATH")]
-    pub state: Option<PathBuf>,
+    pub(crate) state: Option<PathBuf>,
     /// Ignore a mismatching state file and start over.
     #[arg(long)]
-    pub restart_sync: bool,
+    pub(crate) restart_sync: bool,
     /// The NBD export name clients ask for (default "", the default export).
     #[arg(long, value_name = "NAME", default_value = "")]
-    pub export_name: String,
+    pub(crate) export_name: String,
     /// Bitmap granularity (default 64K, or the state file's).
     #[arg(long, value_name = "SIZE", value_parser = parse_size)]
-    pub region_size: Option<u64>,
+    pub(crate) region_size: Option<u64>,
     /// Copier I/Os in flight.
     #[arg(long, value_name = "N", default_value_t = engine::DEFAULT_QUEUE_DEPTH)]
-    pub queue_depth: usize,
+    pub(crate) queue_depth: usize,
     /// Copy rate limit in bytes per second, 0 = unlimited (default: 0, or
     /// with --state the rate `set-rate` last set).
     #[arg(long, value_name = "RATE", value_parser = parse_rate)]
-    pub max_rate: Option<u64>,
+    pub(crate) max_rate: Option<u64>,
     /// The copy rate kept while clients are busy: the copier backs off to it
     /// (default: 32M, or with --state the floor last set; docs/decisions.md
     /// says how 32M was chosen).
     #[arg(long, value_name = "RATE", value_parser = parse_rate)]
-    pub min_rate: Option<u64>,
+    pub(crate) min_rate: Option<u64>,
     /// Attach the kernel's NBD client to this device over netlink.
     #[arg(long, value_name = "/dev/nbdN")]
-    pub nbd_device: Option<PathBuf>,
+    pub(crate) nbd_device: Option<PathBuf>,
     /// Export read-only: clients' writes, trims and write-zeroes are refused
     /// (a target can still be attached and synced).
     #[arg(long)]
-    pub read_only: bool,
+    pub(crate) read_only: bool,
     /// Allow TCP listen and metrics addresses that are not loopback (NBD has
     /// no authentication).
     #[arg(long)]
-    pub allow_remote: bool,
+    pub(crate) allow_remote: bool,
     /// Serve Prometheus metrics at http://ADDR/metrics; ADDR is tcp:HOST:PORT
     /// (loopback unless --allow-remote).
     #[arg(long, value_name = "ADDR", value_parser = parse_metrics_addr)]
-    pub metrics: Option<ListenAddr>,
+    pub(crate) metrics: Option<ListenAddr>,
     /// Zero detection: on, runs of zeroes read from the source are zeroed on
     /// the target (a hole in a file, an unmap on a disk that supports it)
     /// instead of written; off, every byte is written.
     #[arg(long, value_name = "on|off", value_enum, default_value = "on")]
-    pub detect_zeroes: OnOff,
+    pub(crate) detect_zeroes: OnOff,
     /// Page-cache use: auto (O_DIRECT for block devices), direct or buffered.
     #[arg(long, value_name = "MODE", default_value = "auto")]
-    pub cache: CacheMode,
+    pub(crate) cache: CacheMode,
     /// Payload bytes buffered across all connections at most (each
     /// connection's reserve comes on top). Default 256M; 64M as a root storage
     /// daemon, whose memory is locked.
     #[arg(long, value_name = "SIZE", value_parser = parse_size)]
-    pub buffer_budget: Option<u64>,
+    pub(crate) buffer_budget: Option<u64>,
     /// Bytes of the shared budget one connection may hold (default: a quarter
     /// of the budget, at least 64M).
     #[arg(long, value_name = "SIZE", value_parser = parse_size)]
-    pub connection_budget: Option<u64>,
+    pub(crate) connection_budget: Option<u64>,
     /// Bytes each connection may always use outside the shared budget, so an
     /// honest client is served whatever the others hold.
     #[arg(long, value_name = "SIZE", default_value = "1M", value_parser = parse_size)]
-    pub connection_reserve: u64,
+    pub(crate) connection_reserve: u64,
     /// Requests one connection may have between reading and answering; at the
     /// limit its socket is not read.
     #[arg(long, value_name = "N", default_value_t = nbd_frontend::ConnLimits::DEFAULT_MAX_REQUESTS)]
-    pub max_requests: usize,
+    pub(crate) max_requests: usize,
     /// Connections served at once; more are closed right after accept.
     #[arg(long, value_name = "N", default_value_t = ServerConfig::DEFAULT_MAX_CONNECTIONS)]
-    pub max_connections: usize,
+    pub(crate) max_connections: usize,
     /// A client that stops sending a payload it announced, or stops reading
     /// its replies, for this long is disconnected.
     #[arg(long, value_name = "SECS", default_value_t = 30.0)]
-    pub stall_timeout: f64,
+    pub(crate) stall_timeout: f64,
     /// On SIGTERM/SIGINT, how long connections may take to receive the replies
     /// of their requests in flight before they are closed.
     #[arg(long, value_name = "SECS", default_value_t = 5.0)]
-    pub shutdown_timeout: f64,
+    pub(crate) shutdown_timeout: f64,
     /// Connections the kernel client uses (see docs/decisions.md before
     /// raising it).
     #[arg(long, value_name = "N", default_value_t = 1)]
-    pub nbd_connections: usize,
+    pub(crate) nbd_connections: usize,
     /// Kernel request timeout: requests in flight on a dead connection are
     /// resent when it fires.
     #[arg(long, value_name = "SECS", default_value_t = 30)]
-    pub nbd_timeout: u64,
+    pub(crate) nbd_timeout: u64,
     /// How long the kernel holds I/O while the daemon is gone (a restart
     /// reconnects within it).
     #[arg(long, value_name = "SECS", default_value_t = 600)]
-    pub nbd_dead_timeout: u64,
+    pub(crate) nbd_dead_timeout: u64,
     /// Run as the root filesystem's storage daemon: locked memory, I/O flusher,
     /// no OOM kill, supervised restarts (also when argv[0] starts with '@').
     #[arg(long)]
-    pub root_storage_daemon: bool,
+    pub(crate) root_storage_daemon: bool,
     /// Bytes per copier I/O while clients are idle (default 2M; 1M for files
     /// in RAM); while they are busy, at most 64K.
     #[arg(long, value_name = "SIZE", value_parser = parse_size)]
-    pub copy_chunk: Option<u64>,
+    pub(crate) copy_chunk: Option<u64>,
     /// I/O threads (default: one per CPU).
     #[arg(long, value_name = "N")]
-    pub workers: Option<usize>,
+    pub(crate) workers: Option<usize>,
 }
 
 /// Logs go through a bounded in-memory queue to a writer thread and are
@@ -162,7 +162,7 @@ fn init_logging() -> tracing_appender::non_blocking::WorkerGuard {
     guard
 }
 
-pub fn run(args: ServeArgs) -> u8 {
+pub(crate) fn run(args: ServeArgs) -> u8 {
     let args = match args.absolute() {
         Ok(a) => a,
         Err(e) => {
@@ -198,7 +198,7 @@ pub fn run(args: ServeArgs) -> u8 {
 impl ServeArgs {
     /// Parses `serve`'s arguments from a list (the demo starts a daemon in
     /// process with the same defaults as the command line).
-    pub fn from_args(args: impl IntoIterator<Item = std::ffi::OsString>) -> anyhow::Result<ServeArgs> {
+    pub(crate) fn from_args(args: impl IntoIterator<Item = std::ffi::OsString>) -> anyhow::Result<ServeArgs> {
         #[derive(clap::Parser)]
         struct Wrapper {
             #[command(flatten)]
@@ -263,9 +263,9 @@ fn server_config(args: &ServeArgs, served: &str) -> anyhow::Result<ServerConfig>
 }
 
 /// A running daemon: devices, I/O threads, NBD listeners and control socket.
-pub struct Running {
-    pub mirror: Arc<Mirror>,
-    pub server: Server<Mirror>,
+pub(crate) struct Running {
+    pub(crate) mirror: Arc<Mirror>,
+    pub(crate) server: Server<Mirror>,
     kernel: Option<(PathBuf, nbd_frontend::kernel::KernelAttachment)>,
     /// What a clean stop does with the kernel device (see [`kernel_on_stop`]).
     kernel_stop: KernelStop,
@@ -277,7 +277,7 @@ pub struct Running {
 
 /// What a clean stop (SIGTERM) does with a kernel NBD device we connected.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum KernelStop {
+pub(crate) enum KernelStop {
     /// Flush it and disconnect it: nobody will reconnect it, and a device left
     /// configured would hold its I/O for the whole dead-connection timeout.
     FlushAndDisconnect,
@@ -286,7 +286,7 @@ pub enum KernelStop {
     Keep,
 }
 
-pub fn kernel_on_stop(root_daemon: bool) -> KernelStop {
+pub(crate) fn kernel_on_stop(root_daemon: bool) -> KernelStop {
     if root_daemon {
         KernelStop::Keep
     } else {
@@ -326,7 +326,7 @@ fn check_kernel_nbd(dev: &std::path::Path) -> anyhow::Result<()> {
 
 /// Opens the devices and starts serving; returns once every listener accepts
 /// and the control socket answers.
-pub fn start(args: &ServeArgs) -> anyhow::Result<Running> {
+pub(crate) fn start(args: &ServeArgs) -> anyhow::Result<Running> {
     for l in args.listen.iter().chain(&args.metrics) {
         let local = l.is_local_only().with_context(|| format!("cannot resolve {l}"))?;
         if !local && !args.allow_remote {
@@ -478,7 +478,7 @@ fn flush_kernel_device(dev: &std::path::Path, limit: std::time::Duration) {
 
 impl Running {
     /// Runs `f` on the first I/O thread and waits for its result.
-    pub fn on_io<F, Fut, T>(&self, f: F) -> anyhow::Result<T>
+    pub(crate) fn on_io<F, Fut, T>(&self, f: F) -> anyhow::Result<T>
     where
         F: FnOnce() -> Fut + Send + 'static,
         Fut: std::future::Future<Output = T> + 'static,
@@ -490,7 +490,7 @@ impl Running {
 
     /// Stops accepting, drains every connection, stops the copier, flushes and
     /// persists, then stops the threads and removes the sockets.
-    pub fn shutdown(self) -> anyhow::Result<()> {
+    pub(crate) fn shutdown(self) -> anyhow::Result<()> {
         let Running { mirror, server, kernel, kernel_stop, workers, stop_control, sockets, shutdown_timeout } = self;
         if let Some((dev, mut k)) = kernel {
             match kernel_stop {

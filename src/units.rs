@@ -12,18 +12,18 @@
 //! value the CLI prints (`24.0 MiB/s`) be given back to it as it is.
 
 /// What the grammar accepts, for `--help` and error messages.
-pub const SIZE_GRAMMAR: &str =
+pub(crate) const SIZE_GRAMMAR: &str =
     "a number with an optional binary unit K, M, G or T (also KB/KiB, any case; 1K = 1024), e.g. 4096, 64K, 1.5G, 10mb";
-pub const RATE_GRAMMAR: &str =
+pub(crate) const RATE_GRAMMAR: &str =
     "bytes per second: a number with an optional binary unit K, M, G or T (also KB/KiB, any case; 1K = 1024) and an optional /s, e.g. 0, 500K, 100M/s, 1.5GiB/s";
 
 /// Parses a size (no `/s`).
-pub fn parse_size(s: &str) -> Result<u64, String> {
+pub(crate) fn parse_size(s: &str) -> Result<u64, String> {
     parse(s, false).map_err(|why| format!("invalid size {s:?}: {why}; expected {SIZE_GRAMMAR}"))
 }
 
 /// Parses a rate in bytes per second (`/s` allowed).
-pub fn parse_rate(s: &str) -> Result<u64, String> {
+pub(crate) fn parse_rate(s: &str) -> Result<u64, String> {
     parse(s, true).map_err(|why| format!("invalid rate {s:?}: {why}; expected {RATE_GRAMMAR}"))
 }
 
@@ -77,7 +77,7 @@ fn parse(s: &str, rate: bool) -> Result<u64, &'static str> {
 }
 
 /// Human form of a byte count, e.g. `1.5 GiB`.
-pub fn human(bytes: f64) -> String {
+pub(crate) fn human(bytes: f64) -> String {
     const UNITS: [&str; 6] = ["B", "KiB", "MiB", "GiB", "TiB", "PiB"];
     let mut v = bytes;
     let mut i = 0;
@@ -93,7 +93,7 @@ pub fn human(bytes: f64) -> String {
 }
 
 /// Human form of a duration in seconds, e.g. `1m05s`.
-pub fn human_secs(s: f64) -> String {
+pub(crate) fn human_secs(s: f64) -> String {
     if !s.is_finite() {
         return "?".into();
     }

@@ -1,5 +1,6 @@
 //! `livemirror bench`: never writes the source, writes the target only with
 //! --force, and recommends flags from what it measured.
+#![allow(clippy::unwrap_used, unreachable_pub)] // test code: a panic is a failure; helpers are shared through `mod common`
 mod common;
 use common::*;
 use std::process::Command;

@@ -1,6 +1,7 @@
 //! The command-line contract of interface.md, driven exactly as written: the
 //! `status --json` object, exit codes and reasons of every control command,
 //! `wait`, and the daemon's sockets, signals and locks.
+#![allow(clippy::unwrap_used, unreachable_pub)] // test code: a panic is a failure; helpers are shared through `mod common`
 mod common;
 use common::*;
 

@@ -3,6 +3,7 @@
 //! in flight at a kill must read back, sector by sector, as old or new.
 //!
 //! `LIVEMIRROR_SOAK_KILLS=N` runs N kills instead of the CI default (see README).
+#![allow(clippy::unwrap_used, unreachable_pub)] // test code: a panic is a failure; helpers are shared through `mod common`
 mod common;
 use common::*;
 

@@ -2,6 +2,7 @@
 //! whose capacity vanishes under the copy, a byte changed on the target behind
 //! livemirror's back, malformed control traffic, and SIGKILL with clients
 //! connected.
+#![allow(clippy::unwrap_used, unreachable_pub)] // test code: a panic is a failure; helpers are shared through `mod common`
 mod common;
 use common::*;
 

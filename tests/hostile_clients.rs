@@ -6,6 +6,7 @@
 //!
 //! The latency bounds here are liveness bounds (seconds, where a frozen server
 //! means forever), not speed measurements: those live in benches/.
+#![allow(clippy::unwrap_used, unreachable_pub)] // test code: a panic is a failure; helpers are shared through `mod common`
 
 mod common;
 use common::raw::*;

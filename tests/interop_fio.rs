@@ -1,5 +1,6 @@
 //! fio's NBD engine (libnbd) against the daemon: many connections, deep queues,
 //! data verified by fio itself (crc32c/md5 headers in every block).
+#![allow(clippy::unwrap_used, unreachable_pub)] // test code: a panic is a failure; helpers are shared through `mod common`
 mod common;
 use common::*;
 

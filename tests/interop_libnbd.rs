@@ -4,6 +4,7 @@
 //! The nbdsh edge cases live in `tests/scripts/nbd_edge.py`: each case checks
 //! errnos and data itself and prints `CASE <name> OK`; these tests also check
 //! the image bytes from outside and that the daemon keeps serving.
+#![allow(clippy::unwrap_used, unreachable_pub)] // test code: a panic is a failure; helpers are shared through `mod common`
 mod common;
 use common::raw::*;
 use common::*;

@@ -1,4 +1,5 @@
 //! Interoperability with QEMU's NBD client (qemu-io, qemu-img).
+#![allow(clippy::unwrap_used, unreachable_pub)] // test code: a panic is a failure; helpers are shared through `mod common`
 mod common;
 use common::*;
 

@@ -3,6 +3,7 @@
 //! detach-source, grow, and a final byte-for-byte comparison of the target file
 //! with what the export served. Also `serve --target`, TRIM before attach and
 //! detach-target during a sync.
+#![allow(clippy::unwrap_used, unreachable_pub)] // test code: a panic is a failure; helpers are shared through `mod common`
 mod common;
 use common::*;
 

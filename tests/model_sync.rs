@@ -5,6 +5,7 @@
 //!
 //! Seeds: `LIVEMIRROR_MODEL_SEEDS=N` (default 6) runs seeds 1..=N; a failing
 //! seed is printed so it can be replayed with `LIVEMIRROR_MODEL_SEED=S`.
+#![allow(clippy::unwrap_used, unreachable_pub)] // test code: a panic is a failure; helpers are shared through `mod common`
 mod common;
 use common::*;
 

@@ -2,6 +2,7 @@
 //! endpoint, the event stream, `status --get`, honest progress in `wait`
 //! (also on a terminal), `verify` during a sync, zero detection on and off,
 //! and a CLI that explains itself (help, grammar, errors, man pages).
+#![allow(clippy::unwrap_used, unreachable_pub)] // test code: a panic is a failure; helpers are shared through `mod common`
 mod common;
 use common::*;
 

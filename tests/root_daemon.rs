@@ -2,6 +2,7 @@
 //! restarts it after `kill -9` (the sync resumes from `--state`), and stops
 //! both on SIGTERM. The same mode under a real switch_root runs in the VM
 //! scenarios (tests/vm/).
+#![allow(clippy::unwrap_used, unreachable_pub)] // test code: a panic is a failure; helpers are shared through `mod common`
 
 mod common;
 

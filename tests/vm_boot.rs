@@ -16,6 +16,7 @@
 //! by what it was built from (see tests/vm/README.md). The whole
 //! output streams through the test harness (shown on failure, or live with `--nocapture`) and
 //! is also kept in target/tmp/vm-boot.log.
+#![allow(clippy::unwrap_used, unreachable_pub)] // test code: a panic is a failure; helpers are shared through `mod common`
 
 use std::io::{BufRead, BufReader, Write};
 use std::path::Path;
