@@ -10,9 +10,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use engine::rt::Worker;
-use engine::{BlockDevice, BufPool};
+use engine::{BlockDevice, BufPool, Drain};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::sync::{watch, Notify};
+use tokio::sync::watch;
 
 use crate::handshake::{Export, Handshake, Negotiated, Progress};
 use crate::limits::ConnLimits;
@@ -158,8 +158,8 @@ struct Inner<D: BlockDevice> {
     workers: Vec<Arc<Worker>>,
     next_worker: AtomicUsize,
     phase: watch::Sender<Phase>,
-    active: AtomicUsize,
-    idle: Notify,
+    /// Connections being served (a shutdown waits for it to drain).
+    connections: Arc<Drain>,
     stats: Arc<Stats>,
 }
 
@@ -186,8 +186,7 @@ impl<D: BlockDevice> Server<D> {
                 workers,
                 next_worker: AtomicUsize::new(0),
                 phase,
-                active: AtomicUsize::new(0),
-                idle: Notify::new(),
+                connections: Drain::new(),
                 stats: Arc::new(Stats::default()),
             }),
         }
@@ -259,10 +258,12 @@ impl<D: BlockDevice> Server<D> {
         let n = self.inner.workers.len().max(1);
         let i = self.inner.next_worker.fetch_add(1, Ordering::Relaxed) % n;
         let worker = self.inner.workers.get(i).ok_or_else(|| io::Error::other("no worker"))?;
-        self.inner.active.fetch_add(1, Ordering::SeqCst);
+        // Counted from here; the guard leaves with the task (or with the job
+        // if the worker refuses it).
+        let served = self.inner.connections.enter_always();
         Stats::bump(&self.inner.stats.connections_accepted);
         let server = self.clone();
-        let res = worker.run(move || async move {
+        worker.run(move || async move {
             let res = async {
                 let s = Stream::Unix(tokio::net::UnixStream::from_std(stream)?);
                 server.serve_negotiated(s, &neg, Vec::new()).await
@@ -271,18 +272,12 @@ impl<D: BlockDevice> Server<D> {
             if let Err(e) = res {
                 tracing::info!("kernel connection closed: {e}");
             }
-            if server.inner.active.fetch_sub(1, Ordering::SeqCst) == 1 {
-                server.inner.idle.notify_waiters();
-            }
-        });
-        if res.is_err() {
-            self.inner.active.fetch_sub(1, Ordering::SeqCst);
-        }
-        res
+            drop(served);
+        })
     }
 
     fn dispatch(&self, stream: AnyStd) {
-        let active = self.inner.active.load(Ordering::SeqCst);
+        let active = self.inner.connections.active();
         if active >= self.inner.cfg.max_connections {
             // Closed at once (dropping the stream): the client sees the
             // connection end before the handshake.
@@ -299,7 +294,7 @@ impl<D: BlockDevice> Server<D> {
             tracing::error!("no worker to serve a connection");
             return;
         };
-        self.inner.active.fetch_add(1, Ordering::SeqCst);
+        let served = self.inner.connections.enter_always();
         Stats::bump(&self.inner.stats.connections_accepted);
         let server = self.clone();
         let res = worker.run(move || async move {
@@ -317,13 +312,10 @@ impl<D: BlockDevice> Server<D> {
                 Err(e) => tracing::info!("connection closed: {e}"),
                 Ok(()) => {}
             }
-            if server.inner.active.fetch_sub(1, Ordering::SeqCst) == 1 {
-                server.inner.idle.notify_waiters();
-            }
+            drop(served);
         });
         if let Err(e) = res {
             tracing::error!("cannot hand a connection to a worker: {e}");
-            self.inner.active.fetch_sub(1, Ordering::SeqCst);
         }
     }
 
@@ -385,26 +377,16 @@ impl<D: BlockDevice> Server<D> {
     /// already on the device take.
     pub async fn shutdown(&self, grace: Duration) {
         self.inner.phase.send_replace(Phase::Draining);
-        if tokio::time::timeout(grace, self.wait_idle()).await.is_err() {
+        if tokio::time::timeout(grace, self.inner.connections.wait_idle()).await.is_err() {
             let left = self.active_connections();
             tracing::warn!("{left} connection(s) still open {} s after the stop: closing them", grace.as_secs_f64());
             self.inner.phase.send_replace(Phase::Closing);
-            self.wait_idle().await;
-        }
-    }
-
-    async fn wait_idle(&self) {
-        loop {
-            let idle = self.inner.idle.notified();
-            if self.inner.active.load(Ordering::SeqCst) == 0 {
-                return;
-            }
-            idle.await;
+            self.inner.connections.wait_idle().await;
         }
     }
 
     pub fn active_connections(&self) -> usize {
-        self.inner.active.load(Ordering::SeqCst)
+        self.inner.connections.active()
     }
 }
 

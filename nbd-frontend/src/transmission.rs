@@ -16,7 +16,7 @@
 //! flight finish and their replies are delivered; in [`Phase::Closing`] replies
 //! not yet written are dropped and the connection closes at once.
 
-use std::cell::{Cell, RefCell};
+use std::cell::RefCell;
 use std::future::Future;
 use std::io::{self, IoSlice};
 use std::pin::Pin;
@@ -25,7 +25,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
-use engine::{BlockDevice, BufPool, IoBuf, StatusExtent};
+use engine::{BlockDevice, BufPool, Drain, IoBuf, StatusExtent};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::sync::{mpsc, watch, Notify};
 
@@ -367,40 +367,6 @@ impl Input {
     }
 }
 
-/// Counts requests started on the device and not finished.
-#[derive(Default)]
-struct InFlight {
-    count: Cell<usize>,
-    idle: Notify,
-}
-
-impl InFlight {
-    fn start(self: &Rc<Self>) -> InFlightGuard {
-        self.count.set(self.count.get() + 1);
-        InFlightGuard(self.clone())
-    }
-    async fn wait_idle(&self) {
-        loop {
-            let idle = self.idle.notified();
-            if self.count.get() == 0 {
-                return;
-            }
-            idle.await;
-        }
-    }
-}
-
-struct InFlightGuard(Rc<InFlight>);
-impl Drop for InFlightGuard {
-    fn drop(&mut self) {
-        let c = self.0.count.get() - 1;
-        self.0.count.set(c);
-        if c == 0 {
-            self.0.idle.notify_waiters();
-        }
-    }
-}
-
 /// Writes every slice, failing if a single write makes no progress for `stall`.
 async fn write_all_vectored(wr: &mut WriteHalf, mut slices: &mut [IoSlice<'_>], stall: Duration) -> io::Result<()> {
     while !slices.is_empty() {
@@ -474,7 +440,8 @@ pub async fn serve<D: BlockDevice>(
     let (tx, rx) = mpsc::unbounded_channel::<Reply>();
     let dead = Rc::new(Dead::default());
     let mut writer_task = tokio::task::spawn_local(writer(wr, rx, dead.clone(), limits.stall_timeout));
-    let inflight = Rc::new(InFlight::default());
+    // Requests started on the device and not finished.
+    let inflight = Drain::new();
     let slots = Slots::new(limits.max_requests);
     let budget = ConnBudget::new(shared.pool.clone(), &limits);
     let mut input = Input::new(leftover, limits.stall_timeout);
@@ -533,7 +500,7 @@ pub async fn serve<D: BlockDevice>(
                     Err(_) => break Ok(()),
                 };
                 let buf = shared.pool.alloc_unbudgeted(len as usize);
-                let (dev, tx, guard, stats) = (dev.clone(), tx.clone(), inflight.start(), shared.stats.clone());
+                let (dev, tx, guard, stats) = (dev.clone(), tx.clone(), inflight.enter_always(), shared.stats.clone());
                 tokio::task::spawn_local(async move {
                     let (res, buf) = dev.read(offset, buf).await;
                     drop(guard);
@@ -595,7 +562,7 @@ pub async fn serve<D: BlockDevice>(
                     let _ = tx.send(Reply::error(&session, cookie, ENOMEM, &e).holding(slot, Vec::new()));
                     continue;
                 }
-                let (dev, tx, guard, stats) = (dev.clone(), tx.clone(), inflight.start(), shared.stats.clone());
+                let (dev, tx, guard, stats) = (dev.clone(), tx.clone(), inflight.enter_always(), shared.stats.clone());
                 tokio::task::spawn_local(async move {
                     let res = dev.write(offset, buf, fua).await;
                     drop(guard);
@@ -611,7 +578,7 @@ pub async fn serve<D: BlockDevice>(
                 });
             }
             other => {
-                let (dev, tx, guard, stats) = (dev.clone(), tx.clone(), inflight.start(), shared.stats.clone());
+                let (dev, tx, guard, stats) = (dev.clone(), tx.clone(), inflight.enter_always(), shared.stats.clone());
                 tokio::task::spawn_local(async move {
                     let (reply, ok) = run_command(&*dev, &session, cookie, other).await;
                     drop(guard);
