@@ -44,9 +44,35 @@ cmdline() {
   echo "${_v:-$2}"
 }
 
-# jget KEY JSON: a scalar field of a flat one-line JSON object (strings unquoted).
+# jget KEY JSON: a scalar field at the top level of a one-line JSON object (strings unquoted).
+# It walks the text, skipping strings and counting brackets, so it finds KEY whatever the order
+# of the fields and whatever nested arrays (the status' "events") come before it.
 jget() {
-  echo "$2" | sed 's/,"events":.*//' | sed -n "s/.*\"$1\":\(\"[^\"]*\"\|[^,}]*\).*/\1/p" | sed 's/^"\(.*\)"$/\1/'
+  printf '%s\n' "$2" | awk -v k="$1" '{
+    s = $0; n = length(s); depth = 0; i = 1
+    while (i <= n) {
+      c = substr(s, i, 1)
+      if (c == "\"") {
+        j = i + 1; str = ""
+        while (j <= n) {
+          d = substr(s, j, 1)
+          if (d == "\\") { str = str substr(s, j, 2); j += 2; continue }
+          if (d == "\"") break
+          str = str d; j++
+        }
+        if (depth == 1 && str == k && substr(s, j + 1, 1) == ":") {
+          v = substr(s, j + 2)
+          if (substr(v, 1, 1) == "\"") { v = substr(v, 2); print substr(v, 1, index(v, "\"") - 1) }
+          else { match(v, /^[^,}]*/); print substr(v, 1, RLENGTH) }
+          exit
+        }
+        i = j + 1; continue
+      }
+      if (c == "{" || c == "[") depth++
+      else if (c == "}" || c == "]") depth--
+      i++
+    }
+  }'
 }
 
 lmstatus() { "$LM" status --json --control "$LM_CTL"; }
