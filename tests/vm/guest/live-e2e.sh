@@ -173,11 +173,21 @@ LOADPID=$!
 wait_files pre 5
 ok "write load running (pid $LOADPID): $(count pre) files before the install"
 
+# A disk that holds data (here: a partition table) is refused before anything changes; the
+# install below then says --wipe.
+printf 'label: dos\nstart=2048, type=83\n' | sfdisk --quiet /dev/vda >/dev/null 2>&1 || fail "sfdisk /dev/vda"
+PT0=$(sfdisk -d /dev/vda 2>&1)
+OUT=$(livemirror-install --yes /dev/vda 2>&1); RC=$?
+case "$RC:$OUT" in 1:*"holds data"*"--wipe"*) ok "livemirror-install refuses a disk with a partition table: $(echo "$OUT" | grep FAILED)" ;;
+  *) fail "livemirror-install on a disk with a partition table exited $RC: $(echo "$OUT" | tail -n 2 | tr '\n' ' ')" ;; esac
+[ "$(sfdisk -d /dev/vda 2>&1)" = "$PT0" ] && [ "$(jget state "$(lmstatus)")" = serving ] \
+  && ok "after the refusal the partition table is unchanged and the daemon still serving" || fail "the refused install changed something"
+
 # The installer's step headers set the load's phase, so that every file is named after the step
 # it was written in; the RAM overlay and MemAvailable are read around the release.
 phase install
 T0=$(up)
-( livemirror-install --yes --rate "$RATE" /dev/vda; echo $? > /run/lmtest/install.rc ) 2>&1 | while read -r l; do
+( livemirror-install --yes --wipe --rate "$RATE" /dev/vda; echo $? > /run/lmtest/install.rc ) 2>&1 | while read -r l; do
   case $l in
   "==> ["*"/"*"] "*)
     n=${l#==> [}; n=${n%%/*}
