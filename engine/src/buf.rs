@@ -124,6 +124,9 @@ fn class_size(class: usize) -> usize {
     1usize << (class as u32 + MIN_CLASS_SHIFT)
 }
 
+/// Most idle bytes a pool keeps for reuse.
+const RETAIN_MAX: usize = 64 << 20;
+
 struct PoolInner {
     free: [Mutex<Vec<RawBuf>>; CLASSES],
     retained: AtomicUsize,
@@ -146,7 +149,10 @@ impl BufPool {
             inner: Arc::new(PoolInner {
                 free: std::array::from_fn(|_| Mutex::new(Vec::new())),
                 retained: AtomicUsize::new(0),
-                retain_limit: budget_bytes.max(64 << 20),
+                // Idle buffers kept for reuse: enough for the steady state of
+                // many clients (64 MiB is QD8 of 1 MiB on 8 connections), not a
+                // second budget's worth of memory.
+                retain_limit: budget_bytes.min(RETAIN_MAX),
                 budget: Arc::new(Semaphore::new(granules)),
                 budget_bytes,
             }),

@@ -514,7 +514,11 @@ pub async fn serve<D: BlockDevice>(
             }
             Command::Write { offset, len, fua } => {
                 let len = len as usize;
-                let mut buf = shared.pool.alloc_unbudgeted(len);
+                // A payload charged as it arrives must not sit in memory before:
+                // larger than a piece, it gets a fresh mapping whose pages become
+                // resident only as bytes are read into them (a pooled buffer is
+                // resident already), and is unmapped, not pooled, afterwards.
+                let mut buf = if len > PAYLOAD_PIECE { IoBuf::new(len) } else { shared.pool.alloc_unbudgeted(len) };
                 let mut charges = Vec::with_capacity(len.div_ceil(PAYLOAD_PIECE));
                 let mut pos = 0usize;
                 let mut ended: Option<io::Result<()>> = None;
