@@ -35,7 +35,7 @@ pub(crate) fn simple(control: &Path, req: Request) -> u8 {
 
 pub(crate) fn attach(control: &Path, target: PathBuf) -> u8 {
     // The daemon resolves the path in its own working directory: send it absolute.
-    let target = std::path::absolute(&target).unwrap_or(target);
+    let target = crate::devices::absolute(&target).unwrap_or(target);
     match call(control, &Request::Attach { target: target.clone() }) {
         Ok(_) => {
             println!("attached {}; sync started (livemirror wait shows progress)", target.display());

@@ -5,6 +5,7 @@ mod bench;
 mod commands;
 mod control;
 mod demo;
+mod devices;
 mod generate;
 mod metrics;
 mod notify;

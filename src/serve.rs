@@ -140,6 +140,8 @@ pub(crate) struct ServeArgs {
     /// I/O threads (default: one per CPU).
     #[arg(long, value_name = "N")]
     pub(crate) workers: Option<usize>,
+    #[command(flatten)]
+    pub(crate) remote: crate::devices::RemoteArgs,
 }
 
 /// Logs go through a bounded in-memory queue to a writer thread and are
@@ -215,7 +217,10 @@ impl ServeArgs {
             *p = std::path::absolute(&*p)?;
             Ok(())
         };
-        for p in [&mut self.source, &mut self.target, &mut self.state].into_iter().flatten() {
+        for p in [&mut self.source, &mut self.target].into_iter().flatten() {
+            *p = crate::devices::absolute(p)?;
+        }
+        if let Some(p) = &mut self.state {
             abs(p)?;
         }
         abs(&mut self.control)?;
@@ -350,7 +355,7 @@ pub(crate) fn start(args: &ServeArgs) -> anyhow::Result<Running> {
         read_only: args.read_only,
         cache: args.cache,
         detect_zeroes: args.detect_zeroes == OnOff::On,
-        ..MirrorConfig::default()
+        opener: args.remote.opener()?,
     };
     let started = engine::startup::start(
         &engine::startup::StartOptions {

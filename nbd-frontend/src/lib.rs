@@ -13,6 +13,7 @@ pub mod kernel;
 pub mod limits;
 pub mod netlink;
 pub mod proto;
+pub mod remote;
 pub mod request;
 pub mod server;
 pub mod stats;

@@ -1,0 +1,920 @@
+//! The remote device: an NBD export seen by the engine as an
+//! [`engine::RemoteDevice`].
+//!
+//! The engine's futures are polled on its own threads; each only queues wire
+//! requests and waits for their answers. The work runs on a thread of the
+//! device's own (a tokio runtime): one task per connection slot connects,
+//! serves ([`super::conn`]) and reconnects with backoff when the connection
+//! fails; a sweeper fails requests whose bounded wait (`--remote-timeout`)
+//! is over. So a network fault is not a disk failure: while the link is down
+//! requests wait (and the link says `reconnecting`); only a request that
+//! waited the whole timeout fails, and then the engine treats the device as
+//! failed (a target is dropped: `degraded`).
+//!
+//! Engine requests are split to the server's block-size constraints: pieces
+//! of at most the maximum payload, and an unaligned write becomes a
+//! read-modify-write of the covering blocks (the engine holds that range
+//! exclusively, as it does for an O_DIRECT disk).
+
+use std::collections::VecDeque;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use engine::backend::remote::IoFuture;
+use engine::backend::Extent;
+use engine::identity::DeviceIdent;
+use engine::{IoBuf, LinkState, RemoteDevice, SharedBuf};
+use tokio::sync::{oneshot, Notify};
+
+use super::conn::{self, InFlight};
+use super::handshake::{self, BoxStream, ExportInfo, HandshakeError};
+use super::tls::TlsClient;
+use super::uri::{NbdUri, Transport};
+use crate::proto::*;
+
+/// How a remote device behaves on a bad link.
+#[derive(Debug, Clone)]
+pub struct RemoteOptions {
+    /// How long a request waits for the link (reconnects included) before it
+    /// fails and the device with it.
+    pub timeout: Duration,
+    /// Connections used when the server allows several (CAN_MULTI_CONN).
+    pub connections: usize,
+}
+
+impl RemoteOptions {
+    pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(60);
+    pub const DEFAULT_CONNECTIONS: usize = 4;
+
+    /// No reply and no bytes for this long while requests wait: the
+    /// connection is taken for dead and replaced (a quarter of the timeout,
+    /// between 2 and 15 s).
+    fn stall(&self) -> Duration {
+        (self.timeout / 4).clamp(Duration::from_secs(2), Duration::from_secs(15))
+    }
+}
+
+impl Default for RemoteOptions {
+    fn default() -> Self {
+        RemoteOptions { timeout: Self::DEFAULT_TIMEOUT, connections: Self::DEFAULT_CONNECTIONS }
+    }
+}
+
+/// Backoff between connection attempts: doubling from 100 ms to 2 s.
+const BACKOFF_FIRST: Duration = Duration::from_millis(100);
+const BACKOFF_MAX: Duration = Duration::from_secs(2);
+/// One connection attempt (TCP connect, handshake, TLS) at most.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// TRIM and WRITE_ZEROES carry no payload; their length is still 32 bits.
+const MAX_NO_PAYLOAD: u64 = 1 << 30;
+
+/// What a request carries.
+#[derive(Clone)]
+pub(super) enum Payload {
+    None,
+    /// Send these bytes (`buf[at..at+len]`).
+    Write(Arc<SharedBuf>, usize),
+    /// Receive into `buf[at..at+len]`.
+    Read(Arc<SharedBuf>, usize),
+}
+
+pub(super) enum Reply {
+    Done,
+    /// BLOCK_STATUS extents of `base:allocation`: (length, flags).
+    Extents(Vec<(u32, u32)>),
+}
+
+/// One wire request, from the engine's call until its answer.
+pub(super) struct Req {
+    pub cmd: u16,
+    pub flags: u16,
+    pub offset: u64,
+    pub len: u32,
+    pub payload: Payload,
+    pub deadline: Instant,
+    /// Taken when answered (or timed out).
+    pub done: Option<oneshot::Sender<io::Result<Reply>>>,
+}
+
+impl Req {
+    pub(super) fn finish(&mut self, r: io::Result<Reply>) {
+        if let Some(tx) = self.done.take() {
+            let _ = tx.send(r);
+        }
+    }
+}
+
+#[derive(Default)]
+struct Link {
+    /// Which slots have a connection now.
+    up: Vec<bool>,
+    /// Failed attempts since the last connection was lost.
+    attempts: u32,
+    last_error: String,
+}
+
+/// State shared by the engine-facing device and its connection tasks.
+pub(super) struct Shared {
+    queue: Mutex<VecDeque<Req>>,
+    queued: Notify,
+    closed: AtomicBool,
+    closed_notify: Notify,
+    link: Mutex<Link>,
+    conns: Mutex<Vec<Option<Arc<InFlight>>>>,
+    size: AtomicU64,
+    timeout: Duration,
+    pub(super) stall: Duration,
+    endpoint: String,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl Shared {
+    fn push(&self, req: Req) {
+        lock(&self.queue).push_back(req);
+        self.queued.notify_one();
+    }
+
+    pub(super) fn try_pop(&self) -> Option<Req> {
+        lock(&self.queue).pop_front()
+    }
+
+    /// The next request; `None` once the device is closed.
+    pub(super) async fn pop(&self) -> Option<Req> {
+        loop {
+            let queued = self.queued.notified();
+            tokio::pin!(queued);
+            queued.as_mut().enable();
+            if self.closed.load(Ordering::Acquire) {
+                return None;
+            }
+            if let Some(r) = self.try_pop() {
+                return Some(r);
+            }
+            tokio::select! {
+                _ = queued => {}
+                _ = self.closed_signal() => return None,
+            }
+        }
+    }
+
+    /// Requests a dead connection had in flight: first in line again.
+    pub(super) fn requeue_front(&self, reqs: Vec<Req>) {
+        if reqs.is_empty() {
+            return;
+        }
+        let mut q = lock(&self.queue);
+        for r in reqs.into_iter().rev() {
+            q.push_front(r);
+        }
+        drop(q);
+        self.queued.notify_waiters();
+        self.queued.notify_one();
+    }
+
+    pub(super) fn register(&self, slot: usize, inflight: Option<Arc<InFlight>>) {
+        let mut c = lock(&self.conns);
+        if c.len() <= slot {
+            c.resize(slot + 1, None);
+        }
+        c[slot] = inflight;
+    }
+
+    pub(super) async fn closed_signal(&self) {
+        loop {
+            let n = self.closed_notify.notified();
+            tokio::pin!(n);
+            n.as_mut().enable();
+            if self.closed.load(Ordering::Acquire) {
+                return;
+            }
+            n.await;
+        }
+    }
+
+    fn set_up(&self, slot: usize, up: bool, why: Option<String>) {
+        let mut l = lock(&self.link);
+        if l.up.len() <= slot {
+            l.up.resize(slot + 1, false);
+        }
+        l.up[slot] = up;
+        if up {
+            l.attempts = 0;
+        }
+        if let Some(w) = why {
+            l.last_error = w;
+        }
+    }
+
+    fn attempt_failed(&self, why: String) {
+        let mut l = lock(&self.link);
+        l.attempts = l.attempts.saturating_add(1);
+        l.last_error = why;
+    }
+
+    fn link_state(&self) -> LinkState {
+        let l = lock(&self.link);
+        if l.up.iter().any(|&u| u) {
+            LinkState::Connected
+        } else {
+            LinkState::Reconnecting { attempts: l.attempts, last_error: l.last_error.clone() }
+        }
+    }
+
+    /// The error a request gets when its wait is over.
+    fn timed_out(&self) -> io::Error {
+        let link = match self.link_state() {
+            LinkState::Connected => "the link is up but the server did not answer".to_string(),
+            LinkState::Reconnecting { attempts, last_error } => {
+                format!("the link is down ({last_error}; {attempts} reconnect attempts)")
+            }
+        };
+        io::Error::new(
+            io::ErrorKind::TimedOut,
+            format!("{} did not answer within {:.0} s: {link}", self.endpoint, self.timeout.as_secs_f64()),
+        )
+    }
+
+    /// Fails every request, queued or on the wire, whose wait is over.
+    fn expire(&self, now: Instant) {
+        let mut expired = Vec::new();
+        {
+            let mut q = lock(&self.queue);
+            let mut i = 0;
+            while i < q.len() {
+                if q[i].deadline <= now {
+                    if let Some(r) = q.remove(i) {
+                        expired.push(r);
+                    }
+                } else {
+                    i += 1;
+                }
+            }
+        }
+        for mut r in expired {
+            r.finish(Err(self.timed_out()));
+        }
+        let conns: Vec<Arc<InFlight>> = lock(&self.conns).iter().flatten().cloned().collect();
+        for c in conns {
+            c.expire(now, &|| self.timed_out());
+        }
+    }
+}
+
+/// Where and how to connect.
+struct Dialer {
+    uri: NbdUri,
+    /// The socket file as this process reaches it (after a switch_root).
+    socket: Option<PathBuf>,
+    tls: Option<TlsClient>,
+}
+
+fn set_keepalive(s: &tokio::net::TcpStream) {
+    use nix::sys::socket::{setsockopt, sockopt};
+    // An idle connection whose link died is noticed within about 20 s.
+    let _ = setsockopt(s, sockopt::KeepAlive, &true);
+    let _ = setsockopt(s, sockopt::TcpKeepIdle, &10);
+    let _ = setsockopt(s, sockopt::TcpKeepInterval, &3);
+    let _ = setsockopt(s, sockopt::TcpKeepCount, &3);
+}
+
+impl Dialer {
+    async fn dial(&self) -> Result<(BoxStream, ExportInfo), HandshakeError> {
+        let fut = async {
+            let mut s: BoxStream = match (&self.uri.transport, &self.socket) {
+                (Transport::Tcp { host, port }, _) => {
+                    let s = tokio::net::TcpStream::connect((host.as_str(), *port)).await?;
+                    s.set_nodelay(true)?;
+                    set_keepalive(&s);
+                    Box::new(s)
+                }
+                (Transport::Unix { .. }, Some(p)) => Box::new(tokio::net::UnixStream::connect(p).await?),
+                (Transport::Unix { socket }, None) => Box::new(tokio::net::UnixStream::connect(socket).await?),
+            };
+            let no_zeroes = handshake::greet(&mut s).await?;
+            if let Some(tls) = &self.tls {
+                handshake::starttls(&mut s).await?;
+                s = tls.wrap(s).await.map_err(|e| match e.kind() {
+                    // A certificate that does not verify is final, not a link fault.
+                    io::ErrorKind::InvalidData => HandshakeError::Refused(format!("TLS: {e}")),
+                    _ => HandshakeError::Io(e),
+                })?;
+            }
+            let info = handshake::negotiate(&mut s, &self.uri.export, no_zeroes).await?;
+            Ok((s, info))
+        };
+        match tokio::time::timeout(CONNECT_TIMEOUT, fut).await {
+            Ok(r) => r,
+            Err(_) => Err(HandshakeError::Io(io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!("no connection within {} s", CONNECT_TIMEOUT.as_secs()),
+            ))),
+        }
+    }
+}
+
+/// What must stay the same across reconnects for the export to be the same
+/// one (its size may change: the engine checks sizes itself).
+fn same_export_key(i: &ExportInfo) -> String {
+    format!(
+        "name={:?} description={:?} flags={:#06x} blocks={}/{}/{}",
+        i.name.as_deref().unwrap_or(""),
+        i.description.as_deref().unwrap_or(""),
+        i.flags,
+        i.min_block,
+        i.preferred_block,
+        i.max_payload
+    )
+}
+
+/// One connection slot: connect, serve, reconnect with backoff, forever
+/// (until the device is closed).
+async fn slot_loop(
+    shared: Arc<Shared>,
+    dialer: Arc<Dialer>,
+    slot: usize,
+    key: String,
+    mut first: Option<(BoxStream, ExportInfo)>,
+) {
+    let mut backoff = BACKOFF_FIRST;
+    while !shared.closed.load(Ordering::Acquire) {
+        let conn = match first.take() {
+            Some(c) => Ok(c),
+            None => tokio::select! {
+                r = dialer.dial() => r,
+                _ = shared.closed_signal() => return,
+            },
+        };
+        let (stream, info) = match conn {
+            Ok((s, info)) if same_export_key(&info) == key => (s, info),
+            Ok((_, info)) => {
+                let why = format!(
+                    "{} now reports another export ({}; it was {key}): not using it",
+                    shared.endpoint,
+                    same_export_key(&info)
+                );
+                tracing::warn!("{why}");
+                shared.attempt_failed(why);
+                tokio::time::sleep(BACKOFF_MAX).await;
+                continue;
+            }
+            Err(e) => {
+                let why = format!("connecting: {e}");
+                tracing::debug!("{}: {why}", shared.endpoint);
+                shared.attempt_failed(why);
+                if !e.is_transient() {
+                    // A refusal (a TLS certificate, an unknown export) is not
+                    // cured by hammering: try again at the slowest pace.
+                    backoff = BACKOFF_MAX;
+                }
+                tokio::select! {
+                    _ = tokio::time::sleep(backoff) => {}
+                    _ = shared.closed_signal() => return,
+                }
+                backoff = (backoff * 2).min(BACKOFF_MAX);
+                continue;
+            }
+        };
+        backoff = BACKOFF_FIRST;
+        shared.size.store(info.size, Ordering::Release);
+        shared.set_up(slot, true, None);
+        let why = conn::run(shared.clone(), slot, stream, Arc::new(info)).await;
+        if shared.closed.load(Ordering::Acquire) {
+            return;
+        }
+        tracing::warn!("{} (connection {slot}): {why}; reconnecting", shared.endpoint);
+        shared.set_up(slot, false, Some(why));
+    }
+}
+
+async fn sweeper(shared: Arc<Shared>) {
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_millis(100)) => {}
+            _ = shared.closed_signal() => return,
+        }
+        shared.expire(Instant::now());
+    }
+}
+
+/// The device's own thread and runtime; stopped when the device is dropped.
+struct IoThread {
+    handle: tokio::runtime::Handle,
+    _stop: oneshot::Sender<()>,
+}
+
+impl IoThread {
+    fn spawn() -> io::Result<IoThread> {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+        let handle = rt.handle().clone();
+        let (stop, stopped) = oneshot::channel::<()>();
+        std::thread::Builder::new().name("livemirror-nbdc".into()).spawn(move || {
+            rt.block_on(async {
+                let _ = stopped.await;
+            });
+            // Dropping the runtime cancels the connection tasks.
+        })?;
+        Ok(IoThread { handle, _stop: stop })
+    }
+}
+
+/// An NBD export opened as a device.
+pub struct RemoteExport {
+    name: PathBuf,
+    endpoint: String,
+    info: ExportInfo,
+    shared: Arc<Shared>,
+    connections: usize,
+    /// Cleared when the server refuses a FAST_ZERO request.
+    fast_zero: AtomicBool,
+    _io: IoThread,
+}
+
+impl std::fmt::Debug for RemoteExport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RemoteExport").field("endpoint", &self.endpoint).field("info", &self.info).finish()
+    }
+}
+
+impl Drop for RemoteExport {
+    fn drop(&mut self) {
+        self.shared.closed.store(true, Ordering::Release);
+        self.shared.closed_notify.notify_waiters();
+        self.shared.queued.notify_waiters();
+    }
+}
+
+/// Why an export could not be opened (naming the URI).
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    /// The server could not be reached or the connection failed.
+    #[error("{context}: {cause}")]
+    Io { context: String, cause: io::Error },
+    /// The server refused, or the URI's credentials are unusable.
+    #[error("{0}")]
+    Refused(String),
+}
+
+impl RemoteExport {
+    /// Connects to `uri` and negotiates the export; fails at once (no
+    /// retries) when the server cannot be reached or refuses. `locate` maps
+    /// file names (the socket, TLS credentials) to where this process can
+    /// reach them.
+    pub fn open(
+        uri: &NbdUri,
+        name: &Path,
+        opts: &RemoteOptions,
+        locate: &dyn Fn(&Path) -> PathBuf,
+    ) -> Result<Arc<RemoteExport>, OpenError> {
+        let endpoint = uri.endpoint();
+        let fail = |why: String| OpenError::Refused(format!("{}: {why}", name.display()));
+        let tls = match &uri.tls {
+            Some(c) => Some(TlsClient::new(c, uri.tls_server_name(), locate).map_err(fail)?),
+            None => None,
+        };
+        let socket = match &uri.transport {
+            Transport::Unix { socket } => Some(locate(socket)),
+            Transport::Tcp { .. } => None,
+        };
+        let dialer = Arc::new(Dialer { uri: uri.clone(), socket, tls });
+        let io = IoThread::spawn().map_err(|e| fail(format!("cannot start its I/O thread: {e}")))?;
+        let (tx, rx) = std::sync::mpsc::channel();
+        {
+            let d = dialer.clone();
+            io.handle.spawn(async move {
+                let _ = tx.send(d.dial().await);
+            });
+        }
+        let (stream, info) = rx
+            .recv()
+            .map_err(|_| fail("its I/O thread stopped".into()))?
+            .map_err(|e| match e {
+                HandshakeError::Io(cause) => OpenError::Io { context: format!("cannot connect to {}", name.display()), cause },
+                e => fail(e.to_string()),
+            })?;
+        let connections = if info.has(TF_CAN_MULTI_CONN) { opts.connections.clamp(1, 16) } else { 1 };
+        let shared = Arc::new(Shared {
+            queue: Mutex::new(VecDeque::new()),
+            queued: Notify::new(),
+            closed: AtomicBool::new(false),
+            closed_notify: Notify::new(),
+            link: Mutex::new(Link::default()),
+            conns: Mutex::new(Vec::new()),
+            size: AtomicU64::new(info.size),
+            timeout: opts.timeout,
+            stall: opts.stall(),
+            endpoint: endpoint.clone(),
+        });
+        shared.set_up(0, true, None);
+        let key = same_export_key(&info);
+        let mut first = Some((stream, info.clone()));
+        for slot in 0..connections {
+            io.handle.spawn(slot_loop(shared.clone(), dialer.clone(), slot, key.clone(), first.take()));
+        }
+        io.handle.spawn(sweeper(shared.clone()));
+        tracing::info!(
+            "{endpoint}: {} bytes, flags {:#06x}, blocks {}/{}/{}, {} connection(s){}{}",
+            info.size,
+            info.flags,
+            info.min_block,
+            info.preferred_block,
+            info.max_payload,
+            connections,
+            if info.structured { ", structured replies" } else { "" },
+            if info.allocation_context.is_some() { ", base:allocation" } else { "" },
+        );
+        Ok(Arc::new(RemoteExport {
+            name: name.to_path_buf(),
+            endpoint,
+            fast_zero: AtomicBool::new(info.has(TF_SEND_WRITE_ZEROES)),
+            info,
+            shared,
+            connections,
+            _io: io,
+        }))
+    }
+
+    pub fn info(&self) -> &ExportInfo {
+        &self.info
+    }
+
+    pub fn read_only(&self) -> bool {
+        self.info.has(TF_READ_ONLY)
+    }
+
+    pub fn connections(&self) -> usize {
+        self.connections
+    }
+
+    fn submit(&self, cmd: u16, flags: u16, offset: u64, len: u32, payload: Payload) -> oneshot::Receiver<io::Result<Reply>> {
+        let (tx, rx) = oneshot::channel();
+        self.shared.push(Req {
+            cmd,
+            flags,
+            offset,
+            len,
+            payload,
+            deadline: Instant::now() + self.shared.timeout,
+            done: Some(tx),
+        });
+        rx
+    }
+
+    async fn wait(&self, rx: oneshot::Receiver<io::Result<Reply>>) -> io::Result<Reply> {
+        rx.await.unwrap_or_else(|_| Err(io::Error::other(format!("{}: the device was closed", self.endpoint))))
+    }
+
+    /// Sends the pieces of one engine request at once, then waits for all;
+    /// the first error wins.
+    async fn all(&self, rxs: Vec<oneshot::Receiver<io::Result<Reply>>>) -> io::Result<()> {
+        let mut first = Ok(());
+        for rx in rxs {
+            if let Err(e) = self.wait(rx).await {
+                if first.is_ok() {
+                    first = Err(e);
+                }
+            }
+        }
+        first
+    }
+
+    fn align(&self) -> u64 {
+        self.info.min_block as u64
+    }
+
+    fn max_piece(&self) -> u64 {
+        self.info.max_payload.max(self.info.min_block) as u64
+    }
+
+    fn aligned(&self, off: u64, len: u64) -> bool {
+        off.is_multiple_of(self.align()) && len.is_multiple_of(self.align())
+    }
+
+    fn read_only_error(&self) -> io::Error {
+        io::Error::new(io::ErrorKind::PermissionDenied, format!("{} is a read-only export", self.endpoint))
+    }
+
+    async fn read_aligned(&self, buf: &Arc<SharedBuf>, buf_off: usize, len: usize, off: u64) -> io::Result<()> {
+        let step = self.max_piece();
+        let mut rxs = Vec::new();
+        let mut done = 0u64;
+        while done < len as u64 {
+            let n = (len as u64 - done).min(step);
+            rxs.push(self.submit(
+                CMD_READ,
+                0,
+                off + done,
+                n as u32,
+                Payload::Read(buf.clone(), buf_off + done as usize),
+            ));
+            done += n;
+        }
+        self.all(rxs).await
+    }
+
+    async fn write_aligned(&self, buf: &Arc<SharedBuf>, buf_off: usize, len: usize, off: u64, fua: bool) -> io::Result<()> {
+        if self.read_only() {
+            return Err(self.read_only_error());
+        }
+        let fua_flag = fua && self.info.has(TF_SEND_FUA);
+        let step = self.max_piece();
+        let mut rxs = Vec::new();
+        let mut done = 0u64;
+        while done < len as u64 {
+            let n = (len as u64 - done).min(step);
+            rxs.push(self.submit(
+                CMD_WRITE,
+                if fua_flag { CMD_FLAG_FUA } else { 0 },
+                off + done,
+                n as u32,
+                Payload::Write(buf.clone(), buf_off + done as usize),
+            ));
+            done += n;
+        }
+        self.all(rxs).await?;
+        if fua && !fua_flag {
+            self.flush_now().await?;
+        }
+        Ok(())
+    }
+
+    /// The covering aligned range of `[off, off+len)`, read into a new buffer.
+    async fn read_covering(&self, off: u64, len: u64) -> io::Result<(u64, Arc<SharedBuf>)> {
+        let a = self.align();
+        let start = off - off % a;
+        let end = (off + len).div_ceil(a) * a;
+        let tmp = SharedBuf::new(IoBuf::new((end - start) as usize));
+        self.read_aligned(&tmp, 0, (end - start) as usize, start).await?;
+        Ok((start, tmp))
+    }
+
+    async fn flush_now(&self) -> io::Result<()> {
+        if !self.info.has(TF_SEND_FLUSH) {
+            return Ok(());
+        }
+        let rx = self.submit(CMD_FLUSH, 0, 0, 0, Payload::None);
+        self.wait(rx).await.map(|_| ())
+    }
+
+    /// Zeroes an aligned range with WRITE_ZEROES (split to 32-bit lengths).
+    async fn zero_aligned(&self, off: u64, len: u64, may_unmap: bool, fua: bool) -> io::Result<()> {
+        let fast = may_unmap && self.info.has(TF_SEND_FAST_ZERO) && self.fast_zero.load(Ordering::Relaxed);
+        let mut flags = if may_unmap { 0 } else { CMD_FLAG_NO_HOLE };
+        if fua && self.info.has(TF_SEND_FUA) {
+            flags |= CMD_FLAG_FUA;
+        }
+        let step = MAX_NO_PAYLOAD - MAX_NO_PAYLOAD % self.align();
+        let pieces = |flags: u16| {
+            let mut rxs = Vec::new();
+            let mut done = 0;
+            while done < len {
+                let n = (len - done).min(step);
+                rxs.push(self.submit(CMD_WRITE_ZEROES, flags, off + done, n as u32, Payload::None));
+                done += n;
+            }
+            rxs
+        };
+        if fast {
+            match self.all(pieces(flags | CMD_FLAG_FAST_ZERO)).await {
+                Err(e) if e.raw_os_error() == Some(libc::ENOTSUP) => {
+                    // Zeroing is not faster than writing there: say so from now
+                    // on (our own clients see it), and zero the slow way.
+                    self.fast_zero.store(false, Ordering::Relaxed);
+                }
+                r => return self.after_fua(r, fua).await,
+            }
+        }
+        let r = self.all(pieces(flags)).await;
+        self.after_fua(r, fua).await
+    }
+
+    async fn after_fua(&self, r: io::Result<()>, fua: bool) -> io::Result<()> {
+        r?;
+        if fua && !self.info.has(TF_SEND_FUA) {
+            self.flush_now().await?;
+        }
+        Ok(())
+    }
+
+    /// Writes zeroes from a buffer (a server without WRITE_ZEROES, or the
+    /// unaligned edges of a range).
+    async fn zero_by_writing(&self, off: u64, len: u64, fua: bool) -> io::Result<()> {
+        const STEP: u64 = 1 << 20;
+        let zeroes = SharedBuf::new(IoBuf::zeroed(STEP.min(len) as usize));
+        let mut done = 0;
+        while done < len {
+            let n = (len - done).min(STEP);
+            self.write_at_inner(&zeroes, 0, n as usize, off + done, fua).await?;
+            done += n;
+        }
+        Ok(())
+    }
+
+    async fn write_at_inner(&self, buf: &Arc<SharedBuf>, buf_off: usize, len: usize, off: u64, fua: bool) -> io::Result<()> {
+        if self.aligned(off, len as u64) {
+            return self.write_aligned(buf, buf_off, len, off, fua).await;
+        }
+        // Read-modify-write of the covering blocks; the engine holds them
+        // exclusively (alignment() tells it to).
+        let (start, tmp) = self.read_covering(off, len as u64).await?;
+        let at = (off - start) as usize;
+        // SAFETY: `tmp` is ours alone; `buf`'s range is only read.
+        unsafe { tmp.slice_mut(at, len).copy_from_slice(buf.slice(buf_off, len)) };
+        self.write_aligned(&tmp, 0, tmp.len(), start, fua).await
+    }
+
+    async fn allocation_inner(&self, off: u64, len: u64, max_extents: usize) -> io::Result<Vec<Extent>> {
+        if self.info.allocation_context.is_none() || len == 0 {
+            return Ok(vec![Extent { len, hole: false }]);
+        }
+        let a = self.align();
+        let start = off - off % a;
+        let want = ((off + len).div_ceil(a) * a - start).min((u32::MAX as u64) - (u32::MAX as u64) % a);
+        let rx = self.submit(CMD_BLOCK_STATUS, 0, start, want as u32, Payload::None);
+        let exts = match self.wait(rx).await? {
+            Reply::Extents(e) => e,
+            Reply::Done => Vec::new(),
+        };
+        let end = off + len;
+        let mut out: Vec<Extent> = Vec::new();
+        let mut pos = start;
+        for (elen, flags) in exts {
+            if elen == 0 || out.len() >= max_extents.max(1) {
+                break;
+            }
+            let (s, e) = (pos.max(off), (pos + elen as u64).min(end));
+            pos += elen as u64;
+            if e <= s {
+                if pos >= end {
+                    break;
+                }
+                continue;
+            }
+            // Both bits: not allocated *and* reads as zeroes (a hole over a
+            // backing file is not zeroes).
+            let hole = flags & (STATE_HOLE | STATE_ZERO) == STATE_HOLE | STATE_ZERO;
+            match out.last_mut() {
+                Some(last) if last.hole == hole => last.len += e - s,
+                _ => out.push(Extent { len: e - s, hole }),
+            }
+            if pos >= end {
+                break;
+            }
+        }
+        if out.is_empty() {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("{}: BLOCK_STATUS answered no extent for offset {off}", self.endpoint),
+            ));
+        }
+        Ok(out)
+    }
+
+    /// What identifies the export: where it is and what the server says of it.
+    fn stack(&self) -> String {
+        let mut desc = self.info.description.clone().unwrap_or_default();
+        desc.truncate(desc.char_indices().nth(200).map_or(desc.len(), |(i, _)| i));
+        format!("nbd endpoint={} {}", self.endpoint, same_export_key(&ExportInfo { description: Some(desc), ..self.info.clone() }))
+    }
+}
+
+impl RemoteDevice for RemoteExport {
+    fn name(&self) -> &Path {
+        &self.name
+    }
+
+    fn size(&self) -> u64 {
+        self.info.size
+    }
+
+    fn current_size(&self) -> io::Result<u64> {
+        Ok(self.shared.size.load(Ordering::Acquire))
+    }
+
+    fn alignment(&self) -> u64 {
+        self.align()
+    }
+
+    fn zeroing_is_fast(&self) -> bool {
+        // On a link, zeroing costs a header instead of the bytes.
+        self.info.has(TF_SEND_WRITE_ZEROES) && self.fast_zero.load(Ordering::Relaxed)
+    }
+
+    fn ident(&self) -> DeviceIdent {
+        DeviceIdent {
+            path: self.name.clone(),
+            size: self.info.size,
+            dev: 0,
+            ino: 0,
+            rdev: 0,
+            birth: None,
+            generation: None,
+            stack: self.stack(),
+        }
+    }
+
+    fn link(&self) -> LinkState {
+        self.shared.link_state()
+    }
+
+    fn read_at<'a>(&'a self, buf: &'a Arc<SharedBuf>, buf_off: usize, len: usize, off: u64) -> IoFuture<'a> {
+        Box::pin(async move {
+            if len == 0 {
+                return Ok(());
+            }
+            if self.aligned(off, len as u64) {
+                return self.read_aligned(buf, buf_off, len, off).await;
+            }
+            let (start, tmp) = self.read_covering(off, len as u64).await?;
+            // SAFETY: `tmp` is complete and ours; `buf`'s range is this read's.
+            unsafe { buf.slice_mut(buf_off, len).copy_from_slice(tmp.slice((off - start) as usize, len)) };
+            Ok(())
+        })
+    }
+
+    fn write_at<'a>(&'a self, buf: &'a Arc<SharedBuf>, buf_off: usize, len: usize, off: u64, fua: bool) -> IoFuture<'a> {
+        Box::pin(async move {
+            if len == 0 {
+                return Ok(());
+            }
+            self.write_at_inner(buf, buf_off, len, off, fua).await
+        })
+    }
+
+    fn flush(&self) -> IoFuture<'_> {
+        Box::pin(self.flush_now())
+    }
+
+    fn write_zeroes(&self, off: u64, len: u64, may_unmap: bool, fua: bool) -> IoFuture<'_> {
+        Box::pin(async move {
+            if len == 0 {
+                return Ok(());
+            }
+            if self.read_only() {
+                return Err(self.read_only_error());
+            }
+            if !self.info.has(TF_SEND_WRITE_ZEROES) {
+                return self.zero_by_writing(off, len, fua).await;
+            }
+            // Unaligned edges are written, the aligned middle zeroed.
+            let a = self.align();
+            let mid_start = off.div_ceil(a) * a;
+            let mid_end = ((off + len) / a) * a;
+            if mid_end <= mid_start {
+                return self.zero_by_writing(off, len, fua).await;
+            }
+            if mid_start > off {
+                self.zero_by_writing(off, mid_start - off, fua).await?;
+            }
+            if off + len > mid_end {
+                self.zero_by_writing(mid_end, off + len - mid_end, fua).await?;
+            }
+            self.zero_aligned(mid_start, mid_end - mid_start, may_unmap, fua).await
+        })
+    }
+
+    fn discard(&self, off: u64, len: u64) -> IoFuture<'_> {
+        Box::pin(async move {
+            if !self.info.has(TF_SEND_TRIM) || self.read_only() {
+                return Ok(());
+            }
+            // A hint: only whole blocks are passed on.
+            let a = self.align();
+            let start = off.div_ceil(a) * a;
+            let end = ((off + len) / a) * a;
+            let step = MAX_NO_PAYLOAD - MAX_NO_PAYLOAD % a;
+            let mut rxs = Vec::new();
+            let mut pos = start;
+            while pos < end {
+                let n = (end - pos).min(step);
+                rxs.push(self.submit(CMD_TRIM, 0, pos, n as u32, Payload::None));
+                pos += n;
+            }
+            self.all(rxs).await
+        })
+    }
+
+    fn prefetch(&self, off: u64, len: u64) -> IoFuture<'_> {
+        Box::pin(async move {
+            if !self.info.has(TF_SEND_CACHE) || len == 0 {
+                return Ok(());
+            }
+            let a = self.align();
+            let start = off - off % a;
+            let n = ((off + len).div_ceil(a) * a - start).min(self.max_piece());
+            let rx = self.submit(CMD_CACHE, 0, start, n as u32, Payload::None);
+            // A hint: a server that cannot is not an error.
+            let _ = self.wait(rx).await;
+            Ok(())
+        })
+    }
+
+    fn allocation(&self, off: u64, len: u64, max_extents: usize) -> IoFuture<'_, Vec<Extent>> {
+        Box::pin(self.allocation_inner(off, len, max_extents))
+    }
+}

@@ -1,0 +1,50 @@
+//! Which devices `serve` and `attach` accept: local paths, and NBD exports
+//! named by URI (`nbd://HOST[:PORT]/EXPORT`, `nbds://…`,
+//! `nbd+unix:///EXPORT?socket=PATH`), opened by nbd-frontend's remote device.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use clap::Args;
+use nbd_frontend::remote::{is_nbd_uri, NbdOpener, NbdUri, RemoteOptions};
+
+/// How remote devices (NBD URIs) behave on a bad link.
+#[derive(Args, Debug, Clone)]
+pub struct RemoteArgs {
+    /// How long an I/O to a remote device waits for its link (reconnects
+    /// included) before it fails; a failed remote target is dropped (degraded).
+    #[arg(long, value_name = "SECS", default_value_t = RemoteOptions::DEFAULT_TIMEOUT.as_secs_f64())]
+    pub remote_timeout: f64,
+    /// Connections to a remote device whose server allows several (CAN_MULTI_CONN).
+    #[arg(long, value_name = "N", default_value_t = RemoteOptions::DEFAULT_CONNECTIONS)]
+    pub remote_connections: usize,
+}
+
+impl RemoteArgs {
+    /// The opener the engine uses for `--source`, `--target` and `attach`.
+    pub fn opener(&self) -> anyhow::Result<engine::Opener> {
+        let timeout = Duration::try_from_secs_f64(self.remote_timeout)
+            .ok()
+            .filter(|d| !d.is_zero())
+            .ok_or_else(|| anyhow::anyhow!("--remote-timeout must be a positive number of seconds"))?;
+        if !(1..=16).contains(&self.remote_connections) {
+            anyhow::bail!("--remote-connections must be between 1 and 16");
+        }
+        let options = RemoteOptions { timeout, connections: self.remote_connections };
+        Ok(engine::Opener(std::sync::Arc::new(NbdOpener { options })))
+    }
+}
+
+/// A device name made independent of the working directory: a path made
+/// absolute; a URI kept as it is, except the files it names (socket, TLS
+/// credentials), which are made absolute inside it.
+pub fn absolute(name: &Path) -> std::io::Result<PathBuf> {
+    match name.to_str().filter(|s| is_nbd_uri(s)) {
+        Some(s) => match NbdUri::parse(s) {
+            Ok(uri) => Ok(PathBuf::from(uri.with_absolute_paths(&std::env::current_dir()?).to_string())),
+            // Kept as given: the daemon's opener says what is wrong with it.
+            Err(_) => Ok(name.to_path_buf()),
+        },
+        None => std::path::absolute(name),
+    }
+}
