@@ -41,7 +41,11 @@ impl RemoteArgs {
 pub fn absolute(name: &Path) -> std::io::Result<PathBuf> {
     match name.to_str().filter(|s| is_nbd_uri(s)) {
         Some(s) => match NbdUri::parse(s) {
-            Ok(uri) => Ok(PathBuf::from(uri.with_absolute_paths(&std::env::current_dir()?).to_string())),
+            Ok(uri) => {
+                let abs = uri.clone().with_absolute_paths(&std::env::current_dir()?);
+                // Rewritten only when a file name in it was relative.
+                Ok(if abs == uri { name.to_path_buf() } else { PathBuf::from(abs.to_string()) })
+            }
             // Kept as given: the daemon's opener says what is wrong with it.
             Err(_) => Ok(name.to_path_buf()),
         },

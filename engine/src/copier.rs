@@ -349,6 +349,24 @@ async fn copy_bytes(job: &CopyJob, source: &Backend, range: Range<u64>, chunk: u
     let mut pos = range.start;
     while pos < range.end {
         let n = (range.end - pos).min(chunk) as usize;
+        // A hole of a remote source reads as zeroes: zero T instead of moving
+        // the bytes over the link. Asked under the span's lock, so no write
+        // to S can have filled it since. A failed question is not an error:
+        // the piece is read as usual.
+        if job.detect_zeroes && source.holes_worth_asking() {
+            let hole = source.allocation(pos, n as u64, 1).await.is_ok_and(|e| {
+                e.first().is_some_and(|e| e.hole && e.len >= n as u64)
+            });
+            if hole {
+                job.ctl.bytes_zeroed.fetch_add(n as u64, Ordering::Relaxed);
+                if let Err(e) = target.backend.write_zeroes(pos, n as u64, true, false).await {
+                    job.owner.fail_target(target, format!("target write failed at offset {pos}: {e}")).await;
+                    return false;
+                }
+                pos += n as u64;
+                continue;
+            }
+        }
         let buf = SharedBuf::new(job.pool.alloc_unbudgeted(n));
         let mut attempt = 0;
         loop {

@@ -3,6 +3,7 @@
 //! missing: `.ci/run` installs them).
 #![allow(dead_code)]
 
+pub mod net;
 pub mod raw;
 
 use std::io::Read;
@@ -84,6 +85,8 @@ pub struct Daemon {
     pub sock: PathBuf,
     pub control: PathBuf,
     pub log: PathBuf,
+    /// Runs in this network namespace (remote-device tests).
+    pub netns: Option<String>,
 }
 
 impl Daemon {
@@ -93,7 +96,18 @@ impl Daemon {
         let sock = dir.join("nbd.sock");
         let control = dir.join("ctl.sock");
         let log = dir.join(format!("serve-{}.log", std::process::id()));
-        let mut d = Daemon { child: None, dir: dir.to_path_buf(), sock, control, log };
+        let mut d = Daemon { child: None, dir: dir.to_path_buf(), sock, control, log, netns: None };
+        d.spawn(args);
+        d.wait_ready();
+        d
+    }
+
+    /// [`Daemon::start`] inside network namespace `ns`.
+    pub fn start_in(ns: &str, dir: &Path, args: &[&str]) -> Daemon {
+        let sock = dir.join("nbd.sock");
+        let control = dir.join("ctl.sock");
+        let log = dir.join(format!("serve-{}.log", std::process::id()));
+        let mut d = Daemon { child: None, dir: dir.to_path_buf(), sock, control, log, netns: Some(ns.to_string()) };
         d.spawn(args);
         d.wait_ready();
         d
@@ -104,7 +118,7 @@ impl Daemon {
         let sock = dir.join("nbd.sock");
         let control = dir.join("ctl.sock");
         let log = dir.join("serve-raw.log");
-        let mut d = Daemon { child: None, dir: dir.to_path_buf(), sock, control, log };
+        let mut d = Daemon { child: None, dir: dir.to_path_buf(), sock, control, log, netns: None };
         d.spawn(args);
         d
     }
@@ -115,7 +129,14 @@ impl Daemon {
             .append(true)
             .open(&self.log)
             .unwrap_or_else(|e| panic!("cannot open log: {e}"));
-        let mut cmd = Command::new(bin());
+        let mut cmd = match &self.netns {
+            Some(ns) => {
+                let mut c = Command::new(tool("ip"));
+                c.args(["netns", "exec", ns]).arg(bin());
+                c
+            }
+            None => Command::new(bin()),
+        };
         cmd.arg("serve").args(args);
         if !args.contains(&"--listen") {
             cmd.arg("--listen").arg(format!("unix:{}", self.sock.display()));

@@ -321,6 +321,13 @@ impl Backend {
         }
     }
 
+    /// Learning where it has holes costs less than reading them: a device
+    /// behind a link, where a read moves the bytes over the wire (the copier
+    /// asks before it reads). A local device reads holes from the page cache.
+    pub fn holes_worth_asking(&self) -> bool {
+        matches!(self, Backend::Remote(_))
+    }
+
     /// The link of a remote device; `None` for a local one.
     pub fn link(&self) -> Option<LinkState> {
         match self {

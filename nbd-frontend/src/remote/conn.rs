@@ -196,18 +196,22 @@ async fn read_loop(
                 SIMPLE_REPLY_MAGIC => {
                     let errno = r.read_u32().await?;
                     let cookie = r.read_u64().await?;
-                    let (payload, live) = {
+                    let (payload, len, read) = {
                         let mut map = inflight.lock();
                         let s = map.get_mut(&cookie).ok_or_else(|| violation(format!("reply to unknown cookie {cookie}")))?;
-                        let read = matches!(s.req.payload, Payload::Read(..)) && errno == 0;
+                        let read = s.req.cmd == CMD_READ && errno == 0;
                         if read && info.structured {
                             return Err(violation("a simple reply with data after structured replies were agreed"));
                         }
-                        s.receiving = read;
-                        (read.then(|| (s.req.payload.clone(), s.req.len)), s.req.done.is_some())
+                        s.receiving = read && s.req.done.is_some();
+                        (s.req.payload.clone(), s.req.len as usize, read)
                     };
-                    if let Some((Payload::Read(buf, at), len)) = payload {
-                        receive(&mut r, &buf, at, len as usize, live, &mut scratch, progress).await?;
+                    if read {
+                        match payload {
+                            Payload::Read(buf, at) => receive(&mut r, Some((&buf, at)), len, &mut scratch, progress).await?,
+                            // Timed out meanwhile: the bytes are read and dropped.
+                            _ => receive(&mut r, None, len, &mut scratch, progress).await?,
+                        }
                     }
                     if errno == ESHUTDOWN {
                         // Not the request's fault: it goes back on the queue with the rest.
@@ -242,7 +246,7 @@ async fn read_loop(
                                     ));
                                 }
                                 Err(e)
-                            } else if matches!(s.req.payload, Payload::Read(..)) && s.covered != s.req.len as u64 {
+                            } else if s.req.cmd == CMD_READ && s.covered != s.req.len as u64 {
                                 return Err(violation(format!(
                                     "a read of {} bytes answered with {} bytes",
                                     s.req.len, s.covered
@@ -272,14 +276,12 @@ async fn read_loop(
 /// space when the request already timed out (its caller may reuse the buffer).
 async fn receive<R: tokio::io::AsyncRead + Unpin>(
     r: &mut R,
-    buf: &Arc<engine::SharedBuf>,
-    at: usize,
+    into: Option<(&Arc<engine::SharedBuf>, usize)>,
     len: usize,
-    live: bool,
     scratch: &mut Vec<u8>,
     progress: &Progress,
 ) -> io::Result<()> {
-    if live {
+    if let Some((buf, at)) = into {
         // SAFETY: this range of the buffer belongs to this request alone, and
         // its caller waits for the reply (`receiving` keeps it from timing out).
         let dst = unsafe { buf.slice_mut(at, len) };
@@ -331,8 +333,7 @@ async fn chunk<R: tokio::io::AsyncRead + Unpin>(
     let within = |off: u64, n: u64| off >= req_off && off.checked_add(n).is_some_and(|e| e <= req_off + req_len);
     match kind {
         REPLY_TYPE_NONE if len == 0 => {}
-        REPLY_TYPE_OFFSET_DATA if len >= 8 => {
-            let Payload::Read(buf, at) = payload else { return Err(violation("data for a request that is not a read")) };
+        REPLY_TYPE_OFFSET_DATA if len >= 8 && cmd == CMD_READ => {
             let off = r.read_u64().await?;
             let n = (len - 8) as u64;
             if !within(off, n) {
@@ -341,14 +342,18 @@ async fn chunk<R: tokio::io::AsyncRead + Unpin>(
             if let Some(s) = inflight.lock().get_mut(&cookie) {
                 s.receiving = live;
             }
-            receive(r, &buf, at + (off - req_off) as usize, n as usize, live, scratch, progress).await?;
+            let into = match (&payload, live) {
+                (Payload::Read(buf, at), true) => Some((buf, at + (off - req_off) as usize)),
+                // Timed out meanwhile: the bytes are read and dropped.
+                _ => None,
+            };
+            receive(r, into, n as usize, scratch, progress).await?;
             if let Some(s) = inflight.lock().get_mut(&cookie) {
                 s.receiving = false;
                 s.covered += n;
             }
         }
-        REPLY_TYPE_OFFSET_HOLE if len == 12 => {
-            let Payload::Read(buf, at) = payload else { return Err(violation("a hole for a request that is not a read")) };
+        REPLY_TYPE_OFFSET_HOLE if len == 12 && cmd == CMD_READ => {
             let off = r.read_u64().await?;
             let n = read_be_u32(r).await? as u64;
             if !within(off, n) {
@@ -356,7 +361,7 @@ async fn chunk<R: tokio::io::AsyncRead + Unpin>(
             }
             let mut map = inflight.lock();
             if let Some(s) = map.get_mut(&cookie) {
-                if s.req.done.is_some() {
+                if let (Payload::Read(buf, at), true) = (&payload, s.req.done.is_some()) {
                     // SAFETY: this range belongs to this request alone, whose caller waits.
                     unsafe { buf.slice_mut(at + (off - req_off) as usize, n as usize) }.fill(0);
                 }

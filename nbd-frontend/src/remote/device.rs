@@ -101,6 +101,8 @@ pub(super) struct Req {
 
 impl Req {
     pub(super) fn finish(&mut self, r: io::Result<Reply>) {
+        // The buffer goes back before the caller wakes: it may want it whole.
+        self.payload = Payload::None;
         if let Some(tx) = self.done.take() {
             let _ = tx.send(r);
         }
