@@ -66,6 +66,22 @@ fn qemu_nbd(net: &NetPair, file: &Path, extra: &[&str]) -> Peer {
     peer
 }
 
+/// A daemonised server, killed through its pid file on drop.
+struct PidFile(PathBuf);
+
+impl Drop for PidFile {
+    fn drop(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline {
+            if let Some(pid) = std::fs::read_to_string(&self.0).ok().and_then(|s| s.trim().parse::<i32>().ok()) {
+                let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGTERM);
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
 fn u(v: &serde_json::Value) -> u64 {
     v.as_u64().unwrap_or_else(|| panic!("not a number: {v}"))
 }
@@ -346,8 +362,12 @@ fn a_remote_source_from_nbd_server_is_mirrored_to_a_local_file() {
         format!("[generic]\nlistenaddr = {SERVER_ADDR}\nport = 10809\n[exp]\nexportname = {}\n", src.display()),
     )
     .unwrap();
-    let _server =
-        Peer::spawn(net.cmd(&net.b, p(&tool("nbd-server")), &["-d", "-C", p(&conf)]), "nbd-server");
+    // nbd-server forks a daemon (with -d it would serve one connection):
+    // it is found and killed through its pid file.
+    let pidfile = dir.path().join("nbd-server.pid");
+    let o = net.cmd(&net.b, p(&tool("nbd-server")), &["-C", p(&conf), "-p", p(&pidfile)]).output().unwrap();
+    assert!(o.status.success(), "nbd-server: {}", String::from_utf8_lossy(&o.stderr));
+    let _server = PidFile(pidfile);
     wait_listening(Some(&net), &format!("nbd://{SERVER_ADDR}/exp"));
     let tgt = dir.path().join("t.img");
     make_sparse(&tgt, 24 * MIB);

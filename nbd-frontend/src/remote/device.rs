@@ -278,6 +278,11 @@ struct Dialer {
 
 fn set_keepalive(s: &tokio::net::TcpStream) {
     use nix::sys::socket::{setsockopt, sockopt};
+    // Closing a dead connection must not leave its unsent requests queued in
+    // the kernel: once the link is back they would reach the server after
+    // the same requests were resent (and newer writes acknowledged), and an
+    // old write would land over a newer one. A reset drops them.
+    let _ = setsockopt(s, sockopt::Linger, &libc::linger { l_onoff: 1, l_linger: 0 });
     // An idle connection whose link died is noticed within about 20 s.
     let _ = setsockopt(s, sockopt::KeepAlive, &true);
     let _ = setsockopt(s, sockopt::TcpKeepIdle, &10);
