@@ -116,9 +116,9 @@ impl Load {
                             let len = 1 + rng.below(40_000);
                             let off = st + rng.below(stripe - len);
                             let data: Vec<u8> = (0..len).map(|_| rng.next() as u8).collect();
-                            c.write(off, &data, rng.below(8) == 0).await.unwrap_or_else(|e| {
-                                panic!("a client write at {off}+{len} failed: {e}")
-                            });
+                            c.write(off, &data, rng.below(8) == 0)
+                                .await
+                                .unwrap_or_else(|e| panic!("a client write at {off}+{len} failed: {e}"));
                             model.lock().unwrap()[off as usize..(off + len) as usize].copy_from_slice(&data);
                             w.fetch_add(1, Ordering::Relaxed);
                             tokio::time::sleep(Duration::from_millis(2)).await;
@@ -245,11 +245,7 @@ fn a_link_cut_mid_sync_pauses_the_copy_and_loses_nothing() {
     let tgt = dir.path().join("t.img");
     make_sparse(&tgt, 64 * MIB);
     let _server = Peer::spawn(
-        net.cmd(
-            &net.b,
-            p(&tool("nbdkit")),
-            &["-f", "-i", SERVER_ADDR, "-p", "10809", "-e", "exp", "file", p(&tgt)],
-        ),
+        net.cmd(&net.b, p(&tool("nbdkit")), &["-f", "-i", SERVER_ADDR, "-p", "10809", "-e", "exp", "file", p(&tgt)]),
         "nbdkit",
     );
     wait_listening(Some(&net), &format!("nbd://{SERVER_ADDR}/exp"));
@@ -559,20 +555,100 @@ fn make_pki(dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
         std::fs::create_dir_all(d).unwrap();
     }
     let ca = |d: &Path| {
-        sh(&["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca-key.pem", "-out", "ca-cert.pem",
-            "-days", "2", "-subj", "/CN=livemirror test CA"], d);
+        sh(
+            &[
+                "req",
+                "-x509",
+                "-newkey",
+                "rsa:2048",
+                "-nodes",
+                "-keyout",
+                "ca-key.pem",
+                "-out",
+                "ca-cert.pem",
+                "-days",
+                "2",
+                "-subj",
+                "/CN=livemirror test CA",
+            ],
+            d,
+        );
     };
     ca(&srv);
     ca(&other);
     let ext = srv.join("ext.cnf");
     std::fs::write(&ext, "subjectAltName=DNS:localhost\nextendedKeyUsage=serverAuth\n").unwrap();
-    sh(&["req", "-newkey", "rsa:2048", "-nodes", "-keyout", "server-key.pem", "-out", "server.csr", "-subj", "/CN=localhost"], &srv);
-    sh(&["x509", "-req", "-in", "server.csr", "-CA", "ca-cert.pem", "-CAkey", "ca-key.pem", "-CAcreateserial",
-        "-out", "server-cert.pem", "-days", "2", "-extfile", "ext.cnf"], &srv);
+    sh(
+        &[
+            "req",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            "server-key.pem",
+            "-out",
+            "server.csr",
+            "-subj",
+            "/CN=localhost",
+        ],
+        &srv,
+    );
+    sh(
+        &[
+            "x509",
+            "-req",
+            "-in",
+            "server.csr",
+            "-CA",
+            "ca-cert.pem",
+            "-CAkey",
+            "ca-key.pem",
+            "-CAcreateserial",
+            "-out",
+            "server-cert.pem",
+            "-days",
+            "2",
+            "-extfile",
+            "ext.cnf",
+        ],
+        &srv,
+    );
     std::fs::write(srv.join("cext.cnf"), "extendedKeyUsage=clientAuth\n").unwrap();
-    sh(&["req", "-newkey", "rsa:2048", "-nodes", "-keyout", "client-key.pem", "-out", "client.csr", "-subj", "/CN=livemirror"], &srv);
-    sh(&["x509", "-req", "-in", "client.csr", "-CA", "ca-cert.pem", "-CAkey", "ca-key.pem", "-CAcreateserial",
-        "-out", "client-cert.pem", "-days", "2", "-extfile", "cext.cnf"], &srv);
+    sh(
+        &[
+            "req",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            "client-key.pem",
+            "-out",
+            "client.csr",
+            "-subj",
+            "/CN=livemirror",
+        ],
+        &srv,
+    );
+    sh(
+        &[
+            "x509",
+            "-req",
+            "-in",
+            "client.csr",
+            "-CA",
+            "ca-cert.pem",
+            "-CAkey",
+            "ca-key.pem",
+            "-CAcreateserial",
+            "-out",
+            "client-cert.pem",
+            "-days",
+            "2",
+            "-extfile",
+            "cext.cnf",
+        ],
+        &srv,
+    );
     for f in ["ca-cert.pem", "client-cert.pem", "client-key.pem"] {
         std::fs::copy(srv.join(f), cli.join(f)).unwrap();
     }
@@ -621,7 +697,8 @@ fn nbds_with_x509_certificates() {
     // A CA that did not sign the server's certificate.
     std::fs::copy(srv.join("client-cert.pem"), other.join("client-cert.pem")).unwrap();
     std::fs::copy(srv.join("client-key.pem"), other.join("client-key.pem")).unwrap();
-    let o = d.cli(&["attach", &format!("nbds+unix:///?socket={}&tls-certificates={}", qsock.display(), other.display())]);
+    let o =
+        d.cli(&["attach", &format!("nbds+unix:///?socket={}&tls-certificates={}", qsock.display(), other.display())]);
     assert_eq!(code(&o), 1);
     assert!(text(&o).contains("TLS"), "{}", text(&o));
     // The right credentials.

@@ -354,9 +354,10 @@ async fn copy_bytes(job: &CopyJob, source: &Backend, range: Range<u64>, chunk: u
         // to S can have filled it since. A failed question is not an error:
         // the piece is read as usual.
         if job.detect_zeroes && source.holes_worth_asking() {
-            let hole = source.allocation(pos, n as u64, 1).await.is_ok_and(|e| {
-                e.first().is_some_and(|e| e.hole && e.len >= n as u64)
-            });
+            let hole = source
+                .allocation(pos, n as u64, 1)
+                .await
+                .is_ok_and(|e| e.first().is_some_and(|e| e.hole && e.len >= n as u64));
             if hole {
                 job.ctl.bytes_zeroed.fetch_add(n as u64, Ordering::Relaxed);
                 if let Err(e) = target.backend.write_zeroes(pos, n as u64, true, false).await {

@@ -103,7 +103,8 @@ impl NetPair {
 impl Drop for NetPair {
     fn drop(&mut self) {
         if let Some(mut c) = self.emu.take() {
-            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(c.id() as i32), nix::sys::signal::Signal::SIGTERM);
+            let _ =
+                nix::sys::signal::kill(nix::unistd::Pid::from_raw(c.id() as i32), nix::sys::signal::Signal::SIGTERM);
             let _ = super::wait_timeout(&mut c, std::time::Duration::from_secs(5));
         }
         for ns in [&self.a, &self.b] {

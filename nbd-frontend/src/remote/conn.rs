@@ -99,22 +99,14 @@ pub(super) async fn run(shared: Arc<Shared>, slot: usize, stream: BoxStream, inf
         _ = shared.closed_signal() => "the device was closed".to_string(),
     };
     shared.register(slot, None);
-    let mut back: Vec<(u64, Req)> = inflight
-        .lock()
-        .drain()
-        .filter(|(_, s)| s.req.done.is_some())
-        .map(|(cookie, s)| (cookie, s.req))
-        .collect();
+    let mut back: Vec<(u64, Req)> =
+        inflight.lock().drain().filter(|(_, s)| s.req.done.is_some()).map(|(cookie, s)| (cookie, s.req)).collect();
     back.sort_by_key(|(cookie, _)| *cookie);
     shared.requeue_front(back.into_iter().map(|(_, r)| r).collect());
     why
 }
 
-async fn write_loop(
-    shared: &Shared,
-    wr: tokio::io::WriteHalf<BoxStream>,
-    inflight: &InFlight,
-) -> String {
+async fn write_loop(shared: &Shared, wr: tokio::io::WriteHalf<BoxStream>, inflight: &InFlight) -> String {
     let mut w = BufWriter::with_capacity(IO_BUFFER, wr);
     let mut cookie: u64 = 0;
     let res: io::Result<()> = async {
@@ -198,7 +190,9 @@ async fn read_loop(
                     let cookie = r.read_u64().await?;
                     let (payload, len, read) = {
                         let mut map = inflight.lock();
-                        let s = map.get_mut(&cookie).ok_or_else(|| violation(format!("reply to unknown cookie {cookie}")))?;
+                        let s = map
+                            .get_mut(&cookie)
+                            .ok_or_else(|| violation(format!("reply to unknown cookie {cookie}")))?;
                         let read = s.req.cmd == CMD_READ && errno == 0;
                         if read && info.structured {
                             return Err(violation("a simple reply with data after structured replies were agreed"));
@@ -208,7 +202,9 @@ async fn read_loop(
                     };
                     if read {
                         match payload {
-                            Payload::Read(buf, at) => receive(&mut r, Some((&buf, at)), len, &mut scratch, progress).await?,
+                            Payload::Read(buf, at) => {
+                                receive(&mut r, Some((&buf, at)), len, &mut scratch, progress).await?
+                            }
                             // Timed out meanwhile: the bytes are read and dropped.
                             _ => receive(&mut r, None, len, &mut scratch, progress).await?,
                         }
@@ -368,7 +364,7 @@ async fn chunk<R: tokio::io::AsyncRead + Unpin>(
                 s.covered += n;
             }
         }
-        REPLY_TYPE_BLOCK_STATUS if len >= 12 && (len - 4) % 8 == 0 && cmd == CMD_BLOCK_STATUS => {
+        REPLY_TYPE_BLOCK_STATUS if len >= 12 && (len - 4).is_multiple_of(8) && cmd == CMD_BLOCK_STATUS => {
             let id = read_be_u32(r).await?;
             let mut body = vec![0u8; (len - 4) as usize];
             r.read_exact(&mut body).await?;

@@ -497,13 +497,12 @@ impl RemoteExport {
                 let _ = tx.send(d.dial().await);
             });
         }
-        let (stream, info) = rx
-            .recv()
-            .map_err(|_| fail("its I/O thread stopped".into()))?
-            .map_err(|e| match e {
-                HandshakeError::Io(cause) => OpenError::Io { context: format!("cannot connect to {}", name.display()), cause },
-                e => fail(e.to_string()),
-            })?;
+        let (stream, info) = rx.recv().map_err(|_| fail("its I/O thread stopped".into()))?.map_err(|e| match e {
+            HandshakeError::Io(cause) => {
+                OpenError::Io { context: format!("cannot connect to {}", name.display()), cause }
+            }
+            e => fail(e.to_string()),
+        })?;
         let connections = if info.has(TF_CAN_MULTI_CONN) { opts.connections.clamp(1, 16) } else { 1 };
         let shared = Arc::new(Shared {
             queue: Mutex::new(VecDeque::new()),
@@ -558,7 +557,14 @@ impl RemoteExport {
         self.connections
     }
 
-    fn submit(&self, cmd: u16, flags: u16, offset: u64, len: u32, payload: Payload) -> oneshot::Receiver<io::Result<Reply>> {
+    fn submit(
+        &self,
+        cmd: u16,
+        flags: u16,
+        offset: u64,
+        len: u32,
+        payload: Payload,
+    ) -> oneshot::Receiver<io::Result<Reply>> {
         let (tx, rx) = oneshot::channel();
         self.shared.push(Req {
             cmd,
@@ -624,7 +630,14 @@ impl RemoteExport {
         self.all(rxs).await
     }
 
-    async fn write_aligned(&self, buf: &Arc<SharedBuf>, buf_off: usize, len: usize, off: u64, fua: bool) -> io::Result<()> {
+    async fn write_aligned(
+        &self,
+        buf: &Arc<SharedBuf>,
+        buf_off: usize,
+        len: usize,
+        off: u64,
+        fua: bool,
+    ) -> io::Result<()> {
         if self.read_only() {
             return Err(self.read_only_error());
         }
@@ -722,7 +735,14 @@ impl RemoteExport {
         Ok(())
     }
 
-    async fn write_at_inner(&self, buf: &Arc<SharedBuf>, buf_off: usize, len: usize, off: u64, fua: bool) -> io::Result<()> {
+    async fn write_at_inner(
+        &self,
+        buf: &Arc<SharedBuf>,
+        buf_off: usize,
+        len: usize,
+        off: u64,
+        fua: bool,
+    ) -> io::Result<()> {
         if self.aligned(off, len as u64) {
             return self.write_aligned(buf, buf_off, len, off, fua).await;
         }
@@ -786,7 +806,11 @@ impl RemoteExport {
     fn stack(&self) -> String {
         let mut desc = self.info.description.clone().unwrap_or_default();
         desc.truncate(desc.char_indices().nth(200).map_or(desc.len(), |(i, _)| i));
-        format!("nbd endpoint={} {}", self.endpoint, same_export_key(&ExportInfo { description: Some(desc), ..self.info.clone() }))
+        format!(
+            "nbd endpoint={} {}",
+            self.endpoint,
+            same_export_key(&ExportInfo { description: Some(desc), ..self.info.clone() })
+        )
     }
 }
 
@@ -844,7 +868,14 @@ impl RemoteDevice for RemoteExport {
         })
     }
 
-    fn write_at<'a>(&'a self, buf: &'a Arc<SharedBuf>, buf_off: usize, len: usize, off: u64, fua: bool) -> IoFuture<'a> {
+    fn write_at<'a>(
+        &'a self,
+        buf: &'a Arc<SharedBuf>,
+        buf_off: usize,
+        len: usize,
+        off: u64,
+        fua: bool,
+    ) -> IoFuture<'a> {
         Box::pin(async move {
             if len == 0 {
                 return Ok(());

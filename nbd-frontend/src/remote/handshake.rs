@@ -289,7 +289,7 @@ fn check_block_sizes(info: &ExportInfo) -> Result<()> {
     if !min.is_power_of_two() || min > 64 << 10 || !pref.is_power_of_two() || pref < min {
         return protocol(format!("block sizes min {min} preferred {pref}"));
     }
-    if max < min || max % min != 0 {
+    if max < min || !max.is_multiple_of(min) {
         return protocol(format!("maximum payload {max} with minimum block {min}"));
     }
     Ok(())

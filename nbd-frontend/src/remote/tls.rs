@@ -33,7 +33,11 @@ impl std::fmt::Debug for TlsClient {
 impl TlsClient {
     /// Loads the credentials. `locate` maps a file name to where this
     /// process can open it (paths after a switch_root).
-    pub fn new(creds: &TlsCreds, server_name: &str, locate: &dyn Fn(&Path) -> std::path::PathBuf) -> Result<TlsClient, String> {
+    pub fn new(
+        creds: &TlsCreds,
+        server_name: &str,
+        locate: &dyn Fn(&Path) -> std::path::PathBuf,
+    ) -> Result<TlsClient, String> {
         let dir = match creds {
             TlsCreds::X509 { dir } => dir,
             TlsCreds::Psk { file, .. } => {

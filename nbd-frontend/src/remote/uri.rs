@@ -210,8 +210,12 @@ impl fmt::Display for NbdUri {
         f.write_str(&self.endpoint())?;
         let sep = if matches!(self.transport, Transport::Unix { .. }) { '&' } else { '?' };
         match &self.tls {
-            Some(TlsCreds::X509 { dir }) => write!(f, "{sep}tls-certificates={}", percent_encode(&dir.to_string_lossy())),
-            Some(TlsCreds::Psk { file, .. }) => write!(f, "{sep}tls-psk-file={}", percent_encode(&file.to_string_lossy())),
+            Some(TlsCreds::X509 { dir }) => {
+                write!(f, "{sep}tls-certificates={}", percent_encode(&dir.to_string_lossy()))
+            }
+            Some(TlsCreds::Psk { file, .. }) => {
+                write!(f, "{sep}tls-psk-file={}", percent_encode(&file.to_string_lossy()))
+            }
             None => Ok(()),
         }
     }
