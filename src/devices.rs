@@ -10,19 +10,19 @@ use nbd_frontend::remote::{is_nbd_uri, NbdOpener, NbdUri, RemoteOptions};
 
 /// How remote devices (NBD URIs) behave on a bad link.
 #[derive(Args, Debug, Clone)]
-pub struct RemoteArgs {
+pub(crate) struct RemoteArgs {
     /// How long an I/O to a remote device waits for its link (reconnects
     /// included) before it fails; a failed remote target is dropped (degraded).
     #[arg(long, value_name = "SECS", default_value_t = RemoteOptions::DEFAULT_TIMEOUT.as_secs_f64())]
-    pub remote_timeout: f64,
+    pub(crate) remote_timeout: f64,
     /// Connections to a remote device whose server allows several (CAN_MULTI_CONN).
     #[arg(long, value_name = "N", default_value_t = RemoteOptions::DEFAULT_CONNECTIONS)]
-    pub remote_connections: usize,
+    pub(crate) remote_connections: usize,
 }
 
 impl RemoteArgs {
     /// The opener the engine uses for `--source`, `--target` and `attach`.
-    pub fn opener(&self) -> anyhow::Result<engine::Opener> {
+    pub(crate) fn opener(&self) -> anyhow::Result<engine::Opener> {
         let timeout = Duration::try_from_secs_f64(self.remote_timeout)
             .ok()
             .filter(|d| !d.is_zero())
@@ -38,7 +38,7 @@ impl RemoteArgs {
 /// A device name made independent of the working directory: a path made
 /// absolute; a URI kept as it is, except the files it names (socket, TLS
 /// credentials), which are made absolute inside it.
-pub fn absolute(name: &Path) -> std::io::Result<PathBuf> {
+pub(crate) fn absolute(name: &Path) -> std::io::Result<PathBuf> {
     match name.to_str().filter(|s| is_nbd_uri(s)) {
         Some(s) => match NbdUri::parse(s) {
             Ok(uri) => {

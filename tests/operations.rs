@@ -48,7 +48,7 @@ fn spawn_with_env(dir: &std::path::Path, args: &[&str], env: &[(&str, &str)]) ->
     }
     cmd.stdout(Stdio::null()).stderr(logf);
     let child = cmd.spawn().unwrap_or_else(|e| panic!("cannot start livemirror: {e}"));
-    Daemon { child: Some(child), dir: dir.to_path_buf(), sock, control, log }
+    Daemon { child: Some(child), dir: dir.to_path_buf(), sock, control, log, netns: None }
 }
 
 fn sigterm(d: &Daemon) {

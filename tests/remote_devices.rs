@@ -4,7 +4,7 @@
 //! write load checked against a byte model: the mission flow, a cut link, a
 //! server killed and restarted, a link that stays down, a remote source, a
 //! restart with --state, TLS with X.509.
-#![allow(clippy::unwrap_used)]
+#![allow(clippy::unwrap_used, unreachable_pub)] // test code: a panic is a failure; helpers are shared through `mod common`
 mod common;
 use common::net::{NetPair, SERVER_ADDR};
 use common::*;

@@ -12,14 +12,14 @@ use crate::proto::*;
 
 /// A byte stream the handshake and the transmission phase run on (TCP, a
 /// Unix socket, or TLS over either).
-pub trait Stream: AsyncRead + AsyncWrite + Unpin + Send + 'static {}
+pub(super) trait Stream: AsyncRead + AsyncWrite + Unpin + Send + 'static {}
 impl<T: AsyncRead + AsyncWrite + Unpin + Send + 'static> Stream for T {}
 
-pub type BoxStream = Box<dyn Stream>;
+pub(super) type BoxStream = Box<dyn Stream>;
 
 /// Why a handshake failed.
 #[derive(Debug, thiserror::Error)]
-pub enum HandshakeError {
+pub(super) enum HandshakeError {
     #[error("{0}")]
     Io(#[from] io::Error),
     /// The server refused: final, reconnecting will not help.
@@ -31,7 +31,7 @@ pub enum HandshakeError {
 
 impl HandshakeError {
     /// Worth trying again later (the link or the server may come back).
-    pub fn is_transient(&self) -> bool {
+    pub(super) fn is_transient(&self) -> bool {
         match self {
             HandshakeError::Io(_) => true,
             HandshakeError::Refused(_) | HandshakeError::Protocol(_) => false,
@@ -141,7 +141,7 @@ fn error_text(kind: u32, data: &[u8]) -> String {
 
 /// Reads the greeting and answers it. Returns once the server waits for
 /// options, with whether both sides dropped the 124 zero bytes of EXPORT_NAME.
-pub async fn greet<S: AsyncRead + AsyncWrite + Unpin + ?Sized>(s: &mut S) -> Result<bool> {
+pub(super) async fn greet<S: AsyncRead + AsyncWrite + Unpin + ?Sized>(s: &mut S) -> Result<bool> {
     let magic = read_u64(s).await?;
     if magic != NBDMAGIC {
         return protocol("not an NBD server (no NBDMAGIC)");
@@ -165,7 +165,7 @@ pub async fn greet<S: AsyncRead + AsyncWrite + Unpin + ?Sized>(s: &mut S) -> Res
 }
 
 /// Asks for TLS. After `Ok` the caller runs the TLS handshake on the stream.
-pub async fn starttls<S: AsyncRead + AsyncWrite + Unpin + ?Sized>(s: &mut S) -> Result<()> {
+pub(super) async fn starttls<S: AsyncRead + AsyncWrite + Unpin + ?Sized>(s: &mut S) -> Result<()> {
     send_option(s, OPT_STARTTLS, &[]).await?;
     let (kind, data) = option_reply(s, OPT_STARTTLS).await?;
     match kind {
@@ -187,7 +187,7 @@ fn name_and_queries(export: &str, queries: &[&str]) -> Vec<u8> {
 }
 
 /// Negotiates options after the greeting (and TLS) and enters transmission.
-pub async fn negotiate<S: AsyncRead + AsyncWrite + Unpin + ?Sized>(
+pub(super) async fn negotiate<S: AsyncRead + AsyncWrite + Unpin + ?Sized>(
     s: &mut S,
     export: &str,
     no_zeroes: bool,

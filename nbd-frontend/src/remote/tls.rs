@@ -19,7 +19,7 @@ use super::uri::TlsCreds;
 /// What a TLS connection needs: the verified configuration and the name the
 /// server's certificate must carry.
 #[derive(Clone)]
-pub struct TlsClient {
+pub(super) struct TlsClient {
     config: Arc<rustls::ClientConfig>,
     server_name: ServerName<'static>,
 }
@@ -33,7 +33,7 @@ impl std::fmt::Debug for TlsClient {
 impl TlsClient {
     /// Loads the credentials. `locate` maps a file name to where this
     /// process can open it (paths after a switch_root).
-    pub fn new(
+    pub(super) fn new(
         creds: &TlsCreds,
         server_name: &str,
         locate: &dyn Fn(&Path) -> std::path::PathBuf,
@@ -93,7 +93,7 @@ impl TlsClient {
     }
 
     /// Runs the TLS handshake on `stream` (right after STARTTLS was accepted).
-    pub async fn wrap(&self, stream: BoxStream) -> std::io::Result<BoxStream> {
+    pub(super) async fn wrap(&self, stream: BoxStream) -> std::io::Result<BoxStream> {
         let connector = tokio_rustls::TlsConnector::from(self.config.clone());
         let tls = connector.connect(self.server_name.clone(), stream).await?;
         Ok(Box::new(tls))
