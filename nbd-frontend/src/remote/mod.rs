@@ -23,3 +23,6 @@ pub use device::{OpenError, RemoteExport, RemoteOptions};
 pub use handshake::ExportInfo;
 pub use opener::NbdOpener;
 pub use uri::{is_nbd_uri, NbdUri};
+
+#[cfg(test)]
+mod tests;
