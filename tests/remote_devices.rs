@@ -711,3 +711,49 @@ fn nbds_with_x509_certificates() {
     assert!(d.stop().success());
     assert_same(&std::fs::read(&tgt).unwrap(), &data, "the remote disk over TLS");
 }
+
+/// A server that rejects requests outside its block-size constraints (nbdkit's
+/// blocksize-policy filter: 4 KiB minimum, 1 MiB maximum, errors otherwise):
+/// the 2 MiB copy pieces are split and the clients' unaligned writes become
+/// read-modify-writes, so the sync completes with every byte in place.
+#[test]
+fn a_server_with_block_size_constraints_gets_only_requests_it_accepts() {
+    let dir = scratch();
+    let src = dir.path().join("s.img");
+    let data = pattern(12, (32 * MIB) as usize);
+    make_image(&src, &data);
+    let tgt = dir.path().join("t.img");
+    make_sparse(&tgt, 32 * MIB);
+    let ksock = dir.path().join("k.sock");
+    let mut c = Command::new(tool("nbdkit"));
+    c.args([
+        "-f",
+        "-U",
+        p(&ksock),
+        "--filter=blocksize-policy",
+        "file",
+        p(&tgt),
+        "blocksize-minimum=4096",
+        "blocksize-preferred=65536",
+        "blocksize-maximum=1048576",
+        "blocksize-error-policy=error",
+    ]);
+    let _server = Peer::spawn(c, "nbdkit with blocksize-policy");
+    let uri = format!("nbd+unix:///?socket={}", ksock.display());
+    wait_listening(None, &uri);
+    let d = Daemon::start(dir.path(), &["--source", p(&src), "--target", &uri]);
+    let model = Arc::new(Mutex::new(data));
+    let load = Load::start(&d.sock, model.clone(), 32 * MIB, 12);
+    let o = d.cli(&["wait", "--timeout", "60"]);
+    assert_eq!(code(&o), 0, "wait: {}\n{}", text(&o), d.log_text());
+    assert!(d.log_text().contains("blocks 4096/65536/1048576"), "{}", d.log_text());
+    // Writes go on in synced: every one reaches the remote disk as whole blocks.
+    std::thread::sleep(Duration::from_millis(500));
+    let writes = load.finish();
+    assert!(writes > 20, "{writes} writes");
+    verify_ok(&d);
+    let want = model.lock().unwrap().clone();
+    let mut d = d;
+    assert!(d.stop().success());
+    assert_same(&std::fs::read(&tgt).unwrap(), &want, "the remote disk");
+}
