@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
-# Comparative benchmark: livemirror vs qemu-nbd / nbdkit / dd / qemu-img / nbdcopy.
+# Comparative benchmark: livemirror vs qemu-nbd / nbdkit / nbd-server / dd / qemu-img / nbdcopy.
 #
 #   benches/compare/run.sh [--quick] [--reps N] [--out FILE] [--sections ABCDE] [--no-build]
 #                          [--disk-dir DIR] [--tmpfs-dir DIR]
 #
+# (--sections: A = serving over a Unix socket and over TCP; A1 / A2 = only one of the two)
+#
 # Builds the release binary, runs every section in one go and writes a markdown
 # table (default benches/compare/results/latest.md) plus a JSON file next to it.
 # Needs root (drop_caches), fio with the nbd engine, qemu-nbd, qemu-img, nbdkit,
-# nbdcopy and dd. See benches/compare/README.md.
+# nbd-server, nbdcopy and dd. See benches/compare/README.md.
 set -euo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
