@@ -85,7 +85,21 @@ pub(crate) fn status(control: &Path, json: bool, get: &[String]) -> u8 {
         Ok(s) => s,
         Err(c) => return c,
     };
-    if json || !get.is_empty() {
+    if json {
+        // Straight from the struct: the fields keep their documented order
+        // (state first), which a generic JSON value would sort.
+        return match serde_json::to_string(&st) {
+            Ok(line) => {
+                println!("{line}");
+                0
+            }
+            Err(e) => {
+                eprintln!("livemirror: cannot encode the status: {e}");
+                1
+            }
+        };
+    }
+    if !get.is_empty() {
         let v = match serde_json::to_value(&st) {
             Ok(v) => v,
             Err(e) => {
@@ -93,10 +107,6 @@ pub(crate) fn status(control: &Path, json: bool, get: &[String]) -> u8 {
                 return 1;
             }
         };
-        if json {
-            println!("{v}");
-            return 0;
-        }
         let mut out = String::new();
         for f in get {
             match lookup(&v, f) {

@@ -33,6 +33,12 @@ pub(crate) fn requested(flag: bool) -> bool {
 pub(crate) fn harden() {
     // SAFETY: plain syscalls with constant arguments.
     unsafe {
+        // glibc reserves 64 MiB of address space per thread arena, and locked
+        // memory counts every reservation: two arenas keep VmLck near what is
+        // really resident (the hot paths use pooled buffers, not malloc).
+        if libc::mallopt(libc::M_ARENA_MAX, 2) != 1 {
+            tracing::debug!("mallopt(M_ARENA_MAX) refused");
+        }
         if libc::mlockall(libc::MCL_CURRENT | libc::MCL_FUTURE) != 0 {
             tracing::warn!("mlockall failed: {}", std::io::Error::last_os_error());
         }

@@ -45,9 +45,13 @@ impl Drop for Peer {
 fn wait_listening(net: Option<&NetPair>, target: &str) {
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
+        // Bounded: a server whose connection slots are all taken accepts the
+        // TCP connection and then never answers the handshake.
+        let nbdinfo = tool("nbdinfo");
+        let probe = ["5", p(&nbdinfo), "--size", target];
         let ok = match net {
-            Some(n) => n.cmd(&n.a, p(&tool("nbdinfo")), &["--size", target]).output().is_ok_and(|o| o.status.success()),
-            None => run(&tool("nbdinfo"), &["--size", target]).status.success(),
+            Some(n) => n.cmd(&n.a, p(&tool("timeout")), &probe).output().is_ok_and(|o| o.status.success()),
+            None => run(&tool("timeout"), &probe).status.success(),
         };
         if ok {
             return;
@@ -58,7 +62,8 @@ fn wait_listening(net: Option<&NetPair>, target: &str) {
 }
 
 fn qemu_nbd(net: &NetPair, file: &Path, extra: &[&str]) -> Peer {
-    let mut args = vec!["-f", "raw", "-t", "-b", SERVER_ADDR, "-p", "10809", "-x", "exp", "-e", "4"];
+    // Room for livemirror's connections (4 by default) and the readiness probe.
+    let mut args = vec!["-f", "raw", "-t", "-b", SERVER_ADDR, "-p", "10809", "-x", "exp", "-e", "16"];
     args.extend_from_slice(extra);
     args.push(p(file));
     let peer = Peer::spawn(net.cmd(&net.b, p(&tool("qemu-nbd")), &args), "qemu-nbd");
