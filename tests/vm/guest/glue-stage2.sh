@@ -85,6 +85,58 @@ VDB=$(blockdev --getsize64 /dev/vdb)
 info "target_size=$VDB"
 MEM0=$(awk '/MemAvailable/{print $2}' /proc/meminfo)
 
+# ---------------------------------------------------------------- livemirror@.service under systemd
+# The unit install.sh put on this root, run by the real service manager: start returns once
+# READY=1 (the kernel device attached, the listeners up), STATUS= carries the state, and a stop
+# flushes and disconnects the kernel device (outside root-storage-daemon mode) instead of
+# leaving I/O to hang on a dead connection.
+service_check() {
+  U=livemirror@svc.service
+  S=/var/lib/lmtest-svc
+  mkdir -p "$S" /etc/livemirror
+  dd if=/dev/urandom of="$S/src.img" bs=1M count=16 conv=fsync 2>/dev/null || fail "service: creating the source"
+  systemctl start livemirror@absent.service 2>/dev/null && fail "service: a start without /etc/livemirror/absent.conf succeeded"
+  ok "service: a start without its .conf fails"
+  # This root file system is itself served over NBD, and livemirror refuses a
+  # state file on an NBD device, so the state goes to a tmpfs here.
+  mkdir -p /run/lmtest-svc
+  echo "LIVEMIRROR_ARGS=--source $S/src.img --state /run/lmtest-svc/svc.state --nbd-device /dev/nbd1 --nbd-timeout 10" \
+    > /etc/livemirror/svc.conf
+  timeout 60 systemctl start "$U" || fail "service: systemctl start $U failed: $(journalctl -b -u "$U" --no-pager -o cat 2>&1 | tail -n 6 | tr '\n' '|')"
+  # Type=notify: when start returns the device is already there.
+  [ -e /sys/block/nbd1/pid ] && [ "$(($(cat /sys/block/nbd1/size) * 512))" = $((16 << 20)) ] \
+    && ok "service: started; /dev/nbd1 is attached and 16 MiB the moment start returned" \
+    || fail "service: start returned but /dev/nbd1 is not ready (size $(cat /sys/block/nbd1/size))"
+  [ "$(systemctl show -p ActiveState --value "$U")" = active ] || fail "service: $U is $(systemctl show -p ActiveState --value "$U")"
+  ST=$(systemctl show -p StatusText --value "$U")
+  case "$ST" in *serving*) ok "service: STATUS= \"$ST\"" ;; *) fail "service: StatusText is \"$ST\"" ;; esac
+  G=$("$LM" status --get state --control /run/livemirror/svc/control.sock 2>&1) && [ "$G" = serving ] \
+    && ok "service: status --get state over the unit's control socket: $G" || fail "service: status --get state: $G"
+  dd if=/dev/urandom of="$S/chunk" bs=64K count=16 2>/dev/null
+  # Buffered, no fsync: the stop itself must flush the page cache to the export.
+  dd if="$S/chunk" of=/dev/nbd1 bs=64K seek=64 conv=notrunc 2>/dev/null || fail "service: write to /dev/nbd1"
+  T0=$(up)
+  timeout 60 systemctl stop "$U" || fail "service: systemctl stop $U failed"
+  T1=$(up)
+  R=$(systemctl show -p Result --value "$U"); A=$(systemctl show -p ActiveState --value "$U")
+  [ "$A" = inactive ] && [ "$R" = success ] && ok "service: stopped cleanly in $(echo "$T1 $T0" | awk '{printf "%.1f", $1-$2}') s (inactive, result $R)" \
+    || fail "service: after stop: $A, result $R"
+  [ -e /sys/block/nbd1/pid ] && fail "service: /dev/nbd1 is still connected after the stop" \
+    || ok "service: /dev/nbd1 disconnected by the stop"
+  T0=$(up)
+  timeout 20 dd if=/dev/nbd1 of=/dev/null bs=4096 count=1 iflag=direct 2>/dev/null
+  RC=$?
+  [ "$RC" != 124 ] && ok "service: I/O to the stopped device returns at once (dd exit $RC after $(echo "$(up) $T0" | awk '{printf "%.1f", $1-$2}') s)" \
+    || fail "service: I/O to /dev/nbd1 hangs after the stop"
+  dd if="$S/src.img" of="$S/back" bs=64K skip=64 count=16 2>/dev/null
+  cmp -s "$S/chunk" "$S/back" && ok "service: the unsynced write reached the source before the stop ended" \
+    || fail "service: the 1 MiB written before the stop is not in the source"
+  [ -s /run/lmtest-svc/svc.state ] && ok "service: the state file was written" || fail "service: no /run/lmtest-svc/svc.state"
+  [ -e /run/livemirror/svc ] && fail "service: /run/livemirror/svc outlived the stop" || ok "service: runtime directory removed"
+  rm -rf "$S" /etc/livemirror/svc.conf
+}
+service_check
+
 # ---------------------------------------------------------------- write load + install
 mkdir -p "$D"
 dd if=/dev/urandom of="$D/hot.bin" bs=4096 count=64 conv=fsync 2>/dev/null || fail "creating hot.bin"
