@@ -8,14 +8,21 @@ use nbd_frontend::request::{validate, Session};
 use std::hint::black_box;
 
 fn requests(c: &mut Criterion) {
-    let s = Session { structured: true, base_allocation: Some(1), read_only: false, flags: u16::MAX };
+    let s = Session {
+        structured: true,
+        extended: false,
+        base_allocation: Some(1),
+        read_only: false,
+        flags: u16::MAX,
+        max_payload: MAX_PAYLOAD,
+    };
     let h = RequestHeader { flags: CMD_FLAG_FUA, kind: CMD_WRITE, cookie: 77, offset: 1 << 30, len: 4096 }.encode();
     let mut g = c.benchmark_group("request");
     g.throughput(Throughput::Elements(1));
     g.bench_function("parse+validate", |b| {
         b.iter(|| {
             let hdr = RequestHeader::parse(black_box(&h)).ok();
-            hdr.map(|hdr| validate(&hdr, &s, 1 << 40))
+            hdr.map(|hdr| validate(&hdr.into(), &s, 1 << 40))
         })
     });
     g.bench_function("encode simple reply", |b| b.iter(|| simple_reply(0, black_box(77))));
@@ -34,8 +41,14 @@ fn option(o: u32, data: &[u8]) -> Vec<u8> {
 }
 
 fn handshake(c: &mut Criterion) {
-    let export =
-        Export { name: String::new(), description: "bench".into(), size: 1 << 30, read_only: false, fast_zero: true };
+    let export = Export {
+        name: String::new(),
+        description: "bench".into(),
+        size: 1 << 30,
+        read_only: false,
+        fast_zero: true,
+        block: BlockSizes::default(),
+    };
     let mut client = 3u32.to_be_bytes().to_vec();
     client.extend(option(OPT_STRUCTURED_REPLY, &[]));
     let mut q = 0u32.to_be_bytes().to_vec();

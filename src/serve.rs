@@ -8,7 +8,7 @@ use anyhow::{bail, Context};
 use clap::Args;
 use engine::rt::Worker;
 use engine::{CacheMode, Mirror, MirrorConfig};
-use nbd_frontend::{ListenAddr, Listener, Server, ServerConfig};
+use nbd_frontend::{ListenAddr, Listener, Server, ServerConfig, TlsAcceptor, TlsPolicy};
 
 use crate::units::{parse_rate, parse_size};
 
@@ -17,6 +17,14 @@ use crate::units::{parse_rate, parse_size};
 pub(crate) enum OnOff {
     On,
     Off,
+}
+
+/// `--tls off|on|require`, as qemu-nbd and nbdkit name the modes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub(crate) enum TlsArg {
+    Off,
+    On,
+    Require,
 }
 
 /// `--metrics ADDR`: only TCP (a scraper connects over the network stack).
@@ -73,10 +81,26 @@ pub(crate) struct ServeArgs {
     /// (a target can still be attached and synced).
     #[arg(long)]
     pub(crate) read_only: bool,
-    /// Allow TCP listen and metrics addresses that are not loopback (NBD has
-    /// no authentication).
+    /// Allow TCP listen and metrics addresses that are not loopback although
+    /// clients are not authenticated (not needed for --listen with --tls
+    /// require and --tls-psk or --tls-verify-peer).
     #[arg(long)]
     pub(crate) allow_remote: bool,
+    /// STARTTLS: off; on (offered, plaintext clients served too); require
+    /// (every option but STARTTLS is refused until TLS runs).
+    #[arg(long, value_name = "off|on|require", value_enum, default_value = "off")]
+    pub(crate) tls: TlsArg,
+    /// X.509 credentials: DIR/server-cert.pem, DIR/server-key.pem, and
+    /// DIR/ca-cert.pem for --tls-verify-peer (the qemu-nbd/nbdkit layout).
+    #[arg(long, value_name = "DIR", conflicts_with = "tls_psk")]
+    pub(crate) tls_certs: Option<PathBuf>,
+    /// Pre-shared keys: "identity:hexkey" lines, as psktool writes them.
+    #[arg(long, value_name = "FILE")]
+    pub(crate) tls_psk: Option<PathBuf>,
+    /// With --tls-certs: clients must present a certificate signed by
+    /// DIR/ca-cert.pem.
+    #[arg(long, requires = "tls_certs")]
+    pub(crate) tls_verify_peer: bool,
     /// Serve Prometheus metrics at http://ADDR/metrics; ADDR is tcp:HOST:PORT
     /// (loopback unless --allow-remote).
     #[arg(long, value_name = "ADDR", value_parser = parse_metrics_addr)]
@@ -220,7 +244,7 @@ impl ServeArgs {
         for p in [&mut self.source, &mut self.target].into_iter().flatten() {
             *p = crate::devices::absolute(p)?;
         }
-        if let Some(p) = &mut self.state {
+        for p in [&mut self.state, &mut self.tls_certs, &mut self.tls_psk].into_iter().flatten() {
             abs(p)?;
         }
         abs(&mut self.control)?;
@@ -240,7 +264,50 @@ fn seconds(flag: &str, secs: f64) -> anyhow::Result<std::time::Duration> {
         .with_context(|| format!("{flag} must be a positive number of seconds, not {secs}"))
 }
 
-fn server_config(args: &ServeArgs, served: &str) -> anyhow::Result<ServerConfig> {
+/// Loads the TLS credentials `--tls` asks for; they are read once, at start.
+fn tls_policy(args: &ServeArgs) -> anyhow::Result<TlsPolicy> {
+    let acceptor = match (&args.tls_certs, &args.tls_psk) {
+        (Some(dir), None) => Some(TlsAcceptor::x509(dir, args.tls_verify_peer)?),
+        (None, Some(file)) => Some(TlsAcceptor::psk(file)?),
+        (None, None) => None,
+        // clap refuses both; said again here for callers that build ServeArgs.
+        (Some(_), Some(_)) => bail!("--tls-certs and --tls-psk: give one of them"),
+    };
+    Ok(match (args.tls, acceptor) {
+        (TlsArg::Off, None) => TlsPolicy::Off,
+        (TlsArg::Off, Some(_)) => {
+            bail!("TLS credentials were given but --tls is off (add --tls on or --tls require)")
+        }
+        (TlsArg::On | TlsArg::Require, None) => {
+            bail!("--tls on and --tls require need credentials: --tls-certs DIR or --tls-psk FILE")
+        }
+        (TlsArg::On, Some(a)) => TlsPolicy::Offered(a),
+        (TlsArg::Require, Some(a)) => TlsPolicy::Required(a),
+    })
+}
+
+/// Which NBD listen addresses may reach other hosts. Without `--allow-remote`
+/// only when every client must authenticate (TLS required with a PSK or
+/// client certificates): encryption alone would still let anyone write.
+fn check_listeners(args: &ServeArgs, tls: &TlsPolicy) -> anyhow::Result<Vec<ListenAddr>> {
+    let mut remote = Vec::new();
+    for l in &args.listen {
+        if !l.is_local_only().with_context(|| format!("cannot resolve {l}"))? {
+            remote.push(l.clone());
+        }
+    }
+    if let Some(l) = remote.first() {
+        if !args.allow_remote && !tls.authenticates_every_client() {
+            bail!(
+                "refusing to listen on {l}: it is reachable from other hosts and clients are not authenticated \
+                 (use --tls require with --tls-psk or --tls-verify-peer, or add --allow-remote to insist)"
+            );
+        }
+    }
+    Ok(remote)
+}
+
+fn server_config(args: &ServeArgs, served: &str, tls: TlsPolicy) -> anyhow::Result<ServerConfig> {
     let root_daemon = crate::rootd::requested(args.root_storage_daemon);
     let budget =
         args.buffer_budget.map_or(if root_daemon { 64 << 20 } else { ServerConfig::DEFAULT_BUDGET }, |b| b as usize);
@@ -264,6 +331,7 @@ fn server_config(args: &ServeArgs, served: &str) -> anyhow::Result<ServerConfig>
         buffer_budget: budget,
         limits,
         max_connections: args.max_connections,
+        tls,
     })
 }
 
@@ -332,10 +400,12 @@ fn check_kernel_nbd(dev: &std::path::Path) -> anyhow::Result<()> {
 /// Opens the devices and starts serving; returns once every listener accepts
 /// and the control socket answers.
 pub(crate) fn start(args: &ServeArgs) -> anyhow::Result<Running> {
-    for l in args.listen.iter().chain(&args.metrics) {
-        let local = l.is_local_only().with_context(|| format!("cannot resolve {l}"))?;
+    let tls = tls_policy(args)?;
+    let remote = check_listeners(args, &tls)?;
+    if let Some(m) = &args.metrics {
+        let local = m.is_local_only().with_context(|| format!("cannot resolve {m}"))?;
         if !local && !args.allow_remote {
-            bail!("refusing to listen on {l}: it is reachable from other hosts and NBD has no authentication (add --allow-remote to insist)");
+            bail!("refusing to serve metrics on {m}: it is reachable from other hosts (add --allow-remote to insist)");
         }
     }
     if let Some(c) = args.copy_chunk {
@@ -377,7 +447,13 @@ pub(crate) fn start(args: &ServeArgs) -> anyhow::Result<Running> {
         .map(|i| Worker::spawn(&format!("livemirror-io{i}")).map(Arc::new))
         .collect::<Result<_, _>>()
         .context("cannot start I/O threads")?;
-    let server = Server::new(mirror.clone(), server_config(args, &served)?, workers.clone());
+    let tls_log = match &tls {
+        TlsPolicy::Off => "TLS off".to_string(),
+        TlsPolicy::Offered(a) => format!("TLS offered ({})", a.describe()),
+        TlsPolicy::Required(a) => format!("TLS required ({})", a.describe()),
+    };
+    let authenticated = tls.authenticates_every_client();
+    let server = Server::new(mirror.clone(), server_config(args, &served, tls)?, workers.clone());
     let mut bound = Vec::new();
     let mut sockets = SocketFiles::default();
     for l in &args.listen {
@@ -421,12 +497,20 @@ pub(crate) fn start(args: &ServeArgs) -> anyhow::Result<Running> {
         io0.run(move || crate::metrics::serve(l, m, s, stop))?;
     }
     tracing::info!(
-        "serving {served} ({} bytes) on {}; control {}{}",
+        "serving {served} ({} bytes) on {}; {tls_log}; control {}{}",
         mirror.size(),
         addrs.join(", "),
         args.control.display(),
         metrics_addr.map(|a| format!("; metrics http://{a}/metrics")).unwrap_or_default()
     );
+    for l in &remote {
+        if !authenticated {
+            tracing::warn!(
+                "{l} is reachable from other hosts and the export is unauthenticated: anyone who can connect may \
+                 read and write it"
+            );
+        }
+    }
     let shutdown_timeout = seconds("--shutdown-timeout", args.shutdown_timeout)?;
     let mut running = Running {
         mirror,
@@ -570,6 +654,36 @@ mod tests {
         let e = e.downcast::<clap::Error>().expect("a clap error");
         assert_eq!(e.exit_code(), 2);
         assert!(ServeArgs::from_args(["--state".into(), "/s".into()]).is_ok());
+    }
+
+    fn args(extra: &[&str]) -> ServeArgs {
+        let mut v: Vec<std::ffi::OsString> = vec!["--source".into(), "/s".into()];
+        v.extend(extra.iter().map(|a| a.into()));
+        ServeArgs::from_args(v).expect("valid arguments")
+    }
+
+    #[test]
+    fn tls_flags_must_agree() {
+        let e = tls_policy(&args(&["--tls", "on"])).unwrap_err().to_string();
+        assert!(e.contains("need credentials"), "{e}");
+        let e = tls_policy(&args(&["--tls-psk", "/nonexistent/keys.psk"])).unwrap_err().to_string();
+        assert!(e.contains("keys.psk"), "the file is read first: {e}");
+        assert!(matches!(tls_policy(&args(&[])), Ok(TlsPolicy::Off)));
+        let both = ServeArgs::from_args(["--source", "/s", "--tls-certs", "/d", "--tls-psk", "/f"].map(Into::into));
+        assert!(both.is_err(), "clap refuses --tls-certs with --tls-psk");
+        let verify = ServeArgs::from_args(["--source", "/s", "--tls-verify-peer"].map(Into::into));
+        assert!(verify.is_err(), "--tls-verify-peer needs --tls-certs");
+    }
+
+    #[test]
+    fn remote_listeners_need_authenticated_clients_or_allow_remote() {
+        let remote = ["--listen", "tcp:192.0.2.1:10809"];
+        let e = check_listeners(&args(&remote), &TlsPolicy::Off).unwrap_err().to_string();
+        assert!(e.contains("not authenticated") && e.contains("--allow-remote"), "{e}");
+        let mut insist = remote.to_vec();
+        insist.push("--allow-remote");
+        assert_eq!(check_listeners(&args(&insist), &TlsPolicy::Off).unwrap().len(), 1);
+        assert!(check_listeners(&args(&["--listen", "tcp:127.0.0.1:10809"]), &TlsPolicy::Off).unwrap().is_empty());
     }
 
     #[test]

@@ -58,6 +58,11 @@ pub trait BlockDevice: Send + Sync + 'static {
     fn read_only(&self) -> bool;
     /// True when WRITE_ZEROES is cheaper than writing zeroes.
     fn fast_zero(&self) -> bool;
+    /// Requests aligned to this avoid read-modify-write (1: any alignment is
+    /// as good as another). Any alignment is accepted either way.
+    fn io_alignment(&self) -> u64 {
+        1
+    }
     async fn read(&self, offset: u64, buf: IoBuf) -> (Result<()>, IoBuf);
     async fn write(&self, offset: u64, data: IoBuf, fua: bool) -> Result<()>;
     async fn flush(&self) -> Result<()>;
@@ -76,6 +81,9 @@ impl BlockDevice for Mirror {
     }
     fn fast_zero(&self) -> bool {
         Mirror::fast_zero(self)
+    }
+    fn io_alignment(&self) -> u64 {
+        Mirror::io_alignment(self)
     }
     async fn read(&self, offset: u64, buf: IoBuf) -> (Result<()>, IoBuf) {
         Mirror::read(self, offset, buf).await

@@ -5,6 +5,17 @@
 //! whole negotiation can be driven (and fuzzed) from memory. The input buffer is
 //! bounded: an option longer than [`MAX_OPTION_LEN`] is skipped without being
 //! stored and answered with `NBD_REP_ERR_TOO_BIG`.
+//!
+//! TLS ([`TlsMode`]): `NBD_OPT_STARTTLS` is acknowledged with
+//! [`Progress::StartTls`]; the driver then runs the TLS handshake on its
+//! socket and calls [`Handshake::tls_started`], which forgets everything
+//! negotiated in plaintext (structured replies, extended headers, the metadata
+//! context) and goes on reading options from the TLS stream. Bytes that arrive
+//! in plaintext after STARTTLS are never carried into the TLS session: they
+//! are a protocol violation (and the classic STARTTLS injection), so the
+//! connection is dropped. With [`TlsMode::Required`] every option before TLS
+//! but STARTTLS and ABORT is answered `NBD_REP_ERR_TLS_REQD` without its data
+//! being stored, and `NBD_OPT_EXPORT_NAME` (which cannot be refused) hangs up.
 
 use crate::proto::*;
 
@@ -21,13 +32,31 @@ pub struct Export {
     pub size: u64,
     pub read_only: bool,
     pub fast_zero: bool,
+    /// What NBD_INFO_BLOCK_SIZE says.
+    pub block: BlockSizes,
+}
+
+/// How the server treats TLS on a connection (`--tls off|on|require`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TlsMode {
+    /// STARTTLS is unsupported.
+    Off,
+    /// STARTTLS is offered; plaintext clients are served too.
+    Offered,
+    /// Nothing but STARTTLS (and ABORT) before TLS; the spec's FORCEDTLS.
+    Required,
 }
 
 /// The result of a successful negotiation.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Negotiated {
     pub export: Export,
+    /// Structured replies; also true with extended headers, which imply them.
     pub structured: bool,
+    /// Extended headers: 32-byte requests and replies.
+    pub extended: bool,
+    /// The options, and so the transmission phase, ran inside TLS.
+    pub tls: bool,
     /// The context id of `base:allocation`, if the client selected it.
     pub base_allocation: Option<u32>,
     /// Transmission flags sent to the client.
@@ -42,6 +71,9 @@ pub enum Progress {
     Done(Negotiated),
     /// The client aborted (soft disconnect).
     Aborted,
+    /// STARTTLS was acknowledged (the ACK is queued as output): send it, run
+    /// the TLS handshake, then call [`Handshake::tls_started`].
+    StartTls,
 }
 
 /// Why the server drops the connection (a hard disconnect).
@@ -61,14 +93,35 @@ pub enum HandshakeError {
     TooManyOptions,
     #[error("the negotiation already finished")]
     Finished,
+    #[error("NBD_OPT_EXPORT_NAME before TLS, which this server requires")]
+    TlsRequired,
+    #[error("the client does not speak fixed newstyle, so it cannot start the TLS this server requires")]
+    TlsNeedsFixedNewstyle,
+    #[error("{0} plaintext bytes after NBD_OPT_STARTTLS, before the TLS handshake")]
+    PlaintextAfterStartTls(usize),
+    #[error("no STARTTLS is waiting for its TLS handshake")]
+    NoTlsPending,
+    #[error("NBD_OPT_EXPORT_NAME after extended headers were negotiated")]
+    ExportNameWithExtendedHeaders,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum State {
     ClientFlags,
     OptionHeader,
-    OptionData { opt: u32, len: u32 },
-    SkipData { opt: u32, remaining: u32 },
+    OptionData {
+        opt: u32,
+        len: u32,
+    },
+    /// An option answered with the error `reply` without its data being
+    /// stored: too long (TOO_BIG) or sent before the required TLS (TLS_REQD).
+    SkipData {
+        opt: u32,
+        remaining: u32,
+        reply: u32,
+    },
+    /// STARTTLS was acknowledged; the driver runs the TLS handshake.
+    AwaitTls,
     Finished,
 }
 
@@ -80,7 +133,13 @@ pub struct Handshake {
     input: Vec<u8>,
     output: Vec<u8>,
     no_zeroes: bool,
+    /// What the server was configured for; a client that is not fixed
+    /// newstyle gets `Off` (the spec allows TLS only with fixed newstyle).
+    tls_mode: TlsMode,
+    /// TLS is running: options now arrive decrypted.
+    tls_active: bool,
     structured: bool,
+    extended: bool,
     /// Export name the last SET_META_CONTEXT referred to, and whether it
     /// selected base:allocation.
     meta: Option<(String, bool)>,
@@ -153,8 +212,13 @@ impl<'a> Cursor<'a> {
 struct Invalid(&'static str);
 
 impl Handshake {
-    /// Starts a negotiation; the greeting is already queued as output.
+    /// Starts a negotiation without TLS; the greeting is already queued.
     pub fn new(exports: Vec<Export>) -> Handshake {
+        Handshake::with_tls(exports, TlsMode::Off)
+    }
+
+    /// Starts a negotiation in `tls_mode`; the greeting is already queued.
+    pub fn with_tls(exports: Vec<Export>, tls_mode: TlsMode) -> Handshake {
         let mut output = Vec::with_capacity(256);
         output.extend_from_slice(&NBDMAGIC.to_be_bytes());
         output.extend_from_slice(&IHAVEOPT.to_be_bytes());
@@ -165,10 +229,41 @@ impl Handshake {
             input: Vec::new(),
             output,
             no_zeroes: false,
+            tls_mode,
+            tls_active: false,
             structured: false,
+            extended: false,
             meta: None,
             options: 0,
         }
+    }
+
+    /// True once STARTTLS succeeded and the TLS handshake ran.
+    pub fn tls_active(&self) -> bool {
+        self.tls_active
+    }
+
+    /// The TLS handshake after [`Progress::StartTls`] succeeded: negotiation
+    /// starts over inside TLS. Nothing negotiated in plaintext survives (the
+    /// spec: the client must negotiate structured replies, extended headers
+    /// and metadata contexts again), so a man in the middle of the plaintext
+    /// part cannot have changed what the session uses.
+    pub fn tls_started(&mut self) -> Result<(), HandshakeError> {
+        if self.state != State::AwaitTls {
+            return Err(HandshakeError::NoTlsPending);
+        }
+        self.tls_active = true;
+        self.structured = false;
+        self.extended = false;
+        self.meta = None;
+        self.input.clear();
+        self.state = State::OptionHeader;
+        Ok(())
+    }
+
+    /// Whether an option received now is refused for want of TLS.
+    fn needs_tls_first(&self, opt: u32) -> bool {
+        self.tls_mode == TlsMode::Required && !self.tls_active && !matches!(opt, OPT_STARTTLS | OPT_ABORT)
     }
 
     /// Bytes to send to the client.
@@ -192,13 +287,16 @@ impl Handshake {
 
     /// Feeds client bytes and advances as far as they allow.
     pub fn feed(&mut self, data: &[u8]) -> Result<Progress, HandshakeError> {
-        if self.state == State::Finished {
-            return Err(HandshakeError::Finished);
+        match self.state {
+            State::Finished => return Err(HandshakeError::Finished),
+            // Plaintext between STARTTLS and the TLS handshake.
+            State::AwaitTls => return Err(HandshakeError::PlaintextAfterStartTls(self.input.len() + data.len())),
+            _ => {}
         }
         let mut data = data;
         loop {
-            // Skipping an oversized option consumes input without storing it.
-            if let State::SkipData { opt, remaining } = self.state {
+            // Skipping a refused option consumes input without storing it.
+            if let State::SkipData { opt, remaining, reply } = self.state {
                 let from_buf = self.input.len().min(remaining as usize);
                 self.input.drain(..from_buf);
                 let mut remaining = remaining - from_buf as u32;
@@ -206,10 +304,15 @@ impl Handshake {
                 data = &data[from_data..];
                 remaining -= from_data as u32;
                 if remaining > 0 {
-                    self.state = State::SkipData { opt, remaining };
+                    self.state = State::SkipData { opt, remaining, reply };
                     return Ok(Progress::Continue);
                 }
-                self.reply_error(opt, REP_ERR_TOO_BIG, "option data is too long");
+                let msg = if reply == REP_ERR_TLS_REQD {
+                    "TLS is required: send NBD_OPT_STARTTLS first"
+                } else {
+                    "option data is too long"
+                };
+                self.reply_error(opt, reply, msg);
                 self.state = State::OptionHeader;
                 continue;
             }
@@ -218,6 +321,12 @@ impl Handshake {
                 data = &[];
             }
             match self.step()? {
+                Some(Progress::StartTls) if !self.input.is_empty() => {
+                    // The client did not wait for the ACK: whatever it sent
+                    // is not part of the TLS session and must not be read as
+                    // options inside it.
+                    return Err(HandshakeError::PlaintextAfterStartTls(self.input.len()));
+                }
                 Some(p) => return Ok(p),
                 None if self.state == State::Finished => return Ok(Progress::Continue),
                 None => {}
@@ -237,6 +346,14 @@ impl Handshake {
                     return Err(HandshakeError::UnknownClientFlags(flags));
                 }
                 self.no_zeroes = flags & FLAG_C_NO_ZEROES != 0;
+                if flags & FLAG_C_FIXED_NEWSTYLE == 0 {
+                    // Such a client can only send EXPORT_NAME: TLS is impossible.
+                    match self.tls_mode {
+                        TlsMode::Required => return Err(HandshakeError::TlsNeedsFixedNewstyle),
+                        TlsMode::Offered => self.tls_mode = TlsMode::Off,
+                        TlsMode::Off => {}
+                    }
+                }
                 self.state = State::OptionHeader;
                 Ok(None)
             }
@@ -253,12 +370,18 @@ impl Handshake {
                 if self.options > MAX_OPTIONS {
                     return Err(HandshakeError::TooManyOptions);
                 }
-                if opt == OPT_EXPORT_NAME && len > MAX_OPTION_LEN {
+                if opt == OPT_EXPORT_NAME && self.needs_tls_first(opt) {
                     // EXPORT_NAME has no error reply: the only answer is to hang up.
+                    return Err(HandshakeError::TlsRequired);
+                }
+                if opt == OPT_EXPORT_NAME && len > MAX_OPTION_LEN {
                     return Err(HandshakeError::ExportNameTooLong(len));
                 }
-                self.state = if len > MAX_OPTION_LEN {
-                    State::SkipData { opt, remaining: len }
+                self.state = if self.needs_tls_first(opt) {
+                    // Refused whatever it says: not worth storing before TLS.
+                    State::SkipData { opt, remaining: len, reply: REP_ERR_TLS_REQD }
+                } else if len > MAX_OPTION_LEN {
+                    State::SkipData { opt, remaining: len, reply: REP_ERR_TOO_BIG }
                 } else {
                     State::OptionData { opt, len }
                 };
@@ -273,7 +396,7 @@ impl Handshake {
                 self.handle_option(opt, &data)
             }
             State::SkipData { .. } => Ok(None),
-            State::Finished => Ok(Some(Progress::Continue)),
+            State::AwaitTls | State::Finished => Ok(Some(Progress::Continue)),
         }
     }
 
@@ -290,11 +413,15 @@ impl Handshake {
     fn handle_option(&mut self, opt: u32, data: &[u8]) -> Result<Option<Progress>, HandshakeError> {
         match opt {
             OPT_EXPORT_NAME => {
+                if self.extended {
+                    // The spec forbids it, and it has no error reply.
+                    return Err(HandshakeError::ExportNameWithExtendedHeaders);
+                }
                 let name = std::str::from_utf8(data).map_err(|_| HandshakeError::BadExportName)?;
                 let Some(export) = self.find(name).cloned() else {
                     return Err(HandshakeError::UnknownExport(name.to_string()));
                 };
-                let flags = transmission_flags(&export, self.structured);
+                let flags = transmission_flags(&export, self.structured || self.extended);
                 self.output.extend_from_slice(&export.size.to_be_bytes());
                 self.output.extend_from_slice(&flags.to_be_bytes());
                 if !self.no_zeroes {
@@ -330,7 +457,28 @@ impl Handshake {
                 Ok(None)
             }
             OPT_STARTTLS => {
-                self.reply_error(opt, REP_ERR_UNSUP, "TLS is not supported by this server");
+                if self.tls_mode == TlsMode::Off {
+                    self.reply_error(opt, REP_ERR_UNSUP, "TLS is not enabled on this server");
+                } else if self.tls_active {
+                    self.reply_error(opt, REP_ERR_INVALID, "TLS is already running on this connection");
+                } else if !data.is_empty() {
+                    self.reply_error(opt, REP_ERR_INVALID, "NBD_OPT_STARTTLS takes no data");
+                } else {
+                    self.reply(opt, REP_ACK, &[]);
+                    self.state = State::AwaitTls;
+                    return Ok(Some(Progress::StartTls));
+                }
+                Ok(None)
+            }
+            OPT_EXTENDED_HEADERS => {
+                if !data.is_empty() {
+                    self.reply_error(opt, REP_ERR_INVALID, "NBD_OPT_EXTENDED_HEADERS takes no data");
+                } else if self.extended {
+                    self.reply_error(opt, REP_ERR_INVALID, "extended headers are already negotiated");
+                } else {
+                    self.extended = true;
+                    self.reply(opt, REP_ACK, &[]);
+                }
                 Ok(None)
             }
             OPT_INFO | OPT_GO => match self.info_or_go(opt, data) {
@@ -343,6 +491,12 @@ impl Handshake {
             OPT_STRUCTURED_REPLY => {
                 if !data.is_empty() {
                     self.reply_error(opt, REP_ERR_INVALID, "NBD_OPT_STRUCTURED_REPLY takes no data");
+                } else if self.extended {
+                    self.reply_error(
+                        opt,
+                        REP_ERR_EXT_HEADER_REQD,
+                        "extended headers are negotiated already, and they include structured replies",
+                    );
                 } else if self.structured {
                     self.reply_error(opt, REP_ERR_INVALID, "structured replies are already negotiated");
                 } else {
@@ -355,8 +509,8 @@ impl Handshake {
                 if opt == OPT_SET_META_CONTEXT {
                     self.meta = None;
                 }
-                if !self.structured {
-                    self.reply_error(opt, REP_ERR_INVALID, "negotiate structured replies first");
+                if !(self.structured || self.extended) {
+                    self.reply_error(opt, REP_ERR_INVALID, "negotiate structured replies or extended headers first");
                     return Ok(None);
                 }
                 if let Err(Invalid(msg)) = self.meta_context(opt, data) {
@@ -377,7 +531,14 @@ impl Handshake {
             _ => None,
         };
         self.state = State::Finished;
-        Progress::Done(Negotiated { export, structured: self.structured, base_allocation, flags })
+        Progress::Done(Negotiated {
+            export,
+            structured: self.structured || self.extended,
+            extended: self.extended,
+            tls: self.tls_active,
+            base_allocation,
+            flags,
+        })
     }
 
     fn info_or_go(&mut self, opt: u32, data: &[u8]) -> Result<Option<Progress>, Invalid> {
@@ -400,7 +561,7 @@ impl Handshake {
             self.reply_error(opt, REP_ERR_UNKNOWN, &msg);
             return Ok(None);
         };
-        let flags = transmission_flags(&export, self.structured);
+        let flags = transmission_flags(&export, self.structured || self.extended);
         let mut info = Vec::with_capacity(12);
         info.extend_from_slice(&INFO_EXPORT.to_be_bytes());
         info.extend_from_slice(&export.size.to_be_bytes());
@@ -416,12 +577,13 @@ impl Handshake {
             d.extend_from_slice(export.description.as_bytes());
             self.reply(opt, REP_INFO, &d);
         }
-        // Always advertised: the values are the protocol defaults, so clients
-        // that did not ask lose nothing by ignoring them.
+        // Always advertised: the minimum is 1 and the maximum at least the
+        // spec's default, so clients that did not ask lose nothing by
+        // ignoring them.
         let mut d = INFO_BLOCK_SIZE.to_be_bytes().to_vec();
-        d.extend_from_slice(&MIN_BLOCK.to_be_bytes());
-        d.extend_from_slice(&PREFERRED_BLOCK.to_be_bytes());
-        d.extend_from_slice(&MAX_PAYLOAD.to_be_bytes());
+        d.extend_from_slice(&export.block.minimum.to_be_bytes());
+        d.extend_from_slice(&export.block.preferred.to_be_bytes());
+        d.extend_from_slice(&export.block.maximum.to_be_bytes());
         self.reply(opt, REP_INFO, &d);
         self.reply(opt, REP_ACK, &[]);
         if opt == OPT_GO {
@@ -478,7 +640,14 @@ mod tests {
     use super::*;
 
     fn export() -> Export {
-        Export { name: "".into(), description: "test disk".into(), size: 1 << 20, read_only: false, fast_zero: true }
+        Export {
+            name: "".into(),
+            description: "test disk".into(),
+            size: 1 << 20,
+            read_only: false,
+            fast_zero: true,
+            block: BlockSizes::default(),
+        }
     }
 
     fn opt(o: u32, data: &[u8]) -> Vec<u8> {

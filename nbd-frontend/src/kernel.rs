@@ -42,10 +42,6 @@ pub struct KernelAttachment {
     watcher: Option<JoinHandle<()>>,
 }
 
-/// The logical block size we give the kernel: 512 works for every filesystem
-/// block size; our export accepts any alignment anyway.
-const BLOCK_SIZE: u64 = 512;
-
 fn serve_pairs<D: BlockDevice>(server: &Server<D>, n: usize) -> io::Result<Vec<UnixStream>> {
     let neg = server.implicit_negotiation();
     let mut kernel_ends = Vec::with_capacity(n);
@@ -89,7 +85,10 @@ pub fn attach<D: BlockDevice>(
         let p = ConnectParams {
             index,
             size: export_size,
-            block_size: BLOCK_SIZE,
+            // From the sizes NBD_INFO_BLOCK_SIZE advertises: with a minimum
+            // of 1 that is the kernel's smallest, 512, which every
+            // filesystem block size works with.
+            block_size: server.block_sizes().kernel_block_size() as u64,
             timeout: opts.timeout,
             dead_conn_timeout: opts.dead_conn_timeout,
             server_flags: server.implicit_negotiation().flags as u64,

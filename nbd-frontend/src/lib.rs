@@ -4,8 +4,9 @@
 //!
 //! Layout follows the protocol's phases: [`proto`] (constants and encodings),
 //! [`handshake`] (option negotiation, sans-I/O), [`request`] (validation of every
-//! request in one place), [`transmission`] (one connection's request loop) and
-//! [`server`] (listeners and connection hand-off).
+//! request in one place), [`transmission`] (one connection's request loop),
+//! [`tls`] (STARTTLS: the acceptor over rustls and OpenSSL, the TLS stream)
+//! and [`server`] (listeners, the handshake driver, connection hand-off).
 
 pub mod client;
 pub mod handshake;
@@ -17,9 +18,11 @@ pub mod remote;
 pub mod request;
 pub mod server;
 pub mod stats;
+pub mod tls;
 pub mod transmission;
 pub mod unix_socket;
 
-pub use handshake::{Export, Handshake, Negotiated, Progress};
+pub use handshake::{Export, Handshake, Negotiated, Progress, TlsMode};
 pub use limits::ConnLimits;
 pub use server::{ListenAddr, Listener, Server, ServerConfig};
+pub use tls::{TlsAcceptor, TlsPolicy};

@@ -59,6 +59,16 @@ impl ConnLimits {
     }
 }
 
+impl ConnLimits {
+    /// The largest READ or WRITE payload a connection can always be granted
+    /// with a server budget of `budget` bytes: what the server advertises.
+    pub fn largest_payload(&self, budget: usize) -> u32 {
+        let reserve = self.reserve / GRANULE * GRANULE;
+        let cap = self.shared_cap.min(budget).max(reserve);
+        u32::try_from(cap).unwrap_or(u32::MAX).min(crate::proto::MAX_PAYLOAD)
+    }
+}
+
 /// Request slots of one connection.
 pub(crate) struct Slots {
     free: Cell<usize>,

@@ -7,6 +7,9 @@ pub const OPT_REPLY_MAGIC: u64 = 0x0003_e889_0455_65a9;
 pub const REQUEST_MAGIC: u32 = 0x2560_9513;
 pub const SIMPLE_REPLY_MAGIC: u32 = 0x6744_6698;
 pub const STRUCTURED_REPLY_MAGIC: u32 = 0x668e_33ef;
+/// The 32-byte request and reply headers of NBD_OPT_EXTENDED_HEADERS.
+pub const EXTENDED_REQUEST_MAGIC: u32 = 0x21e4_1c71;
+pub const EXTENDED_REPLY_MAGIC: u32 = 0x6e8a_278c;
 
 // Handshake flags (server) and client flags.
 pub const FLAG_FIXED_NEWSTYLE: u16 = 1 << 0;
@@ -38,6 +41,7 @@ pub const OPT_GO: u32 = 7;
 pub const OPT_STRUCTURED_REPLY: u32 = 8;
 pub const OPT_LIST_META_CONTEXT: u32 = 9;
 pub const OPT_SET_META_CONTEXT: u32 = 10;
+pub const OPT_EXTENDED_HEADERS: u32 = 11;
 
 // Option replies.
 pub const REP_ACK: u32 = 1;
@@ -53,6 +57,7 @@ pub const REP_ERR_UNKNOWN: u32 = (1 << 31) | 6;
 pub const REP_ERR_SHUTDOWN: u32 = (1 << 31) | 7;
 pub const REP_ERR_BLOCK_SIZE_REQD: u32 = (1 << 31) | 8;
 pub const REP_ERR_TOO_BIG: u32 = (1 << 31) | 9;
+pub const REP_ERR_EXT_HEADER_REQD: u32 = (1 << 31) | 10;
 
 // Info types.
 pub const INFO_EXPORT: u16 = 0;
@@ -76,6 +81,8 @@ pub const CMD_FLAG_NO_HOLE: u16 = 1 << 1;
 pub const CMD_FLAG_DF: u16 = 1 << 2;
 pub const CMD_FLAG_REQ_ONE: u16 = 1 << 3;
 pub const CMD_FLAG_FAST_ZERO: u16 = 1 << 4;
+/// Extended headers only: the length field is a payload that follows.
+pub const CMD_FLAG_PAYLOAD_LEN: u16 = 1 << 5;
 
 // Structured reply flags and types.
 pub const REPLY_FLAG_DONE: u16 = 1 << 0;
@@ -83,6 +90,8 @@ pub const REPLY_TYPE_NONE: u16 = 0;
 pub const REPLY_TYPE_OFFSET_DATA: u16 = 1;
 pub const REPLY_TYPE_OFFSET_HOLE: u16 = 2;
 pub const REPLY_TYPE_BLOCK_STATUS: u16 = 5;
+/// 64-bit extents, the only block status chunk with extended headers.
+pub const REPLY_TYPE_BLOCK_STATUS_EXT: u16 = 6;
 pub const REPLY_TYPE_ERROR: u16 = (1 << 15) | 1;
 pub const REPLY_TYPE_ERROR_OFFSET: u16 = (1 << 15) | 2;
 
@@ -103,6 +112,8 @@ pub const STATE_ZERO: u32 = 1 << 1;
 pub const REQUEST_LEN: usize = 28;
 pub const SIMPLE_REPLY_LEN: usize = 16;
 pub const CHUNK_HEADER_LEN: usize = 20;
+pub const EXTENDED_REQUEST_LEN: usize = 32;
+pub const EXTENDED_REPLY_LEN: usize = 32;
 
 /// Strings in the protocol are at most this long.
 pub const MAX_STRING: usize = 4096;
@@ -110,6 +121,52 @@ pub const MAX_STRING: usize = 4096;
 pub const MAX_PAYLOAD: u32 = 32 << 20;
 pub const PREFERRED_BLOCK: u32 = 4096;
 pub const MIN_BLOCK: u32 = 1;
+/// The kernel's NBD client takes logical block sizes from 512 to a page.
+const KERNEL_MIN_BLOCK: u32 = 512;
+const KERNEL_MAX_BLOCK: u32 = 4096;
+
+/// What NBD_INFO_BLOCK_SIZE tells a client, and what the kernel attach uses:
+/// one source so the two cannot disagree.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BlockSizes {
+    /// Smallest length and alignment a request may have.
+    pub minimum: u32,
+    /// Requests aligned to this avoid read-modify-write behind the export.
+    pub preferred: u32,
+    /// Largest READ or WRITE payload the server accepts.
+    pub maximum: u32,
+}
+
+impl BlockSizes {
+    /// The sizes for a device whose transfers need `alignment` (1: any) and a
+    /// server that accepts payloads up to `max_payload`.
+    ///
+    /// The minimum stays 1: the engine turns unaligned requests into
+    /// read-modify-writes itself, so every byte is addressable. The preferred
+    /// size is where that stops: the devices' alignment, at least a page (the
+    /// buffers and the page cache work in pages). The spec wants it a power
+    /// of two, at least 512 and at most the maximum.
+    pub fn for_device(alignment: u64, max_payload: u32) -> BlockSizes {
+        let maximum = max_payload.max(PREFERRED_BLOCK);
+        let align = u32::try_from(alignment.max(1)).unwrap_or(u32::MAX);
+        let preferred = align.checked_next_power_of_two().unwrap_or(1 << 31).max(PREFERRED_BLOCK);
+        // A maximum that is not a power of two still has a power-of-two floor.
+        let cap = 1u32 << (31 - maximum.leading_zeros());
+        BlockSizes { minimum: MIN_BLOCK, preferred: preferred.min(cap), maximum }
+    }
+
+    /// The logical block size for the kernel's NBD client: the smallest one
+    /// it takes that honours the minimum (the kernel then never sends less).
+    pub fn kernel_block_size(&self) -> u32 {
+        self.minimum.max(KERNEL_MIN_BLOCK).next_power_of_two().min(KERNEL_MAX_BLOCK)
+    }
+}
+
+impl Default for BlockSizes {
+    fn default() -> Self {
+        BlockSizes::for_device(1, MAX_PAYLOAD)
+    }
+}
 pub const BASE_ALLOCATION: &str = "base:allocation";
 
 /// Maps a host errno to the small set of values NBD allows on the wire.
@@ -167,6 +224,64 @@ impl RequestHeader {
     }
 }
 
+/// A request of either form, its length widened to 64 bits: what
+/// [`crate::request::validate`] checks. Compact headers convert into it; the
+/// 32-byte extended header is this on the wire.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ExtendedRequestHeader {
+    pub flags: u16,
+    pub kind: u16,
+    pub cookie: u64,
+    pub offset: u64,
+    pub len: u64,
+}
+
+impl From<RequestHeader> for ExtendedRequestHeader {
+    fn from(h: RequestHeader) -> Self {
+        ExtendedRequestHeader { flags: h.flags, kind: h.kind, cookie: h.cookie, offset: h.offset, len: h.len as u64 }
+    }
+}
+
+impl ExtendedRequestHeader {
+    pub fn parse(b: &[u8; EXTENDED_REQUEST_LEN]) -> Result<ExtendedRequestHeader, BadMagic> {
+        let magic = u32::from_be_bytes([b[0], b[1], b[2], b[3]]);
+        if magic != EXTENDED_REQUEST_MAGIC {
+            return Err(BadMagic(magic));
+        }
+        Ok(ExtendedRequestHeader {
+            flags: u16::from_be_bytes([b[4], b[5]]),
+            kind: u16::from_be_bytes([b[6], b[7]]),
+            cookie: u64::from_be_bytes([b[8], b[9], b[10], b[11], b[12], b[13], b[14], b[15]]),
+            offset: u64::from_be_bytes([b[16], b[17], b[18], b[19], b[20], b[21], b[22], b[23]]),
+            len: u64::from_be_bytes([b[24], b[25], b[26], b[27], b[28], b[29], b[30], b[31]]),
+        })
+    }
+
+    pub fn encode(&self) -> [u8; EXTENDED_REQUEST_LEN] {
+        let mut b = [0u8; EXTENDED_REQUEST_LEN];
+        b[0..4].copy_from_slice(&EXTENDED_REQUEST_MAGIC.to_be_bytes());
+        b[4..6].copy_from_slice(&self.flags.to_be_bytes());
+        b[6..8].copy_from_slice(&self.kind.to_be_bytes());
+        b[8..16].copy_from_slice(&self.cookie.to_be_bytes());
+        b[16..24].copy_from_slice(&self.offset.to_be_bytes());
+        b[24..32].copy_from_slice(&self.len.to_be_bytes());
+        b
+    }
+}
+
+/// An extended reply chunk header: like a structured one, plus the request's
+/// offset and a 64-bit payload length.
+pub fn extended_reply(flags: u16, kind: u16, cookie: u64, offset: u64, len: u64) -> [u8; EXTENDED_REPLY_LEN] {
+    let mut b = [0u8; EXTENDED_REPLY_LEN];
+    b[0..4].copy_from_slice(&EXTENDED_REPLY_MAGIC.to_be_bytes());
+    b[4..6].copy_from_slice(&flags.to_be_bytes());
+    b[6..8].copy_from_slice(&kind.to_be_bytes());
+    b[8..16].copy_from_slice(&cookie.to_be_bytes());
+    b[16..24].copy_from_slice(&offset.to_be_bytes());
+    b[24..32].copy_from_slice(&len.to_be_bytes());
+    b
+}
+
 pub fn simple_reply(error: u32, cookie: u64) -> [u8; SIMPLE_REPLY_LEN] {
     let mut b = [0u8; SIMPLE_REPLY_LEN];
     b[0..4].copy_from_slice(&SIMPLE_REPLY_MAGIC.to_be_bytes());
@@ -206,6 +321,40 @@ mod tests {
         let mut bad = h.encode();
         bad[0] = 0;
         assert!(RequestHeader::parse(&bad).is_err());
+    }
+
+    #[test]
+    fn extended_request_round_trip_and_widening() {
+        let h = ExtendedRequestHeader {
+            flags: CMD_FLAG_PAYLOAD_LEN,
+            kind: CMD_WRITE,
+            cookie: 9,
+            offset: 1 << 50,
+            len: 5 << 32,
+        };
+        assert_eq!(ExtendedRequestHeader::parse(&h.encode()), Ok(h));
+        assert_eq!(ExtendedRequestHeader::parse(&[0u8; 32]), Err(BadMagic(0)));
+        let c = RequestHeader { flags: 1, kind: CMD_READ, cookie: 3, offset: 4, len: u32::MAX };
+        assert_eq!(ExtendedRequestHeader::from(c).len, u32::MAX as u64);
+        let r = extended_reply(REPLY_FLAG_DONE, REPLY_TYPE_NONE, 7, 4096, 1 << 33);
+        assert_eq!(&r[..4], &EXTENDED_REPLY_MAGIC.to_be_bytes());
+        assert_eq!(&r[16..24], &4096u64.to_be_bytes());
+        assert_eq!(&r[24..32], &(1u64 << 33).to_be_bytes());
+    }
+
+    #[test]
+    fn block_sizes_follow_the_device_and_the_spec() {
+        let d = BlockSizes::default();
+        assert_eq!((d.minimum, d.preferred, d.maximum), (1, 4096, MAX_PAYLOAD));
+        assert_eq!(d.kernel_block_size(), 512);
+        assert_eq!(BlockSizes::for_device(512, MAX_PAYLOAD).preferred, 4096, "at least a page");
+        assert_eq!(BlockSizes::for_device(65536, MAX_PAYLOAD).preferred, 65536);
+        assert_eq!(BlockSizes::for_device(3000, MAX_PAYLOAD).preferred, 4096, "a power of two");
+        assert_eq!(BlockSizes::for_device(1 << 40, MAX_PAYLOAD).preferred, MAX_PAYLOAD, "never above the maximum");
+        let odd = BlockSizes::for_device(1 << 30, 3 << 20);
+        assert_eq!((odd.preferred, odd.maximum), (2 << 20, 3 << 20));
+        let k = BlockSizes { minimum: 4096, ..d };
+        assert_eq!(k.kernel_block_size(), 4096);
     }
 
     #[test]

@@ -9,11 +9,17 @@ use crate::proto::*;
 /// What was negotiated for this connection, as far as requests care.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Session {
+    /// Structured replies (also true with extended headers, which imply them).
     pub structured: bool,
+    /// Extended headers: 32-byte requests whose length is a payload length
+    /// only with `CMD_FLAG_PAYLOAD_LEN`, 64-bit effect lengths otherwise.
+    pub extended: bool,
     pub base_allocation: Option<u32>,
     pub read_only: bool,
     /// The transmission flags advertised to this client.
     pub flags: u16,
+    /// The maximum payload advertised (NBD_INFO_BLOCK_SIZE).
+    pub max_payload: u32,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -22,10 +28,10 @@ pub enum Command {
     Write { offset: u64, len: u32, fua: bool },
     Disconnect,
     Flush,
-    Trim { offset: u64, len: u32, fua: bool },
-    Cache { offset: u64, len: u32 },
-    WriteZeroes { offset: u64, len: u32, fua: bool, may_unmap: bool, fast: bool },
-    BlockStatus { offset: u64, len: u32, req_one: bool, context: u32 },
+    Trim { offset: u64, len: u64, fua: bool },
+    Cache { offset: u64, len: u64 },
+    WriteZeroes { offset: u64, len: u64, fua: bool, may_unmap: bool, fast: bool },
+    BlockStatus { offset: u64, len: u64, req_one: bool, context: u32 },
 }
 
 /// A request refused before it reaches the device.
@@ -35,7 +41,23 @@ pub struct Rejection {
     pub reason: &'static str,
     /// Payload bytes that follow the header on the wire and must be discarded
     /// to stay in sync (a refused WRITE still sends its data).
-    pub skip: u32,
+    pub skip: u64,
+}
+
+/// The payload that follows `h` on the wire, whatever happens to the request.
+/// With compact headers only WRITE has one. With extended headers the
+/// requests flagged `CMD_FLAG_PAYLOAD_LEN` have one, and so does every
+/// WRITE: the spec says a WRITE must carry the flag, but qemu's client (10.0)
+/// sends it without, and qemu-nbd reads the payload anyway; a WRITE's length
+/// can mean nothing else.
+pub fn payload_len(h: &ExtendedRequestHeader, s: &Session) -> u64 {
+    let flagged = s.extended && h.flags & CMD_FLAG_PAYLOAD_LEN != 0;
+    let has_payload = h.kind == CMD_WRITE || flagged;
+    if has_payload {
+        h.len
+    } else {
+        0
+    }
 }
 
 /// The transmission flag that must have been advertised for a command.
@@ -55,6 +77,9 @@ fn allowed_flags(kind: u16, s: &Session) -> Option<u16> {
     let advertised = |tf: u16, cf: u16| if s.flags & tf != 0 { cf } else { 0 };
     let extra = match kind {
         CMD_READ => advertised(TF_SEND_DF, CMD_FLAG_DF) & if s.structured { CMD_FLAG_DF } else { 0 },
+        // With extended headers a WRITE says its length is a payload; no
+        // other command has a payload form here (no BLOCK_STATUS_PAYLOAD).
+        CMD_WRITE if s.extended => CMD_FLAG_PAYLOAD_LEN,
         CMD_WRITE | CMD_DISC | CMD_FLUSH | CMD_TRIM | CMD_CACHE => 0,
         CMD_WRITE_ZEROES => CMD_FLAG_NO_HOLE | advertised(TF_SEND_FAST_ZERO, CMD_FLAG_FAST_ZERO),
         CMD_BLOCK_STATUS => CMD_FLAG_REQ_ONE,
@@ -63,9 +88,10 @@ fn allowed_flags(kind: u16, s: &Session) -> Option<u16> {
     Some(advertised(TF_SEND_FUA, CMD_FLAG_FUA) | extra)
 }
 
-/// Validates `h` against the session and the current export size.
-pub fn validate(h: &RequestHeader, s: &Session, export_size: u64) -> Result<Command, Rejection> {
-    let skip = if h.kind == CMD_WRITE { h.len } else { 0 };
+/// Validates `h` (a compact header widened, or an extended one) against the
+/// session and the current export size.
+pub fn validate(h: &ExtendedRequestHeader, s: &Session, export_size: u64) -> Result<Command, Rejection> {
+    let skip = payload_len(h, s);
     let reject = |errno, reason| Err(Rejection { errno, reason, skip });
     let Some(allowed) = allowed_flags(h.kind, s) else {
         return reject(EINVAL, "unknown command");
@@ -83,8 +109,8 @@ pub fn validate(h: &RequestHeader, s: &Session, export_size: u64) -> Result<Comm
         return reject(EINVAL, "flag not valid for this command on this connection");
     }
     let fua = h.flags & CMD_FLAG_FUA != 0;
-    if matches!(h.kind, CMD_READ | CMD_WRITE) && h.len > MAX_PAYLOAD {
-        return reject(EINVAL, "payload larger than the 32 MiB maximum");
+    if matches!(h.kind, CMD_READ | CMD_WRITE) && h.len > s.max_payload as u64 {
+        return reject(EINVAL, "payload larger than the advertised maximum");
     }
     if matches!(h.kind, CMD_FLUSH | CMD_DISC) && (h.offset != 0 || h.len != 0) {
         return reject(EINVAL, "offset and length must be zero");
@@ -97,15 +123,17 @@ pub fn validate(h: &RequestHeader, s: &Session, export_size: u64) -> Result<Comm
             return reject(EINVAL, "block status of an empty range");
         }
     }
-    let in_bounds = h.offset.checked_add(h.len as u64).is_some_and(|end| end <= export_size);
+    let in_bounds = h.offset.checked_add(h.len).is_some_and(|end| end <= export_size);
     if !in_bounds && !matches!(h.kind, CMD_FLUSH | CMD_DISC) {
         let errno = if matches!(h.kind, CMD_WRITE | CMD_WRITE_ZEROES) { ENOSPC } else { EINVAL };
         return reject(errno, "request reaches past the end of the export");
     }
     let (offset, len) = (h.offset, h.len);
+    // READ and WRITE lengths were checked against the u32 maximum above.
+    let payload = u32::try_from(len).unwrap_or(u32::MAX);
     Ok(match h.kind {
-        CMD_READ => Command::Read { offset, len },
-        CMD_WRITE => Command::Write { offset, len, fua },
+        CMD_READ => Command::Read { offset, len: payload },
+        CMD_WRITE => Command::Write { offset, len: payload, fua },
         CMD_DISC => Command::Disconnect,
         CMD_FLUSH => Command::Flush,
         CMD_TRIM => Command::Trim { offset, len, fua },
@@ -139,10 +167,22 @@ mod tests {
         | TF_SEND_DF
         | TF_SEND_CACHE
         | TF_SEND_FAST_ZERO;
-    const S: Session = Session { structured: true, base_allocation: Some(1), read_only: false, flags: ALL };
+    const S: Session = Session {
+        structured: true,
+        extended: false,
+        base_allocation: Some(1),
+        read_only: false,
+        flags: ALL,
+        max_payload: MAX_PAYLOAD,
+    };
+    const X: Session = Session { extended: true, ..S };
 
-    fn h(kind: u16, flags: u16, offset: u64, len: u32) -> RequestHeader {
-        RequestHeader { flags, kind, cookie: 7, offset, len }
+    fn h(kind: u16, flags: u16, offset: u64, len: u32) -> ExtendedRequestHeader {
+        RequestHeader { flags, kind, cookie: 7, offset, len }.into()
+    }
+
+    fn x(kind: u16, flags: u16, offset: u64, len: u64) -> ExtendedRequestHeader {
+        ExtendedRequestHeader { flags, kind, cookie: 7, offset, len }
     }
 
     #[test]
@@ -178,7 +218,7 @@ mod tests {
         assert!(validate(&h(CMD_READ, 0, 0, 1), &ro, 10).is_ok());
         assert_eq!(validate(&h(CMD_READ, 0, 0, MAX_PAYLOAD + 1), &S, u64::MAX).unwrap_err().errno, EINVAL);
         let e = validate(&h(CMD_WRITE, 0, 0, MAX_PAYLOAD + 1), &S, u64::MAX).unwrap_err();
-        assert_eq!((e.errno, e.skip), (EINVAL, MAX_PAYLOAD + 1));
+        assert_eq!((e.errno, e.skip), (EINVAL, MAX_PAYLOAD as u64 + 1));
         assert_eq!(validate(&h(42, 0, 0, 0), &S, 10).unwrap_err().errno, EINVAL);
         assert_eq!(validate(&h(CMD_FLUSH, 0, 1, 0), &S, 10).unwrap_err().errno, EINVAL);
     }
@@ -211,5 +251,64 @@ mod tests {
         assert_eq!(validate(&h(CMD_BLOCK_STATUS, 0, 0, 1), &none, 10).unwrap_err().errno, EINVAL);
         assert_eq!(validate(&h(CMD_BLOCK_STATUS, 0, 0, 0), &S, 10).unwrap_err().errno, EINVAL);
         assert!(validate(&h(CMD_BLOCK_STATUS, CMD_FLAG_REQ_ONE, 0, 1), &S, 10).is_ok());
+    }
+
+    #[test]
+    fn extended_headers_use_64_bit_effect_lengths() {
+        let big = 5u64 << 32;
+        let Ok(Command::Trim { len, .. }) = validate(&x(CMD_TRIM, 0, 0, big), &X, 1 << 40) else {
+            panic!("a 20 GiB trim")
+        };
+        assert_eq!(len, big);
+        assert!(
+            matches!(validate(&x(CMD_WRITE_ZEROES, 0, 4096, big), &X, 1 << 40), Ok(Command::WriteZeroes { len, .. }) if len == big)
+        );
+        assert!(
+            matches!(validate(&x(CMD_BLOCK_STATUS, 0, 0, big), &X, 1 << 40), Ok(Command::BlockStatus { len, .. }) if len == big)
+        );
+        assert!(
+            matches!(validate(&x(CMD_CACHE, 0, 0, big), &X, 1 << 40), Ok(Command::Cache { len, .. }) if len == big)
+        );
+        let e = validate(&x(CMD_TRIM, 0, 1 << 40, big), &X, 1 << 40).unwrap_err();
+        assert_eq!((e.errno, e.skip), (EINVAL, 0), "past the end, nothing to skip");
+        // Reads stay within the maximum payload, whatever the header allows.
+        let e = validate(&x(CMD_READ, 0, 0, MAX_PAYLOAD as u64 + 1), &X, 1 << 40).unwrap_err();
+        assert_eq!((e.errno, e.skip), (EINVAL, 0));
+    }
+
+    #[test]
+    fn extended_payloads_follow_the_payload_flag() {
+        let w = validate(&x(CMD_WRITE, CMD_FLAG_PAYLOAD_LEN | CMD_FLAG_FUA, 0, 512), &X, 4096);
+        assert_eq!(w, Ok(Command::Write { offset: 0, len: 512, fua: true }));
+        // Without the flag too, as qemu's client sends it.
+        let w = validate(&x(CMD_WRITE, 0, 0, 512), &X, 4096);
+        assert_eq!(w, Ok(Command::Write { offset: 0, len: 512, fua: false }));
+        // Another command with a payload: refused, but the payload is consumed.
+        let e = validate(&x(CMD_READ, CMD_FLAG_PAYLOAD_LEN, 0, 100), &X, 4096).unwrap_err();
+        assert_eq!((e.errno, e.skip), (EINVAL, 100));
+        let e = validate(&x(CMD_BLOCK_STATUS, CMD_FLAG_PAYLOAD_LEN, 0, 12), &X, 4096).unwrap_err();
+        assert_eq!((e.errno, e.skip), (EINVAL, 12));
+        // An oversized write payload is refused and its length is what to skip
+        // (the caller hangs up beyond its bound).
+        let e = validate(&x(CMD_WRITE, CMD_FLAG_PAYLOAD_LEN, 0, 1 << 40), &X, u64::MAX).unwrap_err();
+        assert_eq!((e.errno, e.skip), (EINVAL, 1 << 40));
+        // The flag means nothing with compact headers: refused.
+        let e = validate(&h(CMD_WRITE, CMD_FLAG_PAYLOAD_LEN, 0, 8), &S, 4096).unwrap_err();
+        assert_eq!((e.errno, e.skip), (EINVAL, 8));
+        assert_eq!(payload_len(&h(CMD_WRITE, 0, 0, 8), &S), 8);
+        assert_eq!(payload_len(&x(CMD_WRITE, 0, 0, 8), &X), 8);
+        assert_eq!(payload_len(&x(CMD_TRIM, 0, 0, 8), &X), 0);
+        assert_eq!(
+            payload_len(&h(CMD_TRIM, CMD_FLAG_PAYLOAD_LEN, 0, 8), &S),
+            0,
+            "no payload form without extended headers"
+        );
+    }
+
+    #[test]
+    fn the_advertised_maximum_is_what_is_enforced() {
+        let small = Session { max_payload: 1 << 20, ..S };
+        assert!(validate(&h(CMD_READ, 0, 0, 1 << 20), &small, u64::MAX).is_ok());
+        assert_eq!(validate(&h(CMD_READ, 0, 0, (1 << 20) + 1), &small, u64::MAX).unwrap_err().errno, EINVAL);
     }
 }

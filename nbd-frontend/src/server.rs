@@ -1,5 +1,5 @@
-//! The NBD server: listening sockets, the handshake driver, and the hand-off of
-//! each connection to a worker thread.
+//! The NBD server: listening sockets, the handshake driver (with STARTTLS),
+//! and the hand-off of each connection to a worker thread.
 
 use std::io;
 use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
@@ -16,7 +16,9 @@ use tokio::sync::watch;
 
 use crate::handshake::{Export, Handshake, Negotiated, Progress};
 use crate::limits::ConnLimits;
+use crate::proto::BlockSizes;
 use crate::stats::Stats;
+use crate::tls::TlsPolicy;
 use crate::transmission::{self, ConnShared, Phase, Stream};
 
 /// A client has this long to finish the handshake.
@@ -131,6 +133,8 @@ pub struct ServerConfig {
     pub limits: ConnLimits,
     /// Connections served at once; more are closed right after accept.
     pub max_connections: usize,
+    /// STARTTLS: off, offered or required, and the credentials.
+    pub tls: TlsPolicy,
 }
 
 impl ServerConfig {
@@ -147,6 +151,7 @@ impl Default for ServerConfig {
             buffer_budget: Self::DEFAULT_BUDGET,
             limits: ConnLimits::for_budget(Self::DEFAULT_BUDGET),
             max_connections: Self::DEFAULT_MAX_CONNECTIONS,
+            tls: TlsPolicy::Off,
         }
     }
 }
@@ -201,6 +206,13 @@ impl<D: BlockDevice> Server<D> {
         &self.inner.stats
     }
 
+    /// The block sizes a client is told now (they follow the devices
+    /// attached: a target that needs aligned I/O raises the preferred size).
+    pub fn block_sizes(&self) -> BlockSizes {
+        let max = self.inner.cfg.limits.largest_payload(self.inner.pool.budget_bytes());
+        BlockSizes::for_device(self.inner.dev.io_alignment(), max)
+    }
+
     fn export(&self) -> Export {
         Export {
             name: self.inner.cfg.export_name.clone(),
@@ -208,6 +220,7 @@ impl<D: BlockDevice> Server<D> {
             size: self.inner.dev.size(),
             read_only: self.inner.cfg.read_only || self.inner.dev.read_only(),
             fast_zero: self.inner.dev.fast_zero(),
+            block: self.block_sizes(),
         }
     }
 
@@ -330,22 +343,26 @@ impl<D: BlockDevice> Server<D> {
         self.serve_stream(stream).await
     }
 
-    /// Negotiates on `stream` and serves it.
-    pub async fn serve_stream(&self, mut stream: Stream) -> io::Result<()> {
+    /// Negotiates on `stream` (upgrading it to TLS when the client asks and
+    /// the policy allows) and serves it.
+    pub async fn serve_stream(&self, stream: Stream) -> io::Result<()> {
         let mut shutdown = self.inner.phase.subscribe();
+        let tls = &self.inner.cfg.tls;
         let negotiated = tokio::select! {
             _ = shutdown.wait_for(|p| *p >= Phase::Draining) => return Ok(()),
-            r = tokio::time::timeout(HANDSHAKE_TIMEOUT, negotiate(&mut stream, vec![self.export()])) => match r {
+            r = tokio::time::timeout(HANDSHAKE_TIMEOUT, negotiate(stream, vec![self.export()], tls)) => match r {
                 Ok(r) => r?,
                 Err(_) => return Err(io::Error::new(io::ErrorKind::TimedOut, "handshake timed out")),
             },
         };
-        let Some((neg, leftover)) = negotiated else { return Ok(()) };
+        let Some((stream, neg, leftover)) = negotiated else { return Ok(()) };
         tracing::debug!(
-            "negotiated export {:?}: {} bytes, structured={}, flags={:#x}",
+            "negotiated export {:?}: {} bytes, structured={}, extended headers={}, TLS={}, flags={:#x}",
             neg.export.name,
             neg.export.size,
             neg.structured,
+            neg.extended,
+            neg.tls,
             neg.flags
         );
         self.serve_negotiated(stream, &neg, leftover).await
@@ -367,7 +384,7 @@ impl<D: BlockDevice> Server<D> {
     pub fn implicit_negotiation(&self) -> Negotiated {
         let export = self.export();
         let flags = crate::handshake::transmission_flags(&export, false);
-        Negotiated { export, structured: false, base_allocation: None, flags }
+        Negotiated { export, structured: false, extended: false, tls: false, base_allocation: None, flags }
     }
 
     /// Stops accepting and stops every connection: requests in flight finish and
@@ -419,51 +436,61 @@ async fn accept_error(e: io::Error) {
     tokio::time::sleep(Duration::from_millis(100)).await;
 }
 
-/// Runs the handshake on `stream`. `None` if the client aborted or left.
-pub async fn negotiate(stream: &mut Stream, exports: Vec<Export>) -> io::Result<Option<(Negotiated, Vec<u8>)>> {
-    let mut hs = Handshake::new(exports);
+/// Runs the handshake on `stream`, with STARTTLS as `tls` allows. Returns the
+/// stream the transmission phase runs on (a TLS session if the client started
+/// one), what was negotiated and the bytes read past the last option; `None`
+/// if the client aborted or left.
+pub async fn negotiate(
+    mut stream: Stream,
+    exports: Vec<Export>,
+    tls: &TlsPolicy,
+) -> io::Result<Option<(Stream, Negotiated, Vec<u8>)>> {
+    let mut hs = Handshake::with_tls(exports, tls.mode());
     let mut buf = vec![0u8; 4096];
     loop {
         if hs.has_output() {
             let out = hs.take_output();
-            write_all(stream, &out).await?;
+            stream.write_all(&out).await?;
         }
-        let n = read_some(stream, &mut buf).await?;
+        let n = stream.read(&mut buf).await?;
         if n == 0 {
             return Ok(None);
         }
         match hs.feed(&buf[..n]) {
             Ok(Progress::Continue) => {}
+            Ok(Progress::StartTls) => {
+                // The ACK goes out in plaintext; then the client's ClientHello.
+                let out = hs.take_output();
+                stream.write_all(&out).await?;
+                let Some(acceptor) = tls.acceptor() else {
+                    // The handshake offers STARTTLS only with credentials.
+                    return Err(io::Error::other("STARTTLS acknowledged without TLS credentials"));
+                };
+                stream = stream.start_tls(acceptor).await?;
+                if let Stream::Tls(t) = &stream {
+                    tracing::debug!("TLS session started ({})", t.protocol());
+                }
+                hs.tls_started().map_err(|e| io::Error::other(format!("handshake: {e}")))?;
+            }
             Ok(Progress::Done(neg)) => {
                 let out = hs.take_output();
-                write_all(stream, &out).await?;
-                return Ok(Some((neg, hs.take_leftover())));
+                stream.write_all(&out).await?;
+                stream.flush().await?;
+                return Ok(Some((stream, neg, hs.take_leftover())));
             }
             Ok(Progress::Aborted) => {
                 let out = hs.take_output();
-                let _ = write_all(stream, &out).await;
+                let _ = stream.write_all(&out).await;
+                let _ = stream.shutdown().await;
                 return Ok(None);
             }
             Err(e) => {
                 let out = hs.take_output();
-                let _ = write_all(stream, &out).await;
+                let _ = stream.write_all(&out).await;
+                let _ = stream.shutdown().await;
                 return Err(io::Error::new(io::ErrorKind::InvalidData, format!("handshake: {e}")));
             }
         }
-    }
-}
-
-async fn write_all(stream: &mut Stream, data: &[u8]) -> io::Result<()> {
-    match stream {
-        Stream::Unix(s) => s.write_all(data).await,
-        Stream::Tcp(s) => s.write_all(data).await,
-    }
-}
-
-async fn read_some(stream: &mut Stream, buf: &mut [u8]) -> io::Result<usize> {
-    match stream {
-        Stream::Unix(s) => s.read(buf).await,
-        Stream::Tcp(s) => s.read(buf).await,
     }
 }
 

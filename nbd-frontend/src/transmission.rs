@@ -32,8 +32,9 @@ use tokio::sync::{mpsc, watch, Notify};
 use crate::handshake::Negotiated;
 use crate::limits::{Charge, ConnBudget, ConnLimits, SlotGuard, Slots};
 use crate::proto::*;
-use crate::request::{validate, Command, Rejection, Session};
+use crate::request::{payload_len, validate, Command, Rejection, Session};
 use crate::stats::Stats;
+use crate::tls::{Socket, TlsAcceptor, TlsReadHalf, TlsStream, TlsWriteHalf};
 
 /// Most extents returned for one BLOCK_STATUS (the spec suggests ≤ 2^20).
 const MAX_EXTENTS: usize = 1 << 16;
@@ -47,20 +48,24 @@ const PAYLOAD_PIECE: usize = 1 << 20;
 /// connection is closed instead (nbdkit's rule: twice the maximum payload).
 const MAX_SKIP: u64 = 2 * MAX_PAYLOAD as u64;
 
-/// A connected stream of either kind, split into halves without locks.
+/// A connected stream: a plain socket, or a TLS session over one. Split into
+/// halves without locks (the TLS halves share the session on one thread).
 pub enum Stream {
     Unix(tokio::net::UnixStream),
     Tcp(tokio::net::TcpStream),
+    Tls(Box<TlsStream>),
 }
 
 pub enum ReadHalf {
     Unix(tokio::net::unix::OwnedReadHalf),
     Tcp(tokio::net::tcp::OwnedReadHalf),
+    Tls(TlsReadHalf),
 }
 
 pub enum WriteHalf {
     Unix(tokio::net::unix::OwnedWriteHalf),
     Tcp(tokio::net::tcp::OwnedWriteHalf),
+    Tls(TlsWriteHalf),
 }
 
 impl Stream {
@@ -75,6 +80,66 @@ impl Stream {
                 let (r, w) = s.into_split();
                 (ReadHalf::Tcp(r), WriteHalf::Tcp(w))
             }
+            Stream::Tls(t) => {
+                let (r, w) = t.split();
+                (ReadHalf::Tls(r), WriteHalf::Tls(w))
+            }
+        }
+    }
+
+    /// True for a TLS session.
+    pub fn is_tls(&self) -> bool {
+        matches!(self, Stream::Tls(_))
+    }
+
+    /// Runs the server side of a TLS handshake on this (plain) stream.
+    pub async fn start_tls(self, acceptor: &TlsAcceptor) -> io::Result<Stream> {
+        let socket = match self {
+            Stream::Unix(s) => Socket::Unix(s),
+            Stream::Tcp(s) => {
+                // Small records (option replies, 4K replies) must not wait
+                // for Nagle.
+                let _ = s.set_nodelay(true);
+                Socket::Tcp(s)
+            }
+            Stream::Tls(_) => {
+                return Err(io::Error::new(io::ErrorKind::InvalidInput, "TLS is already running on this stream"))
+            }
+        };
+        Ok(Stream::Tls(Box::new(acceptor.accept(socket).await?)))
+    }
+}
+
+impl AsyncRead for Stream {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Stream::Unix(s) => Pin::new(s).poll_read(cx, buf),
+            Stream::Tcp(s) => Pin::new(s).poll_read(cx, buf),
+            Stream::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for Stream {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Stream::Unix(s) => Pin::new(s).poll_write(cx, buf),
+            Stream::Tcp(s) => Pin::new(s).poll_write(cx, buf),
+            Stream::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
+        }
+    }
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Stream::Unix(s) => Pin::new(s).poll_flush(cx),
+            Stream::Tcp(s) => Pin::new(s).poll_flush(cx),
+            Stream::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
+        }
+    }
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Stream::Unix(s) => Pin::new(s).poll_shutdown(cx),
+            Stream::Tcp(s) => Pin::new(s).poll_shutdown(cx),
+            Stream::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
         }
     }
 }
@@ -84,6 +149,7 @@ impl AsyncRead for ReadHalf {
         match self.get_mut() {
             ReadHalf::Unix(r) => Pin::new(r).poll_read(cx, buf),
             ReadHalf::Tcp(r) => Pin::new(r).poll_read(cx, buf),
+            ReadHalf::Tls(r) => Pin::new(r).poll_read(cx, buf),
         }
     }
 }
@@ -93,6 +159,7 @@ impl AsyncWrite for WriteHalf {
         match self.get_mut() {
             WriteHalf::Unix(w) => Pin::new(w).poll_write(cx, buf),
             WriteHalf::Tcp(w) => Pin::new(w).poll_write(cx, buf),
+            WriteHalf::Tls(w) => Pin::new(w).poll_write(cx, buf),
         }
     }
     fn poll_write_vectored(
@@ -103,6 +170,7 @@ impl AsyncWrite for WriteHalf {
         match self.get_mut() {
             WriteHalf::Unix(w) => Pin::new(w).poll_write_vectored(cx, bufs),
             WriteHalf::Tcp(w) => Pin::new(w).poll_write_vectored(cx, bufs),
+            WriteHalf::Tls(w) => Pin::new(w).poll_write_vectored(cx, bufs),
         }
     }
     fn is_write_vectored(&self) -> bool {
@@ -112,19 +180,24 @@ impl AsyncWrite for WriteHalf {
         match self.get_mut() {
             WriteHalf::Unix(w) => Pin::new(w).poll_flush(cx),
             WriteHalf::Tcp(w) => Pin::new(w).poll_flush(cx),
+            WriteHalf::Tls(w) => Pin::new(w).poll_flush(cx),
         }
     }
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         match self.get_mut() {
             WriteHalf::Unix(w) => Pin::new(w).poll_shutdown(cx),
             WriteHalf::Tcp(w) => Pin::new(w).poll_shutdown(cx),
+            WriteHalf::Tls(w) => Pin::new(w).poll_shutdown(cx),
         }
     }
 }
 
+/// The longest reply head: an extended OFFSET_DATA header and its offset.
+const MAX_HEAD: usize = EXTENDED_REPLY_LEN + 8;
+
 /// One reply: a small header and an optional body.
 pub struct Reply {
-    head: [u8; 32],
+    head: [u8; MAX_HEAD],
     head_len: u8,
     body: Body,
     /// Payload bytes charged to the connection, released once sent.
@@ -139,9 +212,33 @@ enum Body {
     Bytes(Vec<u8>),
 }
 
+/// The request a reply answers: its cookie, and its offset (extended replies
+/// echo it).
+#[derive(Debug, Clone, Copy)]
+struct To {
+    cookie: u64,
+    offset: u64,
+}
+
+/// A chunk header in the form the session negotiated: extended (32 bytes)
+/// or structured (20 bytes), for a payload of `len` bytes.
+fn chunk(s: &Session, flags: u16, kind: u16, to: To, len: usize) -> ([u8; EXTENDED_REPLY_LEN], usize) {
+    let mut h = [0u8; EXTENDED_REPLY_LEN];
+    if s.extended {
+        h = extended_reply(flags, kind, to.cookie, to.offset, len as u64);
+        (h, EXTENDED_REPLY_LEN)
+    } else {
+        // Structured payloads here are at most the maximum payload plus a few
+        // bytes, far below 4 GiB.
+        let len = u32::try_from(len).unwrap_or(u32::MAX);
+        h[..CHUNK_HEADER_LEN].copy_from_slice(&chunk_header(flags, kind, to.cookie, len));
+        (h, CHUNK_HEADER_LEN)
+    }
+}
+
 impl Reply {
     fn new(head: &[u8], body: Body) -> Reply {
-        let mut h = [0u8; 32];
+        let mut h = [0u8; MAX_HEAD];
         h[..head.len()].copy_from_slice(head);
         Reply { head: h, head_len: head.len() as u8, body, charges: Vec::new(), slot: None }
     }
@@ -154,8 +251,13 @@ impl Reply {
         }
     }
 
-    fn ok(cookie: u64) -> Reply {
-        Reply::new(&simple_reply(0, cookie), Body::None)
+    /// Success without data. Extended headers allow no simple reply.
+    fn ok(s: &Session, to: To) -> Reply {
+        if s.extended {
+            let (h, n) = chunk(s, REPLY_FLAG_DONE, REPLY_TYPE_NONE, to, 0);
+            return Reply::new(&h[..n], Body::None);
+        }
+        Reply::new(&simple_reply(0, to.cookie), Body::None)
     }
 
     /// Keeps the request's slot and payload charges until the reply is written.
@@ -165,49 +267,63 @@ impl Reply {
         self
     }
 
-    fn error(session: &Session, cookie: u64, errno: u32, msg: &str) -> Reply {
-        if !session.structured {
-            return Reply::new(&simple_reply(errno, cookie), Body::None);
+    fn error(s: &Session, to: To, errno: u32, msg: &str) -> Reply {
+        if !s.structured {
+            return Reply::new(&simple_reply(errno, to.cookie), Body::None);
         }
         let msg = crate::handshake::truncate_utf8(msg, MAX_STRING).as_bytes();
         let mut body = Vec::with_capacity(6 + msg.len());
         body.extend_from_slice(&errno.to_be_bytes());
         body.extend_from_slice(&(msg.len() as u16).to_be_bytes());
         body.extend_from_slice(msg);
-        let head = chunk_header(REPLY_FLAG_DONE, REPLY_TYPE_ERROR, cookie, body.len() as u32);
-        Reply::new(&head, Body::Bytes(body))
+        let (h, n) = chunk(s, REPLY_FLAG_DONE, REPLY_TYPE_ERROR, to, body.len());
+        Reply::new(&h[..n], Body::Bytes(body))
     }
 
-    fn read_data(session: &Session, cookie: u64, offset: u64, buf: IoBuf) -> Reply {
-        if !session.structured {
-            return Reply::new(&simple_reply(0, cookie), Body::Buf(buf));
+    fn read_data(s: &Session, to: To, buf: IoBuf) -> Reply {
+        if !s.structured {
+            return Reply::new(&simple_reply(0, to.cookie), Body::Buf(buf));
         }
         if buf.is_empty() {
-            return Reply::new(&chunk_header(REPLY_FLAG_DONE, REPLY_TYPE_NONE, cookie, 0), Body::None);
+            let (h, n) = chunk(s, REPLY_FLAG_DONE, REPLY_TYPE_NONE, to, 0);
+            return Reply::new(&h[..n], Body::None);
         }
         // The data is all in memory, so no error can follow: the data chunk can
         // carry DONE itself (and one chunk satisfies DF).
-        let mut head = [0u8; 28];
-        head[..20].copy_from_slice(&chunk_header(
-            REPLY_FLAG_DONE,
-            REPLY_TYPE_OFFSET_DATA,
-            cookie,
-            8 + buf.len() as u32,
-        ));
-        head[20..].copy_from_slice(&offset.to_be_bytes());
-        Reply::new(&head, Body::Buf(buf))
+        let (h, n) = chunk(s, REPLY_FLAG_DONE, REPLY_TYPE_OFFSET_DATA, to, 8 + buf.len());
+        let mut head = [0u8; MAX_HEAD];
+        head[..n].copy_from_slice(&h[..n]);
+        head[n..n + 8].copy_from_slice(&to.offset.to_be_bytes());
+        Reply::new(&head[..n + 8], Body::Buf(buf))
     }
 
-    fn block_status(cookie: u64, context: u32, extents: &[StatusExtent]) -> Reply {
-        let mut body = Vec::with_capacity(4 + 8 * extents.len());
-        body.extend_from_slice(&context.to_be_bytes());
-        for e in extents {
-            let flags = if e.hole { STATE_HOLE } else { 0 } | if e.zero { STATE_ZERO } else { 0 };
-            body.extend_from_slice(&(e.len as u32).to_be_bytes());
-            body.extend_from_slice(&flags.to_be_bytes());
-        }
-        let head = chunk_header(REPLY_FLAG_DONE, REPLY_TYPE_BLOCK_STATUS, cookie, body.len() as u32);
-        Reply::new(&head, Body::Bytes(body))
+    /// One status chunk for `context`: 32-bit descriptors, or with extended
+    /// headers the 64-bit ones of BLOCK_STATUS_EXT (the only kind allowed
+    /// there).
+    fn block_status(s: &Session, to: To, context: u32, extents: &[StatusExtent]) -> Reply {
+        let flags_of = |e: &StatusExtent| if e.hole { STATE_HOLE } else { 0 } | if e.zero { STATE_ZERO } else { 0 };
+        let (kind, body) = if s.extended {
+            let mut body = Vec::with_capacity(8 + 16 * extents.len());
+            body.extend_from_slice(&context.to_be_bytes());
+            body.extend_from_slice(&(extents.len() as u32).to_be_bytes());
+            for e in extents {
+                body.extend_from_slice(&e.len.to_be_bytes());
+                body.extend_from_slice(&(flags_of(e) as u64).to_be_bytes());
+            }
+            (REPLY_TYPE_BLOCK_STATUS_EXT, body)
+        } else {
+            let mut body = Vec::with_capacity(4 + 8 * extents.len());
+            body.extend_from_slice(&context.to_be_bytes());
+            for e in extents {
+                // Compact requests ask for at most 4 GiB, and extents are
+                // clipped to the request (run_command).
+                body.extend_from_slice(&u32::try_from(e.len).unwrap_or(u32::MAX).to_be_bytes());
+                body.extend_from_slice(&flags_of(e).to_be_bytes());
+            }
+            (REPLY_TYPE_BLOCK_STATUS, body)
+        };
+        let (h, n) = chunk(s, REPLY_FLAG_DONE, kind, to, body.len());
+        Reply::new(&h[..n], Body::Bytes(body))
     }
 }
 
@@ -378,7 +494,10 @@ async fn write_all_vectored(wr: &mut WriteHalf, mut slices: &mut [IoSlice<'_>], 
         }
         IoSlice::advance_slices(&mut slices, n);
     }
-    Ok(())
+    // A TLS library may keep encrypted records it could not send yet (rustls
+    // does): they must go out now, not when the next reply comes. A no-op
+    // for plain sockets.
+    tokio::time::timeout(stall, wr.flush()).await.map_err(|_| stalled("the peer reading its replies", stall))?
 }
 
 async fn writer(mut wr: WriteHalf, mut rx: mpsc::UnboundedReceiver<Reply>, dead: Rc<Dead>, stall: Duration) {
@@ -431,10 +550,13 @@ pub async fn serve<D: BlockDevice>(
 ) -> io::Result<()> {
     let session = Session {
         structured: neg.structured,
+        extended: neg.extended,
         base_allocation: neg.base_allocation,
         read_only: neg.export.read_only || dev.read_only(),
         flags: neg.flags,
+        max_payload: neg.export.block.maximum,
     };
+    let header_len = if session.extended { EXTENDED_REQUEST_LEN } else { REQUEST_LEN };
     let limits = shared.limits.clone();
     let (mut rd, wr) = stream.into_split();
     let (tx, rx) = mpsc::unbounded_channel::<Reply>();
@@ -452,41 +574,54 @@ pub async fn serve<D: BlockDevice>(
             Ok(s) => s,
             Err(_) => break Ok(()),
         };
-        if input.available() < REQUEST_LEN {
-            match unless_stopped(input.fill(&mut rd, REQUEST_LEN), &mut phase, &dead).await {
+        if input.available() < header_len {
+            match unless_stopped(input.fill(&mut rd, header_len), &mut phase, &dead).await {
                 Ok(Ok(true)) => {}
                 Ok(Ok(false)) | Err(_) => break Ok(()),
                 Ok(Err(e)) => break Err(e),
             }
         }
-        let mut hb = [0u8; REQUEST_LEN];
-        hb.copy_from_slice(input.take(REQUEST_LEN));
-        let header = match RequestHeader::parse(&hb) {
+        let parsed = if session.extended {
+            let mut hb = [0u8; EXTENDED_REQUEST_LEN];
+            hb.copy_from_slice(input.take(EXTENDED_REQUEST_LEN));
+            ExtendedRequestHeader::parse(&hb)
+        } else {
+            let mut hb = [0u8; REQUEST_LEN];
+            hb.copy_from_slice(input.take(REQUEST_LEN));
+            RequestHeader::parse(&hb).map(ExtendedRequestHeader::from)
+        };
+        let header = match parsed {
             Ok(h) => h,
+            // A header in the wrong form (or garbage): nothing after it can
+            // be trusted to be in sync.
             Err(e) => break Err(io::Error::new(io::ErrorKind::InvalidData, e.to_string())),
         };
-        let cookie = header.cookie;
+        let to = To { cookie: header.cookie, offset: header.offset };
         let (kind, started) = (header.kind, Instant::now());
         let cmd = match validate(&header, &session, dev.size()) {
             Ok(c) => c,
             Err(Rejection { errno, reason, skip }) => {
                 shared.stats.record(kind, 0, started, false);
-                if skip as u64 > MAX_SKIP {
-                    let _ = tx.send(Reply::error(&session, cookie, errno, reason).holding(slot, Vec::new()));
+                if skip > MAX_SKIP {
+                    let _ = tx.send(Reply::error(&session, to, errno, reason).holding(slot, Vec::new()));
                     break Err(io::Error::new(
                         io::ErrorKind::InvalidData,
-                        format!("a refused WRITE announced {skip} payload bytes (more than {MAX_SKIP}): hanging up"),
+                        format!("a refused request announced {skip} payload bytes (more than {MAX_SKIP}): hanging up"),
                     ));
                 }
-                match unless_stopped(input.skip(&mut rd, skip as u64), &mut phase, &dead).await {
+                match unless_stopped(input.skip(&mut rd, skip), &mut phase, &dead).await {
                     Ok(Ok(())) => {}
                     Ok(Err(e)) => break Err(e),
                     Err(_) => break Ok(()),
                 }
-                let _ = tx.send(Reply::error(&session, cookie, errno, reason).holding(slot, Vec::new()));
+                let _ = tx.send(Reply::error(&session, to, errno, reason).holding(slot, Vec::new()));
                 continue;
             }
         };
+        debug_assert_eq!(
+            payload_len(&header, &session),
+            if matches!(cmd, Command::Write { .. }) { header.len } else { 0 }
+        );
         match cmd {
             Command::Disconnect => break Ok(()),
             Command::Read { offset, len } => {
@@ -494,7 +629,7 @@ pub async fn serve<D: BlockDevice>(
                     Ok(Ok(c)) => c,
                     Ok(Err(e)) => {
                         shared.stats.record(kind, 0, started, false);
-                        let _ = tx.send(Reply::error(&session, cookie, ENOMEM, &e).holding(slot, Vec::new()));
+                        let _ = tx.send(Reply::error(&session, to, ENOMEM, &e).holding(slot, Vec::new()));
                         continue;
                     }
                     Err(_) => break Ok(()),
@@ -506,8 +641,8 @@ pub async fn serve<D: BlockDevice>(
                     drop(guard);
                     stats.record(kind, len as u64, started, res.is_ok());
                     let reply = match res {
-                        Ok(()) => Reply::read_data(&session, cookie, offset, buf),
-                        Err(e) => Reply::error(&session, cookie, wire_errno(e.errno()), &e.to_string()),
+                        Ok(()) => Reply::read_data(&session, to, buf),
+                        Err(e) => Reply::error(&session, to, wire_errno(e.errno()), &e.to_string()),
                     };
                     let _ = tx.send(reply.holding(slot, vec![charge]));
                 });
@@ -563,7 +698,7 @@ pub async fn serve<D: BlockDevice>(
                         Err(_) => break Ok(()),
                     }
                     shared.stats.record(kind, 0, started, false);
-                    let _ = tx.send(Reply::error(&session, cookie, ENOMEM, &e).holding(slot, Vec::new()));
+                    let _ = tx.send(Reply::error(&session, to, ENOMEM, &e).holding(slot, Vec::new()));
                     continue;
                 }
                 let (dev, tx, guard, stats) = (dev.clone(), tx.clone(), inflight.enter_always(), shared.stats.clone());
@@ -572,8 +707,8 @@ pub async fn serve<D: BlockDevice>(
                     drop(guard);
                     stats.record(kind, len as u64, started, res.is_ok());
                     let reply = match res {
-                        Ok(()) => Reply::ok(cookie),
-                        Err(e) => Reply::error(&session, cookie, wire_errno(e.errno()), &e.to_string()),
+                        Ok(()) => Reply::ok(&session, to),
+                        Err(e) => Reply::error(&session, to, wire_errno(e.errno()), &e.to_string()),
                     };
                     // The payload buffer went to the device and is gone; its
                     // bytes stay charged until the reply is out, which bounds
@@ -584,7 +719,7 @@ pub async fn serve<D: BlockDevice>(
             other => {
                 let (dev, tx, guard, stats) = (dev.clone(), tx.clone(), inflight.enter_always(), shared.stats.clone());
                 tokio::task::spawn_local(async move {
-                    let (reply, ok) = run_command(&*dev, &session, cookie, other).await;
+                    let (reply, ok) = run_command(&*dev, &session, to, other).await;
                     drop(guard);
                     stats.record(kind, 0, started, ok);
                     let _ = tx.send(reply.holding(slot, Vec::new()));
@@ -613,43 +748,45 @@ pub async fn serve<D: BlockDevice>(
 }
 
 /// Runs a command without payload; the flag says whether it succeeded.
-async fn run_command<D: BlockDevice>(dev: &D, session: &Session, cookie: u64, cmd: Command) -> (Reply, bool) {
+async fn run_command<D: BlockDevice>(dev: &D, session: &Session, to: To, cmd: Command) -> (Reply, bool) {
     let res = match cmd {
         Command::Flush => dev.flush().await,
-        Command::Trim { offset, len, fua } => dev.trim(offset, len as u64, fua).await,
-        Command::Cache { offset, len } => dev.cache(offset, len as u64).await,
+        Command::Trim { offset, len, fua } => dev.trim(offset, len, fua).await,
+        Command::Cache { offset, len } => dev.cache(offset, len).await,
         Command::WriteZeroes { offset, len, fua, may_unmap, fast } => {
             if fast && !dev.fast_zero() {
                 // Refusing a fast zero is the protocol's answer, not a failure.
-                return (
-                    Reply::error(session, cookie, ENOTSUP, "zeroing is not faster than writing on this device"),
-                    true,
-                );
+                return (Reply::error(session, to, ENOTSUP, "zeroing is not faster than writing on this device"), true);
             }
-            dev.write_zeroes(offset, len as u64, may_unmap, fua).await
+            dev.write_zeroes(offset, len, may_unmap, fua).await
         }
         Command::BlockStatus { offset, len, req_one, context } => {
             let max = if req_one { 1 } else { MAX_EXTENTS };
-            return match dev.block_status(offset, len as u64, max).await {
+            return match dev.block_status(offset, len, max).await {
                 Ok(mut ext) => {
                     if ext.is_empty() {
-                        ext.push(StatusExtent { len: len as u64, hole: false, zero: false });
+                        ext.push(StatusExtent { len, hole: false, zero: false });
                     }
                     if req_one {
                         ext.truncate(1);
-                        ext[0].len = ext[0].len.min(len as u64);
                     }
-                    (Reply::block_status(cookie, context, &ext), true)
+                    // The last extent may reach past the request, but not by
+                    // more than the request's length: a compact reply's 32-bit
+                    // lengths then always fit, and REQ_ONE is satisfied.
+                    if let Some(last) = ext.last_mut() {
+                        last.len = last.len.min(len);
+                    }
+                    (Reply::block_status(session, to, context, &ext), true)
                 }
-                Err(e) => (Reply::error(session, cookie, wire_errno(e.errno()), &e.to_string()), false),
+                Err(e) => (Reply::error(session, to, wire_errno(e.errno()), &e.to_string()), false),
             };
         }
         Command::Read { .. } | Command::Write { .. } | Command::Disconnect => {
-            return (Reply::error(session, cookie, EINVAL, "internal dispatch error"), false)
+            return (Reply::error(session, to, EINVAL, "internal dispatch error"), false)
         }
     };
     match res {
-        Ok(()) => (Reply::ok(cookie), true),
-        Err(e) => (Reply::error(session, cookie, wire_errno(e.errno()), &e.to_string()), false),
+        Ok(()) => (Reply::ok(session, to), true),
+        Err(e) => (Reply::error(session, to, wire_errno(e.errno()), &e.to_string()), false),
     }
 }

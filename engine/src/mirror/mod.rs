@@ -269,6 +269,12 @@ impl Mirror {
         lock(&self.route).current.clone()
     }
 
+    /// The largest transfer alignment the attached devices need (1: any);
+    /// smaller or unaligned requests are served by read-modify-write.
+    pub fn io_alignment(&self) -> u64 {
+        self.route().max_align()
+    }
+
     /// True when zeroing is cheaper than writing zeroes on every attached device.
     pub fn fast_zero(&self) -> bool {
         let r = self.route();
