@@ -840,4 +840,137 @@ mod tests {
         h.feed(&opt(OPT_LIST_META_CONTEXT, &q)).unwrap();
         assert_eq!(replies(&h.take_output())[0].1, REP_ERR_INVALID);
     }
+
+    fn started_with(mode: TlsMode) -> Handshake {
+        let mut h = Handshake::with_tls(vec![export()], mode);
+        h.take_output();
+        h.feed(&(FLAG_C_FIXED_NEWSTYLE | FLAG_C_NO_ZEROES).to_be_bytes()).unwrap();
+        h
+    }
+
+    fn meta_query() -> Vec<u8> {
+        let mut q = 0u32.to_be_bytes().to_vec();
+        q.extend_from_slice(&1u32.to_be_bytes());
+        q.extend_from_slice(&(BASE_ALLOCATION.len() as u32).to_be_bytes());
+        q.extend_from_slice(BASE_ALLOCATION.as_bytes());
+        q
+    }
+
+    #[test]
+    fn required_tls_refuses_every_option_but_starttls_and_abort() {
+        let mut h = started_with(TlsMode::Required);
+        for (o, d) in [
+            (OPT_LIST, vec![]),
+            (OPT_STRUCTURED_REPLY, vec![]),
+            (OPT_EXTENDED_HEADERS, vec![]),
+            (OPT_INFO, go("", &[])[16..].to_vec()),
+            (OPT_GO, go("", &[])[16..].to_vec()),
+            (OPT_SET_META_CONTEXT, meta_query()),
+            (99, b"unknown".to_vec()),
+        ] {
+            assert_eq!(h.feed(&opt(o, &d)), Ok(Progress::Continue), "option {o}");
+            let r = replies(&h.take_output());
+            assert_eq!((r.len(), r[0].0, r[0].1), (1, o, REP_ERR_TLS_REQD), "option {o}");
+        }
+        // Long options are refused without being stored.
+        let mut hdr = IHAVEOPT.to_be_bytes().to_vec();
+        hdr.extend_from_slice(&OPT_GO.to_be_bytes());
+        hdr.extend_from_slice(&(1u32 << 20).to_be_bytes());
+        h.feed(&hdr).unwrap();
+        for _ in 0..256 {
+            h.feed(&[0u8; 4096]).unwrap();
+            assert!(h.input.len() < 64);
+        }
+        assert_eq!(replies(&h.take_output())[0].1, REP_ERR_TLS_REQD);
+        assert_eq!(h.feed(&opt(OPT_ABORT, &[])), Ok(Progress::Aborted));
+        assert_eq!(replies(&h.take_output())[0].1, REP_ACK);
+        // EXPORT_NAME cannot be refused: the connection ends.
+        let mut h = started_with(TlsMode::Required);
+        assert_eq!(h.feed(&opt(OPT_EXPORT_NAME, b"")), Err(HandshakeError::TlsRequired));
+        assert!(h.take_output().is_empty());
+    }
+
+    #[test]
+    fn starttls_resets_the_negotiation_and_is_not_repeated() {
+        let mut h = started_with(TlsMode::Offered);
+        h.feed(&opt(OPT_STRUCTURED_REPLY, &[])).unwrap();
+        h.feed(&opt(OPT_EXTENDED_HEADERS, &[])).unwrap();
+        h.feed(&opt(OPT_SET_META_CONTEXT, &meta_query())).unwrap();
+        h.feed(&opt(OPT_STARTTLS, b"x")).unwrap();
+        assert_eq!(replies(&h.take_output()).last().map(|r| r.1), Some(REP_ERR_INVALID), "STARTTLS takes no data");
+        assert_eq!(h.feed(&opt(OPT_STARTTLS, &[])), Ok(Progress::StartTls));
+        assert_eq!(replies(&h.take_output()), vec![(OPT_STARTTLS, REP_ACK, vec![])]);
+        // Nothing may be read before the TLS handshake ran.
+        assert_eq!(h.feed(b"x"), Err(HandshakeError::PlaintextAfterStartTls(1)));
+        h.tls_started().unwrap();
+        assert!(h.tls_active());
+        assert_eq!(h.tls_started(), Err(HandshakeError::NoTlsPending));
+        h.feed(&opt(OPT_STARTTLS, &[])).unwrap();
+        assert_eq!(replies(&h.take_output())[0].1, REP_ERR_INVALID, "TLS already runs");
+        let Progress::Done(n) = h.feed(&go("", &[])).unwrap() else { panic!("GO inside TLS") };
+        assert!(n.tls);
+        assert!(!n.structured && !n.extended, "plaintext negotiation does not survive STARTTLS");
+        assert_eq!(n.base_allocation, None);
+        assert_eq!(n.flags & TF_SEND_DF, 0);
+    }
+
+    #[test]
+    fn plaintext_behind_starttls_is_never_read_inside_tls() {
+        let mut h = started_with(TlsMode::Required);
+        let mut both = opt(OPT_STARTTLS, &[]);
+        both.extend(opt(OPT_GO, &go("", &[])[16..]));
+        assert!(matches!(h.feed(&both), Err(HandshakeError::PlaintextAfterStartTls(n)) if n > 0));
+    }
+
+    #[test]
+    fn tls_off_and_clients_without_fixed_newstyle() {
+        let mut h = started_with(TlsMode::Off);
+        h.feed(&opt(OPT_STARTTLS, &[])).unwrap();
+        assert_eq!(replies(&h.take_output())[0].1, REP_ERR_UNSUP);
+        // Without fixed newstyle a client cannot do TLS: with TLS offered it
+        // is served as without TLS, with TLS required it is turned away.
+        let mut h = Handshake::with_tls(vec![export()], TlsMode::Offered);
+        h.take_output();
+        h.feed(&0u32.to_be_bytes()).unwrap();
+        h.feed(&opt(OPT_STARTTLS, &[])).unwrap();
+        assert_eq!(replies(&h.take_output())[0].1, REP_ERR_UNSUP);
+        let mut h = Handshake::with_tls(vec![export()], TlsMode::Required);
+        h.take_output();
+        assert_eq!(h.feed(&0u32.to_be_bytes()), Err(HandshakeError::TlsNeedsFixedNewstyle));
+    }
+
+    #[test]
+    fn extended_headers_negotiate_as_the_spec_says() {
+        let mut h = started();
+        h.feed(&opt(OPT_EXTENDED_HEADERS, b"x")).unwrap();
+        h.feed(&opt(OPT_EXTENDED_HEADERS, &[])).unwrap();
+        h.feed(&opt(OPT_EXTENDED_HEADERS, &[])).unwrap();
+        h.feed(&opt(OPT_STRUCTURED_REPLY, &[])).unwrap();
+        h.feed(&opt(OPT_SET_META_CONTEXT, &meta_query())).unwrap();
+        let kinds: Vec<u32> = replies(&h.take_output()).iter().map(|r| r.1).collect();
+        assert_eq!(
+            kinds,
+            vec![REP_ERR_INVALID, REP_ACK, REP_ERR_INVALID, REP_ERR_EXT_HEADER_REQD, REP_META_CONTEXT, REP_ACK]
+        );
+        let Progress::Done(n) = h.feed(&go("", &[INFO_BLOCK_SIZE])).unwrap() else { panic!("GO") };
+        assert!(n.extended && n.structured);
+        assert_eq!(n.base_allocation, Some(BASE_ALLOCATION_ID));
+        assert_ne!(n.flags & TF_SEND_DF, 0);
+        // EXPORT_NAME is forbidden after extended headers and has no error reply.
+        let mut h = started();
+        h.feed(&opt(OPT_EXTENDED_HEADERS, &[])).unwrap();
+        assert_eq!(h.feed(&opt(OPT_EXPORT_NAME, b"")), Err(HandshakeError::ExportNameWithExtendedHeaders));
+    }
+
+    #[test]
+    fn block_size_info_carries_the_exports_sizes() {
+        let e = Export { block: BlockSizes { minimum: 1, preferred: 65536, maximum: 8 << 20 }, ..export() };
+        let mut h = Handshake::new(vec![e]);
+        h.take_output();
+        h.feed(&FLAG_C_FIXED_NEWSTYLE.to_be_bytes()).unwrap();
+        h.feed(&go("", &[])).unwrap();
+        let r = replies(&h.take_output());
+        let bs = r.iter().find(|x| x.1 == REP_INFO && x.2[..2] == INFO_BLOCK_SIZE.to_be_bytes()).expect("block sizes");
+        assert_eq!(&bs.2[2..], &[0, 0, 0, 1, 0, 1, 0, 0, 0, 0x80, 0, 0]);
+    }
 }
