@@ -100,7 +100,7 @@ pub fn request_bytes(kind: u16, flags: u16, cookie: u64, offset: u64, len: u32) 
 }
 
 /// Reads one simple reply header: (error, cookie).
-pub fn read_simple_reply(s: &mut UnixStream) -> std::io::Result<(u32, u64)> {
+pub fn read_simple_reply(s: &mut impl Read) -> std::io::Result<(u32, u64)> {
     let mut r = [0u8; 16];
     s.read_exact(&mut r)?;
     assert_eq!(u32::from_be_bytes(r[0..4].try_into().unwrap()), SIMPLE_REPLY_MAGIC, "reply magic");

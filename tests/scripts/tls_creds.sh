@@ -9,16 +9,17 @@
 # DIR/client   ca-cert.pem client-cert.pem client-key.pem   (a client our CA signed)
 # DIR/anon     ca-cert.pem                                  (a client without a certificate)
 # DIR/rogue    ca-cert.pem client-cert.pem client-key.pem   (another CA and a client it signed)
+# DIR/distrust ca-cert.pem                                  (a client that trusts only the other CA)
 # DIR/psk/keys.psk        identity "alice" (qemu's tls-creds-psk reads DIR/keys.psk)
 # DIR/psk-wrong/keys.psk  "alice" with another key
 # DIR/psk-bob/keys.psk    an identity the server does not know
 # The server certificate names localhost and 127.0.0.1.
 set -euo pipefail
 dir="$1"
-mkdir -p "$dir"/{ca,server,client,anon,rogue,rogue-ca,psk,psk-wrong,psk-bob}
+mkdir -p "$dir"/{ca,server,client,anon,rogue,rogue-ca,distrust,psk,psk-wrong,psk-bob}
 cd "$dir"
 
-key() { certtool --generate-privkey --key-type=ecdsa --curve=secp256r1 --no-text --outfile "$1" 2>/dev/null; }
+key() { certtool --generate-privkey --key-type=rsa --bits=2048 --no-text --outfile "$1" 2>/dev/null; }
 
 ca() { # ca DIR NAME
     key "$1/ca-key.pem"
@@ -42,9 +43,11 @@ printf 'organization = livemirror tests\ncn = client\ntls_www_client\nsigning_ke
 cp ca/ca-cert.pem server/ && signed ca server/server-key.pem server/server-cert.pem server.info
 cp ca/ca-cert.pem client/ && signed ca client/client-key.pem client/client-cert.pem client.info
 cp ca/ca-cert.pem anon/
-# The rogue client trusts our CA (so it accepts the server) but its own
-# certificate comes from another CA.
-cp ca/ca-cert.pem rogue/ && signed rogue-ca rogue/client-key.pem rogue/client-cert.pem client.info
+# The rogue client trusts our CA (so it accepts the server) and the other one
+# (so gnutls accepts its own certificate), which signed its certificate.
+signed rogue-ca rogue/client-key.pem rogue/client-cert.pem client.info
+cat ca/ca-cert.pem rogue-ca/ca-cert.pem >rogue/ca-cert.pem
+cp rogue-ca/ca-cert.pem distrust/
 
 psktool -u alice -p psk/keys.psk >/dev/null
 psktool -u alice -p psk-wrong/keys.psk >/dev/null
