@@ -80,3 +80,49 @@ fn qemu_img_info_and_convert_both_ways() {
     assert_eq!(d.stop().code(), Some(0));
     assert_eq!(std::fs::read(&img).unwrap(), other);
 }
+
+/// qemu 10's client negotiates extended headers by itself: its trace shows
+/// the ACK, 64-bit block status replies, and the writes land.
+#[test]
+fn qemu_negotiates_extended_headers_and_gets_block_status_ext() {
+    let dir = scratch();
+    let img = dir.path().join("s.img");
+    make_sparse(&img, 16 << 20);
+    let d = Daemon::start(dir.path(), &["--source", img.to_str().unwrap()]);
+    let uri = d.uri();
+    let out = run(
+        &tool("qemu-io"),
+        &[
+            "--trace",
+            "nbd_receive_option_reply",
+            "--trace",
+            "nbd_receive_reply_chunk_header",
+            "-f",
+            "raw",
+            &uri,
+            "-c",
+            "write -P 0x3c 1M 3M",
+            "-c",
+            "read -P 0x3c 1M 3M",
+            "-c",
+            "write -z 2M 64k",
+            "-c",
+            "read -P 0 2M 64k",
+        ],
+    );
+    let t = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success() && !t.contains("Pattern verification failed"), "{t}");
+    assert!(t.contains("option reply 11 (extended headers), type 1 (ack)"), "no extended headers:\n{t}");
+    let map = run(
+        &tool("qemu-img"),
+        &["--trace", "nbd_receive_reply_chunk_header", "map", "--output=json", "-f", "raw", &uri],
+    );
+    let t = format!("{}{}", String::from_utf8_lossy(&map.stdout), String::from_utf8_lossy(&map.stderr));
+    assert!(map.status.success(), "{t}");
+    assert!(t.contains("type = 6 (block status (64-bit))"), "no BLOCK_STATUS_EXT:\n{t}");
+    assert!(t.contains("\"data\": true"), "the written range is data:\n{t}");
+    let data = std::fs::read(&img).unwrap();
+    assert!(data[1 << 20..2 << 20].iter().all(|&b| b == 0x3c));
+    assert!(data[2 << 20..(2 << 20) + 65536].iter().all(|&b| b == 0));
+    assert!(data[(2 << 20) + 65536..4 << 20].iter().all(|&b| b == 0x3c));
+}
