@@ -15,12 +15,14 @@ REQUEST_MAGIC = 0x25609513
 
 OPT_EXPORT_NAME, OPT_ABORT, OPT_LIST, OPT_STARTTLS, OPT_INFO, OPT_GO = 1, 2, 3, 5, 6, 7
 OPT_STRUCTURED_REPLY, OPT_LIST_META_CONTEXT, OPT_SET_META_CONTEXT = 8, 9, 10
+OPT_EXTENDED_HEADERS = 11
+EXTENDED_REQUEST_MAGIC = 0x21E41C71
 INFO_NAME, INFO_DESCRIPTION, INFO_BLOCK_SIZE = 1, 2, 3
 FIXED, NO_ZEROES = 1, 2
 MAX_OPTION_LEN = 64 << 10
 
 CMD_READ, CMD_WRITE, CMD_DISC, CMD_FLUSH, CMD_TRIM, CMD_CACHE, CMD_WRITE_ZEROES, CMD_BLOCK_STATUS = range(8)
-FLAG_FUA, FLAG_NO_HOLE, FLAG_DF, FLAG_REQ_ONE, FLAG_FAST_ZERO = 1, 2, 4, 8, 16
+FLAG_FUA, FLAG_NO_HOLE, FLAG_DF, FLAG_REQ_ONE, FLAG_FAST_ZERO, FLAG_PAYLOAD_LEN = 1, 2, 4, 8, 16, 32
 
 
 def u16(v): return struct.pack(">H", v)
@@ -45,9 +47,16 @@ def request(kind, flags=0, offset=0, length=0, cookie=0x1122334455667788):
     return u32(REQUEST_MAGIC) + u16(flags) + u16(kind) + u64(cookie) + u64(offset) + u32(length)
 
 
-def hs(body, exports=0, chunks=0, reps=0, split=0):
+def ext_request(kind, flags=0, offset=0, length=0, cookie=0x1122334455667788):
+    return u32(EXTENDED_REQUEST_MAGIC) + u16(flags) + u16(kind) + u64(cookie) + u64(offset) + u64(length)
+
+
+TLS_OFF, TLS_OFFERED, TLS_REQUIRED = 0, 1, 2
+
+
+def hs(body, exports=0, chunks=0, reps=0, split=0, tls=TLS_OFF):
     """handshake target input: 5-byte harness header + client stream."""
-    cfg = exports | (0xA0 if reps else 0)
+    cfg = exports | (tls << 2) | (0xA0 if reps else 0)
     return bytes([cfg, chunks, reps]) + u16(split) + body
 
 
@@ -92,6 +101,25 @@ handshake = {
                            exports=1, chunks=128, reps=65, split=20),
     # LIST headers repeated past MAX_OPTIONS.
     "too-many-options": hs(flags + opt(OPT_LIST), exports=1, chunks=128, reps=65, split=4),
+    # Extended headers: the option's rules, then GO (and EXPORT_NAME after it).
+    "extended-go": hs(flags + opt(OPT_EXTENDED_HEADERS, b"x") + opt(OPT_EXTENDED_HEADERS) + opt(OPT_EXTENDED_HEADERS) +
+                      opt(OPT_STRUCTURED_REPLY) + meta() + go(b"", (INFO_BLOCK_SIZE,))),
+    "extended-export-name": hs(flags + opt(OPT_EXTENDED_HEADERS) + opt(OPT_EXPORT_NAME, b"")),
+    # TLS: STARTTLS at the end of a feed (byte-wise chunks), then negotiation
+    # inside TLS; required mode refusing plaintext options; plaintext behind
+    # STARTTLS in one feed.
+    "tls-offered-starttls-go": hs(flags + opt(OPT_STRUCTURED_REPLY) + opt(OPT_STARTTLS) + opt(OPT_STARTTLS) +
+                                  opt(OPT_EXTENDED_HEADERS) + meta() + go(b""), chunks=1, tls=TLS_OFFERED),
+    "tls-required-refusals": hs(flags + opt(OPT_LIST) + go(b"") + opt(OPT_STARTTLS, b"x") + opt(99, b"y") +
+                                opt(OPT_STARTTLS) + go(b""), chunks=1, tls=TLS_REQUIRED),
+    "tls-required-export-name": hs(flags + opt(OPT_EXPORT_NAME, b""), tls=TLS_REQUIRED),
+    "tls-required-abort": hs(flags + opt(OPT_GO, b"\0" * 100) + opt(OPT_ABORT), chunks=2, tls=TLS_REQUIRED),
+    "tls-injection": hs(flags + opt(OPT_STARTTLS) + go(b""), tls=TLS_REQUIRED),
+    "tls-not-fixed": hs(u32(0) + opt(OPT_STARTTLS), tls=TLS_OFFERED),
+    "tls-off-starttls": hs(flags + opt(OPT_STARTTLS) + go(b"")),
+    # An oversized option before the required TLS: refused without storing it.
+    "tls-required-oversized": hs(flags + u64(IHAVEOPT) + u32(OPT_GO) + u32(MAX_OPTION_LEN + 16 * 7) + opt(OPT_LIST),
+                                 exports=1, chunks=128, reps=65, split=20, tls=TLS_REQUIRED),
 }
 for name, data in handshake.items():
     write("handshake", name, data)
@@ -107,8 +135,13 @@ TF_ALL = (1 << 0) | (1 << 2) | (1 << 3) | (1 << 5) | (1 << 6) | (1 << 7) | (1 <<
 TF_BARE = (1 << 0) | (1 << 2)
 
 
-def req(kind, flags=0, offset=0, length=0, session=S_STRUCT | ctx1, size=GiB, tflags=TF_ALL):
-    return request(kind, flags, offset, length) + bytes([session]) + u64(size) + tflags.to_bytes(2, "big")
+MAX_32M, MAX_1M, MAX_4K, MAX_ODD = 0, 1, 2, 3
+
+
+def req(kind, flags=0, offset=0, length=0, session=S_STRUCT | ctx1, size=GiB, tflags=TF_ALL, extended=False, maxp=MAX_32M):
+    """request target input: a 32-byte header (compact ones padded), session, size, flags."""
+    hdr = ext_request(kind, flags, offset, length) if extended else request(kind, flags, offset, length) + b"\0" * 4
+    return hdr + bytes([session, int(extended) | (maxp << 1)]) + u64(size) + tflags.to_bytes(2, "big")
 
 
 requests = {
@@ -128,14 +161,42 @@ requests = {
     "read-past-end": req(CMD_READ, 0, (1 << 64) - 1, 2),
     "trim-not-advertised": req(CMD_TRIM, 0, 0, 4096, tflags=TF_BARE),
     "write-fua-not-advertised": req(CMD_WRITE, FLAG_FUA, 0, 512, tflags=TF_BARE),
+    "payload-flag-compact": req(CMD_WRITE, FLAG_PAYLOAD_LEN, 0, 512),
+    # Extended headers: 64-bit effect lengths, the payload flag, small maxima.
+    "ext-write-payload": req(CMD_WRITE, FLAG_PAYLOAD_LEN | FLAG_FUA, 4096, 4096, extended=True),
+    "ext-write-unflagged": req(CMD_WRITE, 0, 4096, 4096, extended=True),
+    "ext-trim-64": req(CMD_TRIM, 0, 0, 5 << 32, size=1 << 40, extended=True),
+    "ext-zeroes-64": req(CMD_WRITE_ZEROES, FLAG_NO_HOLE, 4096, 5 << 32, size=1 << 40, extended=True),
+    "ext-block-status-64": req(CMD_BLOCK_STATUS, 0, 0, 1 << 40, size=1 << 40, extended=True),
+    "ext-read-payload": req(CMD_READ, FLAG_PAYLOAD_LEN, 0, 100, extended=True),
+    "ext-read-too-big": req(CMD_READ, 0, 0, 1 << 33, size=1 << 40, extended=True),
+    "ext-write-over-max": req(CMD_WRITE, FLAG_PAYLOAD_LEN, 0, (1 << 20) + 1, extended=True, maxp=MAX_1M),
+    "ext-write-odd-max": req(CMD_WRITE, FLAG_PAYLOAD_LEN, 0, (3 << 20) + 1, extended=True, maxp=MAX_ODD),
+    "ext-compact-magic": request(CMD_READ, 0, 0, 512) + b"\0" * 4 + bytes([S_STRUCT, 1]) + u64(GiB) + TF_ALL.to_bytes(2, "big"),
 }
 for name, data in requests.items():
     write("request", name, data)
 
 roundtrip = {
     "read": request(CMD_READ, 0, 4096, 4096),
+    "ext-write": ext_request(CMD_WRITE, FLAG_PAYLOAD_LEN, 1 << 40, 5 << 32),
     "write-fua": request(CMD_WRITE, FLAG_FUA, 1 << 40, 65536, cookie=0xdeadbeef01020304),
     "bad-magic": b"\x00" * 28,
 }
 for name, data in roundtrip.items():
     write("transmission_roundtrip", name, data)
+
+# tls_session: byte 0 = PSK (1) | offered (2) | injection (4); the rest is the
+# option stream sent inside TLS.
+inside = opt(OPT_EXTENDED_HEADERS) + meta() + go(b"", (INFO_BLOCK_SIZE,))
+tls_session = {
+    "x509-required-go": bytes([0]) + inside,
+    "psk-required-go": bytes([1]) + inside,
+    "x509-offered-list-abort": bytes([2]) + opt(OPT_LIST) + opt(OPT_STARTTLS) + opt(OPT_ABORT),
+    "psk-export-name": bytes([1]) + opt(OPT_STRUCTURED_REPLY) + opt(OPT_EXPORT_NAME, b"ro"),
+    "x509-injection": bytes([4]) + go(b""),
+    "psk-injection": bytes([5]) + opt(OPT_LIST),
+    "x509-garbage": bytes([0]) + b"\x00" * 40,
+}
+for name, data in tls_session.items():
+    write("tls_session", name, data)

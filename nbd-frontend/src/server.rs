@@ -14,7 +14,7 @@ use engine::{BlockDevice, BufPool, Drain};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::watch;
 
-use crate::handshake::{Export, Handshake, Negotiated, Progress};
+use crate::handshake::{Export, Handshake, HandshakeError, Negotiated, Progress};
 use crate::limits::ConnLimits;
 use crate::proto::BlockSizes;
 use crate::stats::Stats;
@@ -486,7 +486,11 @@ pub async fn negotiate(
             }
             Err(e) => {
                 let out = hs.take_output();
-                let _ = stream.write_all(&out).await;
+                // After plaintext that followed STARTTLS nothing is sent, not
+                // even the ACK: the client must not think TLS is coming.
+                if !matches!(e, HandshakeError::PlaintextAfterStartTls(_)) {
+                    let _ = stream.write_all(&out).await;
+                }
                 let _ = stream.shutdown().await;
                 return Err(io::Error::new(io::ErrorKind::InvalidData, format!("handshake: {e}")));
             }

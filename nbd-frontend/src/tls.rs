@@ -118,14 +118,25 @@ fn certificates(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsSetupErr
     Ok(certs)
 }
 
+/// The server's private key, re-encoded as PKCS#8 by OpenSSL: ring reads
+/// only well-formed keys, and certtool (which qemu's and nbdkit's
+/// documentation use) writes EC keys with a leading zero byte that ring
+/// refuses. OpenSSL reads PKCS#1, SEC1 and PKCS#8 alike.
+fn private_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsSetupError> {
+    let pem = read_file(path)?;
+    let key = openssl::pkey::PKey::private_key_from_pem(&pem)
+        .map_err(|e| invalid(path, format!("not a PEM private key OpenSSL can read ({e})")))?;
+    let der = key.private_key_to_pkcs8().map_err(|e| invalid(path, e))?;
+    Ok(PrivateKeyDer::Pkcs8(der.into()))
+}
+
 impl TlsAcceptor {
     /// X.509 credentials from `dir`. With `verify_peer` a client must present a
     /// certificate that chains to `dir/ca-cert.pem`.
     pub fn x509(dir: &Path, verify_peer: bool) -> Result<TlsAcceptor, TlsSetupError> {
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let chain = certificates(&dir.join("server-cert.pem"))?;
-        let key_path = dir.join("server-key.pem");
-        let key = PrivateKeyDer::from_pem_slice(&read_file(&key_path)?).map_err(|e| invalid(&key_path, e))?;
+        let key = private_key(&dir.join("server-key.pem"))?;
         let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
             .with_safe_default_protocol_versions()
             .map_err(|e| TlsSetupError::Library(e.to_string()))?;

@@ -5,8 +5,9 @@
 //!
 //! | byte | meaning                                                            |
 //! |------|--------------------------------------------------------------------|
-//! | 0    | bits 0-1: export set (see `exports`); bits 4-7 == 0xA: repetition  |
-//! |      | is on (kept rare: long streams are slow to execute)                |
+//! | 0    | bits 0-1: export set (see `exports`); bits 2-3: TLS mode (0 off,   |
+//! |      | 1 offered, 2-3 required); bits 4-7 == 0xA: repetition is on (kept  |
+//! |      | rare: long streams are slow to execute)                            |
 //! | 1    | chunking: 0 = everything in one `feed`, else pseudo-random chunk   |
 //! |      | sizes in `1..=32*b` (b = this byte), seeded from it                |
 //! | 2    | repetition (if on and b > 0): the body's tail (from `split`) is    |
@@ -14,6 +15,10 @@
 //! |      | input can stream >64 KiB (option count limit, oversized options)   |
 //! | 3-4  | `split` (big-endian u16), only used when repeating                 |
 //! | 5..  | body: the client's byte stream (client flags, options, ...)        |
+//!
+//! TLS: on `Progress::StartTls` the harness plays the TLS handshake by calling
+//! `tls_started` and keeps feeding: the rest of the stream is what the client
+//! says inside TLS (the bytes are the same, only the transport differs).
 //!
 //! Invariants checked:
 //! * no panic (including overflow checks: cargo-fuzz builds with
@@ -34,6 +39,13 @@
 //!   structured replies, and what was sent to the client agrees;
 //! * the leftover after `Done`/`Aborted` is exactly the tail of the bytes fed,
 //!   shorter than the last chunk;
+//! * TLS: STARTTLS is acknowledged only when TLS is on, once, and only as the
+//!   last thing in a feed (plaintext behind it is refused); before TLS in
+//!   required mode every reply is TLS_REQD except to STARTTLS and ABORT, and
+//!   `Done` is reached only inside TLS; TLS_REQD is never sent otherwise;
+//!   `Done` says TLS exactly when STARTTLS happened;
+//! * extended headers imply structured replies, and are never finished with
+//!   `NBD_OPT_EXPORT_NAME`;
 //! * heap retained by the `Handshake` between calls stays below
 //!   `2 * (MAX_OPTION_LEN + 16 + chunk) + slack`, and the heap peak inside one
 //!   `feed` is bounded too (measured with a counting global allocator, since
@@ -46,7 +58,7 @@ use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
 use libfuzzer_sys::fuzz_target;
 use nbd_frontend::handshake::{transmission_flags, HandshakeError, MAX_OPTIONS, MAX_OPTION_LEN};
 use nbd_frontend::proto::*;
-use nbd_frontend::{Export, Handshake, Progress};
+use nbd_frontend::{Export, Handshake, Progress, TlsMode};
 
 // ---------------------------------------------------------------------------
 // Heap accounting.
@@ -106,7 +118,14 @@ const MAX_STREAM: usize = 160 << 10;
 const HEAP_SLACK: usize = 2 * MAX_STRING + 4096;
 
 fn export(name: &str, description: &str, size: u64, read_only: bool) -> Export {
-    Export { name: name.into(), description: description.into(), size, read_only, fast_zero: !read_only }
+    Export {
+        name: name.into(),
+        description: description.into(),
+        size,
+        read_only,
+        fast_zero: !read_only,
+        block: BlockSizes::default(),
+    }
 }
 
 fn exports(sel: u8) -> Vec<Export> {
@@ -119,7 +138,9 @@ fn exports(sel: u8) -> Vec<Export> {
         1 => vec![export("", "", 1 << 20, false)],
         2 => vec![],
         _ => (0..16)
-            .map(|i| export(&format!("export-{i:02}-{}", "n".repeat(i * 8)), &"d".repeat(200), i as u64 * 512, i % 2 == 1))
+            .map(|i| {
+                export(&format!("export-{i:02}-{}", "n".repeat(i * 8)), &"d".repeat(200), i as u64 * 512, i % 2 == 1)
+            })
             .collect(),
     }
 }
@@ -133,9 +154,9 @@ const ESCAPE_GROWTH: usize = 6;
 /// name of an "unknown export" error (see `ESCAPE_GROWTH`); from
 /// `Handshake::handle_option` and friends.
 fn per_option_output_bound(exports: &[Export]) -> usize {
-    // Fixed messages are < 48 bytes; "no export named {:?} on this server"
+    // Fixed messages are < 80 bytes; "no export named {:?} on this server"
     // adds 33 around the name.
-    let error = 20 + 64;
+    let error = 20 + 96;
     let list: usize = exports.iter().map(|e| 20 + 4 + e.name.len() + e.description.len()).sum::<usize>() + 20;
     let info = exports
         .iter()
@@ -249,6 +270,11 @@ struct OutChecker {
     /// The INFO_EXPORT payload of the last successful GO/INFO.
     last_info_export: Option<(u64, u16)>,
     last_reply: Option<(u32, u32)>,
+    /// The server's TLS mode, and whether the harness started TLS.
+    tls_mode: TlsMode,
+    tls: bool,
+    /// A client that is not fixed newstyle (TLS is impossible for it).
+    fixed: bool,
 }
 
 impl OutChecker {
@@ -260,6 +286,9 @@ impl OutChecker {
             trailer: Vec::with_capacity(256),
             last_info_export: None,
             last_reply: None,
+            tls_mode: TlsMode::Off,
+            tls: false,
+            fixed: true,
         }
     }
 
@@ -338,7 +367,12 @@ impl OutChecker {
         assert_ne!(r.opt, OPT_EXPORT_NAME, "option reply {:#x} sent to NBD_OPT_EXPORT_NAME", r.kind);
         if r.kind & (1 << 31) != 0 {
             if let Err(e) = std::str::from_utf8(d) {
-                panic!("error reply {:#x} to option {} is not UTF-8 ({e}): {:?}", r.kind, r.opt, String::from_utf8_lossy(d));
+                panic!(
+                    "error reply {:#x} to option {} is not UTF-8 ({e}): {:?}",
+                    r.kind,
+                    r.opt,
+                    String::from_utf8_lossy(d)
+                );
             }
             assert!(!d.contains(&0), "error reply {:#x} to option {} contains NUL", r.kind, r.opt);
         }
@@ -347,6 +381,24 @@ impl OutChecker {
             let size = u64::from_be_bytes(d[2..10].try_into().unwrap());
             let flags = u16::from_be_bytes([d[10], d[11]]);
             self.last_info_export = Some((size, flags));
+        }
+        if r.kind == REP_ERR_TLS_REQD {
+            assert!(
+                self.tls_mode == TlsMode::Required && !self.tls,
+                "TLS_REQD to option {} outside required TLS",
+                r.opt
+            );
+        } else if self.tls_mode == TlsMode::Required && !self.tls {
+            let allowed = matches!((r.opt, r.kind), (OPT_STARTTLS, REP_ACK | REP_ERR_INVALID) | (OPT_ABORT, REP_ACK));
+            assert!(allowed, "reply {:#x} to option {} before the required TLS", r.kind, r.opt);
+        }
+        if (r.opt, r.kind) == (OPT_STARTTLS, REP_ACK) {
+            assert!(
+                self.tls_mode != TlsMode::Off && self.fixed && !self.tls,
+                "STARTTLS acknowledged in {:?}, tls={}",
+                self.tls_mode,
+                self.tls
+            );
         }
         if r.kind == REP_SERVER {
             assert!(d.len() >= 4);
@@ -375,18 +427,25 @@ fuzz_target!(|data: &[u8]| {
     let mut stream = Stream::new(body, reps, u16::from_be_bytes([hdr(3), hdr(4)]));
     let mut chunker = Chunker { seed: hdr(1), state: 0x9e37_79b9 ^ hdr(1) as u32 };
     let offered = exports(hdr(0));
+    let tls_mode = match (hdr(0) >> 2) & 3 {
+        0 => TlsMode::Off,
+        1 => TlsMode::Offered,
+        _ => TlsMode::Required,
+    };
     let per_option = per_option_output_bound(&offered);
     let no_zeroes = body.len() >= 4 && body[3] & FLAG_C_NO_ZEROES as u8 != 0;
 
     let max_chunk = chunker.max().min(stream.len.max(1));
     let mut chunk = Vec::with_capacity(max_chunk);
     let mut checker = OutChecker::new();
+    checker.tls_mode = tls_mode;
+    checker.fixed = body.len() < 4 || body[3] & FLAG_C_FIXED_NEWSTYLE as u8 != 0;
     let hs_exports = offered.clone();
 
     // Everything the harness owns is allocated; from here on the heap growth
     // is the handshake's (minus what the harness is handed, subtracted below).
     let base = live();
-    let mut hs = Handshake::new(hs_exports);
+    let mut hs = Handshake::with_tls(hs_exports, tls_mode);
     let retained_bound = 2 * (MAX_OPTION_LEN as usize + 16 + max_chunk) + HEAP_SLACK;
 
     let mut fed = 0usize;
@@ -421,9 +480,26 @@ fuzz_target!(|data: &[u8]| {
 
         match r {
             Ok(Progress::Continue) => {}
+            Ok(Progress::StartTls) => {
+                // The ACK was the last reply, and nothing was left behind it.
+                assert_eq!(checker.last_reply, Some((OPT_STARTTLS, REP_ACK)));
+                assert!(hs.take_leftover().is_empty(), "input kept across STARTTLS");
+                hs.tls_started().expect("TLS starts after StartTls");
+                assert!(hs.tls_active());
+                checker.tls = true;
+            }
             Ok(p) => {
                 ended = Some(p);
                 break;
+            }
+            Err(HandshakeError::PlaintextAfterStartTls(n)) => {
+                assert!(n > 0);
+                assert_eq!(checker.last_reply, Some((OPT_STARTTLS, REP_ACK)), "refused plaintext after what?");
+                return;
+            }
+            Err(HandshakeError::TlsRequired) => {
+                assert!(tls_mode == TlsMode::Required && !checker.tls);
+                return;
             }
             Err(_) => return,
         }
@@ -448,6 +524,14 @@ fuzz_target!(|data: &[u8]| {
         }
         Progress::Done(n) => {
             assert!(offered.contains(&n.export), "negotiated export {:?} was not offered", n.export.name);
+            assert_eq!(n.tls, checker.tls, "Done says TLS={} after STARTTLS={}", n.tls, checker.tls);
+            if tls_mode == TlsMode::Required {
+                assert!(n.tls, "transmission without the required TLS");
+            }
+            if n.extended {
+                assert!(n.structured, "extended headers without structured replies");
+                assert!(checker.trailer.is_empty(), "extended headers finished by EXPORT_NAME");
+            }
             assert_eq!(n.flags, transmission_flags(&n.export, n.structured));
             if n.base_allocation.is_some() {
                 assert!(n.structured, "base:allocation without structured replies");
@@ -470,6 +554,6 @@ fuzz_target!(|data: &[u8]| {
                 assert!(t[10..].iter().all(|&b| b == 0));
             }
         }
-        Progress::Continue => unreachable!(),
+        Progress::Continue | Progress::StartTls => unreachable!(),
     }
 });
