@@ -11,7 +11,7 @@
 #   - 4K at queue depth 1 (--request-size=4096 --requests=1): wall time per
 #     request, and the server's CPU time per request (from /proc/PID/stat);
 #   - 1M at queue depth 8 (--request-size=1048576 --requests=8): MiB/s;
-# each the median of --reps runs (default 3). The export is a random-data file
+# each the median of --reps runs (default 5). The export is a random-data file
 # in /dev/shm (no holes for block status to skip), so storage is out of the
 # picture and the numbers are protocol, TLS and copies. Writes a markdown table
 # to --out (default benches/tls/results/latest.md) and prints it.
