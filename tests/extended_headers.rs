@@ -3,7 +3,7 @@
 //! BLOCK_STATUS_EXT, and the payload rules (refuse, skip what is bounded,
 //! hang up beyond). qemu's client negotiates the extension by itself; its
 //! tests are in interop_qemu.rs.
-#![allow(clippy::unwrap_used)]
+#![allow(clippy::unwrap_used, unreachable_pub)] // test code: a panic is a failure; helpers are shared through `mod common`
 mod common;
 use common::raw::*;
 use common::*;
