@@ -532,10 +532,10 @@ fn another_livemirror_is_a_target_and_unusable_exports_are_refused() {
     let o = d.cli(&["attach", &format!("nbd+unix:///?socket={}", ssock.display())]);
     assert_eq!(code(&o), 1);
     assert!(text(&o).contains("8388608") && text(&o).contains("16777216"), "{}", text(&o));
-    // A pre-shared key is refused with the reason, before anything connects.
-    let o = d.cli(&["attach", "nbds+unix:///?socket=/nonexistent&tls-psk-file=/k.psk"]);
+    // A key file that cannot be read is refused before anything connects.
+    let o = d.cli(&["attach", "nbds+unix:///?socket=/nonexistent&tls-psk-file=/nonexistent.psk"]);
     assert_eq!(code(&o), 1);
-    assert!(text(&o).contains("not supported yet"), "{}", text(&o));
+    assert!(text(&o).contains("/nonexistent.psk"), "{}", text(&o));
     // Another livemirror.
     d.cli_ok(&["attach", &remote.uri()]);
     let o = d.cli(&["wait", "--timeout", "60"]);
@@ -715,6 +715,117 @@ fn nbds_with_x509_certificates() {
     let mut d = d;
     assert!(d.stop().success());
     assert_same(&std::fs::read(&tgt).unwrap(), &data, "the remote disk over TLS");
+}
+
+/// nbds:// with a pre-shared key: qemu-nbd requiring TLS with psktool's key
+/// file is a target; a wrong key and an unknown identity are refused with the
+/// reason (not retried as link faults); a file of several identities needs
+/// the one to use named in the URI.
+#[test]
+fn nbds_with_a_pre_shared_key() {
+    let dir = scratch();
+    let srv = dir.path().join("psk-server");
+    std::fs::create_dir_all(&srv).unwrap();
+    let key = "7d2c6a8e1f0b4c9a3e5d7f1b2a4c6e8d0f1e2d3c4b5a69788796a5b4c3d2e1f0";
+    let wrong = "0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
+    std::fs::write(srv.join("keys.psk"), format!("alice:{key}\nbob:{wrong}\n")).unwrap();
+    let good = dir.path().join("good.psk");
+    std::fs::write(&good, format!("alice:{key}\n")).unwrap();
+    let bad = dir.path().join("bad.psk");
+    std::fs::write(&bad, format!("alice:{}00\n", &key[..key.len() - 2])).unwrap();
+    let stranger = dir.path().join("stranger.psk");
+    std::fs::write(&stranger, format!("carol:{key}\n")).unwrap();
+    let two = dir.path().join("two.psk");
+    std::fs::write(&two, format!("alice:{key}\ndave:{wrong}\n")).unwrap();
+    let tgt = dir.path().join("t.img");
+    make_sparse(&tgt, 16 * MIB);
+    let qsock = dir.path().join("q.sock");
+    let _ = std::fs::remove_file(&qsock);
+    let mut c = Command::new(tool("qemu-nbd"));
+    c.args([
+        "-f",
+        "raw",
+        "-t",
+        "-k",
+        p(&qsock),
+        "--object",
+        &format!("tls-creds-psk,id=tls0,endpoint=server,dir={}", srv.display()),
+        "--tls-creds",
+        "tls0",
+        p(&tgt),
+    ]);
+    let _server = Peer::spawn(c, "qemu-nbd with TLS-PSK");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !qsock.exists() {
+        assert!(Instant::now() < deadline, "qemu-nbd did not create its socket");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    std::thread::sleep(Duration::from_millis(200));
+    let src = dir.path().join("s.img");
+    let data = pattern(12, (16 * MIB) as usize);
+    make_image(&src, &data);
+    let d = Daemon::start(dir.path(), &["--source", p(&src)]);
+    let uri = |user: &str, file: &std::path::Path| {
+        format!("nbds+unix://{user}/?socket={}&tls-psk-file={}", qsock.display(), file.display())
+    };
+    // The wrong key for alice: the handshake fails and attach says so, at once.
+    let t0 = Instant::now();
+    let o = d.cli(&["attach", &uri("alice@", &bad)]);
+    assert_eq!(code(&o), 1, "{}", text(&o));
+    assert!(text(&o).contains("PSK identity \"alice\""), "{}", text(&o));
+    assert!(t0.elapsed() < Duration::from_secs(20), "a wrong key was retried for {:?}", t0.elapsed());
+    // An identity the server does not know.
+    let o = d.cli(&["attach", &uri("", &stranger)]);
+    assert_eq!(code(&o), 1, "{}", text(&o));
+    assert!(text(&o).contains("PSK identity \"carol\""), "{}", text(&o));
+    // Two identities in the file and none named.
+    let o = d.cli(&["attach", &uri("", &two)]);
+    assert_eq!(code(&o), 1, "{}", text(&o));
+    assert!(text(&o).contains("holds 2 identities"), "{}", text(&o));
+    // A name the file does not hold.
+    let o = d.cli(&["attach", &uri("erin@", &two)]);
+    assert_eq!(code(&o), 1, "{}", text(&o));
+    assert!(text(&o).contains("no key for the identity \"erin\""), "{}", text(&o));
+    // The right key, the identity named in a file of two.
+    d.cli_ok(&["attach", &uri("alice@", &two)]);
+    let o = d.cli(&["wait", "--timeout", "60"]);
+    assert_eq!(code(&o), 0, "wait: {}\n{}", text(&o), d.log_text());
+    verify_ok(&d);
+    let mut d = d;
+    assert!(d.stop().success());
+    assert_same(&std::fs::read(&tgt).unwrap(), &data, "the remote disk over TLS-PSK");
+    // The only identity of a file is used when the URI names none.
+    let tgt2 = dir.path().join("t2.img");
+    make_sparse(&tgt2, 16 * MIB);
+    let d = Daemon::start(dir.path(), &["--source", p(&src)]);
+    drop(_server);
+    let mut c = Command::new(tool("qemu-nbd"));
+    let _ = std::fs::remove_file(&qsock);
+    c.args([
+        "-f",
+        "raw",
+        "-t",
+        "-k",
+        p(&qsock),
+        "--object",
+        &format!("tls-creds-psk,id=tls0,endpoint=server,dir={}", srv.display()),
+        "--tls-creds",
+        "tls0",
+        p(&tgt2),
+    ]);
+    let _server2 = Peer::spawn(c, "qemu-nbd with TLS-PSK");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !qsock.exists() {
+        assert!(Instant::now() < deadline, "qemu-nbd did not create its socket");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    std::thread::sleep(Duration::from_millis(200));
+    d.cli_ok(&["attach", &uri("", &good)]);
+    let o = d.cli(&["wait", "--timeout", "60"]);
+    assert_eq!(code(&o), 0, "wait: {}\n{}", text(&o), d.log_text());
+    let mut d = d;
+    assert!(d.stop().success());
+    assert_same(&std::fs::read(&tgt2).unwrap(), &data, "the second remote disk over TLS-PSK");
 }
 
 /// A server that rejects requests outside its block-size constraints (nbdkit's
