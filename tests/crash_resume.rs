@@ -344,9 +344,9 @@ fn half_synced(dir: &Path, src: &Path, tgt: &str, state: &Path) -> Vec<String> {
     args
 }
 
-/// After the restart with `args`, the daemon either refused to start or it
-/// syncs to the end; either way the export, and the target once synced, hold
-/// exactly the source.
+/// A restart with `args`, which leave the target out (its path comes from the
+/// state file), is refused: the recorded path now names another device, and
+/// the refusal says why (`want`) and how to copy onto it.
 fn restart_refused(dir: &Path, args: &[String], want: &str) -> String {
     let mut cmd = std::process::Command::new(bin());
     cmd.arg("serve").args(args);
@@ -354,9 +354,33 @@ fn restart_refused(dir: &Path, args: &[String], want: &str) -> String {
     cmd.arg("--control").arg(dir.join("ctl.sock"));
     let out = cmd.output().expect("run livemirror serve");
     let err = String::from_utf8_lossy(&out.stderr).into_owned();
-    assert_eq!(out.status.code(), Some(1), "a restart onto a replaced target must be refused:\n{err}");
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "a restart onto a replaced target it was not told of must be refused:\n{err}"
+    );
     assert!(err.contains(want), "the refusal should say why ({want:?}):\n{err}");
+    assert!(err.contains("name it with --target"), "the refusal should say what to do:\n{err}");
     err
+}
+
+/// A restart with `args`, which name the replaced target, starts the sync over
+/// onto it: the log and the events say why (`want`), reads never see the new
+/// target's blank bytes, and the target ends holding exactly the source.
+fn restart_starts_over(dir: &Path, args: &[String], want: &str, data: &[u8], target: &Path) {
+    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+    let mut d = Daemon::start(dir, &refs);
+    let st = d.status();
+    let events = format!("{}", st["events"]);
+    assert!(events.contains(want) && events.contains("the sync starts over"), "{st}");
+    assert!(d.log_text().contains(want), "{}", d.log_text());
+    assert!(st["state"] == "syncing" || st["state"] == "synced", "{st}");
+    assert_same(&export_bytes(&d.uri()), data, "export right after the restart");
+    d.cli_ok(&["set-rate", "0"]);
+    d.cli_ok(&["wait", "--timeout", "60"]);
+    assert!(d.cli(&["verify"]).status.success(), "verify after the fresh sync");
+    assert!(d.stop().success());
+    assert_same(&std::fs::read(target).unwrap(), data, "the new target after the fresh sync");
 }
 
 #[test]
@@ -390,19 +414,13 @@ fn a_target_file_replaced_under_the_same_inode_number_is_not_trusted() {
     if !reused {
         make_sparse(&tgt, size as u64);
     }
-    args.extend(["--target".to_string(), p(&tgt).to_string()]);
     // With the inode number reused, only the birth time and generation tell.
-    let err = restart_refused(dir.path(), &args, if reused { "replaced" } else { "does not match the state file" });
-    eprintln!("refused (inode number reused: {reused}): {err}");
-    // --restart-sync starts over onto the new file: every byte is copied.
-    args.push("--restart-sync".into());
-    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
-    let mut d = Daemon::start(dir.path(), &refs);
-    d.cli_ok(&["set-rate", "0"]);
-    d.cli_ok(&["wait", "--timeout", "60"]);
-    assert_same(&export_bytes(&d.uri()), &data, "export after the fresh sync");
-    assert!(d.stop().success());
-    assert_same(&std::fs::read(&tgt).unwrap(), &data, "the new target after the fresh sync");
+    let want = if reused { "replaced" } else { "does not match the state file" };
+    let err = restart_refused(dir.path(), &args, want);
+    eprintln!("refused without --target (inode number reused: {reused}): {err}");
+    // Named on the command line, the new file gets every byte copied again.
+    args.extend(["--target".to_string(), p(&tgt).to_string()]);
+    restart_starts_over(dir.path(), &args, want, &data, &tgt);
 }
 
 #[test]
@@ -422,9 +440,10 @@ fn a_loop_device_re_pointed_at_another_image_is_not_trusted() {
     run_ok(&tool("losetup"), &["-d", &lo]);
     // Same device node and number, another (blank) image behind it.
     run_ok(&tool("losetup"), &[&lo, p(&back2)]);
-    args.extend(["--target".to_string(), lo.clone()]);
     let err = restart_refused(dir.path(), &args, "re-pointed");
-    eprintln!("refused: {err}");
+    eprintln!("refused without --target: {err}");
+    args.extend(["--target".to_string(), lo.clone()]);
+    restart_starts_over(dir.path(), &args, "re-pointed", &data, &back2);
 }
 
 #[test]

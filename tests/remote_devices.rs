@@ -445,8 +445,9 @@ fn qemu_nbd_unix(sock: &Path, file: &Path, extra: &[&str]) -> Peer {
     peer
 }
 
-/// A restart with --state resumes against the same remote export, and
-/// refuses one that is not the export the state file recorded.
+/// A restart with --state resumes against the same remote export; one that is
+/// not the export the state file recorded is refused when only the state file
+/// names it, and gets the whole sync again when --target names it.
 #[test]
 fn a_restart_with_state_resumes_on_the_same_remote_export_and_refuses_another() {
     let dir = scratch();
@@ -470,27 +471,20 @@ fn a_restart_with_state_resumes_on_the_same_remote_export_and_refuses_another() 
     assert!(u(&st["regions_clean"]) >= 16, "the resume kept the progress: {st}");
     assert!(!d.log_text().contains("starts over"), "{}", d.log_text());
     d.kill9();
-    // Another export at another address: refused, with the reason.
-    let other = dir.path().join("o.img");
-    make_sparse(&other, 32 * MIB);
-    let osock = dir.path().join("o.sock");
-    let _other_server = qemu_nbd_unix(&osock, &other, &[]);
-    let ouri = format!("nbd+unix:///?socket={}", osock.display());
-    let mut r = Daemon::spawn_raw(dir.path(), &["--source", p(&src), "--target", &ouri, "--state", p(&state)]);
-    let st = wait_timeout(r.child.as_mut().unwrap(), Duration::from_secs(30)).expect("refused in time");
-    assert_eq!(exit_code(&st), 1);
-    let log = r.log_text();
-    assert!(log.contains("the target does not match the state file"), "{log}");
-    assert!(log.contains(&format!("socket={}", osock.display())), "the reason names the export: {log}");
-    // The same address now serving an export of another size: refused too.
+    // The recorded address now serves an export of another size: a restart
+    // that takes the target from the state file refuses it, with the reason.
     server.kill();
     let bigger = dir.path().join("b.img");
     make_sparse(&bigger, 40 * MIB);
     let mut server = qemu_nbd_unix(&qsock, &bigger, &[]);
-    let mut r = Daemon::spawn_raw(dir.path(), &["--source", p(&src), "--target", &uri, "--state", p(&state)]);
+    let mut r = Daemon::spawn_raw(dir.path(), &["--source", p(&src), "--state", p(&state)]);
     let st = wait_timeout(r.child.as_mut().unwrap(), Duration::from_secs(30)).expect("refused in time");
     assert_eq!(exit_code(&st), 1);
-    assert!(r.log_text().contains("41943040 bytes"), "{}", r.log_text());
+    let log = r.log_text();
+    assert!(log.contains("the target") && log.contains("does not match the state file"), "{log}");
+    assert!(log.contains("41943040 bytes"), "the reason names the size: {log}");
+    assert!(log.contains(&format!("socket={}", qsock.display())), "the reason names the export: {log}");
+    assert!(log.contains("name it with --target"), "{log}");
     // The right export again: the sync completes.
     server.kill();
     let _server = qemu_nbd_unix(&qsock, &tgt, &[]);
@@ -500,6 +494,22 @@ fn a_restart_with_state_resumes_on_the_same_remote_export_and_refuses_another() 
     verify_ok(&d);
     assert!(d.stop().success());
     assert_same(&std::fs::read(&tgt).unwrap(), &data, "the remote disk");
+    // Another export at another address, named by --target: what it holds is
+    // unknown, so the sync starts over onto it and copies every byte.
+    let other = dir.path().join("o.img");
+    make_sparse(&other, 32 * MIB);
+    let osock = dir.path().join("o.sock");
+    let _other_server = qemu_nbd_unix(&osock, &other, &[]);
+    let ouri = format!("nbd+unix:///?socket={}", osock.display());
+    d.restart(&["--source", p(&src), "--target", &ouri, "--state", p(&state)]);
+    let st = d.status();
+    assert!(format!("{}", st["events"]).contains("the sync starts over"), "{st}");
+    assert!(d.log_text().contains(&format!("socket={}", osock.display())), "{}", d.log_text());
+    let o = d.cli(&["wait", "--timeout", "60"]);
+    assert_eq!(code(&o), 0, "wait: {}\n{}", text(&o), d.log_text());
+    verify_ok(&d);
+    assert!(d.stop().success());
+    assert_same(&std::fs::read(&other).unwrap(), &data, "the other remote disk");
 }
 
 /// The target is another livemirror's export; a read-only export and a too

@@ -6,7 +6,8 @@
 //! | `serving`, `degraded` | serve the source (discarded marks kept); `--target` starts a fresh sync |
 //! | `syncing`, `synced` | reopen S and T, clean = persisted clean minus intent regions; the copy continues |
 //! | `source-detached` | serve T alone (`--source` is ignored: it is stale); `--restart-sync` refused; a later `attach` is a second migration |
-//! | corrupt, or S/T differ | refused with the reason, unless `--restart-sync` |
+//! | `syncing`, `synced`, T differs | `--target` names it: the sync starts over onto it (said in the log and events); T only from the file: refused, unless `--restart-sync` |
+//! | corrupt, or S differs | refused with the reason, unless `--restart-sync` |
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -188,11 +189,24 @@ pub fn start(opts: &StartOptions, mut cfg: MirrorConfig) -> Result<Started> {
             let t = open(&tpath, true, &cfg)?;
             if let Some(why) = rec_t.differs(&t.ident()) {
                 drop((s, t));
-                return refuse_or_restart(
-                    opts.restart_sync,
-                    format!("the target does not match the state file: {why}"),
-                    fresh,
-                );
+                let why = format!("the target {} does not match the state file: {why}", tpath.display());
+                if opts.restart_sync {
+                    return refuse_or_restart(true, why, fresh);
+                }
+                if opts.target.is_none() {
+                    // The path came from the state file alone: it now names
+                    // another device, which nobody asked us to overwrite.
+                    return Err(Error::Refused(format!(
+                        "{why}; name it with --target to copy everything onto it again \
+                         (--restart-sync starts over without a target)"
+                    )));
+                }
+                // The source matched, and the command line names this target:
+                // what it holds is unknown, so the copy starts from nothing.
+                tracing::warn!("{why}; the sync starts over");
+                let started = fresh()?;
+                started.mirror.event(format!("{why}: the sync starts over"));
+                return Ok(started);
             }
             stacking::check_target_is_independent(&s, &t)?;
             // Regions with a write in flight at the crash are dirty again.
