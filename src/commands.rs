@@ -33,6 +33,18 @@ pub(crate) fn simple(control: &Path, req: Request) -> u8 {
     }
 }
 
+/// `set-rate`: the limit, the floor, or both (the limit first).
+pub(crate) fn set_rate(control: &Path, rate: Option<u64>, min_rate: Option<u64>) -> u8 {
+    let requests =
+        rate.map(|rate| Request::SetRate { rate }).into_iter().chain(min_rate.map(|rate| Request::SetMinRate { rate }));
+    for req in requests {
+        if let Err(c) = call(control, &req) {
+            return c;
+        }
+    }
+    0
+}
+
 pub(crate) fn attach(control: &Path, target: PathBuf) -> u8 {
     // The daemon resolves the path in its own working directory: send it absolute.
     let target = crate::devices::absolute(&target).unwrap_or(target);

@@ -41,6 +41,7 @@ pub(crate) enum Request {
     Pause,
     Resume,
     SetRate { rate: u64 },
+    SetMinRate { rate: u64 },
     Grow { size: Option<u64> },
     Events { interval: f64 },
 }
@@ -91,6 +92,7 @@ pub(crate) async fn handle(mirror: &Arc<Mirror>, req: Request, caller: Option<u3
         Request::Pause => mirror.pause().await.map_or_else(Response::err, |()| Response::ok()),
         Request::Resume => mirror.resume().await.map_or_else(Response::err, |()| Response::ok()),
         Request::SetRate { rate } => mirror.set_rate(rate).await.map_or_else(Response::err, |()| Response::ok()),
+        Request::SetMinRate { rate } => mirror.set_min_rate(rate).await.map_or_else(Response::err, |()| Response::ok()),
         Request::Grow { size } => match mirror.grow(size).await {
             Ok(size) => Response { ok: true, size: Some(size), ..Default::default() },
             Err(e) => Response::err(e),
@@ -333,7 +335,7 @@ impl Client {
     pub(crate) fn call(&mut self, req: &Request) -> io::Result<Response> {
         let mut line = serde_json::to_vec(req).map_err(io::Error::other)?;
         line.push(b'\n');
-        let quick = matches!(req, Request::Status | Request::SetRate { .. });
+        let quick = matches!(req, Request::Status | Request::SetRate { .. } | Request::SetMinRate { .. });
         self.writer.set_read_timeout(quick.then_some(QUICK_ANSWER))?;
         if let Err(e) = self.writer.write_all(&line) {
             // A peer that hung up as soon as it read something it did not

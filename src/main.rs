@@ -132,11 +132,14 @@ enum Cmd {
         #[command(flatten)]
         control: ControlArg,
     },
-    /// Limit the copy rate.
+    /// Limit the copy rate, or set the floor it keeps while clients are busy.
     SetRate {
         /// Bytes per second, e.g. 100M or 1.5G/s; 0 = unlimited.
-        #[arg(value_name = "RATE", value_parser = units::parse_rate)]
-        rate: u64,
+        #[arg(value_name = "RATE", value_parser = units::parse_rate, required_unless_present = "min_rate")]
+        rate: Option<u64>,
+        /// The copy rate kept while clients are busy (serve's --min-rate), e.g. 16M; 0 = back off fully.
+        #[arg(long, value_name = "RATE", value_parser = units::parse_rate)]
+        min_rate: Option<u64>,
         #[command(flatten)]
         control: ControlArg,
     },
@@ -178,7 +181,7 @@ fn main() -> ExitCode {
         Cmd::Verify { wait, timeout, strict, control } => commands::verify(&control.control, wait, timeout, strict),
         Cmd::Pause { control } => commands::simple(&control.control, Request::Pause),
         Cmd::Resume { control } => commands::simple(&control.control, Request::Resume),
-        Cmd::SetRate { rate, control } => commands::simple(&control.control, Request::SetRate { rate }),
+        Cmd::SetRate { rate, min_rate, control } => commands::set_rate(&control.control, rate, min_rate),
         Cmd::Grow { size, control } => commands::grow(&control.control, size),
         Cmd::Demo(a) => demo::run(a),
         Cmd::Bench(a) => bench::run(a),

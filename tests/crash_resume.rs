@@ -491,6 +491,8 @@ fn set_rate_and_pause_survive_a_restart_with_state() {
     let base = ["--source", p(&src), "--state", p(&state)];
     let mut d = Daemon::start(dir.path(), &base);
     d.cli_ok(&["set-rate", "3M"]);
+    d.cli_ok(&["set-rate", "--min-rate", "1M"]);
+    assert_eq!(d.status()["min_rate"], 1 << 20);
     d.cli_ok(&["attach", p(&tgt)]);
     std::thread::sleep(Duration::from_millis(500));
     d.cli_ok(&["pause"]);
@@ -500,6 +502,7 @@ fn set_rate_and_pause_survive_a_restart_with_state() {
     let st = d.status();
     assert_eq!((st["state"].as_str(), st["paused"].as_bool()), (Some("syncing"), Some(true)), "{st}");
     assert_eq!(st["max_rate"], 3 << 20, "{st}");
+    assert_eq!(st["min_rate"], 1 << 20, "the floor set at runtime holds: {st}");
     let clean = st["regions_clean"].as_u64().unwrap();
     std::thread::sleep(Duration::from_millis(400));
     assert_eq!(d.status()["regions_clean"].as_u64().unwrap(), clean, "a paused copy went on after the restart");
@@ -511,6 +514,11 @@ fn set_rate_and_pause_survive_a_restart_with_state() {
     let mut d = Daemon::start(dir.path(), &args);
     let st = d.status();
     assert_eq!((st["paused"].as_bool(), st["max_rate"].as_u64()), (Some(false), Some(0)), "{st}");
+    assert_eq!(st["min_rate"], 1 << 20, "only the rate given again changed: {st}");
+    // Both at once; and set-rate with neither is a usage error.
+    d.cli_ok(&["set-rate", "0", "--min-rate", "2M"]);
+    assert_eq!((d.status()["max_rate"].as_u64(), d.status()["min_rate"].as_u64()), (Some(0), Some(2 << 20)));
+    assert_eq!(d.cli(&["set-rate"]).status.code(), Some(2));
     d.cli_ok(&["wait", "--timeout", "60"]);
     assert!(d.stop().success());
     assert_same(&std::fs::read(&tgt).unwrap(), &data, "the target after the resumed sync");

@@ -59,6 +59,9 @@ pub struct Status {
     pub regions_discarded: u64,
     pub regions_unverifiable: u64,
     pub max_rate: u64,
+    /// The copy rate kept while clients are busy (`--min-rate`, `set-rate --min-rate`).
+    #[serde(default)]
+    pub min_rate: u64,
     /// How the source's and target's I/O goes: "direct", "buffered" or
     /// "network" (`--cache auto` picks per device: docs/decisions.md).
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -48,6 +48,7 @@ impl Mirror {
             regions_discarded: discarded,
             regions_unverifiable: unverifiable,
             max_rate: self.copier.limiter.rate(),
+            min_rate: self.copier.min_rate.load(std::sync::atomic::Ordering::Relaxed),
             source_io: route.source.as_ref().map(|s| s.io_mode().to_string()),
             target_io: route.target.as_ref().map(|t| t.backend.io_mode().to_string()),
             source_link: route.source.as_ref().and_then(|s| s.link()),
