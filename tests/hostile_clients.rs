@@ -342,10 +342,29 @@ fn a_refused_write_announcing_gigabytes_is_hung_up_on_not_skipped() {
 fn sigterm_with_stalled_and_non_reading_clients_finishes_within_the_bound() {
     let dir = scratch_shm();
     let img = export(dir.path(), 64 * MIB);
-    let mut d = Daemon::start(
-        dir.path(),
-        &["--source", img.to_str().unwrap(), "--shutdown-timeout", "2", "--stall-timeout", "600"],
-    );
+    let tgt = dir.path().join("tgt.img");
+    std::fs::File::create(&tgt).unwrap().set_len(64 * MIB as u64).unwrap();
+    let state = dir.path().join("st");
+    let args = [
+        "--source",
+        img.to_str().unwrap(),
+        "--state",
+        state.to_str().unwrap(),
+        "--max-rate",
+        "8M",
+        "--shutdown-timeout",
+        "2",
+        "--stall-timeout",
+        "600",
+    ];
+    let mut d = Daemon::start(dir.path(), &args);
+    // A sync under way, so the stop has progress to persist.
+    d.cli_ok(&["attach", tgt.to_str().unwrap()]);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while d.status()["regions_clean"].as_u64().unwrap_or(0) < 8 {
+        assert!(Instant::now() < deadline, "no copy progress: {}", d.status());
+        thread::sleep(Duration::from_millis(50));
+    }
     // One client stalled mid-payload, two that read no replies, one idle.
     let mut mid = raw_handshake(&d.sock, "");
     let mut b = request_bytes(CMD_WRITE, 0, 1, 0, 32 * MIB as u32);
@@ -371,6 +390,7 @@ fn sigterm_with_stalled_and_non_reading_clients_finishes_within_the_bound() {
     ok.write_all(&w).unwrap();
     assert_eq!(read_simple_reply(&mut ok).unwrap(), (0, 9));
     thread::sleep(Duration::from_millis(300));
+    let clean_before = d.status()["regions_clean"].as_u64().unwrap();
     let t = Instant::now();
     let st = d.stop();
     let took = t.elapsed();
@@ -381,6 +401,14 @@ fn sigterm_with_stalled_and_non_reading_clients_finishes_within_the_bound() {
     assert!(log.contains("stopped cleanly"), "{log}");
     assert_eq!(&std::fs::read(&img).unwrap()[8 * MIB..8 * MIB + 4096], &[0x3c; 4096][..]);
     drop(hogs);
+    drop((mid, ok));
+    // The state was persisted on the way out: the restart resumes the sync.
+    d.restart(&args);
+    let st = d.status();
+    assert_eq!(st["state"], "syncing", "{st}");
+    assert!(st["regions_clean"].as_u64().unwrap() >= clean_before, "the progress was kept: {st}");
+    assert!(!d.log_text().contains("starts over"), "{}", d.log_text());
+    assert!(d.stop().success());
 }
 
 /// The hostile mix, for `LIVEMIRROR_HOSTILE_SOAK_SECS` seconds (CI: 20; the
