@@ -486,3 +486,36 @@ impl Journal {
         Journal::new(img, file)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::statefile::fresh_image;
+
+    fn writers(j: &Journal, chunk: usize) -> u32 {
+        lock(&j.sh.st).active.get(&chunk).map_or(0, |a| a.writers)
+    }
+
+    /// A write cancelled while it waits for its intent to be durable (the
+    /// persister is not running here, so it never is) leaves no writer behind:
+    /// the guard exists from the moment the count went up.
+    #[test]
+    fn a_cancelled_write_leaves_no_writer_count_behind() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let img = fresh_image(DeviceState::Syncing, 16, 64 << 20, None, None);
+        let file = StateFile::create(&dir.path().join("st"), &img).expect("state file");
+        let j = Journal::open(&img, file);
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+        rt.block_on(async {
+            let cancelled = tokio::time::timeout(Duration::from_millis(50), j.begin_write(0..3)).await;
+            assert!(cancelled.is_err(), "the intent cannot become durable without the persister");
+        });
+        assert_eq!(writers(&j, 0), 0, "the cancelled write's count was released");
+        // Once durable, a write holds its count until its guard is dropped.
+        j.sh.durable.send_replace(u64::MAX);
+        let guard = rt.block_on(j.begin_write(0..3)).expect("durable intent");
+        assert_eq!(writers(&j, 0), 1);
+        drop(guard);
+        assert_eq!(writers(&j, 0), 0, "the finished write's count was released");
+    }
+}
