@@ -167,8 +167,22 @@ enum Cmd {
     Generate(generate::GenerateArgs),
 }
 
+/// A command whose output reader went away (`livemirror events | head -1`)
+/// ends at its next write, as Unix tools do, instead of panicking in
+/// `println!`. Only for the commands that print; the daemon keeps ignoring
+/// SIGPIPE (Rust's default): a client that hangs up must never kill it.
+fn end_quietly_on_a_closed_pipe() {
+    use nix::sys::signal::{signal, SigHandler, Signal};
+    // SAFETY: SIG_DFL installs no handler code, and no thread exists yet that
+    // could depend on SIGPIPE being ignored.
+    let _ = unsafe { signal(Signal::SIGPIPE, SigHandler::SigDfl) };
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if !matches!(cli.cmd, Cmd::Serve(_) | Cmd::Demo(_) | Cmd::Bench(_)) {
+        end_quietly_on_a_closed_pipe();
+    }
     use crate::control::Request;
     let code = match cli.cmd {
         Cmd::Serve(a) => serve::run(*a),

@@ -373,6 +373,20 @@ fn events_follow_every_state_change_and_progress_as_it_happens() {
     assert_eq!(times.len(), log.len());
     assert!(times.windows(2).all(|w| w[0] <= w[1]), "events out of order: {st}");
 
+    // An error reaches the stream as it happens: the target cut short under a
+    // synced export is a failed device (the read is served from the source).
+    std::fs::OpenOptions::new().write(true).open(&tgt).unwrap().set_len(4 * MIB).unwrap();
+    qemu_io_ok(&d, &d.uri(), &["read 12M 64k".to_string()]);
+    let got = until(&rx, 10, "the error event", |v| v["type"] == "event" && v["kind"] == "error");
+    let error = got.last().expect("a line");
+    assert!(error["message"].as_str().is_some_and(|m| m.contains("target read failed")), "{error}");
+    until(&rx, 10, "the state change it caused", |v| v["type"] == "event" && v["state"] == "degraded");
+    assert_eq!(d.state(), "degraded");
+    assert!(
+        d.status()["events"].as_array().is_some_and(|log| log.iter().any(|e| e["kind"] == "error")),
+        "the error is kept in status too"
+    );
+
     // A stopping daemon ends the stream with an end line; `events` exits 0.
     sigterm(&d);
     until(&rx, 30, "the end line", |v| v["type"] == "end");
@@ -893,4 +907,33 @@ fn man_pages_and_completions_are_generated_from_the_cli() {
     let o = lm(&["generate", "completions", "bash", "--dir", p(&dir.path().join("c"))]);
     assert_eq!(code(&o), 0, "{}", text(&o));
     assert!(dir.path().join("c/livemirror.bash").exists(), "{}", text(&o));
+}
+
+/// `livemirror events | head -1`: when the reader goes away the follower ends
+/// at its next line, quietly (SIGPIPE, as Unix tools do), never with a panic.
+#[test]
+fn events_end_quietly_when_the_reader_goes_away() {
+    use std::os::unix::process::ExitStatusExt;
+    let dir = scratch_shm();
+    let src = dir.path().join("s.img");
+    make_image(&src, &pattern(74, MIB as usize));
+    let d = Daemon::start(dir.path(), &["--source", p(&src)]);
+    let mut ev = Command::new(bin())
+        .args(["events", "--interval", "0.05", "--control", p(&d.control)])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("livemirror events");
+    let mut first = String::new();
+    BufReader::new(ev.stdout.take().expect("stdout")).read_line(&mut first).expect("a line");
+    assert!(first.contains("\"type\":\"status\""), "{first}");
+    // The reader (and its pipe) is gone now; the next line, for this event,
+    // finds no reader.
+    d.cli_ok(&["set-rate", "1M"]);
+    let st = wait_timeout(&mut ev, Duration::from_secs(10)).expect("events ends once nobody reads");
+    let mut err = String::new();
+    ev.stderr.take().expect("stderr").read_to_string(&mut err).expect("stderr");
+    assert_eq!(st.signal(), Some(libc::SIGPIPE), "exit {st}; stderr: {err}");
+    assert!(!err.contains("panicked"), "{err}");
+    assert_eq!(d.state(), "serving", "the daemon is unaffected");
 }

@@ -58,6 +58,16 @@ chroot "$G" /sbin/depmod -a "$LM_KVER" || lm_die "depmod in the chroot failed"
 # livemirror and the glue, installed as README says.
 sh "$GLUE/install.sh" --root "$G" --initramfs-tools --bin "$BIN" > "$O/glue-install.log" 2>&1 \
   || { cat "$O/glue-install.log"; lm_die "initrd-glue/install.sh failed"; }
+# The man pages and completions install.sh generates from the CLI definition.
+for f in usr/share/man/man1/livemirror.1 usr/share/man/man1/livemirror-serve.1 \
+         usr/share/man/man1/livemirror-set-rate.1 usr/share/bash-completion/completions/livemirror \
+         usr/share/zsh/vendor-completions/_livemirror usr/share/fish/vendor_completions.d/livemirror.fish; do
+  [ -s "$G/$f" ] && lm_ok "install.sh installed /$f" || lm_fail "install.sh did not install /$f"
+done
+grep -q 'min\\?-rate' "$G/usr/share/man/man1/livemirror-set-rate.1" \
+  && grep -q 'set-rate' "$G/usr/share/bash-completion/completions/livemirror" \
+  && lm_ok "the man page and the bash completion describe this binary's set-rate --min-rate" \
+  || lm_fail "the installed man page or completion does not match the binary's CLI"
 # The TEST-ONLY stand-in for a live-CD initrd (and the keepapi workaround, off by default).
 install -m755 "$LM_DIR/glue/hooks/lmtest-live" "$G/etc/initramfs-tools/hooks/lmtest-live"
 install -m755 "$LM_DIR/glue/scripts/init-premount/lmtest-live" "$G/etc/initramfs-tools/scripts/init-premount/lmtest-live"

@@ -301,7 +301,10 @@ impl Mirror {
             Ok(Ok(_)) => {
                 self.set_error(Some(reason.clone()));
                 self.copier.wake.notify_waiters();
-                self.state_event(format!("degraded: target dropped after an error: {reason}"));
+                // The error, then the state change it caused: a script that
+                // follows errors sees every one with kind "error".
+                self.error_event(reason);
+                self.state_event("degraded: the target was dropped after that error; the source serves alone".into());
             }
             // Another request dropped it first, or it is no longer attached.
             Ok(Err(_)) => {}
@@ -326,7 +329,10 @@ impl Mirror {
             Ok(Ok(_)) => {
                 *lock(&self.source_path) = None;
                 self.set_error(Some(reason.clone()));
-                self.state_event(format!("source-detached: source dropped after an error: {reason}"));
+                self.error_event(reason);
+                self.state_event(
+                    "source-detached: the source was dropped after that error; the target serves alone".into(),
+                );
                 true
             }
             Ok(Err(_)) => self.route().source.is_none(),

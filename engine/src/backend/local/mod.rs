@@ -594,7 +594,7 @@ impl LocalDevice {
 fn short_device(at: u64) -> io::Error {
     io::Error::new(
         io::ErrorKind::UnexpectedEof,
-        format!("the device ends at byte {at}, inside the range read (truncated or shrunk?)"),
+        format!("the device ends at or before byte {at}, inside the range read (truncated or shrunk?)"),
     )
 }
 
