@@ -883,3 +883,84 @@ fn a_server_with_block_size_constraints_gets_only_requests_it_accepts() {
     assert!(d.stop().success());
     assert_same(&std::fs::read(&tgt).unwrap(), &want, "the remote disk");
 }
+
+/// The requests that arrive at a remote target, as nbdkit's log filter records
+/// them: the copy's zero runs are WRITE_ZEROES, not data; clients' TRIM,
+/// WRITE_ZEROES and FLUSH on the export reach the remote as the same commands;
+/// and the copy uses several connections where the server allows them.
+#[test]
+fn trims_zeroes_and_flushes_reach_a_remote_target_as_such() {
+    let dir = scratch();
+    let src = dir.path().join("s.img");
+    let mut data = pattern(13, (16 * MIB) as usize);
+    data[(4 * MIB) as usize..(8 * MIB) as usize].fill(0);
+    make_image(&src, &data);
+    let tgt = dir.path().join("t.img");
+    make_image(&tgt, &pattern(14, (16 * MIB) as usize));
+    let ksock = dir.path().join("k.sock");
+    let log = dir.path().join("nbdkit.log");
+    let mut c = Command::new(tool("nbdkit"));
+    c.args(["-f", "-U", p(&ksock), "--filter=log", "file", p(&tgt), &format!("logfile={}", log.display())]);
+    let _server = Peer::spawn(c, "nbdkit with the log filter");
+    let uri = format!("nbd+unix:///?socket={}", ksock.display());
+    wait_listening(None, &uri);
+    let d = Daemon::start(dir.path(), &["--source", p(&src), "--target", &uri]);
+    let o = d.cli(&["wait", "--timeout", "60"]);
+    assert_eq!(code(&o), 0, "wait: {}\n{}", text(&o), d.log_text());
+    let lines = |what: &str| -> Vec<String> {
+        std::fs::read_to_string(&log)
+            .unwrap_or_default()
+            .lines()
+            .filter(|l| l.contains(&format!(" {what} id=")))
+            .map(str::to_string)
+            .collect()
+    };
+    let field = |line: &str, name: &str| -> u64 {
+        let v = line.split_whitespace().find_map(|w| w.strip_prefix(&format!("{name}="))).unwrap_or("0x0");
+        u64::from_str_radix(v.trim_start_matches("0x"), 16).unwrap_or(u64::MAX)
+    };
+    // The copy: the zero run became Zero requests and no Write touched it.
+    let zeroed: u64 = lines("Zero")
+        .iter()
+        .filter(|l| field(l, "offset") >= 4 * MIB && field(l, "offset") < 8 * MIB)
+        .map(|l| field(l, "count"))
+        .sum();
+    assert_eq!(zeroed, 4 * MIB, "the source's zero run reached the remote as WRITE_ZEROES: {:?}", lines("Zero"));
+    let written_in_run = lines("Write").iter().any(|l| {
+        let (o, n) = (field(l, "offset"), field(l, "count"));
+        o < 8 * MIB && o + n > 4 * MIB
+    });
+    assert!(!written_in_run, "data was written into the zero run: {:?}", lines("Write"));
+    let conns: std::collections::BTreeSet<String> = lines("Write")
+        .iter()
+        .filter_map(|l| l.split_whitespace().find(|w| w.starts_with("connection=")).map(str::to_string))
+        .collect();
+    assert!(conns.len() > 1, "nbdkit's file plugin allows several connections; the copy used {conns:?}");
+    // Clients' commands on the synced export.
+    let before_flushes = lines("Flush").len();
+    qemu_io_ok(&d, &d.uri(), &["discard 1M 1M".to_string(), "write -z 10M 1M".to_string(), "flush".to_string()]);
+    let trims = lines("Trim");
+    assert!(
+        trims.iter().any(|l| field(l, "offset") == MIB && field(l, "count") == MIB),
+        "the TRIM did not reach the remote: {trims:?}"
+    );
+    let zeroes = lines("Zero");
+    assert!(
+        zeroes.iter().any(|l| field(l, "offset") == 10 * MIB && field(l, "count") == MIB),
+        "the WRITE_ZEROES did not reach the remote: {zeroes:?}"
+    );
+    assert!(lines("Flush").len() > before_flushes, "the FLUSH did not reach the remote");
+    verify_ok(&d);
+    let mut d = d;
+    assert!(d.stop().success());
+    let got = std::fs::read(&tgt).unwrap();
+    assert!(is_zeroes(&got[(10 * MIB) as usize..(11 * MIB) as usize]), "the zeroed MiB");
+    // The trimmed MiB may read as anything; everything else is the source.
+    assert_same(&got[..MIB as usize], &data[..MIB as usize], "the remote disk before the trim");
+    assert_same(
+        &got[(2 * MIB) as usize..(10 * MIB) as usize],
+        &data[(2 * MIB) as usize..(10 * MIB) as usize],
+        "the remote disk",
+    );
+    assert_same(&got[(11 * MIB) as usize..], &data[(11 * MIB) as usize..], "the remote disk after the zeroes");
+}
