@@ -202,6 +202,7 @@ T0=$(up)
     10) phase boot ;;
     esac ;;
   esac
+  echo "$l" >> /run/lmtest/install.out
   info "install: $l"
 done
 RC=$(cat /run/lmtest/install.rc)
@@ -209,6 +210,16 @@ T1=$(up)
 SECS=$(echo "$T1 $T0" | awk '{printf "%.1f", $1-$2}')
 [ "$RC" = 0 ] && ok "livemirror-install /dev/vda exited 0 after $SECS s" || fail "livemirror-install /dev/vda exited $RC"
 info "install_secs=$SECS"
+# The trim step: what fstrim released is reported, and verify saw those regions as
+# trimmed (never copied, so not compared).
+SKIP=$(sed -n 's/.*the copy skips \([0-9.]* [A-Za-z]*\) that .*/\1/p' /run/lmtest/install.out | head -n 1)
+TRIMMED=$(sed -n 's/.* \([0-9][0-9]*\) trimmed regions cannot be compared.*/\1/p' /run/lmtest/install.out | head -n 1)
+case "$SKIP" in ''|0\ *|0.0\ *) SKIP= ;; esac
+if [ -n "$SKIP" ] && [ "${TRIMMED:-0}" -gt 0 ]; then
+  ok "the trim step: the copy skipped $SKIP; verify found $TRIMMED trimmed regions it did not need to compare"
+else
+  fail "the trim step's saving is not reported (skips '$SKIP', verify '$TRIMMED' trimmed regions): $(grep -i trim /run/lmtest/install.out | tr '\n' ' ')"
+fi
 phase after
 N=$(count_within copy)
 [ "$N" -ge 3 ] && ok "$N files were written entirely during the copy" \
