@@ -1,4 +1,5 @@
-//! The one lock-poisoning policy of the engine.
+//! The one lock-poisoning policy of the engine (and of the NBD frontend, which
+//! takes its mutexes through [`lock`] too).
 //!
 //! A std mutex is poisoned when a thread panics while holding it. Release
 //! builds abort on panic (`panic = "abort"`), so poisoning can only be seen in

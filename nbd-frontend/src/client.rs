@@ -71,7 +71,7 @@ pub struct Client {
 }
 
 fn lock(p: &PendingMap) -> std::sync::MutexGuard<'_, HashMap<u64, Pending>> {
-    p.lock().unwrap_or_else(|e| e.into_inner())
+    engine::sync::lock(p)
 }
 
 async fn read_u32<R: AsyncRead + Unpin>(r: &mut R) -> io::Result<u32> {

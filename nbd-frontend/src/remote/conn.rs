@@ -54,7 +54,7 @@ pub(super) struct InFlight {
 
 impl InFlight {
     pub(super) fn lock(&self) -> MutexGuard<'_, HashMap<u64, Sent>> {
-        self.map.lock().unwrap_or_else(|e| e.into_inner())
+        engine::sync::lock(&self.map)
     }
 
     /// Fails, with `why`, every request whose deadline passed and whose reply

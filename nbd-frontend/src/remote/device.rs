@@ -20,7 +20,7 @@ use std::collections::VecDeque;
 use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use engine::backend::remote::IoFuture;
@@ -132,9 +132,7 @@ pub(super) struct Shared {
     endpoint: String,
 }
 
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
-}
+use engine::sync::lock;
 
 impl Shared {
     fn push(&self, req: Req) {
