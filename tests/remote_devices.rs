@@ -964,3 +964,51 @@ fn trims_zeroes_and_flushes_reach_a_remote_target_as_such() {
     );
     assert_same(&got[(11 * MIB) as usize..], &data[(11 * MIB) as usize..], "the remote disk after the zeroes");
 }
+
+/// nbds:// over TCP: the server's certificate must name the URI's host. The
+/// test certificate names `localhost`, so `nbds://localhost:PORT/` syncs and
+/// `nbds://127.0.0.1:PORT/` (the same server) is refused as unverifiable.
+#[test]
+fn nbds_over_tcp_checks_the_host_name_in_the_certificate() {
+    let dir = scratch();
+    let (srv, cli, _) = make_pki(dir.path());
+    let tgt = dir.path().join("t.img");
+    make_sparse(&tgt, 16 * MIB);
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let mut c = Command::new(tool("qemu-nbd"));
+    c.args([
+        "-f",
+        "raw",
+        "-t",
+        "-b",
+        "127.0.0.1",
+        "-p",
+        &port.to_string(),
+        "--object",
+        &format!("tls-creds-x509,id=tls0,endpoint=server,dir={},verify-peer=on", srv.display()),
+        "--tls-creds",
+        "tls0",
+        p(&tgt),
+    ]);
+    let _server = Peer::spawn(c, "qemu-nbd with TLS over TCP");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(Instant::now() < deadline, "qemu-nbd does not listen on port {port}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let src = dir.path().join("s.img");
+    let data = pattern(15, (16 * MIB) as usize);
+    make_image(&src, &data);
+    let d = Daemon::start(dir.path(), &["--source", p(&src)]);
+    let o = d.cli(&["attach", &format!("nbds://127.0.0.1:{port}/?tls-certificates={}", cli.display())]);
+    assert_eq!(code(&o), 1, "a certificate for localhost accepted for 127.0.0.1: {}", text(&o));
+    assert!(text(&o).contains("not valid for name"), "the refusal names the mismatch: {}", text(&o));
+    assert_eq!(d.state(), "serving");
+    d.cli_ok(&["attach", &format!("nbds://localhost:{port}/?tls-certificates={}", cli.display())]);
+    let o = d.cli(&["wait", "--timeout", "60"]);
+    assert_eq!(code(&o), 0, "wait: {}\n{}", text(&o), d.log_text());
+    verify_ok(&d);
+    let mut d = d;
+    assert!(d.stop().success());
+    assert_same(&std::fs::read(&tgt).unwrap(), &data, "the remote disk over TLS on TCP");
+}
