@@ -243,10 +243,12 @@ async fn read_loop(
                                 }
                                 Err(e)
                             } else if s.req.cmd == CMD_READ && s.covered != s.req.len as u64 {
-                                return Err(violation(format!(
-                                    "a read of {} bytes answered with {} bytes",
-                                    s.req.len, s.covered
-                                )));
+                                // The caller learns why its read failed (its
+                                // buffer is partly unfilled: never data); the
+                                // connection, which cannot be trusted, ends.
+                                let why = format!("a read of {} bytes answered with {} bytes", s.req.len, s.covered);
+                                s.req.finish(Err(violation(why.clone())));
+                                return Err(violation(why));
                             } else if s.req.cmd == CMD_BLOCK_STATUS {
                                 Ok(Reply::Extents(std::mem::take(&mut s.extents)))
                             } else {

@@ -1,6 +1,7 @@
 //! The remote device against a scripted server: a reply that comes after its
 //! request timed out is consumed without touching the caller's buffer, and a
-//! request whose connection dies unanswered is sent again on the next one.
+//! request whose connection dies unanswered is sent again on the next one; a
+//! read answered with fewer bytes than asked fails with that reason.
 
 use std::io::{Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
@@ -177,4 +178,36 @@ fn a_write_whose_connection_dies_unanswered_is_sent_again() {
     );
     assert!(writes.iter().all(|(_, off, p)| *off == 777 && p.len() == 3000 && p.iter().all(|&b| b == 0x5a)));
     assert!(seen.iter().any(|(k, _, _)| *k == CMD_FLUSH), "the flush reached the second connection");
+}
+
+/// A structured READ reply whose chunks cover only part of the request (here
+/// half, then the final NONE chunk) is an error for that read, never a buffer
+/// whose missing part reads as zeroes or stale bytes.
+#[test]
+fn a_read_reply_that_covers_part_of_the_request_is_an_error() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let sock = dir.path().join("s");
+    let listener = UnixListener::bind(&sock).expect("bind");
+    let server = std::thread::spawn(move || {
+        let (mut s, _) = listener.accept().expect("accept");
+        handshake(&mut s);
+        while let Some(r) = request(&mut s) {
+            let half = r.len / 2;
+            s.write_all(&chunk_header(0, REPLY_TYPE_OFFSET_DATA, r.cookie, half + 8)).expect("chunk");
+            s.write_all(&r.offset.to_be_bytes()).expect("chunk");
+            s.write_all(&vec![0xcc; half as usize]).expect("chunk");
+            s.write_all(&chunk_header(REPLY_FLAG_DONE, REPLY_TYPE_NONE, r.cookie, 0)).expect("done");
+        }
+    });
+    let dev = open(&sock, Duration::from_secs(5));
+    rt().block_on(async {
+        let buf = SharedBuf::new(IoBuf::zeroed(4096));
+        // SAFETY: no request uses the buffer yet.
+        unsafe { buf.slice_mut(0, 4096) }.fill(0x11);
+        let err = dev.read_at(&buf, 0, 4096, 0).await.expect_err("a half-answered read must fail");
+        assert_eq!(err.kind(), std::io::ErrorKind::InvalidData, "{err}");
+        assert!(err.to_string().contains("a read of 4096 bytes answered with 2048 bytes"), "{err}");
+    });
+    drop(dev);
+    let _ = server.join();
 }
