@@ -135,7 +135,9 @@ fn export(dir: &std::path::Path, size: usize) -> std::path::PathBuf {
 fn deep_bursts_from_many_connections_get_every_reply_under_cpu_contention() {
     let dir = scratch_shm();
     let img = export(dir.path(), 64 * MIB);
-    let d = Daemon::start(dir.path(), &["--source", img.to_str().unwrap()]);
+    let tgt = dir.path().join("t.img");
+    std::fs::File::create(&tgt).unwrap().set_len(64 * MIB as u64).unwrap();
+    let mut d = Daemon::start(dir.path(), &["--source", img.to_str().unwrap()]);
     let _busy = Contention::start();
 
     // 12,000 FLUSHes back to back on one connection: more completions than an
@@ -156,7 +158,9 @@ fn deep_bursts_from_many_connections_get_every_reply_under_cpu_contention() {
     writer.join().unwrap();
 
     // Eight connections, each a deep pipeline of 4K writes to its own slots,
-    // FLUSHes and 64K reads, all at once.
+    // FLUSHes and 64K reads, all at once, while a sync copies onto a target:
+    // the copier's operations share the rings and their bound.
+    d.cli_ok(&["attach", tgt.to_str().unwrap()]);
     let per_conn = 3000u64;
     let conns: Vec<_> = (0..8u64)
         .map(|c| {
@@ -213,6 +217,12 @@ fn deep_bursts_from_many_connections_get_every_reply_under_cpu_contention() {
             assert_same(&got, &pattern((c << 32) | last, 4096), "slot written by a deep pipeline");
         }
     }
+    // The sync that ran under the bursts ends with the target equal to the source.
+    let o = d.cli(&["wait", "--timeout", "120"]);
+    assert!(o.status.success(), "wait: {}\n{}", text(&o), d.log_text());
+    assert!(d.cli(&["verify"]).status.success(), "verify after the bursts");
+    assert!(d.stop().success());
+    assert_same(&std::fs::read(&tgt).unwrap(), &std::fs::read(&img).unwrap(), "the target synced under the bursts");
 }
 
 #[test]
