@@ -464,6 +464,18 @@ fn a_second_migration_without_a_restart_and_across_one() {
     let st = d.status();
     assert_eq!(st["state"], "syncing", "the second sync resumes: {st}\n{}", d.log_text());
     assert!(st["source"].as_str().is_some_and(|s| s.ends_with("t1.img")), "{st}");
+    // And again after a crash: acknowledged writes in the second sync survive
+    // kill -9 (their regions are in flight in the state file, copied again).
+    qemu_io_ok(&d, &uri, &[format!("write -P 0x43 {} 65536", 8 * MIB), "flush".into()]);
+    model.fill(8 * MIB, 65536, 0x43);
+    qemu_io_ok(&d, &uri, &[format!("write -P 0x44 {} 4096", 12 * MIB)]);
+    model.fill(12 * MIB, 4096, 0x44);
+    std::thread::sleep(Duration::from_millis(500));
+    d.kill9();
+    d.restart(&["--target", p(&t1), "--state", p(&state)]);
+    let st = d.status();
+    assert_eq!(st["state"], "syncing", "the second sync resumes after kill -9: {st}\n{}", d.log_text());
+    assert!(st["source"].as_str().is_some_and(|s| s.ends_with("t1.img")), "{st}");
     d.cli_ok(&["set-rate", "0"]);
     wait_ok(&d, 60);
     verify_ok(&d);
