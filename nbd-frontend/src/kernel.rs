@@ -14,7 +14,7 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use engine::BlockDevice;
 use tokio::sync::watch;
@@ -55,6 +55,288 @@ fn serve_pairs<D: BlockDevice>(server: &Server<D>, n: usize) -> io::Result<Vec<U
     Ok(kernel_ends)
 }
 
+/// A socket for the kernel whose other end is already closed: the kernel's
+/// receive work for it reads end-of-file at once, ends, and reports the
+/// connection dead (see [`attach`]: the connections of a CONNECT but the last).
+fn closed_pair() -> io::Result<UnixStream> {
+    let (ours, theirs) = UnixStream::pair()?;
+    drop(ours);
+    Ok(theirs)
+}
+
+/// The most connections the kernel uses: it makes one hardware queue per
+/// connection, but never more queues than there are possible CPUs, and sends
+/// each request on the connection of its queue; the others would carry nothing.
+pub fn usable_connections(requested: usize) -> usize {
+    let cpus = std::fs::read_to_string(engine::hostfs::sys_path("devices/system/cpu/possible"))
+        .ok()
+        .and_then(|s| count_cpu_list(s.trim()));
+    requested.clamp(1, cpus.unwrap_or(requested).max(1))
+}
+
+/// The number of CPUs in a sysfs CPU list ("0-3", "0,2-5", "7").
+fn count_cpu_list(list: &str) -> Option<usize> {
+    let mut n = 0;
+    for part in list.split(',').filter(|p| !p.is_empty()) {
+        n += match part.split_once('-') {
+            Some((a, b)) => b.parse::<usize>().ok()?.checked_sub(a.parse::<usize>().ok()?)? + 1,
+            None => {
+                part.parse::<usize>().ok()?;
+                1
+            }
+        };
+    }
+    (n > 0).then_some(n)
+}
+
+/// The first CPU of a sysfs CPU list ("2-3,6" -> 2).
+fn first_cpu(list: &str) -> Option<usize> {
+    list.trim().split([',', '-']).next().and_then(|c| c.parse::<usize>().ok())
+}
+
+/// The first CPU of each hardware queue of `/dev/nbdN` (`mq/Q/cpu_list`), in
+/// queue order; a queue without a CPU is left out (no read can reach it).
+fn queue_cpus(index: u32) -> Vec<(usize, usize)> {
+    let dir = engine::hostfs::sys_path(&format!("block/nbd{index}/mq"));
+    let mut out = Vec::new();
+    let Ok(entries) = std::fs::read_dir(&dir) else { return out };
+    for e in entries.flatten() {
+        let Some(q) = e.file_name().to_str().and_then(|n| n.parse::<usize>().ok()) else { continue };
+        let first = std::fs::read_to_string(e.path().join("cpu_list")).ok().and_then(|l| first_cpu(&l));
+        if let Some(cpu) = first {
+            out.push((q, cpu));
+        }
+    }
+    out.sort();
+    out
+}
+
+/// Reads 4 KiB with O_DIRECT from `dev` on a thread bound to `cpu`: the request
+/// goes out on the connection of that CPU's hardware queue and completes only
+/// once the kernel has read our reply from it.
+fn probe_read(dev: PathBuf, cpu: usize) -> std::sync::mpsc::Receiver<io::Result<()>> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    let spawned = std::thread::Builder::new().name("livemirror-nbd-probe".into()).spawn(move || {
+        let r = (|| {
+            use std::os::unix::fs::{FileExt, OpenOptionsExt};
+            let ctx = |what: &str, e: io::Error| io::Error::new(e.kind(), format!("{what}: {e}"));
+            let mut set = nix::sched::CpuSet::new();
+            set.set(cpu).map_err(|e| ctx(&format!("CPU {cpu}"), e.into()))?;
+            nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &set)
+                .map_err(|e| ctx(&format!("bind to CPU {cpu}"), e.into()))?;
+            let f = std::fs::OpenOptions::new()
+                .read(true)
+                .custom_flags(libc::O_DIRECT)
+                .open(&dev)
+                .map_err(|e| ctx(&format!("open {}", dev.display()), e))?;
+            // O_DIRECT wants an aligned buffer: IoBuf is 4 KiB-aligned.
+            let mut buf = engine::IoBuf::new(4096);
+            f.read_exact_at(buf.as_mut_slice(), 0).map_err(|e| ctx(&format!("read {}", dev.display()), e))
+        })();
+        let _ = tx.send(r);
+    });
+    if let Err(e) = spawned {
+        let (tx, rx2) = std::sync::mpsc::channel();
+        let _ = tx.send(Err(e));
+        return rx2;
+    }
+    rx
+}
+
+/// Brings a device's connections up one at a time.
+///
+/// The kernel receives on each connection in a work item of the device's
+/// receive workqueue, which runs for as long as the connection lives. That
+/// workqueue has a rescuer thread: when the kernel cannot start a worker
+/// quickly (memory pressure, a slow machine) the rescuer takes every item
+/// waiting on the queue and runs them one after the other, so the second never
+/// starts while the first lives, and the replies on its connection are never
+/// read (Linux 6.1: the request times out after `--nbd-timeout`; the item stays
+/// behind the first and later reads the connection that replaces it, next to
+/// that one's own). So at most one receive item may ever be waiting: a CONNECT
+/// hands the kernel all connections but only the last one works, the others
+/// are closed on our side, so that their items end at once; then each dead
+/// connection is replaced (RECONFIGURE queues one item) only once a read on
+/// every hardware queue has come back, which proves every item so far runs.
+struct Stager {
+    index: u32,
+    device: PathBuf,
+    /// Connections still to give the kernel.
+    owed: usize,
+    /// Deaths the CONNECT caused itself (its closed connections), not to be
+    /// counted as failures.
+    expected_deaths: usize,
+    /// Every connection given so far has been seen working.
+    proven: bool,
+    /// Reads in flight on each queue since `since`.
+    probes: Vec<(usize, std::sync::mpsc::Receiver<io::Result<()>>)>,
+    /// When the current wait (for deaths or for probes) began.
+    since: Instant,
+    warned: bool,
+    /// Failed RECONFIGUREs in a row, and when to try again.
+    failures: u32,
+    retry_at: Instant,
+}
+
+/// How long the reads that prove the connections may take before the stager
+/// says so (they still complete: the kernel resends after its timeout).
+const PROBE_WARN: Duration = Duration::from_secs(5);
+
+/// How long to wait for the kernel to report the CONNECT's closed connections
+/// dead. Their receive work ends at once when it runs; if it has not run by
+/// then, it waits behind the live one (the stall itself), and no replacement
+/// could help: the device goes on with the connections it has.
+const DEATH_WAIT: Duration = Duration::from_secs(10);
+
+/// Failed RECONFIGUREs in a row before the stager gives up on the remaining
+/// connections (the device keeps working on those it has), and the pause
+/// between two tries.
+const MAX_FAILURES: u32 = 5;
+const RETRY_PAUSE: Duration = Duration::from_secs(1);
+
+impl Stager {
+    fn new(index: u32, device: PathBuf, owed: usize, expected_deaths: usize) -> Stager {
+        let now = Instant::now();
+        Stager {
+            index,
+            device,
+            owed,
+            expected_deaths,
+            proven: false,
+            probes: Vec::new(),
+            since: now,
+            warned: false,
+            failures: 0,
+            retry_at: now,
+        }
+    }
+
+    /// Whether there is anything left to do.
+    fn busy(&self) -> bool {
+        self.owed > 0 || self.expected_deaths > 0 || !self.probes.is_empty()
+    }
+
+    /// A LINK_DEAD for our device: returns whether it was a failure (not one
+    /// of the deaths the CONNECT caused). Either way the connection is owed.
+    fn died(&mut self) -> bool {
+        self.owed += 1;
+        if self.expected_deaths > 0 {
+            self.expected_deaths -= 1;
+            if self.expected_deaths == 0 {
+                self.since = Instant::now();
+            }
+            return false;
+        }
+        true
+    }
+
+    /// Starts the proving reads (one per hardware queue) unless they run.
+    fn start_probes(&mut self) {
+        let dev = engine::hostfs::locate(&self.device, None);
+        self.probes = queue_cpus(self.index).into_iter().map(|(q, cpu)| (q, probe_read(dev.clone(), cpu))).collect();
+        self.since = Instant::now();
+        self.warned = false;
+        if self.probes.is_empty() {
+            tracing::warn!("no hardware queues of {} to prove its connections on", self.device.display());
+            self.proven = true;
+        }
+    }
+
+    /// Checks the proving reads; `proven` once all came back. A read that
+    /// fails still came back: its connection's receive work ran.
+    fn poll_probes(&mut self) {
+        let mut left = Vec::new();
+        for (q, rx) in self.probes.drain(..) {
+            match rx.try_recv() {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => tracing::warn!("cannot prove connection {q} of {}: {e}", self.device.display()),
+                Err(std::sync::mpsc::TryRecvError::Empty) => left.push((q, rx)),
+                Err(std::sync::mpsc::TryRecvError::Disconnected) => {}
+            }
+        }
+        if !left.is_empty() && !self.warned && self.since.elapsed() >= PROBE_WARN {
+            self.warned = true;
+            let qs: Vec<String> = left.iter().map(|(q, _)| q.to_string()).collect();
+            tracing::warn!(
+                "the kernel has not read our replies on {}'s connection(s) {} for {} s: its receive work does not run \
+                 (see docs/decisions.md, kernel NBD connections); the request is resent when --nbd-timeout expires",
+                self.device.display(),
+                qs.join(", "),
+                PROBE_WARN.as_secs()
+            );
+        }
+        self.probes = left;
+        if self.probes.is_empty() {
+            self.proven = true;
+        }
+    }
+
+    /// One step: wait for the CONNECT's closed connections to be reported
+    /// dead, prove what was given, then give the next connection. Never blocks.
+    fn step<D: BlockDevice>(&mut self, server: &Server<D>, nl: &mut NbdNetlink, opts: &KernelOptions) {
+        if self.expected_deaths > 0 {
+            // Probing before then could send a request on a closed connection
+            // (the kernel would log a failed send and resend it elsewhere).
+            if self.since.elapsed() >= DEATH_WAIT {
+                tracing::warn!(
+                    "the kernel has not reported {} closed connection(s) of {} dead in {} s: going on with fewer",
+                    self.expected_deaths,
+                    self.device.display(),
+                    DEATH_WAIT.as_secs()
+                );
+                self.expected_deaths = 0;
+            }
+            return;
+        }
+        if !self.proven {
+            if self.probes.is_empty() {
+                self.start_probes();
+            }
+            self.poll_probes();
+            return;
+        }
+        if self.owed == 0 || Instant::now() < self.retry_at {
+            return;
+        }
+        let res = serve_pairs(server, 1).and_then(|ends| {
+            let fds: Vec<_> = ends.iter().map(|s| s.as_raw_fd()).collect();
+            nl.reconnect(self.index, &fds, opts.timeout, opts.dead_conn_timeout)
+        });
+        match res {
+            Ok(()) => {
+                self.owed -= 1;
+                self.failures = 0;
+                self.proven = false;
+                if self.owed == 0 {
+                    tracing::info!("all connections of {} are live", self.device.display());
+                } else {
+                    tracing::debug!("gave {} another connection ({} to go)", self.device.display(), self.owed);
+                }
+            }
+            // No dead connection left to replace (a predecessor had fewer).
+            Err(e) if e.raw_os_error() == Some(libc::ENOSPC) => self.owed = 0,
+            Err(e) => {
+                self.failures += 1;
+                self.retry_at = Instant::now() + RETRY_PAUSE;
+                if self.failures >= MAX_FAILURES {
+                    tracing::error!(
+                        "cannot give {} a connection (RECONFIGURE, {} tries): {e}; it goes on with {} fewer",
+                        self.device.display(),
+                        self.failures,
+                        self.owed
+                    );
+                    self.owed = 0;
+                } else {
+                    tracing::warn!(
+                        "cannot give {} a connection (RECONFIGURE): {e}; trying again",
+                        self.device.display()
+                    );
+                }
+            }
+        }
+    }
+}
+
 pub fn attach<D: BlockDevice>(
     server: &Server<D>,
     opts: &KernelOptions,
@@ -67,12 +349,27 @@ pub fn attach<D: BlockDevice>(
         )
     })?;
     let mut nl = NbdNetlink::open()?;
-    let n = opts.connections.max(1);
-    let kernel_ends = serve_pairs(server, n)?;
-    let fds: Vec<_> = kernel_ends.iter().map(|s| s.as_raw_fd()).collect();
+    let n = usable_connections(opts.connections);
+    if n < opts.connections {
+        tracing::info!(
+            "{} connections asked for {}; the kernel uses at most {n} (one per CPU)",
+            opts.connections,
+            opts.device.display()
+        );
+    }
+    // Dead connections are reported on a multicast group: listen before any
+    // can die.
+    let mut listener = netlink::Genl::open()?;
+    let family = listener.nbd_family()?;
+    if let Some(g) = family.mcast_group {
+        listener.join(g)?;
+    }
     let export_size = *size.borrow_and_update();
-    if nl.is_connected(index)? {
-        // A predecessor died holding this device: hand the kernel new sockets.
+    let stager = if nl.is_connected(index)? {
+        // A predecessor died holding this device: every connection of it is
+        // dead. One now, the others one at a time (see Stager).
+        let ends = serve_pairs(server, 1)?;
+        let fds: Vec<_> = ends.iter().map(|s| s.as_raw_fd()).collect();
         nl.reconnect(index, &fds, opts.timeout, opts.dead_conn_timeout).map_err(|e| {
             io::Error::new(e.kind(), format!("cannot reconnect {} (RECONFIGURE): {e}", opts.device.display()))
         })?;
@@ -81,7 +378,15 @@ pub fn attach<D: BlockDevice>(
         if let Err(e) = nl.resize(index, export_size) {
             tracing::warn!("cannot set the size of {}: {e}", opts.device.display());
         }
+        Stager::new(index, opts.device.clone(), n - 1, 0)
     } else {
+        // All connections, but only the last one served (see Stager).
+        let mut kernel_ends = Vec::with_capacity(n);
+        for _ in 1..n {
+            kernel_ends.push(closed_pair()?);
+        }
+        kernel_ends.extend(serve_pairs(server, 1)?);
+        let fds: Vec<_> = kernel_ends.iter().map(|s| s.as_raw_fd()).collect();
         let p = ConnectParams {
             index,
             size: export_size,
@@ -98,31 +403,30 @@ pub fn attach<D: BlockDevice>(
             io::Error::new(e.kind(), format!("cannot connect {} (netlink CONNECT): {e}", opts.device.display()))
         })?;
         tracing::info!("connected {} ({export_size} bytes, {n} connections)", opts.device.display());
-    }
-    // The kernel holds its own references to its ends now.
-    drop(kernel_ends);
+        // The kernel holds its own references to its ends now.
+        drop(kernel_ends);
+        Stager::new(index, opts.device.clone(), 0, n - 1)
+    };
 
     let stop = Arc::new(AtomicBool::new(false));
     let stop2 = stop.clone();
     let server = server.clone();
     let opts2 = opts.clone();
-    let mut listener = netlink::Genl::open()?;
-    let family = listener.nbd_family()?;
-    if let Some(g) = family.mcast_group {
-        listener.join(g)?;
-    }
+    let mut stager = stager;
     let watcher = std::thread::Builder::new().name("livemirror-nbd-watch".into()).spawn(move || {
         while !stop2.load(Ordering::SeqCst) {
-            match listener.next_link_dead(Duration::from_millis(200)) {
+            if stager.busy() {
+                stager.step(&server, &mut nl, &opts2);
+            }
+            let wait = if stager.busy() { Duration::from_millis(50) } else { Duration::from_millis(200) };
+            match listener.next_link_dead(wait) {
                 Ok(Some(i)) if i == index && !stop2.load(Ordering::SeqCst) => {
-                    tracing::warn!("the kernel reports a dead connection on {}: replacing it", opts2.device.display());
-                    let res = serve_pairs(&server, 1).and_then(|ends| {
-                        let fds: Vec<_> = ends.iter().map(|s| s.as_raw_fd()).collect();
-                        nl.reconnect(index, &fds, opts2.timeout, opts2.dead_conn_timeout)
-                    });
-                    match res {
-                        Ok(()) => crate::stats::Stats::bump(&server.stats().kernel_reconnects),
-                        Err(e) => tracing::error!("cannot replace the dead connection: {e}"),
+                    if stager.died() {
+                        tracing::warn!(
+                            "the kernel reports a dead connection on {}: replacing it",
+                            opts2.device.display()
+                        );
+                        crate::stats::Stats::bump(&server.stats().kernel_reconnects);
                     }
                 }
                 Ok(_) => {}
@@ -171,4 +475,55 @@ pub fn disconnect(device: &std::path::Path) -> io::Result<()> {
         io::Error::new(io::ErrorKind::InvalidInput, format!("{} is not an NBD device", device.display()))
     })?;
     NbdNetlink::open()?.disconnect(index)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cpu_lists() {
+        assert_eq!(count_cpu_list("0"), Some(1));
+        assert_eq!(count_cpu_list("0-3"), Some(4));
+        assert_eq!(count_cpu_list("0,2-5"), Some(5));
+        assert_eq!(count_cpu_list("0-1,4,6-7"), Some(5));
+        assert_eq!(count_cpu_list("7"), Some(1));
+        assert_eq!(count_cpu_list(""), None);
+        assert_eq!(count_cpu_list("3-1"), None);
+        assert_eq!(count_cpu_list("x"), None);
+        assert_eq!(count_cpu_list("0-y"), None);
+        assert_eq!(first_cpu("2-3,6\n"), Some(2));
+        assert_eq!(first_cpu("5"), Some(5));
+        assert_eq!(first_cpu(""), None);
+    }
+
+    #[test]
+    fn connect_deaths_are_expected_then_failures() {
+        // A CONNECT of 4: 3 closed connections, whose deaths are no failure.
+        let mut s = Stager::new(0, PathBuf::from("/dev/nbd0"), 0, 3);
+        assert!(s.busy());
+        assert!(!s.died());
+        assert!(!s.died());
+        assert!(!s.died());
+        assert_eq!((s.owed, s.expected_deaths), (3, 0));
+        // A later death is one, and is owed too.
+        assert!(s.died());
+        assert_eq!(s.owed, 4);
+        // A reconnect of 4: 3 owed, nothing expected.
+        let mut s = Stager::new(0, PathBuf::from("/dev/nbd0"), 3, 0);
+        assert!(s.busy());
+        assert!(s.died());
+        assert_eq!(s.owed, 4);
+        // One connection: nothing to do.
+        assert!(!Stager::new(0, PathBuf::from("/dev/nbd0"), 0, 0).busy());
+    }
+
+    #[test]
+    fn usable_connections_is_at_least_one() {
+        assert_eq!(usable_connections(0), 1);
+        assert_eq!(usable_connections(1), 1);
+        let cpus = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+        assert!(usable_connections(1024) >= 1);
+        assert!(usable_connections(2) <= 2.max(cpus));
+    }
 }
