@@ -299,6 +299,32 @@ lm_bundle() {
   [ -e "$dir/lib/ld-linux-x86-64.so.2" ] || { echo "lm_bundle: no ld-linux-x86-64.so.2 for $src" >&2; return 1; }
 }
 
+# lm_tools_image IMG TOOL...: a read-only disk of programs the guest runs from a disk of their
+# own: load generators and peer servers (fio with its libraries is 80 MB, too much for the root
+# images, and the load should not be read from the device under test). Each TOOL is a command
+# on the host's PATH, bundled with every library it loads (lm_bundle: IMG's /bin and /lib);
+# /run-tool runs one with those libraries only: mounted at /tools, `/tools/run-tool fio ARGS`.
+# Fails loudly when a TOOL is missing (lm_need TOOL:PACKAGE first for the apt-get line).
+lm_tools_image() {
+  local img=$1 t p dir mb; shift
+  dir=$(dirname "$img")/tools-tree
+  rm -rf "$dir"; mkdir -p "$dir"
+  for t in "$@"; do
+    p=$(PATH=$PATH:/usr/sbin:/sbin command -v "$t") || { echo "lm_tools_image: no $t on this host" >&2; return 1; }
+    lm_bundle "$dir" "$p" || return 1
+  done
+  cat > "$dir/run-tool" <<'EOF2'
+#!/bin/sh
+# run-tool NAME ARGS...: NAME from this disk, with the libraries beside it and nothing else.
+d=${0%/*}; n=$1; shift
+exec "$d/lib/ld-linux-x86-64.so.2" --library-path "$d/lib" "$d/bin/$n" "$@"
+EOF2
+  chmod 755 "$dir/run-tool"
+  mb=$(( $(du -sm "$dir" | cut -f1) * 115 / 100 + 16 ))
+  lm_ext4 "$dir" "$img" "${mb}M" -L lmtools
+  rm -rf "$dir"
+}
+
 # lm_busybox ROOT: busybox at /bin/busybox and a symlink per applet in /bin.
 lm_busybox() {
   local root=$1 a
@@ -385,7 +411,7 @@ lm_build_live_images() {
   lm_copy_bin "$RF" "$O/livemirror" /usr/sbin/livemirror
   for b in dmsetup resize2fs nbd-client; do lm_copy_bin "$RF" "$(command -v $b)"; done
   install -m755 "$LM_GUEST/init.sh" "$RF/sbin/init"
-  install -m644 "$LM_GUEST"/{common,stage2,kill-stage2,load,installed}.sh "$RF/lmtest/"
+  install -m644 "$LM_GUEST"/{common,stage2,kill-stage2,multiconn-stage2,load,installed}.sh "$RF/lmtest/"
   echo "base-marker $TOKEN" > "$RF/etc/base-marker"
   lm_ext4 "$RF" "$O/vda.img" "${vda_mb}M" -L lmroot
   rm -f "$O/vdb.img"; truncate -s "${vdb_mb}M" "$O/vdb.img"
