@@ -352,7 +352,7 @@ pub fn attach<D: BlockDevice>(
     let n = usable_connections(opts.connections);
     if n < opts.connections {
         tracing::info!(
-            "{} connections asked for {}; the kernel uses at most {n} (one per CPU)",
+            "--nbd-connections {} for {}: the kernel uses at most {n} here (one per CPU)",
             opts.connections,
             opts.device.display()
         );
@@ -374,7 +374,10 @@ pub fn attach<D: BlockDevice>(
             io::Error::new(e.kind(), format!("cannot reconnect {} (RECONFIGURE): {e}", opts.device.display()))
         })?;
         crate::stats::Stats::bump(&server.stats().kernel_reconnects);
-        tracing::info!("reconnected {} to this daemon ({n} connections)", opts.device.display());
+        tracing::info!(
+            "reconnected {} to this daemon (1 connection now, {n} in all, the others one at a time)",
+            opts.device.display()
+        );
         if let Err(e) = nl.resize(index, export_size) {
             tracing::warn!("cannot set the size of {}: {e}", opts.device.display());
         }
