@@ -141,9 +141,10 @@ pub(crate) struct ServeArgs {
     /// of their requests in flight before they are closed.
     #[arg(long, value_name = "SECS", default_value_t = 5.0)]
     pub(crate) shutdown_timeout: f64,
-    /// Connections the kernel client uses (see docs/decisions.md before
-    /// raising it).
-    #[arg(long, value_name = "N", default_value_t = 1)]
+    /// Connections the kernel client uses (at most one per CPU: the kernel
+    /// sends on one per hardware queue); given one after the other (see
+    /// docs/decisions.md, kernel NBD connections).
+    #[arg(long, value_name = "N", default_value_t = 4)]
     pub(crate) nbd_connections: usize,
     /// Kernel request timeout: requests in flight on a dead connection are
     /// resent when it fires.
