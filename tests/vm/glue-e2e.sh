@@ -64,7 +64,7 @@ for f in usr/share/man/man1/livemirror.1 usr/share/man/man1/livemirror-serve.1 \
          usr/share/zsh/vendor-completions/_livemirror usr/share/fish/vendor_completions.d/livemirror.fish; do
   [ -s "$G/$f" ] && lm_ok "install.sh installed /$f" || lm_fail "install.sh did not install /$f"
 done
-grep -q 'min\\?-rate' "$G/usr/share/man/man1/livemirror-set-rate.1" \
+grep -q -e 'min\\-rate' -e 'min-rate' "$G/usr/share/man/man1/livemirror-set-rate.1" \
   && grep -q 'set-rate' "$G/usr/share/bash-completion/completions/livemirror" \
   && lm_ok "the man page and the bash completion describe this binary's set-rate --min-rate" \
   || lm_fail "the installed man page or completion does not match the binary's CLI"
