@@ -445,6 +445,43 @@ fn qemu_nbd_unix(sock: &Path, file: &Path, extra: &[&str]) -> Peer {
     peer
 }
 
+/// Where a TLS-only qemu-nbd listens.
+enum TlsListen<'a> {
+    Unix(&'a Path),
+    Tcp(u16),
+}
+
+/// qemu-nbd serving `file` with TLS only (`creds` is its `--object`, id
+/// `tls0`), once it accepts connections (a plaintext probe would be refused).
+fn qemu_nbd_tls(listen: TlsListen<'_>, creds: &str, file: &Path) -> Peer {
+    let port;
+    let mut args = vec!["-f", "raw", "-t"];
+    match &listen {
+        TlsListen::Unix(sock) => {
+            let _ = std::fs::remove_file(sock);
+            args.extend(["-k", p(sock)]);
+        }
+        TlsListen::Tcp(n) => {
+            port = n.to_string();
+            args.extend(["-b", "127.0.0.1", "-p", &port]);
+        }
+    }
+    args.extend(["--object", creds, "--tls-creds", "tls0", p(file)]);
+    let mut c = Command::new(tool("qemu-nbd"));
+    c.args(&args);
+    let peer = Peer::spawn(c, "qemu-nbd with TLS");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let ready = || match &listen {
+        TlsListen::Unix(sock) => std::os::unix::net::UnixStream::connect(sock).is_ok(),
+        TlsListen::Tcp(n) => std::net::TcpStream::connect(("127.0.0.1", *n)).is_ok(),
+    };
+    while !ready() {
+        assert!(Instant::now() < deadline, "qemu-nbd with TLS does not accept connections");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    peer
+}
+
 /// A restart with --state resumes against the same remote export; one that is
 /// not the export the state file recorded is refused when only the state file
 /// names it, and gets the whole sync again when --target names it.
@@ -680,27 +717,11 @@ fn nbds_with_x509_certificates() {
     let tgt = dir.path().join("t.img");
     make_sparse(&tgt, 16 * MIB);
     let qsock = dir.path().join("q.sock");
-    let _ = std::fs::remove_file(&qsock);
-    let mut c = Command::new(tool("qemu-nbd"));
-    c.args([
-        "-f",
-        "raw",
-        "-t",
-        "-k",
-        p(&qsock),
-        "--object",
+    let _server = qemu_nbd_tls(
+        TlsListen::Unix(&qsock),
         &format!("tls-creds-x509,id=tls0,endpoint=server,dir={},verify-peer=on", srv.display()),
-        "--tls-creds",
-        "tls0",
-        p(&tgt),
-    ]);
-    let _server = Peer::spawn(c, "qemu-nbd with TLS");
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !qsock.exists() {
-        assert!(Instant::now() < deadline, "qemu-nbd did not create its socket");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    std::thread::sleep(Duration::from_millis(200));
+        &tgt,
+    );
     let src = dir.path().join("s.img");
     let data = pattern(11, (16 * MIB) as usize);
     make_image(&src, &data);
@@ -750,27 +771,11 @@ fn nbds_with_a_pre_shared_key() {
     let tgt = dir.path().join("t.img");
     make_sparse(&tgt, 16 * MIB);
     let qsock = dir.path().join("q.sock");
-    let _ = std::fs::remove_file(&qsock);
-    let mut c = Command::new(tool("qemu-nbd"));
-    c.args([
-        "-f",
-        "raw",
-        "-t",
-        "-k",
-        p(&qsock),
-        "--object",
+    let _server = qemu_nbd_tls(
+        TlsListen::Unix(&qsock),
         &format!("tls-creds-psk,id=tls0,endpoint=server,dir={}", srv.display()),
-        "--tls-creds",
-        "tls0",
-        p(&tgt),
-    ]);
-    let _server = Peer::spawn(c, "qemu-nbd with TLS-PSK");
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !qsock.exists() {
-        assert!(Instant::now() < deadline, "qemu-nbd did not create its socket");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    std::thread::sleep(Duration::from_millis(200));
+        &tgt,
+    );
     let src = dir.path().join("s.img");
     let data = pattern(12, (16 * MIB) as usize);
     make_image(&src, &data);
@@ -809,27 +814,11 @@ fn nbds_with_a_pre_shared_key() {
     make_sparse(&tgt2, 16 * MIB);
     let d = Daemon::start(dir.path(), &["--source", p(&src)]);
     drop(_server);
-    let mut c = Command::new(tool("qemu-nbd"));
-    let _ = std::fs::remove_file(&qsock);
-    c.args([
-        "-f",
-        "raw",
-        "-t",
-        "-k",
-        p(&qsock),
-        "--object",
+    let _server2 = qemu_nbd_tls(
+        TlsListen::Unix(&qsock),
         &format!("tls-creds-psk,id=tls0,endpoint=server,dir={}", srv.display()),
-        "--tls-creds",
-        "tls0",
-        p(&tgt2),
-    ]);
-    let _server2 = Peer::spawn(c, "qemu-nbd with TLS-PSK");
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !qsock.exists() {
-        assert!(Instant::now() < deadline, "qemu-nbd did not create its socket");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    std::thread::sleep(Duration::from_millis(200));
+        &tgt2,
+    );
     d.cli_ok(&["attach", &uri("", &good)]);
     let o = d.cli(&["wait", "--timeout", "60"]);
     assert_eq!(code(&o), 0, "wait: {}\n{}", text(&o), d.log_text());
@@ -975,27 +964,11 @@ fn nbds_over_tcp_checks_the_host_name_in_the_certificate() {
     let tgt = dir.path().join("t.img");
     make_sparse(&tgt, 16 * MIB);
     let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-    let mut c = Command::new(tool("qemu-nbd"));
-    c.args([
-        "-f",
-        "raw",
-        "-t",
-        "-b",
-        "127.0.0.1",
-        "-p",
-        &port.to_string(),
-        "--object",
+    let _server = qemu_nbd_tls(
+        TlsListen::Tcp(port),
         &format!("tls-creds-x509,id=tls0,endpoint=server,dir={},verify-peer=on", srv.display()),
-        "--tls-creds",
-        "tls0",
-        p(&tgt),
-    ]);
-    let _server = Peer::spawn(c, "qemu-nbd with TLS over TCP");
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(Instant::now() < deadline, "qemu-nbd does not listen on port {port}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+        &tgt,
+    );
     let src = dir.path().join("s.img");
     let data = pattern(15, (16 * MIB) as usize);
     make_image(&src, &data);
