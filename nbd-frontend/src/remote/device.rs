@@ -611,20 +611,11 @@ impl RemoteExport {
     }
 
     async fn read_aligned(&self, buf: &Arc<SharedBuf>, buf_off: usize, len: usize, off: u64) -> io::Result<()> {
-        let step = self.max_piece();
-        let mut rxs = Vec::new();
-        let mut done = 0u64;
-        while done < len as u64 {
-            let n = (len as u64 - done).min(step);
-            rxs.push(self.submit(
-                CMD_READ,
-                0,
-                off + done,
-                n as u32,
-                Payload::Read(buf.clone(), buf_off + done as usize),
-            ));
-            done += n;
-        }
+        let rxs = pieces(len as u64, self.max_piece())
+            .map(|(at, n)| {
+                self.submit(CMD_READ, 0, off + at, n as u32, Payload::Read(buf.clone(), buf_off + at as usize))
+            })
+            .collect();
         self.all(rxs).await
     }
 
@@ -640,20 +631,12 @@ impl RemoteExport {
             return Err(self.read_only_error());
         }
         let fua_flag = fua && self.info.has(TF_SEND_FUA);
-        let step = self.max_piece();
-        let mut rxs = Vec::new();
-        let mut done = 0u64;
-        while done < len as u64 {
-            let n = (len as u64 - done).min(step);
-            rxs.push(self.submit(
-                CMD_WRITE,
-                if fua_flag { CMD_FLAG_FUA } else { 0 },
-                off + done,
-                n as u32,
-                Payload::Write(buf.clone(), buf_off + done as usize),
-            ));
-            done += n;
-        }
+        let flags = if fua_flag { CMD_FLAG_FUA } else { 0 };
+        let rxs = pieces(len as u64, self.max_piece())
+            .map(|(at, n)| {
+                self.submit(CMD_WRITE, flags, off + at, n as u32, Payload::Write(buf.clone(), buf_off + at as usize))
+            })
+            .collect();
         self.all(rxs).await?;
         if fua && !fua_flag {
             self.flush_now().await?;
@@ -687,18 +670,13 @@ impl RemoteExport {
             flags |= CMD_FLAG_FUA;
         }
         let step = MAX_NO_PAYLOAD - MAX_NO_PAYLOAD % self.align();
-        let pieces = |flags: u16| {
-            let mut rxs = Vec::new();
-            let mut done = 0;
-            while done < len {
-                let n = (len - done).min(step);
-                rxs.push(self.submit(CMD_WRITE_ZEROES, flags, off + done, n as u32, Payload::None));
-                done += n;
-            }
-            rxs
+        let zeroes = |flags: u16| {
+            pieces(len, step)
+                .map(|(at, n)| self.submit(CMD_WRITE_ZEROES, flags, off + at, n as u32, Payload::None))
+                .collect()
         };
         if fast {
-            match self.all(pieces(flags | CMD_FLAG_FAST_ZERO)).await {
+            match self.all(zeroes(flags | CMD_FLAG_FAST_ZERO)).await {
                 Err(e) if e.raw_os_error() == Some(libc::ENOTSUP) => {
                     // Zeroing is not faster than writing there: say so from now
                     // on (our own clients see it), and zero the slow way.
@@ -707,7 +685,7 @@ impl RemoteExport {
                 r => return self.after_fua(r, fua).await,
             }
         }
-        let r = self.all(pieces(flags)).await;
+        let r = self.all(zeroes(flags)).await;
         self.after_fua(r, fua).await
     }
 
@@ -724,11 +702,8 @@ impl RemoteExport {
     async fn zero_by_writing(&self, off: u64, len: u64, fua: bool) -> io::Result<()> {
         const STEP: u64 = 1 << 20;
         let zeroes = SharedBuf::new(IoBuf::zeroed(STEP.min(len) as usize));
-        let mut done = 0;
-        while done < len {
-            let n = (len - done).min(STEP);
-            self.write_at_inner(&zeroes, 0, n as usize, off + done, fua).await?;
-            done += n;
+        for (at, n) in pieces(len, STEP) {
+            self.write_at_inner(&zeroes, 0, n as usize, off + at, fua).await?;
         }
         Ok(())
     }
@@ -953,4 +928,9 @@ impl RemoteDevice for RemoteExport {
     fn allocation(&self, off: u64, len: u64, max_extents: usize) -> IoFuture<'_, Vec<Extent>> {
         Box::pin(self.allocation_inner(off, len, max_extents))
     }
+}
+
+/// `[0, len)` in pieces of at most `step` bytes: (offset, length) pairs.
+pub(super) fn pieces(len: u64, step: u64) -> impl Iterator<Item = (u64, u64)> {
+    (0..len.div_ceil(step)).map(move |i| (i * step, step.min(len - i * step)))
 }

@@ -211,3 +211,12 @@ fn a_read_reply_that_covers_part_of_the_request_is_an_error() {
     drop(dev);
     let _ = server.join();
 }
+
+#[test]
+fn a_range_splits_into_pieces_that_cover_it_exactly() {
+    use super::device::pieces;
+    assert_eq!(pieces(0, 4).collect::<Vec<_>>(), []);
+    assert_eq!(pieces(4, 4).collect::<Vec<_>>(), [(0, 4)]);
+    assert_eq!(pieces(10, 4).collect::<Vec<_>>(), [(0, 4), (4, 4), (8, 2)]);
+    assert_eq!(pieces(3, 4).collect::<Vec<_>>(), [(0, 3)]);
+}
