@@ -61,6 +61,17 @@ fn wait_listening(net: Option<&NetPair>, target: &str) {
     }
 }
 
+/// `s.img` holding `size` bytes of `pattern(seed)` and a sparse `t.img` of the
+/// same size in `dir`: the source, its bytes, and the target.
+fn source_and_sparse_target(dir: &Path, seed: u64, size: u64) -> (PathBuf, Vec<u8>, PathBuf) {
+    let src = dir.join("s.img");
+    let data = pattern(seed, size as usize);
+    make_image(&src, &data);
+    let tgt = dir.join("t.img");
+    make_sparse(&tgt, size);
+    (src, data, tgt)
+}
+
 fn qemu_nbd(net: &NetPair, file: &Path, extra: &[&str]) -> Peer {
     // Room for livemirror's connections (4 by default) and the readiness probe.
     let mut args = vec!["-f", "raw", "-t", "-b", SERVER_ADDR, "-p", "10809", "-x", "exp", "-e", "16"];
@@ -244,11 +255,7 @@ fn mission_flow_onto_a_remote_target_over_a_5ms_link_under_writes() {
 fn a_link_cut_mid_sync_pauses_the_copy_and_loses_nothing() {
     let dir = scratch();
     let net = NetPair::new(1.0, 160.0);
-    let src = dir.path().join("s.img");
-    let data = pattern(4, (64 * MIB) as usize);
-    make_image(&src, &data);
-    let tgt = dir.path().join("t.img");
-    make_sparse(&tgt, 64 * MIB);
+    let (src, data, tgt) = source_and_sparse_target(dir.path(), 4, 64 * MIB);
     let _server = Peer::spawn(
         net.cmd(&net.b, p(&tool("nbdkit")), &["-f", "-i", SERVER_ADDR, "-p", "10809", "-e", "exp", "file", p(&tgt)]),
         "nbdkit",
@@ -286,11 +293,7 @@ fn a_link_cut_mid_sync_pauses_the_copy_and_loses_nothing() {
 fn a_server_killed_and_restarted_mid_sync_is_reconnected_to() {
     let dir = scratch();
     let net = NetPair::new(0.5, 200.0);
-    let src = dir.path().join("s.img");
-    let data = pattern(5, (64 * MIB) as usize);
-    make_image(&src, &data);
-    let tgt = dir.path().join("t.img");
-    make_sparse(&tgt, 64 * MIB);
+    let (src, data, tgt) = source_and_sparse_target(dir.path(), 5, 64 * MIB);
     let mut server = qemu_nbd(&net, &tgt, &[]);
     let d = Daemon::start_in(&net.a, dir.path(), &["--source", p(&src), "--remote-timeout", "30"]);
     let model = Arc::new(Mutex::new(data));
@@ -318,11 +321,7 @@ fn a_server_killed_and_restarted_mid_sync_is_reconnected_to() {
 fn a_link_that_stays_down_degrades_the_target_and_keeps_the_source() {
     let dir = scratch();
     let net = NetPair::new(1.0, 80.0);
-    let src = dir.path().join("s.img");
-    let data = pattern(6, (32 * MIB) as usize);
-    make_image(&src, &data);
-    let tgt = dir.path().join("t.img");
-    make_sparse(&tgt, 32 * MIB);
+    let (src, data, tgt) = source_and_sparse_target(dir.path(), 6, 32 * MIB);
     let _server = qemu_nbd(&net, &tgt, &[]);
     let d = Daemon::start_in(&net.a, dir.path(), &["--source", p(&src), "--remote-timeout", "4"]);
     let model = Arc::new(Mutex::new(data));
@@ -488,11 +487,7 @@ fn qemu_nbd_tls(listen: TlsListen<'_>, creds: &str, file: &Path) -> Peer {
 #[test]
 fn a_restart_with_state_resumes_on_the_same_remote_export_and_refuses_another() {
     let dir = scratch();
-    let src = dir.path().join("s.img");
-    let data = pattern(9, (32 * MIB) as usize);
-    make_image(&src, &data);
-    let tgt = dir.path().join("t.img");
-    make_sparse(&tgt, 32 * MIB);
+    let (src, data, tgt) = source_and_sparse_target(dir.path(), 9, 32 * MIB);
     let qsock = dir.path().join("q.sock");
     let mut server = qemu_nbd_unix(&qsock, &tgt, &[]);
     let state = dir.path().join("state");
@@ -834,11 +829,7 @@ fn nbds_with_a_pre_shared_key() {
 #[test]
 fn a_server_with_block_size_constraints_gets_only_requests_it_accepts() {
     let dir = scratch();
-    let src = dir.path().join("s.img");
-    let data = pattern(12, (32 * MIB) as usize);
-    make_image(&src, &data);
-    let tgt = dir.path().join("t.img");
-    make_sparse(&tgt, 32 * MIB);
+    let (src, data, tgt) = source_and_sparse_target(dir.path(), 12, 32 * MIB);
     let ksock = dir.path().join("k.sock");
     let mut c = Command::new(tool("nbdkit"));
     c.args([
