@@ -307,10 +307,10 @@ impl Handshake {
                     self.state = State::SkipData { opt, remaining, reply };
                     return Ok(Progress::Continue);
                 }
-                let msg = if reply == REP_ERR_TLS_REQD {
-                    "TLS is required: send NBD_OPT_STARTTLS first"
-                } else {
-                    "option data is too long"
+                let msg = match reply {
+                    REP_ERR_TLS_REQD => "TLS is required: send NBD_OPT_STARTTLS first",
+                    REP_ERR_INVALID => "NBD_OPT_STARTTLS takes no data",
+                    _ => "option data is too long",
                 };
                 self.reply_error(opt, reply, msg);
                 self.state = State::OptionHeader;
@@ -374,12 +374,22 @@ impl Handshake {
                     // EXPORT_NAME has no error reply: the only answer is to hang up.
                     return Err(HandshakeError::TlsRequired);
                 }
+                if opt == OPT_ABORT {
+                    // Answered at once whatever data follows: the client is leaving,
+                    // and an oversized ABORT must not earn a TOO_BIG first.
+                    self.reply(opt, REP_ACK, &[]);
+                    self.state = State::Finished;
+                    return Ok(Some(Progress::Aborted));
+                }
                 if opt == OPT_EXPORT_NAME && len > MAX_OPTION_LEN {
                     return Err(HandshakeError::ExportNameTooLong(len));
                 }
                 self.state = if self.needs_tls_first(opt) {
                     // Refused whatever it says: not worth storing before TLS.
                     State::SkipData { opt, remaining: len, reply: REP_ERR_TLS_REQD }
+                } else if len > MAX_OPTION_LEN && opt == OPT_STARTTLS {
+                    // STARTTLS takes no data: the same answer as for a short payload.
+                    State::SkipData { opt, remaining: len, reply: REP_ERR_INVALID }
                 } else if len > MAX_OPTION_LEN {
                     State::SkipData { opt, remaining: len, reply: REP_ERR_TOO_BIG }
                 } else {
@@ -428,11 +438,6 @@ impl Handshake {
                     self.output.extend_from_slice(&[0u8; 124]);
                 }
                 Ok(Some(self.finish(export, flags)))
-            }
-            OPT_ABORT => {
-                self.reply(opt, REP_ACK, &[]);
-                self.state = State::Finished;
-                Ok(Some(Progress::Aborted))
             }
             OPT_LIST => {
                 if !data.is_empty() {
@@ -779,6 +784,35 @@ mod tests {
         }
         assert_eq!(replies(&h.take_output())[0].1, REP_ERR_TOO_BIG);
         assert!(matches!(h.feed(&go("", &[])).unwrap(), Progress::Done(_)));
+    }
+
+    fn kinds(out: &[u8]) -> Vec<(u32, u32)> {
+        replies(out).into_iter().map(|(o, t, _)| (o, t)).collect()
+    }
+
+    fn option_header(opt: u32, len: u32) -> Vec<u8> {
+        let mut hdr = IHAVEOPT.to_be_bytes().to_vec();
+        hdr.extend_from_slice(&opt.to_be_bytes());
+        hdr.extend_from_slice(&len.to_be_bytes());
+        hdr
+    }
+
+    #[test]
+    fn oversized_abort_before_required_tls_is_acknowledged_at_once() {
+        let mut h = started_with(TlsMode::Required);
+        assert_eq!(h.feed(&option_header(OPT_ABORT, MAX_OPTION_LEN + 1)), Ok(Progress::Aborted));
+        assert_eq!(kinds(&h.take_output()), vec![(OPT_ABORT, REP_ACK)]);
+    }
+
+    #[test]
+    fn oversized_starttls_gets_the_no_data_answer_not_too_big() {
+        let mut h = started_with(TlsMode::Required);
+        let mut input = option_header(OPT_STARTTLS, MAX_OPTION_LEN + 1);
+        input.resize(input.len() + MAX_OPTION_LEN as usize + 1, 0);
+        assert_eq!(h.feed(&input), Ok(Progress::Continue));
+        assert_eq!(kinds(&h.take_output()), vec![(OPT_STARTTLS, REP_ERR_INVALID)]);
+        // The connection is still usable: a plain STARTTLS is acknowledged.
+        assert_eq!(h.feed(&option_header(OPT_STARTTLS, 0)), Ok(Progress::StartTls));
     }
 
     #[test]
