@@ -4,7 +4,9 @@
 //! come out of [`Handshake::take_output`]. Nothing here reads a socket, so the
 //! whole negotiation can be driven (and fuzzed) from memory. The input buffer is
 //! bounded: an option longer than [`MAX_OPTION_LEN`] is skipped without being
-//! stored and answered with `NBD_REP_ERR_TOO_BIG`.
+//! stored and answered with `NBD_REP_ERR_TOO_BIG` — except the two that take no
+//! data: ABORT is acknowledged as soon as its header arrives, and an oversized
+//! STARTTLS gets the `NBD_REP_ERR_INVALID` any payload on it earns.
 //!
 //! TLS ([`TlsMode`]): `NBD_OPT_STARTTLS` is acknowledged with
 //! [`Progress::StartTls`]; the driver then runs the TLS handshake on its
