@@ -263,9 +263,10 @@ impl Handshake {
         Ok(())
     }
 
-    /// Whether an option received now is refused for want of TLS.
+    /// Whether an option received now is refused for want of TLS (ABORT never
+    /// gets here: it is answered as soon as its header arrives).
     fn needs_tls_first(&self, opt: u32) -> bool {
-        self.tls_mode == TlsMode::Required && !self.tls_active && !matches!(opt, OPT_STARTTLS | OPT_ABORT)
+        self.tls_mode == TlsMode::Required && !self.tls_active && opt != OPT_STARTTLS
     }
 
     /// Bytes to send to the client.
@@ -372,16 +373,16 @@ impl Handshake {
                 if self.options > MAX_OPTIONS {
                     return Err(HandshakeError::TooManyOptions);
                 }
-                if opt == OPT_EXPORT_NAME && self.needs_tls_first(opt) {
-                    // EXPORT_NAME has no error reply: the only answer is to hang up.
-                    return Err(HandshakeError::TlsRequired);
-                }
                 if opt == OPT_ABORT {
                     // Answered at once whatever data follows: the client is leaving,
                     // and an oversized ABORT must not earn a TOO_BIG first.
                     self.reply(opt, REP_ACK, &[]);
                     self.state = State::Finished;
                     return Ok(Some(Progress::Aborted));
+                }
+                if opt == OPT_EXPORT_NAME && self.needs_tls_first(opt) {
+                    // EXPORT_NAME has no error reply: the only answer is to hang up.
+                    return Err(HandshakeError::TlsRequired);
                 }
                 if opt == OPT_EXPORT_NAME && len > MAX_OPTION_LEN {
                     return Err(HandshakeError::ExportNameTooLong(len));
