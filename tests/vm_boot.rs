@@ -3,7 +3,7 @@
 //! install (install-e2e, and install-nbdclient-e2e with `nbd-client`), survives `kill -9` of
 //! the daemon under a write load (kill-e2e), and boots a Debian 12 system whose initramfs
 //! `mkinitramfs` built with initrd-glue/, installs it with `livemirror-install` and shuts it
-//! down through the glue (glue-e2e), and makes the whole journey on a live ISO built with
+//! down through the glue (glue-e2e; glue-partition-e2e installs onto a partition), and makes the whole journey on a live ISO built with
 //! dracut's dmsquash-live: boot from the CD, install onto a blank disk without a reboot, eject
 //! the CD, and boot the disk by itself through its own GRUB (live-iso-e2e). This test runs
 //! `tests/vm/run-all.sh` with the livemirror

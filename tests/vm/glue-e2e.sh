@@ -14,18 +14,28 @@
 #   host: the shutdown lines on the console, e2fsck -fn of vdb (clean), file system size,
 #     debugfs extracts the files and checks their sha256.
 #   boot 2: vdb alone, root=/dev/vda with the same initramfs (no rd.livemirror): it boots and
-#     every file is there.
+#     every file is there, and /etc/fstab mounts / by its UUID.
+# With LIVEMIRROR_VM_GLUE_TARGET=partition (scenario glue-partition-e2e) the host gives vdb an
+# MBR partition table with one empty partition from 1 MiB, the install targets /dev/vdb1 (a
+# partition TARGET: no --whole-disk) and boot 2 mounts root=/dev/vda1; otherwise the target is
+# the whole disk (--whole-disk).
 # Usage: LIVEMIRROR_BIN=path/to/livemirror tests/vm/glue-e2e.sh
 # Knobs: LIVEMIRROR_VM_GLUE_RATE (copy rate limit during the install, default 40M),
 #        LIVEMIRROR_VM_KEEPAPI=1 (test-only workaround for the switch_root path bug, see README),
 #        LIVEMIRROR_VM_TIMEOUT (boot 1 host timeout, default 420 s), LIVEMIRROR_VM_BOOT2=0 (skip
 #        boot 2), LIVEMIRROR_VM_DRACUT=1 (also build a dracut initramfs with the dracut module and
 #        check its contents; adds ~40 s), LIVEMIRROR_VM_GLUE_MODE=bootonly and
-#        LIVEMIRROR_VM_GLUE_DEBUG=1 (see README.md), the lib.sh knobs.
+#        LIVEMIRROR_VM_GLUE_DEBUG=1 (see README.md), LIVEMIRROR_VM_GLUE_TARGET=disk|partition
+#        (above), the lib.sh knobs.
 set -euo pipefail
 . "$(dirname "$0")/lib.sh"
 
-NAME=glue-e2e
+GTARGET=${LIVEMIRROR_VM_GLUE_TARGET:-disk}
+case $GTARGET in
+  disk) NAME=glue-e2e TGT=/dev/vdb ROOT2=/dev/vda ;;
+  partition) NAME=glue-partition-e2e TGT=/dev/vdb1 ROOT2=/dev/vda1 ;;
+  *) echo "LIVEMIRROR_VM_GLUE_TARGET must be disk or partition, not $GTARGET" >&2; exit 2 ;;
+esac
 BIN=${LIVEMIRROR_BIN:-$LM_DIR/../../target/release/livemirror}
 RATE=${LIVEMIRROR_VM_GLUE_RATE:-40M}
 TIMEOUT1=${LIVEMIRROR_VM_TIMEOUT:-420}
@@ -136,13 +146,21 @@ echo "lmglue" > "$G/etc/hostname"
 lm_ext4 "$G" "$O/vda.img" "${VDA_MB}M" -L lmglue
 rm -rf "$G"
 rm -f "$O/vdb.img"; truncate -s "${VDB_MB}M" "$O/vdb.img"
+# FS: where the installed file system lands in vdb.img, as e2fsprogs' tools name it.
+FS=$O/vdb.img FS_MB=$VDB_MB
+if [ "$GTARGET" = partition ]; then
+  # One empty partition from 1 MiB to the end: a target that holds no data, on a disk that
+  # does hold a partition table (which a partition TARGET must not be refused for).
+  echo 'start=2048, type=83' | sfdisk -q "$O/vdb.img" || lm_die "sfdisk on vdb.img failed"
+  FS="$O/vdb.img?offset=1048576" FS_MB=$((VDB_MB - 1))
+fi
 lm_say "initrd $(du -k "$O/initrd.img" | cut -f1) KiB, vda ${VDA_MB} MiB ($(du -k "$O/vda.img" | cut -f1) KiB used), vdb ${VDB_MB} MiB"
 lm_phase_end
 
 # ------------------------------------------------------------------ boot 1
 lm_phase "boot 1: Debian live root over livemirror, livemirror-install, poweroff"
 GMODE=${LIVEMIRROR_VM_GLUE_MODE:-glue}
-APPEND="rw rd.livemirror=1 lmtest.live=/dev/vda livemirror.args=--nbd-timeout,10 lm.mode=$GMODE lm.rate=$RATE lm.token=$TOKEN lm.watchdog=$((TIMEOUT1 - 30))"
+APPEND="rw rd.livemirror=1 lmtest.live=/dev/vda livemirror.args=--nbd-timeout,10 lm.mode=$GMODE lm.rate=$RATE lm.target=$TGT lm.token=$TOKEN lm.watchdog=$((TIMEOUT1 - 30))"
 [ -n "${LIVEMIRROR_VM_GLUE_DEBUG:-}" ] && APPEND="$APPEND livemirror.debug=1"
 [ "$KEEPAPI" = 1 ] && APPEND="$APPEND lmtest.keepapi=1"
 set +e
@@ -181,24 +199,24 @@ if grep -aq 'Successfully changed into root pivot' "$L" || grep -aqF 'livemirror
 else
   lm_fail "systemd did not run /run/initramfs/shutdown"
 fi
-if e2fsck -fn "$O/vdb.img" > "$O/e2fsck1.log" 2>&1; then
+if e2fsck -fn "$FS" > "$O/e2fsck1.log" 2>&1; then
   lm_ok "e2fsck -fn on the installed disk: clean"
 else
   lm_fail "e2fsck -fn on the installed disk reported problems: $(tail -n 3 "$O/e2fsck1.log" | tr '\n' ' ')"
 fi
-BC=$(dumpe2fs -h "$O/vdb.img" 2>/dev/null | awk -F: '/^Block count/{gsub(/ /,"",$2); print $2}')
-BS=$(dumpe2fs -h "$O/vdb.img" 2>/dev/null | awk -F: '/^Block size/{gsub(/ /,"",$2); print $2}')
-STATE=$(dumpe2fs -h "$O/vdb.img" 2>/dev/null | awk -F: '/^Filesystem state/{gsub(/^ +/,"",$2); print $2}')
+BC=$(dumpe2fs -h "$FS" 2>/dev/null | awk -F: '/^Block count/{gsub(/ /,"",$2); print $2}')
+BS=$(dumpe2fs -h "$FS" 2>/dev/null | awk -F: '/^Block size/{gsub(/ /,"",$2); print $2}')
+STATE=$(dumpe2fs -h "$FS" 2>/dev/null | awk -F: '/^Filesystem state/{gsub(/^ +/,"",$2); print $2}')
 [ "$STATE" = clean ] && lm_ok "the file system on vdb was unmounted cleanly (state: clean)" || lm_fail "file system state: $STATE"
-if [ $((BC * BS)) -ge $((VDB_MB * 1024 * 1024 * 95 / 100)) ]; then
-  lm_ok "the file system was grown: $((BC * BS / 1048576)) MiB on the ${VDB_MB} MiB disk"
+if [ $((BC * BS)) -ge $((FS_MB * 1024 * 1024 * 95 / 100)) ]; then
+  lm_ok "the file system was grown: $((BC * BS / 1048576)) MiB on the ${FS_MB} MiB $TGT"
 else
-  lm_fail "the file system is $((BC * BS / 1048576)) MiB on the ${VDB_MB} MiB disk"
+  lm_fail "the file system is $((BC * BS / 1048576)) MiB on the ${FS_MB} MiB $TGT"
 fi
 X=$O/vdb-files
 rm -rf "$X"; mkdir -p "$X"
-debugfs -R "rdump /data $X" "$O/vdb.img" >/dev/null 2>&1 || true
-debugfs -R "cat /etc/base-marker" "$O/vdb.img" 2>/dev/null > "$X/base-marker" || true
+debugfs -R "rdump /data $X" "$FS" >/dev/null 2>&1 || true
+debugfs -R "cat /etc/base-marker" "$FS" 2>/dev/null > "$X/base-marker" || true
 lm_check "base image marker (token $TOKEN) on the installed disk" grep -q "$TOKEN" "$X/base-marker"
 if [ -s "$X/data/MANIFEST" ]; then
   N=$(wc -l < "$X/data/MANIFEST")
@@ -220,7 +238,7 @@ lm_phase_end
 # ------------------------------------------------------------------ boot 2
 if [ "${LIVEMIRROR_VM_BOOT2:-1}" != 0 ]; then
   lm_phase "boot 2: the installed disk as root (same initramfs, no rd.livemirror)"
-  lm_boot_installed "$O" 240 "$O/initrd.img" "root=/dev/vda rw lm.mode=installed lm.token=$TOKEN"
+  lm_boot_installed "$O" 240 "$O/initrd.img" "root=$ROOT2 rw lm.mode=installed lm.root=$ROOT2 lm.token=$TOKEN" "$FS"
   lm_phase_end
 fi
 

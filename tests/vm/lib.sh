@@ -535,21 +535,22 @@ lm_summary() {
   return 1
 }
 
-# lm_boot_installed OUTDIR TIMEOUT INITRD CMDLINE: boot 2, the installed disk (OUTDIR/vdb.img)
-# alone as root; then the host checks it (e2fsck, and the file boot 2 wrote).
+# lm_boot_installed OUTDIR TIMEOUT INITRD CMDLINE [FSIMG]: boot 2, the installed disk
+# (OUTDIR/vdb.img) alone as root; then the host checks the file system on FSIMG (default the
+# whole image; "IMG?offset=N" for a partition): e2fsck, and the file boot 2 wrote.
 lm_boot_installed() {
-  local o=$1 timeout=$2 initrd=$3 cmdline=$4 rc b2
+  local o=$1 timeout=$2 initrd=$3 cmdline=$4 fs=${5:-$1/vdb.img} rc b2
   set +e
   lm_boot "$o/boot2.log" "$timeout" "$initrd" "$cmdline" -drive "file=$o/vdb.img,if=virtio,format=raw"
   rc=$?
   set -e
   [ "$rc" = 0 ] || lm_fail "boot 2: QEMU exited $rc"
   lm_judge "$o/boot2.log" || true
-  if e2fsck -fn "$o/vdb.img" > "$o/e2fsck2.log" 2>&1; then
+  if e2fsck -fn "$fs" > "$o/e2fsck2.log" 2>&1; then
     lm_ok "e2fsck -fn after boot 2: clean"
   else
     lm_fail "e2fsck -fn after boot 2 reported problems: $(tail -n 3 "$o/e2fsck2.log" | tr '\n' ' ')"
   fi
-  b2=$(debugfs -R "cat /data/boot2.bin" "$o/vdb.img" 2>/dev/null | sha256sum | cut -d' ' -f1)
-  lm_check "host: the file boot 2 wrote is on the disk" bash -c "debugfs -R 'cat /data/boot2.sha256' '$o/vdb.img' 2>/dev/null | grep -q '^$b2 '"
+  b2=$(debugfs -R "cat /data/boot2.bin" "$fs" 2>/dev/null | sha256sum | cut -d' ' -f1)
+  lm_check "host: the file boot 2 wrote is on the disk" bash -c "debugfs -R 'cat /data/boot2.sha256' '$fs' 2>/dev/null | grep -q '^$b2 '"
 }
