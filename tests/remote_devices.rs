@@ -149,6 +149,21 @@ impl Load {
         Load { stop, writes, thread: Some(thread) }
     }
 
+    /// Blocks until the load has made `more` writes beyond those done so far:
+    /// proof that clients are being served, whatever the machine's speed.
+    fn wait_for_more_writes(&self, more: u64, within: Duration, when: &str) {
+        let goal = self.writes.load(Ordering::Relaxed) + more;
+        let deadline = Instant::now() + within;
+        while self.writes.load(Ordering::Relaxed) < goal {
+            assert!(
+                Instant::now() < deadline,
+                "the clients made {} of {more} writes {when} in {within:?}",
+                more + self.writes.load(Ordering::Relaxed) - goal
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     fn finish(mut self) -> u64 {
         self.stop.store(true, Ordering::Relaxed);
         if let Some(t) = self.thread.take() {
@@ -328,6 +343,7 @@ fn a_link_that_stays_down_degrades_the_target_and_keeps_the_source() {
     let load = Load::start(&d.sock, model.clone(), 32 * MIB, 6);
     d.cli_ok(&["attach", &format!("nbd://{SERVER_ADDR}/exp")]);
     wait_for(&d, 30, "some copied", |st| u(&st["bytes_copied"]) > 2 * MIB);
+    load.wait_for_more_writes(10, Duration::from_secs(30), "before the cut");
     let cut_at = Instant::now();
     net.cut();
     let o = d.cli(&["wait", "--timeout", "60"]);
@@ -338,9 +354,9 @@ fn a_link_that_stays_down_degrades_the_target_and_keeps_the_source() {
     assert_eq!(st["state"], "degraded", "{st}");
     let err = st["error"].as_str().unwrap_or_default().to_string();
     assert!(err.contains("did not answer within 4 s"), "the reason names the timeout: {err}");
-    // Clients were never stopped: the load ran on through the failover.
-    let writes = load.finish();
-    assert!(writes > 20, "{writes} writes");
+    // Clients were never stopped: the load runs on after the failover.
+    load.wait_for_more_writes(20, Duration::from_secs(30), "after the target was dropped");
+    load.finish();
     let want = model.lock().unwrap().clone();
     assert_same(&read_export(&d.sock, 32 * MIB), &want, "the export after degraded");
     let mut d = d;
@@ -854,9 +870,8 @@ fn a_server_with_block_size_constraints_gets_only_requests_it_accepts() {
     assert_eq!(code(&o), 0, "wait: {}\n{}", text(&o), d.log_text());
     assert!(d.log_text().contains("blocks 4096/65536/1048576"), "{}", d.log_text());
     // Writes go on in synced: every one reaches the remote disk as whole blocks.
-    std::thread::sleep(Duration::from_millis(500));
-    let writes = load.finish();
-    assert!(writes > 20, "{writes} writes");
+    load.wait_for_more_writes(20, Duration::from_secs(30), "in synced");
+    load.finish();
     verify_ok(&d);
     let want = model.lock().unwrap().clone();
     let mut d = d;
