@@ -231,6 +231,8 @@ fn mission_flow_onto_a_remote_target_over_a_5ms_link_under_writes() {
     let model = Arc::new(Mutex::new(data));
     let load = Load::start(&d.sock, model.clone(), 48 * MIB, 1);
     let uri = format!("nbd://{SERVER_ADDR}/exp");
+    // A copy of at least 2 s, so that the writes race it on a slow machine too.
+    d.cli_ok(&["set-rate", "24M"]);
     d.cli_ok(&["attach", &uri]);
     let o = d.cli(&["wait", "--timeout", "120"]);
     assert_eq!(code(&o), 0, "wait: {}\n{}", text(&o), d.log_text());
