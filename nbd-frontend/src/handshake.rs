@@ -23,6 +23,8 @@ use crate::proto::*;
 
 /// Longest option payload we buffer (an export name, info requests, queries).
 pub const MAX_OPTION_LEN: u32 = 64 << 10;
+/// The answer to a STARTTLS that carries data, short or oversized.
+const STARTTLS_TAKES_NO_DATA: &str = "NBD_OPT_STARTTLS takes no data";
 /// A client that sends more options than this is not negotiating in good faith.
 pub const MAX_OPTIONS: u32 = 4096;
 
@@ -115,12 +117,14 @@ enum State {
         opt: u32,
         len: u32,
     },
-    /// An option answered with the error `reply` without its data being
-    /// stored: too long (TOO_BIG) or sent before the required TLS (TLS_REQD).
+    /// An option answered with the error `reply` and its text `why` without
+    /// its data being stored: too long (TOO_BIG), sent before the required TLS
+    /// (TLS_REQD), or a STARTTLS with data (INVALID).
     SkipData {
         opt: u32,
         remaining: u32,
         reply: u32,
+        why: &'static str,
     },
     /// STARTTLS was acknowledged; the driver runs the TLS handshake.
     AwaitTls,
@@ -299,7 +303,7 @@ impl Handshake {
         let mut data = data;
         loop {
             // Skipping a refused option consumes input without storing it.
-            if let State::SkipData { opt, remaining, reply } = self.state {
+            if let State::SkipData { opt, remaining, reply, why } = self.state {
                 let from_buf = self.input.len().min(remaining as usize);
                 self.input.drain(..from_buf);
                 let mut remaining = remaining - from_buf as u32;
@@ -307,15 +311,10 @@ impl Handshake {
                 data = &data[from_data..];
                 remaining -= from_data as u32;
                 if remaining > 0 {
-                    self.state = State::SkipData { opt, remaining, reply };
+                    self.state = State::SkipData { opt, remaining, reply, why };
                     return Ok(Progress::Continue);
                 }
-                let msg = match reply {
-                    REP_ERR_TLS_REQD => "TLS is required: send NBD_OPT_STARTTLS first",
-                    REP_ERR_INVALID => "NBD_OPT_STARTTLS takes no data",
-                    _ => "option data is too long",
-                };
-                self.reply_error(opt, reply, msg);
+                self.reply_error(opt, reply, why);
                 self.state = State::OptionHeader;
                 continue;
             }
@@ -389,12 +388,17 @@ impl Handshake {
                 }
                 self.state = if self.needs_tls_first(opt) {
                     // Refused whatever it says: not worth storing before TLS.
-                    State::SkipData { opt, remaining: len, reply: REP_ERR_TLS_REQD }
+                    State::SkipData {
+                        opt,
+                        remaining: len,
+                        reply: REP_ERR_TLS_REQD,
+                        why: "TLS is required: send NBD_OPT_STARTTLS first",
+                    }
                 } else if len > MAX_OPTION_LEN && opt == OPT_STARTTLS {
                     // STARTTLS takes no data: the same answer as for a short payload.
-                    State::SkipData { opt, remaining: len, reply: REP_ERR_INVALID }
+                    State::SkipData { opt, remaining: len, reply: REP_ERR_INVALID, why: STARTTLS_TAKES_NO_DATA }
                 } else if len > MAX_OPTION_LEN {
-                    State::SkipData { opt, remaining: len, reply: REP_ERR_TOO_BIG }
+                    State::SkipData { opt, remaining: len, reply: REP_ERR_TOO_BIG, why: "option data is too long" }
                 } else {
                     State::OptionData { opt, len }
                 };
@@ -470,7 +474,7 @@ impl Handshake {
                 } else if self.tls_active {
                     self.reply_error(opt, REP_ERR_INVALID, "TLS is already running on this connection");
                 } else if !data.is_empty() {
-                    self.reply_error(opt, REP_ERR_INVALID, "NBD_OPT_STARTTLS takes no data");
+                    self.reply_error(opt, REP_ERR_INVALID, STARTTLS_TAKES_NO_DATA);
                 } else {
                     self.reply(opt, REP_ACK, &[]);
                     self.state = State::AwaitTls;

@@ -238,7 +238,7 @@ lm_phase_end
 # ------------------------------------------------------------------ boot 2
 if [ "${LIVEMIRROR_VM_BOOT2:-1}" != 0 ]; then
   lm_phase "boot 2: the installed disk as root (same initramfs, no rd.livemirror)"
-  lm_boot_installed "$O" 240 "$O/initrd.img" "root=$ROOT2 rw lm.mode=installed lm.root=$ROOT2 lm.token=$TOKEN" "$FS"
+  lm_boot_installed "$O" 240 "$O/initrd.img" "root=$ROOT2 rw lm.mode=installed lm.token=$TOKEN" "$FS"
   lm_phase_end
 fi
 

@@ -4,8 +4,8 @@
 #                      livemirror-install --no-bootloader under a write load onto lm.target:
 #                      /dev/vdb (--whole-disk) or a partition of it, checks, then
 #                      `systemctl poweroff`: the shutdown goes through /run/initramfs/shutdown.
-#   lm.mode=installed  (boot 2) the installed disk alone, lm.root (its whole disk or its partition)
-#                      mounted as root by the same initramfs.
+#   lm.mode=installed  (boot 2) the installed disk alone, the kernel's root= (its whole disk or its
+#                      partition) mounted as root by the same initramfs.
 . /lmtest/common.sh
 exec </dev/null >/dev/console 2>&1
 export PATH=/usr/sbin:/usr/bin:/sbin:/bin
@@ -41,7 +41,7 @@ echo "LMTEST INFO: glue guest start mode=$MODE kernel=$(uname -r) t=$(up)"
 info "systemd_version=$(systemctl --version | awk 'NR==1{print $2}')"
 
 if [ "$MODE" = installed ]; then
-  RDEV=$(cmdline root /dev/vda)
+  RDEV=$(tr ' ' '\n' < /proc/cmdline | sed -n 's/^root=//p' | tail -n 1)
   ROOT=$(awk '$2=="/"' /proc/mounts | tail -n 1)
   case "$ROOT" in "$RDEV / ext4 "*) ok "root is the installed disk: $ROOT" ;; *) fail "root is not $RDEV: $ROOT" ;; esac
   [ -e /run/livemirror/pid ] && fail "livemirror runs in the installed boot"
