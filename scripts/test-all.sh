@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The whole test suite, as README.md names it and .ci/run runs it:
 #   formatting and lints, every unit and integration test of the workspace
-#   (real NBD clients, fault injection, crash tests, the QEMU guest boots),
-#   and each fuzz target for a bounded time.
+#   (real NBD clients, fault injection, crash tests), the QEMU guest scenarios
+#   (tests/vm/run-all.sh, two at a time), and each fuzz target for a bounded time.
 # Prerequisites (packages, nightly toolchain, cargo-fuzz) are installed by
 # .ci/run; run that once on a fresh machine.
 set -euo pipefail
@@ -20,10 +20,16 @@ cargo clippy --workspace --all-targets -- -D warnings
 step "cargo build --release (the binary the VM boots carry in their initramfs)"
 cargo build --release
 
-step "cargo test --workspace (unit, integration, interop, faults, VM boots)"
-LIVEMIRROR_VM_BIN="$PWD/target/release/livemirror" cargo test --workspace --no-fail-fast
+step "cargo test --workspace (unit, integration, interop, faults)"
+cargo test --workspace --no-fail-fast
+t_cargo=$(date +%s)
+
+step "VM scenarios (tests/vm/run-all.sh, ${LIVEMIRROR_VM_JOBS:=2} at a time)"
+LIVEMIRROR_BIN="$PWD/target/release/livemirror" LIVEMIRROR_VM_JOBS=$LIVEMIRROR_VM_JOBS tests/vm/run-all.sh
+t_vm=$(date +%s)
 
 step "fuzz targets (${LIVEMIRROR_FUZZ_SECONDS:-60} s each)"
 scripts/fuzz.sh "${LIVEMIRROR_FUZZ_SECONDS:-60}"
 
-step "all tests passed in $(( $(date +%s) - t0 )) s"
+t_end=$(date +%s)
+step "all tests passed in $((t_end - t0)) s (to the end of cargo test $((t_cargo - t0)) s, VM scenarios $((t_vm - t_cargo)) s, fuzzing $((t_end - t_vm)) s)"

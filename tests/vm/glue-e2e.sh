@@ -1,4 +1,5 @@
 #!/bin/bash
+# vm-seconds: 160 (expected time on the CI machine, warm cache; run-all.sh starts the longest first)
 # Scenario glue-e2e: initrd-glue/ exercised the way a user would.
 #   host: a Debian root (debootstrap bookworm minbase + systemd, initramfs-tools, busybox,
 #     dmsetup; cached), a copy of it gets the rig's kernel modules, livemirror and the glue

@@ -1,4 +1,5 @@
 #!/bin/bash
+# vm-seconds: 160 (expected time on the CI machine, warm cache; run-all.sh starts the longest first)
 # Scenario glue-partition-e2e: glue-e2e with a partition TARGET. The host gives the second disk
 # an MBR partition table with one empty partition; `livemirror-install --no-bootloader
 # /dev/vdb1` installs onto it (the disk's partition table must not count as data on the

@@ -1,4 +1,5 @@
 #!/bin/bash
+# vm-seconds: 45 (expected time on the CI machine, warm cache; run-all.sh starts the longest first)
 # Scenario 1, "rebootless install", end to end in a QEMU guest:
 #   boot 1: vda = read-only base image (ext4 root), vdb = blank, larger target disk.
 #     initramfs: RAM overlay + dm-snapshot "live" of vda -> @livemirror serve (root storage

@@ -1,4 +1,5 @@
 #!/bin/bash
+# vm-seconds: 35 (expected time on the CI machine, warm cache; run-all.sh starts the longest first)
 # Scenario 1b: scenario 1 with the standard client: `nbd-client -unix /run/livemirror/nbd.sock
 # /dev/nbd0` connects the kernel device instead of livemirror's own netlink attach. Shorter: no
 # resize step (livemirror cannot resize a device nbd-client configured) and no boot 2.

@@ -1,4 +1,5 @@
 #!/bin/bash
+# vm-seconds: 700 (expected time on the CI machine, warm cache; run-all.sh starts the longest first)
 # Scenario live-iso-e2e: the whole journey on a real live medium.
 #   host: a Debian tree (debootstrap bookworm + kernel, systemd, dracut, dracut-live, grub-pc;
 #     cached) becomes a Fedora-style live ISO (tests/vm/live/build-iso.sh: ISO9660 labelled

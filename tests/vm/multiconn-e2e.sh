@@ -1,4 +1,5 @@
 #!/bin/bash
+# vm-seconds: 60 (expected time on the CI machine, warm cache; run-all.sh starts the longest first)
 # Scenario multiconn-e2e: many kernel NBD connections x deep queues, and every reply arrives.
 #   boot: 4 guest CPUs (the kernel makes at most one hardware queue, so uses at most one
 #     connection, per CPU; LIVEMIRROR_VM_SMP), the live stack of install-e2e (vda + RAM overlay -> dm-snapshot -> @livemirror
