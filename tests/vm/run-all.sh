@@ -37,7 +37,7 @@ mapfile -t SCENARIOS < <(for s in "${SCENARIOS[@]}"; do printf '%s %s\n' "$(weig
 lm_prepare || { echo "0 passed, ${#SCENARIOS[@]} failed (the rig's prerequisites are missing; see above)"; exit 1; }
 
 LOGDIR=$(mktemp -d /tmp/livemirror-vm-run.XXXXXX)
-declare -A PID_NAME PID_START
+declare -A PID_NAME=() PID_START=()
 PASSED=0 FAILED=0 RESULTS=()
 T_ALL=$(lm_now)
 
@@ -74,4 +74,4 @@ lm_say "=== results (binary $LIVEMIRROR_BIN, $JOBS at a time, $(lm_secs $(($(lm_
 printf '    %s\n' "${RESULTS[@]}"
 rm -rf "$LOGDIR"
 echo "$PASSED passed, $FAILED failed"
-[ "$FAILED" -eq 0 ]
+[ "$FAILED" -eq 0 ] && [ "$PASSED" -eq "${#SCENARIOS[@]}" ]
