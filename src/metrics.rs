@@ -31,6 +31,7 @@ pub(crate) struct EventCounts {
     pub(crate) state: Cell<u64>,
     pub(crate) error: Cell<u64>,
     pub(crate) info: Cell<u64>,
+    pub(crate) overlay: Cell<u64>,
     /// Events this counter missed because it fell behind (never expected).
     pub(crate) missed: Cell<u64>,
 }
@@ -110,10 +111,39 @@ pub(crate) fn render(st: &Status, fe: &Frontend<'_>, events: &EventCounts) -> St
         one(&mut o, "livemirror_eta_seconds", "gauge", "Estimated time until synced (absent when unknown).", eta);
     }
     one(&mut o, "livemirror_error", "gauge", "1 while the status reports an error.", u8::from(st.error.is_some()));
+    if let Some(ov) = &st.overlay {
+        one(
+            &mut o,
+            "livemirror_overlay_bytes_used",
+            "gauge",
+            "What the source's overlay file occupies.",
+            ov.bytes_used,
+        );
+        if let Some(l) = ov.bytes_limit {
+            one(&mut o, "livemirror_overlay_bytes_limit", "gauge", "The overlay's --overlay-limit.", l);
+        }
+        one(
+            &mut o,
+            "livemirror_overlay_chunks_present",
+            "gauge",
+            "4 KiB chunks the overlay holds (written, zeroed or trimmed).",
+            ov.chunks_present,
+        );
+        one(
+            &mut o,
+            "livemirror_overlay_writes_refused_total",
+            "counter",
+            "Writes refused with ENOSPC because the overlay was full.",
+            ov.writes_refused,
+        );
+    }
     metric(&mut o, "livemirror_events_total", "counter", "Events logged since the daemon started, by kind.");
-    for (k, v) in
-        [(EventKind::State, &events.state), (EventKind::Error, &events.error), (EventKind::Info, &events.info)]
-    {
+    for (k, v) in [
+        (EventKind::State, &events.state),
+        (EventKind::Error, &events.error),
+        (EventKind::Info, &events.info),
+        (EventKind::Overlay, &events.overlay),
+    ] {
         let name = serde_json::to_value(k).ok().and_then(|v| v.as_str().map(str::to_string)).unwrap_or_default();
         let _ = writeln!(o, "livemirror_events_total{{kind=\"{name}\"}} {}", v.get());
     }
@@ -250,6 +280,7 @@ pub(crate) async fn serve(
                                 EventKind::State => &counts.state,
                                 EventKind::Error => &counts.error,
                                 EventKind::Info => &counts.info,
+                                EventKind::Overlay => &counts.overlay,
                             };
                             c.set(c.get() + 1);
                         }

@@ -45,6 +45,9 @@ impl Error {
                 Some(libc::EPERM) | Some(libc::EROFS) | Some(libc::EACCES) => libc::EPERM,
                 Some(libc::EOPNOTSUPP) => libc::ENOTSUP,
                 Some(libc::EINVAL) => libc::EINVAL,
+                // Refused for lack of space before the OS was asked (an
+                // overlay's limit): the message says more than an errno could.
+                None if cause.kind() == io::ErrorKind::StorageFull => libc::ENOSPC,
                 _ => libc::EIO,
             },
             Error::Refused(_) | Error::InvalidConfig(_) => libc::EINVAL,

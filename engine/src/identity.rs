@@ -76,7 +76,11 @@ impl DeviceIdent {
                 ));
             }
         }
-        if !self.stack.is_empty() && !other.stack.is_empty() && self.stack != other.stack {
+        // An overlay's stack names the overlay itself: one side with an overlay
+        // and the other without is another device even where the other side
+        // knows nothing (a plain file records no stack).
+        let overlay = is_overlay(&self.stack) || is_overlay(&other.stack);
+        if ((!self.stack.is_empty() && !other.stack.is_empty()) || overlay) && self.stack != other.stack {
             return Some(format!(
                 "{now} is now [{}], but the device recorded as {was} was [{}]: it was replaced or re-pointed",
                 other.stack, self.stack
@@ -87,6 +91,10 @@ impl DeviceIdent {
         }
         None
     }
+}
+
+fn is_overlay(stack: &str) -> bool {
+    stack.starts_with("overlay ")
 }
 
 pub(crate) fn truncate(mut s: String) -> String {

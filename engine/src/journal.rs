@@ -271,6 +271,20 @@ impl Journal {
         lock(&self.sh.st).cleaned_pending.push(regions);
     }
 
+    /// `regions` are dirty again (a write reached T but failed on S): the
+    /// next persist records them so.
+    pub fn note_dirtied(&self, regions: Range<usize>) {
+        let mut st = lock(&self.sh.st);
+        let n = st.durable_clean.len();
+        let r = regions.start.min(n)..regions.end.min(n);
+        st.durable_clean[r.clone()].fill(false);
+        // A copy of them cleaned before this must not be recorded after it.
+        st.cleaned_pending.retain(|c| c.end <= r.start || c.start >= r.end);
+        Self::bump(&mut st);
+        drop(st);
+        self.sh.kick.notify_one();
+    }
+
     pub fn mark_dirty_meta(&self) {
         Self::bump(&mut lock(&self.sh.st));
         self.sh.kick.notify_one();

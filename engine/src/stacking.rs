@@ -59,7 +59,15 @@ pub fn underlying(source: &Identity) -> Underlying {
 /// Refuses `target` if it is `source` or something `source` is built on.
 pub fn check_target_is_independent(source: &Backend, target: &Backend) -> Result<()> {
     // A remote device is built on nothing local, and nothing local on it.
-    let (Some(s), Some(t)) = (source.identity(), target.identity()) else { return Ok(()) };
+    let Some(t) = target.identity() else { return Ok(()) };
+    // An overlay is made of its base and its file: the target may be neither.
+    for s in source.identities() {
+        check_one(source, s, target, t)?;
+    }
+    Ok(())
+}
+
+fn check_one(source: &Backend, s: Identity, target: &Backend, t: Identity) -> Result<()> {
     let refuse = |why: &str| {
         Err(Error::Refused(format!(
             "refusing target {}: {why} (source {})",

@@ -12,7 +12,7 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use crate::backend::{Backend, LockMode, OpenOptions};
+use crate::backend::{Backend, LockMode, OpenOptions, OverlayDevice, OverlayOptions};
 use crate::buf::{IoBuf, SharedBuf};
 use crate::error::{Error, Result};
 use crate::journal::Journal;
@@ -27,6 +27,9 @@ use crate::statefile::{self, Loaded, StateFile, StateImage};
 pub struct StartOptions {
     pub source: Option<PathBuf>,
     pub target: Option<PathBuf>,
+    /// Serve the source through a copy-on-write overlay (`--overlay`): the
+    /// source is only read.
+    pub overlay: Option<OverlayOptions>,
     pub state: Option<PathBuf>,
     pub restart_sync: bool,
     /// The region size was given on the command line (else a state file's wins).
@@ -50,6 +53,16 @@ fn open(path: &Path, writable: bool, cfg: &MirrorConfig) -> Result<Backend> {
     // A restarted daemon waits here until the killed one's I/O has drained:
     // the kernel releases the exclusive claims only then.
     cfg.opener.0.open(path, None, &OpenOptions { writable, cache: cfg.cache, lock: LockMode::Wait })
+}
+
+/// Opens the source: as it is, or read-only under its overlay.
+fn open_source(path: &Path, cfg: &MirrorConfig, overlay: Option<&OverlayOptions>) -> Result<Backend> {
+    let Some(o) = overlay else { return open(path, !cfg.read_only, cfg) };
+    // Only read, never written, so neither locked nor claimed: other readers
+    // (the loop device a live medium still has) may share it.
+    let base =
+        cfg.opener.0.open(path, None, &OpenOptions { writable: false, cache: cfg.cache, lock: LockMode::None })?;
+    Ok(Backend::Overlay(Box::new(OverlayDevice::open(base, o)?)))
 }
 
 fn refuse_or_restart<T>(restart: bool, why: String, fresh: impl FnOnce() -> Result<T>) -> Result<T> {
@@ -82,7 +95,7 @@ pub fn start(opts: &StartOptions, mut cfg: MirrorConfig) -> Result<Started> {
     let mut shift = validate_region_size(cfg.region_size).map_err(Error::InvalidConfig)?;
     let Some(state_path) = &opts.state else {
         let source = opts.source.as_ref().ok_or_else(|| Error::InvalidConfig("--source is required".into()))?;
-        let s = open(source, !cfg.read_only, &cfg)?;
+        let s = open_source(source, &cfg, opts.overlay.as_ref())?;
         let mirror = Mirror::new(s, cfg)?;
         return Ok(Started { mirror, attach: opts.target.clone(), resumed_sync: false });
     };
@@ -153,7 +166,7 @@ pub fn start(opts: &StartOptions, mut cfg: MirrorConfig) -> Result<Started> {
             img.state
         ))
     })?;
-    let s = open(&source_path, !cfg.read_only, &cfg)?;
+    let s = open_source(&source_path, &cfg, opts.overlay.as_ref())?;
     if let Some(why) = img.source.as_ref().and_then(|rec| rec.differs(&s.ident())) {
         drop(s);
         return refuse_or_restart(opts.restart_sync, format!("the source does not match the state file: {why}"), fresh);
@@ -284,7 +297,7 @@ fn assemble(
 
 fn fresh_start(opts: &StartOptions, state_path: &Path, shift: u32, cfg: MirrorConfig) -> Result<Started> {
     let source = opts.source.as_ref().ok_or_else(|| Error::InvalidConfig("--source is required".into()))?;
-    let s = open(source, !cfg.read_only, &cfg)?;
+    let s = open_source(source, &cfg, opts.overlay.as_ref())?;
     let img = statefile::fresh_image(DeviceState::Serving, shift, s.size(), Some(&s), None);
     let file = StateFile::create(state_path, &img)
         .map_err(|e| Error::io(format!("cannot create the state file {}", state_path.display()), e))?;
@@ -310,6 +323,10 @@ fn resume_target_only(opts: &StartOptions, state_path: &Path, img: StateImage, c
             "ignoring --source {}: the state file says the source was detached and it is stale",
             s.display()
         );
+    }
+    if let Some(o) = &opts.overlay {
+        // Never made again: the detached source and its overlay are gone.
+        tracing::warn!("ignoring --overlay {}: the source was detached", o.path.display());
     }
     let rec_t = img.target.clone().ok_or_else(|| {
         Error::Refused(format!("the state file {} is source-detached without a target", state_path.display()))

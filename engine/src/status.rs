@@ -15,6 +15,9 @@ pub enum EventKind {
     /// Everything else (pause, rate, verify, grow).
     #[default]
     Info,
+    /// The overlay's space: 75 % and 90 % of `--overlay-limit` crossed, writes
+    /// refused for lack of space.
+    Overlay,
 }
 
 /// One line of the event log shown by `status`, and what
@@ -76,6 +79,10 @@ pub struct Status {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub target_link: Option<crate::backend::LinkState>,
     pub copier_running: bool,
+    /// The source's overlay (`serve --overlay`): what its file occupies and the
+    /// limit; null without one, and once the source is detached.
+    #[serde(default)]
+    pub overlay: Option<crate::backend::OverlayUsage>,
     #[serde(default)]
     pub events: Vec<Event>,
 }

@@ -7,8 +7,9 @@
 //! RAM, its identity for the state file). Each kind of device is one variant:
 //! the local file or block device ([`local::LocalDevice`]) and a device behind
 //! a link ([`remote::RemoteDevice`], implemented outside the engine: an NBD
-//! export). A copy-on-write overlay would be another variant here and nothing
-//! else: the rest of the engine never matches on the kind.
+//! export), and a copy-on-write overlay over a read-only base
+//! ([`overlay::OverlayDevice`], `serve --overlay`). The rest of the engine never
+//! matches on the kind.
 //!
 //! An enum rather than a trait object: the hot path (a 4K write) stays free of
 //! boxed futures, and adding a variant makes the compiler list every method it
@@ -25,9 +26,11 @@ use crate::error::Result;
 use crate::identity::DeviceIdent;
 
 pub mod local;
+pub mod overlay;
 pub mod remote;
 
 pub use local::LocalDevice;
+pub use overlay::{OverlayDevice, OverlayNotice, OverlayOptions, OverlayUsage};
 pub use remote::{DeviceOpener, LinkState, LocalOpener, RemoteDevice};
 
 /// How to use the page cache.
@@ -113,6 +116,8 @@ pub enum BackendKind {
     BlockDevice,
     /// Behind a link (an NBD export).
     Remote,
+    /// A copy-on-write overlay over a read-only base.
+    Overlay,
 }
 
 /// One extent of allocation status.
@@ -128,6 +133,8 @@ pub struct Extent {
 pub enum Backend {
     Local(LocalDevice),
     Remote(Arc<dyn RemoteDevice>),
+    /// Boxed: it holds its base, another backend.
+    Overlay(Box<OverlayDevice>),
 }
 
 impl Backend {
@@ -145,7 +152,7 @@ impl Backend {
     pub fn with_size_limit(self, size: u64) -> Backend {
         match self {
             Backend::Local(d) => Backend::Local(d.with_size_limit(size)),
-            Backend::Remote(r) => Backend::Remote(r),
+            other => other,
         }
     }
 
@@ -153,7 +160,7 @@ impl Backend {
     pub fn with_hooks(self, hooks: Arc<dyn IoHooks>) -> Backend {
         match self {
             Backend::Local(d) => Backend::Local(d.with_hooks(hooks)),
-            Backend::Remote(r) => Backend::Remote(r),
+            other => other,
         }
     }
 
@@ -161,7 +168,7 @@ impl Backend {
     pub fn with_forced_alignment(self, align: u64) -> Backend {
         match self {
             Backend::Local(d) => Backend::Local(d.with_forced_alignment(align)),
-            Backend::Remote(r) => Backend::Remote(r),
+            other => other,
         }
     }
 
@@ -170,6 +177,7 @@ impl Backend {
         match self {
             Backend::Local(d) => d.path(),
             Backend::Remote(r) => r.name(),
+            Backend::Overlay(o) => o.path(),
         }
     }
 
@@ -178,6 +186,7 @@ impl Backend {
         match self {
             Backend::Local(d) => d.size(),
             Backend::Remote(r) => r.size(),
+            Backend::Overlay(o) => o.size(),
         }
     }
 
@@ -186,6 +195,7 @@ impl Backend {
         match self {
             Backend::Local(d) => d.current_size(),
             Backend::Remote(r) => r.current_size(),
+            Backend::Overlay(o) => o.current_size(),
         }
     }
 
@@ -193,6 +203,7 @@ impl Backend {
         match self {
             Backend::Local(d) => d.kind(),
             Backend::Remote(_) => BackendKind::Remote,
+            Backend::Overlay(_) => BackendKind::Overlay,
         }
     }
 
@@ -200,7 +211,7 @@ impl Backend {
     pub fn is_direct(&self) -> bool {
         match self {
             Backend::Local(d) => d.is_direct(),
-            Backend::Remote(_) => false,
+            Backend::Remote(_) | Backend::Overlay(_) => false,
         }
     }
 
@@ -209,6 +220,7 @@ impl Backend {
         match self {
             Backend::Local(d) => d.alignment(),
             Backend::Remote(r) => r.alignment(),
+            Backend::Overlay(o) => o.alignment(),
         }
     }
 
@@ -218,6 +230,8 @@ impl Backend {
         match self {
             Backend::Local(d) => d.kind() == BackendKind::File,
             Backend::Remote(r) => r.zeroing_is_fast(),
+            // A hole punched in the overlay file.
+            Backend::Overlay(_) => true,
         }
     }
 
@@ -226,6 +240,7 @@ impl Backend {
         match self {
             Backend::Local(d) => d.in_memory(),
             Backend::Remote(_) => false,
+            Backend::Overlay(o) => o.in_memory(),
         }
     }
 
@@ -235,6 +250,7 @@ impl Backend {
         match self {
             Backend::Local(d) => Some(d.identity()),
             Backend::Remote(_) => None,
+            Backend::Overlay(o) => o.base().identity(),
         }
     }
 
@@ -243,6 +259,7 @@ impl Backend {
         match self {
             Backend::Local(d) => d.ident(),
             Backend::Remote(r) => r.ident(),
+            Backend::Overlay(o) => o.ident(),
         }
     }
 
@@ -252,6 +269,7 @@ impl Backend {
         match self {
             Backend::Local(d) => d.read_at(buf, buf_off, len, off).await,
             Backend::Remote(r) => r.read_at(buf, buf_off, len, off).await,
+            Backend::Overlay(o) => Box::pin(o.read_at(buf, buf_off, len, off)).await,
         }
     }
 
@@ -268,6 +286,7 @@ impl Backend {
         match self {
             Backend::Local(d) => d.write_at(buf, buf_off, len, off, fua).await,
             Backend::Remote(r) => r.write_at(buf, buf_off, len, off, fua).await,
+            Backend::Overlay(o) => Box::pin(o.write_at(buf, buf_off, len, off, fua)).await,
         }
     }
 
@@ -276,6 +295,7 @@ impl Backend {
         match self {
             Backend::Local(d) => d.flush().await,
             Backend::Remote(r) => r.flush().await,
+            Backend::Overlay(o) => o.flush().await,
         }
     }
 
@@ -284,6 +304,9 @@ impl Backend {
         match self {
             Backend::Local(d) => d.write_zeroes(off, len, may_unmap, fua).await,
             Backend::Remote(r) => r.write_zeroes(off, len, may_unmap, fua).await,
+            // Zeroes always give the overlay's space back: a hole it holds
+            // reads as zeroes, which is all NO_HOLE asks of the device.
+            Backend::Overlay(o) => Box::pin(o.zero(off, len, fua)).await,
         }
     }
 
@@ -292,6 +315,8 @@ impl Backend {
         match self {
             Backend::Local(d) => d.discard(off, len).await,
             Backend::Remote(r) => r.discard(off, len).await,
+            // Trimmed chunks read as zeroes, stably, and their space comes back.
+            Backend::Overlay(o) => Box::pin(o.zero(off, len, false)).await,
         }
     }
 
@@ -300,6 +325,7 @@ impl Backend {
         match self {
             Backend::Local(d) => d.prefetch(off, len).await,
             Backend::Remote(r) => r.prefetch(off, len).await,
+            Backend::Overlay(o) => Box::pin(o.prefetch(off, len)).await,
         }
     }
 
@@ -308,16 +334,18 @@ impl Backend {
         match self {
             Backend::Local(d) => d.allocation(off, len, max_extents),
             Backend::Remote(r) => r.allocation(off, len, max_extents).await,
+            Backend::Overlay(o) => Box::pin(o.allocation(off, len, max_extents)).await,
         }
     }
 
     /// How its I/O goes, for status: "direct" (O_DIRECT), "buffered" (the page
-    /// cache) or "network".
+    /// cache), "network" or "overlay".
     pub fn io_mode(&self) -> &'static str {
         match self {
             Backend::Local(d) if d.is_direct() => "direct",
             Backend::Local(_) => "buffered",
             Backend::Remote(_) => "network",
+            Backend::Overlay(_) => "overlay",
         }
     }
 
@@ -325,7 +353,11 @@ impl Backend {
     /// behind a link, where a read moves the bytes over the wire (the copier
     /// asks before it reads). A local device reads holes from the page cache.
     pub fn holes_worth_asking(&self) -> bool {
-        matches!(self, Backend::Remote(_))
+        match self {
+            Backend::Remote(_) => true,
+            Backend::Local(_) => false,
+            Backend::Overlay(o) => o.base().holes_worth_asking(),
+        }
     }
 
     /// The link of a remote device; `None` for a local one.
@@ -333,6 +365,32 @@ impl Backend {
         match self {
             Backend::Local(_) => None,
             Backend::Remote(r) => Some(r.link()),
+            Backend::Overlay(o) => o.base().link(),
+        }
+    }
+
+    /// The overlay, when this device is one.
+    pub fn overlay(&self) -> Option<&OverlayDevice> {
+        match self {
+            Backend::Overlay(o) => Some(o),
+            _ => None,
+        }
+    }
+
+    /// Everything local it is made of, for the stacking checks (an overlay:
+    /// its base and its file).
+    pub fn identities(&self) -> Vec<Identity> {
+        match self {
+            Backend::Overlay(o) => o.base().identities().into_iter().chain(Some(o.file_identity())).collect(),
+            other => other.identity().into_iter().collect(),
+        }
+    }
+
+    /// This device is gone for good (the source was detached): an overlay
+    /// removes its file once closed. Nothing for other kinds.
+    pub fn retire(&self) {
+        if let Backend::Overlay(o) = self {
+            o.retire();
         }
     }
 

@@ -13,7 +13,8 @@ use crate::error::{Error, Result};
 use crate::state::DeviceState;
 use crate::sync::lock;
 
-/// How often every device's size is compared with the export's.
+/// How often every device's size is compared with the export's (and pending
+/// overlay notices delivered).
 const SIZE_CHECK_INTERVAL: Duration = Duration::from_secs(1);
 
 impl Mirror {
@@ -82,6 +83,11 @@ impl Mirror {
                             return;
                         }
                         m.check_device_sizes().await;
+                        // A count of refused overlay writes waits at most a
+                        // second for its event.
+                        if let Some(o) = m.route().source.as_ref().and_then(|s| s.overlay()) {
+                            o.deliver_notices(true);
+                        }
                     }
                 });
                 if let Err(e) = res {

@@ -328,6 +328,8 @@ impl Mirror {
         match changed {
             Ok(Ok(_)) => {
                 *lock(&self.source_path) = None;
+                // Closed when its last request ends; an overlay's file goes too.
+                source.retire();
                 self.set_error(Some(reason.clone()));
                 self.error_event(reason);
                 self.state_event(
@@ -370,6 +372,9 @@ impl Mirror {
             self.change_route(Transition::DetachSource, |r| Some((None, r.target.clone()))).await?.map_err(refused)?;
         Self::barrier(rx).await;
         if let Some(s) = source {
+            // Persisted as source-detached above, so nothing will read S again:
+            // an overlay's file goes with it (its RAM comes back).
+            s.retire();
             release(s, "the detached source").await;
         }
         let path = lock(&self.source_path).take();

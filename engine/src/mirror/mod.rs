@@ -220,6 +220,17 @@ impl Mirror {
             let host: Arc<dyn crate::journal::JournalHost> = m.clone();
             j.start(Arc::downgrade(&host))?;
         }
+        if let Some(o) = r.source.as_ref().and_then(|s| s.overlay()) {
+            // The overlay's space notices become events (held weakly: the
+            // overlay lives inside the device).
+            let weak = Arc::downgrade(&m);
+            let path = o.overlay_path().display().to_string();
+            o.set_notifier(Box::new(move |n| {
+                if let Some(m) = weak.upgrade() {
+                    m.log_event(EventKind::Overlay, n.message(&path));
+                }
+            }));
+        }
         m.start_watchdog()?;
         let what = match (&r.source, &r.target) {
             (Some(s), None) => format!("serving {} ({export_size} bytes)", s.path().display()),
@@ -296,6 +307,7 @@ impl Mirror {
     pub(crate) fn log_event(&self, kind: EventKind, message: String) {
         match kind {
             EventKind::Error => tracing::error!("{message}"),
+            EventKind::Overlay => tracing::warn!("{message}"),
             _ => tracing::info!("{message}"),
         }
         let e = Event { unix_time: now_unix(), kind, state: self.state(), message };

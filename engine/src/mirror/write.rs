@@ -113,14 +113,15 @@ impl Mirror {
     }
 
     async fn write_payload(&self, off: u64, len: u64, payload: Payload<'_>, fua: bool) -> Result<()> {
-        let plan = self.plan_write(off, len).await;
+        let zeroing = matches!(payload, Payload::Zeroes { .. });
+        let plan = self.plan_write(off, len, zeroing).await;
         let intent = self.prepare_write(&plan, off, len).await?;
         let (s_res, t_res) = self.apply_write(&plan, off, len, &payload, fua).await;
         self.settle_write(plan, intent, s_res, t_res, off).await
     }
 
     /// Phase 1: the range lock, and one trip to the map under it.
-    async fn plan_write(&self, off: u64, len: u64) -> WritePlan {
+    async fn plan_write(&self, off: u64, len: u64, zeroing: bool) -> WritePlan {
         // The lock's shape comes from what is known before it: the devices'
         // alignment and whether any region is discarded at all. Both are
         // re-checked under the lock; a change means another round.
@@ -132,6 +133,10 @@ impl Mirror {
         loop {
             let align = self.route().max_align();
             let rmw = align > 1 && (!off.is_multiple_of(align) || !len.is_multiple_of(align));
+            // Zeroing may give a device's blocks back (an overlay's chunks): no
+            // write to the same blocks may run meanwhile, or its data could land
+            // in a block the device just counted as free.
+            let rmw = rmw || (zeroing && align > 1);
             let (range, mode) = if repair_discards {
                 // The repair writes the untouched parts of whole regions.
                 let m = self.map.lock();
@@ -255,6 +260,12 @@ impl Mirror {
         // Both legs are done: the persister may clear the bit once quiet.
         drop(intent);
         let both_ok = s_res.is_ok() && t_res.is_ok();
+        if s_res.is_err() && t_res.is_ok() && plan.route.state == DeviceState::Syncing {
+            // The write failed on S (an overlay that is full, say) but reached
+            // T where regions were clean: they are dirty again, so the copier
+            // makes T equal to S there, and reads come from S meanwhile.
+            self.redirty_target_runs(&plan);
+        }
         self.failover(&plan.route, s_res, t_res, Request::Write { off }).await?;
         if both_ok {
             if let Some(covered) = plan.covers_unverifiable {
@@ -263,6 +274,25 @@ impl Mirror {
             }
         }
         Ok(())
+    }
+
+    /// Marks the regions of `plan`'s target runs dirty again.
+    fn redirty_target_runs(&self, plan: &WritePlan) {
+        let mut touched = Vec::new();
+        {
+            let mut m = self.map.lock();
+            for run in &plan.legs.target_runs {
+                let rs = m.regions_touching(run.start, run.end - run.start);
+                m.set_clean(rs.clone(), false);
+                touched.push(rs);
+            }
+        }
+        if let Some(j) = &self.journal {
+            for rs in touched {
+                j.note_dirtied(rs);
+            }
+        }
+        self.copier.wake.notify_waiters();
     }
 
     /// The failover policy of every request with legs on both devices (write

@@ -144,6 +144,11 @@ impl LocalDevice {
         }
     }
 
+    /// What a file occupies on its file system (its allocated blocks).
+    pub fn allocated_bytes(&self) -> io::Result<u64> {
+        Ok(fstat(self.raw_fd())?.st_blocks as u64 * 512)
+    }
+
     /// A file in RAM (tmpfs, ramfs).
     pub fn in_memory(&self) -> bool {
         self.in_memory
