@@ -303,6 +303,9 @@ fn an_overlay_made_over_another_image_is_refused_and_left_unchanged() {
     assert_same(&got, &want, "the original overlay");
 }
 
+/// A sector written when the daemon was killed: (sector, old bytes, new bytes).
+type Uncertain = (usize, Vec<u8>, Vec<u8>);
+
 /// Four writers write until the daemon is killed; acknowledged writes go into
 /// the model, the one in flight at the kill may be old or new per sector.
 #[test]
@@ -310,7 +313,7 @@ fn every_acknowledged_write_survives_kill9_under_four_writers() {
     let kills: usize = std::env::var("LIVEMIRROR_OVERLAY_KILLS").ok().and_then(|s| s.parse().ok()).unwrap_or(4);
     let rig = Rig::new(32 * MIB);
     let model = Arc::new(Mutex::new(rig.model.clone()));
-    let uncertain: Arc<Mutex<Vec<(usize, Vec<u8>, Vec<u8>)>>> = Arc::new(Mutex::new(Vec::new()));
+    let uncertain: Arc<Mutex<Vec<Uncertain>>> = Arc::new(Mutex::new(Vec::new()));
     let mut d = rig.start(&[]);
     for k in 0..kills {
         let runtime = rt();
@@ -337,7 +340,7 @@ fn every_acknowledged_write_survives_kill9_under_four_writers() {
                             match c.write(off, &data, rng.below(8) == 0).await {
                                 Ok(()) => m.lock().unwrap()[r].copy_from_slice(&data),
                                 Err(_) => {
-                                    let mut mm = m.lock().unwrap();
+                                    let mm = m.lock().unwrap();
                                     let mut un = u.lock().unwrap();
                                     for sector in r.start / 512..=(r.end - 1) / 512 {
                                         let (a, b) = (sector * 512, sector * 512 + 512);
