@@ -156,7 +156,7 @@ fn run(ops: Vec<Op>, limit_chunks: Option<u64>) {
                 Op::Flush => d.flush().await.unwrap(),
                 Op::Reopen => {
                     // A crash: dropped with no flush, opened again from the file.
-                    dev = None;
+                    drop(dev.take());
                     dev = Some(open(&image, &overlay, limit));
                 }
             }
