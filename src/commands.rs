@@ -142,6 +142,17 @@ pub(crate) fn status(control: &Path, json: bool, get: &[String]) -> u8 {
     println!("export:   {} bytes ({})", st.export_size, human(st.export_size as f64));
     println!("source:   {}", st.source.as_deref().unwrap_or("-"));
     println!("target:   {}", st.target.as_deref().unwrap_or("-"));
+    if let Some(o) = &st.overlay {
+        let limit = match o.bytes_limit {
+            Some(l) if l > 0 => {
+                format!(" of {} ({:.0} %)", human(l as f64), 100.0 * o.bytes_used as f64 / l as f64)
+            }
+            _ => " (no limit)".to_string(),
+        };
+        let refused =
+            if o.writes_refused > 0 { format!("; {} writes refused: full", o.writes_refused) } else { String::new() };
+        println!("overlay:  {} holds {}{limit}{refused}", o.path, human(o.bytes_used as f64));
+    }
     println!(
         "regions:  {} of {} clean ({pct:.1} %), {} per region",
         st.regions_clean,
