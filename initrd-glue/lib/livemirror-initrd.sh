@@ -13,6 +13,7 @@
 #   2. /etc/livemirror/initrd.conf (shell variables, copied into the initramfs when it is built):
 #        LIVEMIRROR_ENABLE=1  LIVEMIRROR_SOURCE=...  LIVEMIRROR_NBD=...  LIVEMIRROR_STATE=...
 #        LIVEMIRROR_ARGS="..."  LIVEMIRROR_WAIT=...  LIVEMIRROR_LOG=...
+#        LIVEMIRROR_OVERLAY=...  LIVEMIRROR_OVERLAY_LIMIT=...
 #   3. the kernel command line:
 #        rd.livemirror[=0|1]          turn the glue on (off by default)
 #        livemirror.source=DEV        the live system's read-write device (/dev/mapper/live-rw)
@@ -21,6 +22,11 @@
 #        livemirror.args=A,B,...      extra `livemirror serve` arguments, comma separated
 #        livemirror.wait=SECS         how long to wait for the source device (60)
 #        livemirror.log=PATH          the daemon's log (/run/livemirror/log)
+#        rd.livemirror.overlay        dracut: serve the live medium's image (root=live:...) with
+#                                     livemirror's own overlay in RAM, without device-mapper
+#        livemirror.overlay=PATH|ram|none  serve livemirror.source read-only with its writes in a
+#                                     copy-on-write overlay file (ram: /run/livemirror/overlay)
+#        livemirror.overlay-limit=SIZE|N%  the most the overlay may hold (50% of the RAM)
 
 # /run/livemirror (a directory on /run, which moves into the real root and is never unmounted)
 # holds pid, nbd, source, cmdline, log, state and the sockets; the binary runs from
@@ -61,6 +67,8 @@ lm_config() {
 	LIVEMIRROR_ARGS=
 	LIVEMIRROR_WAIT=60
 	LIVEMIRROR_LOG=$LM_RUN/log
+	LIVEMIRROR_OVERLAY=
+	LIVEMIRROR_OVERLAY_LIMIT=50%
 	# shellcheck disable=SC1091
 	[ -r /etc/livemirror/initrd.conf ] && . /etc/livemirror/initrd.conf
 	LM_ENABLE=$(lm_cmdline rd.livemirror) || LM_ENABLE=$LIVEMIRROR_ENABLE
@@ -74,6 +82,16 @@ lm_config() {
 	fi
 	LM_WAIT=$(lm_cmdline livemirror.wait) || LM_WAIT=$LIVEMIRROR_WAIT
 	LM_LOG=$(lm_cmdline livemirror.log) || LM_LOG=$LIVEMIRROR_LOG
+	# The live medium mode (dracut): the medium's image, an overlay in RAM, no device-mapper.
+	LM_LIVE=$(lm_cmdline rd.livemirror.overlay) || LM_LIVE=0
+	lm_true "$LM_LIVE" || LM_LIVE=0
+	LM_OVERLAY=$(lm_cmdline livemirror.overlay) || LM_OVERLAY=$LIVEMIRROR_OVERLAY
+	[ "$LM_LIVE" = 0 ] || [ -n "$LM_OVERLAY" ] || LM_OVERLAY=ram
+	case $LM_OVERLAY in
+	ram | 1 | y | yes | on | true) LM_OVERLAY=$LM_RUN/overlay ;;
+	none | 0 | n | no | off | false) LM_OVERLAY= ;;
+	esac
+	LM_OVERLAY_LIMIT=$(lm_cmdline livemirror.overlay-limit) || LM_OVERLAY_LIMIT=$LIVEMIRROR_OVERLAY_LIMIT
 	case $LM_NBD in
 	/dev/nbd[0-9]*) ;;
 	*) lm_say "livemirror.nbd=$LM_NBD is not a /dev/nbdN device; using /dev/nbd0"; LM_NBD=/dev/nbd0 ;;
@@ -82,6 +100,21 @@ lm_config() {
 }
 
 lm_enabled() { lm_true "$LM_ENABLE"; }
+
+# lm_live: the live medium mode (rd.livemirror.overlay) is asked for.
+lm_live() { [ "$LM_LIVE" != 0 ]; }
+
+# lm_overlay_limit: --overlay-limit's value: SIZE as given, N% of the RAM in bytes.
+lm_overlay_limit() {
+	case $LM_OVERLAY_LIMIT in
+	"" | none) ;;
+	*%)
+		_lm_kib=$(awk '/^MemTotal:/ {print $2}' /proc/meminfo 2>/dev/null)
+		echo $((${_lm_kib:-0} * ${LM_OVERLAY_LIMIT%\%} / 100 * 1024))
+		;;
+	*) echo "$LM_OVERLAY_LIMIT" ;;
+	esac
+}
 
 # Is PATH a mount point? (busybox and util-linux have mountpoint; klibc does not)
 lm_is_mounted() {
@@ -94,10 +127,11 @@ lm_is_mounted() {
 
 lm_uptime() { read -r _lm_up _ </proc/uptime; echo "${_lm_up%.*}"; }
 
-# lm_wait_block DEV SECS: waits until DEV is a block device; returns 1 after SECS seconds.
+# lm_wait_block DEV SECS: waits until DEV is a block device (or, as the read-only image under an
+# overlay, a regular file); returns 1 after SECS seconds.
 lm_wait_block() {
 	_lm_end=$(($(lm_uptime) + $2))
-	while [ ! -b "$1" ]; do
+	while [ ! -b "$1" ] && { [ -z "$LM_OVERLAY" ] || [ ! -f "$1" ]; }; do
 		[ "$(lm_uptime)" -ge "$_lm_end" ] && return 1
 		if command -v udevadm >/dev/null 2>&1; then
 			udevadm settle --timeout=1 --exit-if-exists="$1" 2>/dev/null || sleep 1
@@ -137,9 +171,15 @@ lm_start() {
 	ln -sf livemirror "$LM_BIN_DIR/@livemirror"
 	echo "$LM_NBD" >"$LM_RUN/nbd"
 	echo "$LM_SOURCE" >"$LM_RUN/source"
+	_lm_limit=
+	if [ -n "$LM_OVERLAY" ]; then
+		echo "$LM_OVERLAY" >"$LM_RUN/overlay"
+		_lm_limit=$(lm_overlay_limit)
+	fi
 	# shellcheck disable=SC2086
 	set -- serve --source "$LM_SOURCE" --nbd-device "$LM_NBD" --control "$LM_CONTROL" \
-		--listen "unix:$LM_SOCKET" ${LM_STATE:+--state "$LM_STATE"} $LM_ARGS
+		--listen "unix:$LM_SOCKET" ${LM_STATE:+--state "$LM_STATE"} \
+		${LM_OVERLAY:+--overlay "$LM_OVERLAY"} ${_lm_limit:+--overlay-limit "$_lm_limit"} $LM_ARGS
 	echo "@livemirror $*" >"$LM_RUN/cmdline"
 	lm_say "starting @livemirror $*"
 	(

@@ -14,9 +14,14 @@ lm_config
 # Live media whose root is overlayfs (rd.live.overlay.overlayfs, or a squashfs that holds the root
 # tree itself, as on Fedora 41 and later) have no block device to serve: dmsquash-live mounted
 # /run/rootfsbase instead of building live-rw. Say so and boot the medium as it is.
-if lm_enabled && [ ! -b "$LM_SOURCE" ] && { getargbool 0 rd.live.overlay.overlayfs || [ -e /run/rootfsbase ]; }; then
+if lm_enabled && ! lm_live && [ ! -b "$LM_SOURCE" ] && { getargbool 0 rd.live.overlay.overlayfs || [ -e /run/rootfsbase ]; }; then
     warn "livemirror: this live medium's root is overlayfs, which has no block device to serve: booting without livemirror (livemirror-install cannot install it; see initrd-glue/README.md)"
     LM_ENABLE=0
+fi
+if lm_enabled && lm_live; then
+    # livemirror's own live stack: mount the medium and its squashfs; the source is the image.
+    . /usr/lib/livemirror/live.sh
+    lm_live_mount || die "livemirror: cannot set up the live medium (see above)"
 fi
 if lm_enabled; then
     lm_wait_block "$LM_SOURCE" "$LM_WAIT" \

@@ -4,6 +4,11 @@
 # (/dev/nbd0) as the root, so the running system can later be installed onto a disk without a
 # reboot (livemirror-install). Turned on by rd.livemirror on the kernel command line.
 #
+# With rd.livemirror.overlay it is the whole live stack itself, without device-mapper: it finds
+# the medium named by root=live:..., mounts it and its squashfs, and serves LiveOS/rootfs.img with
+# livemirror's own overlay in RAM. Build such an initramfs without dmsquash-live:
+#   dracut --add livemirror --omit dmsquash-live ...
+#
 # Install: copy this directory to /usr/lib/dracut/modules.d/90livemirror, put the shared code at
 # /usr/lib/livemirror/initrd.sh (initrd-glue/install.sh does both), then build with
 #   dracut --add "dmsquash-live livemirror" ...
@@ -46,6 +51,8 @@ depends() {
 # called by dracut
 installkernel() {
     instmods nbd
+    # The live medium (rd.livemirror.overlay): a CD or a disk, its squashfs on a loop device.
+    hostonly='' instmods squashfs loop isofs sr_mod cdrom
 }
 
 # called by dracut
@@ -55,10 +62,16 @@ install() {
     inst_binary "$(livemirror_bin)" /usr/sbin/livemirror
     inst_simple /usr/lib/livemirror/initrd.sh /usr/lib/livemirror/initrd.sh
     [[ -r /etc/livemirror/initrd.conf ]] && inst_simple /etc/livemirror/initrd.conf
-    inst_multiple cat cp chmod ln mkdir mount sleep tail tr grep kill
-    inst_multiple -o mountpoint udevadm modprobe
+    inst_multiple cat cp chmod ln mkdir mount sleep tail tr grep kill awk sed readlink
+    inst_multiple -o mountpoint udevadm modprobe losetup umount blkid
     inst_hook cmdline 95 "$moddir/parse-livemirror.sh"
     inst_hook pre-mount 50 "$moddir/livemirror-pre-mount.sh"
+    inst_simple "$moddir/livemirror-live.sh" /usr/lib/livemirror/live.sh
+    # A CD's label only shows in /dev/disk/by-label once cdrom_id has looked at the medium.
+    inst_rules 60-cdrom_id.rules
+    if dracut_module_included "systemd"; then
+        inst_script "$moddir/livemirror-generator.sh" "$systemdutildir"/system-generators/dracut-livemirror-generator
+    fi
     # Before 90dm's dm-shutdown (25): the snapshot cannot go while the daemon holds it.
     inst_hook shutdown 10 "$moddir/livemirror-shutdown.sh"
 }

@@ -6,5 +6,19 @@ type getarg > /dev/null 2>&1 || . /lib/dracut-lib.sh
 lm_config
 if lm_enabled; then
     modprobe -q nbd || warn "livemirror: cannot load the nbd module"
-    info "livemirror: will serve $LM_SOURCE on $LM_NBD and mount $LM_NBD as the root"
+    if lm_live; then
+        # livemirror's own live stack: the medium is the root= dracut must wait for (dmsquash-live,
+        # which would handle root=live:..., is not in this initramfs).
+        . /usr/lib/livemirror/live.sh
+        _lm_dev=$(lm_live_device "$(getarg root=)")
+        if [ -n "$_lm_dev" ]; then
+            rootok=1
+            wait_for_dev -n "$_lm_dev"
+            info "livemirror: will serve the live medium $_lm_dev's image with an overlay in RAM on $LM_NBD"
+        else
+            warn "livemirror: rd.livemirror.overlay needs root=live:CDLABEL=... (or LABEL=, UUID=, /dev/...)"
+        fi
+    else
+        info "livemirror: will serve $LM_SOURCE on $LM_NBD and mount $LM_NBD as the root"
+    fi
 fi
