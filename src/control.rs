@@ -34,16 +34,30 @@ use engine::{Mirror, Status, VerifyReport};
 #[serde(tag = "cmd", rename_all = "kebab-case")]
 pub(crate) enum Request {
     Status,
-    Attach { target: PathBuf },
+    Attach {
+        target: PathBuf,
+    },
     DetachSource,
     DetachTarget,
     Verify,
     Pause,
     Resume,
-    SetRate { rate: u64 },
-    SetMinRate { rate: u64 },
-    Grow { size: Option<u64> },
-    Events { interval: f64 },
+    SetRate {
+        rate: u64,
+    },
+    SetMinRate {
+        rate: u64,
+    },
+    /// `set-overlay-limit`: None removes the limit.
+    SetOverlayLimit {
+        limit: Option<u64>,
+    },
+    Grow {
+        size: Option<u64>,
+    },
+    Events {
+        interval: f64,
+    },
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, Default)]
@@ -93,6 +107,9 @@ pub(crate) async fn handle(mirror: &Arc<Mirror>, req: Request, caller: Option<u3
         Request::Resume => mirror.resume().await.map_or_else(Response::err, |()| Response::ok()),
         Request::SetRate { rate } => mirror.set_rate(rate).await.map_or_else(Response::err, |()| Response::ok()),
         Request::SetMinRate { rate } => mirror.set_min_rate(rate).await.map_or_else(Response::err, |()| Response::ok()),
+        Request::SetOverlayLimit { limit } => {
+            mirror.set_overlay_limit(limit).await.map_or_else(Response::err, |()| Response::ok())
+        }
         Request::Grow { size } => match mirror.grow(size).await {
             Ok(size) => Response { ok: true, size: Some(size), ..Default::default() },
             Err(e) => Response::err(e),

@@ -17,6 +17,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
+use units::{parse_limit, Limit};
 
 pub(crate) const DEFAULT_CONTROL: &str = "/run/livemirror/control.sock";
 pub(crate) const DEFAULT_LISTEN: &str = "unix:/run/livemirror/nbd.sock";
@@ -143,6 +144,15 @@ enum Cmd {
         #[command(flatten)]
         control: ControlArg,
     },
+    /// Change the overlay's limit at runtime (serve --overlay-limit): writes that need more
+    /// space than SIZE allows fail with ENOSPC. Not kept across a restart.
+    SetOverlayLimit {
+        /// The most the overlay file may occupy, e.g. 2G; "none" removes the limit.
+        #[arg(value_name = "SIZE|none", value_parser = parse_limit)]
+        limit: Limit,
+        #[command(flatten)]
+        control: ControlArg,
+    },
     /// Grow the export, after detach-source.
     Grow {
         /// The new export size, e.g. 20G (default: the target's whole size;
@@ -197,6 +207,9 @@ fn main() -> ExitCode {
         Cmd::Resume { control } => commands::simple(&control.control, Request::Resume),
         Cmd::SetRate { rate, min_rate, control } => commands::set_rate(&control.control, rate, min_rate),
         Cmd::Grow { size, control } => commands::grow(&control.control, size),
+        Cmd::SetOverlayLimit { limit, control } => {
+            commands::simple(&control.control, Request::SetOverlayLimit { limit: limit.0 })
+        }
         Cmd::Demo(a) => demo::run(a),
         Cmd::Bench(a) => bench::run(a),
         Cmd::NbdDisconnect { device } => match nbd_frontend::kernel::disconnect(&device) {

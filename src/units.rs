@@ -22,6 +22,18 @@ pub(crate) fn parse_size(s: &str) -> Result<u64, String> {
     parse(s, false).map_err(|why| format!("invalid size {s:?}: {why}; expected {SIZE_GRAMMAR}"))
 }
 
+/// A size or "none" (no limit).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Limit(pub(crate) Option<u64>);
+
+/// Parses a limit: a size, or `none`.
+pub(crate) fn parse_limit(s: &str) -> Result<Limit, String> {
+    if s.trim().eq_ignore_ascii_case("none") {
+        return Ok(Limit(None));
+    }
+    parse_size(s).map(|n| Limit(Some(n))).map_err(|e| format!("{e}, or none"))
+}
+
 /// Parses a rate in bytes per second (`/s` allowed).
 pub(crate) fn parse_rate(s: &str) -> Result<u64, String> {
     parse(s, true).map_err(|why| format!("invalid rate {s:?}: {why}; expected {RATE_GRAMMAR}"))

@@ -462,3 +462,40 @@ fn a_full_overlay_while_synced_drops_the_source_and_the_write_lands_on_the_targe
         std::thread::sleep(Duration::from_millis(20));
     }
 }
+
+#[test]
+fn set_overlay_limit_changes_the_limit_at_runtime() {
+    let rig = Rig::new(16 * MIB);
+    let d = rig.start(&[]);
+    let used = |d: &Daemon| d.status()["overlay"]["bytes_used"].as_u64().unwrap();
+    // Room for exactly 3 more chunks.
+    let limit = (used(&d) + 3 * CHUNK).to_string();
+    d.cli_ok(&["set-overlay-limit", &limit]);
+    assert_eq!(d.status()["overlay"]["bytes_limit"].to_string(), limit);
+    rt().block_on(async {
+        let c = Client::connect_unix(&d.sock, "", true).await.unwrap();
+        c.write(0, &[1; 3 * 4096], false).await.unwrap();
+        let e = c.write(100 * CHUNK, &[2; 10], false).await.unwrap_err();
+        assert_eq!(e.errno(), Some(libc::ENOSPC as u32), "{e}");
+    });
+    // "none": no limit any more.
+    d.cli_ok(&["set-overlay-limit", "none"]);
+    assert!(d.status()["overlay"]["bytes_limit"].is_null());
+    rt().block_on(async {
+        let c = Client::connect_unix(&d.sock, "", true).await.unwrap();
+        c.write(100 * CHUNK, &[2; 10], false).await.unwrap();
+    });
+    // A limit smaller than the overlay's own map is refused, and so is a daemon without one.
+    let out = d.cli(&["set-overlay-limit", "4K"]);
+    assert_eq!(code(&out), 1);
+    assert!(text(&out).contains("leaves no room"), "{}", text(&out));
+    let out = d.cli(&["set-overlay-limit", "lots"]);
+    assert_eq!(code(&out), 2, "a bad size is a usage error");
+    let plain_dir = scratch_shm();
+    let img = plain_dir.path().join("img");
+    make_image(&img, &pattern(1, MIB as usize));
+    let plain = Daemon::start(plain_dir.path(), &["--source", p(&img)]);
+    let out = plain.cli(&["set-overlay-limit", "1G"]);
+    assert_eq!(code(&out), 1);
+    assert!(text(&out).contains("no overlay"), "{}", text(&out));
+}

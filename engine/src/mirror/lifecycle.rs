@@ -524,6 +524,22 @@ impl Mirror {
         }
     }
 
+    /// Changes the source overlay's limit (`set-overlay-limit`; None: none).
+    /// Not kept across a restart: the command line's `--overlay-limit` applies then.
+    pub async fn set_overlay_limit(&self, limit: Option<u64>) -> Result<()> {
+        let route = self.route();
+        let Some(o) = route.source.as_ref().and_then(|s| s.overlay()) else {
+            return Err(Error::Refused("there is no overlay: the source is not served with --overlay".into()));
+        };
+        o.set_limit(limit)?;
+        let path = o.overlay_path().display().to_string();
+        self.event(match limit {
+            Some(l) => format!("overlay {path}: limit set to {l} bytes"),
+            None => format!("overlay {path}: no limit"),
+        });
+        Ok(())
+    }
+
     /// Stops the copier, flushes every device and persists the state. Requests
     /// must have drained before this is called.
     pub async fn shutdown(&self) -> Result<()> {

@@ -263,6 +263,22 @@ impl OverlayDevice {
         }
     }
 
+    /// Changes `--overlay-limit` at runtime (`set-overlay-limit`; None: no
+    /// limit). Refused when the header and map alone would not fit.
+    pub fn set_limit(&self, limit: Option<u64>) -> Result<()> {
+        let metadata = HEADER_LEN + self.header.map_len;
+        if let Some(l) = limit {
+            if l < metadata + self.header.chunk_size() {
+                return Err(Error::Refused(format!(
+                    "an overlay limit of {l} bytes leaves no room: the overlay's header and map alone take {metadata}"
+                )));
+            }
+        }
+        self.space.set_limit(limit);
+        self.deliver_notices(false);
+        Ok(())
+    }
+
     /// Where the overlay's events go (set once, by the mirror).
     pub fn set_notifier(&self, f: Notifier) {
         let _ = self.notifier.set(f);

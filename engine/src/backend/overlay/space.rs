@@ -76,6 +76,7 @@ pub(super) struct NoSpace {
 }
 
 struct State {
+    limit: Option<u64>,
     allocated: BitVec<u64, Lsb0>,
     /// Bytes the file occupies by our count (metadata + allocated chunks).
     used: u64,
@@ -89,7 +90,6 @@ struct State {
 
 pub(super) struct Space {
     chunk: u64,
-    limit: Option<u64>,
     state: Mutex<State>,
 }
 
@@ -106,8 +106,8 @@ impl Space {
         }
         Space {
             chunk,
-            limit,
             state: Mutex::new(State {
+                limit,
                 allocated,
                 used,
                 crossed,
@@ -120,7 +120,16 @@ impl Space {
     }
 
     pub(super) fn limit(&self) -> Option<u64> {
-        self.limit
+        lock(&self.state).limit
+    }
+
+    /// A new limit (`set-overlay-limit`): the marks are judged against it from
+    /// now on, and those it puts use past are announced at once.
+    pub(super) fn set_limit(&self, limit: Option<u64>) {
+        let mut st = lock(&self.state);
+        st.limit = limit;
+        st.crossed = [false; MARKS.len()];
+        self.check_marks(&mut st);
     }
 
     pub(super) fn used(&self) -> u64 {
@@ -145,7 +154,7 @@ impl Space {
         if new == 0 {
             return Ok(());
         }
-        if let Some(limit) = self.limit {
+        if let Some(limit) = st.limit {
             if st.used + new > limit {
                 st.refused_since += 1;
                 st.refused_total += 1;
@@ -183,7 +192,7 @@ impl Space {
     }
 
     fn check_marks(&self, st: &mut State) {
-        let Some(limit) = self.limit else { return };
+        let Some(limit) = st.limit else { return };
         for (i, &m) in MARKS.iter().enumerate() {
             let at = st.used * 100 >= limit * m;
             if at && !st.crossed[i] {
@@ -201,7 +210,7 @@ impl Space {
     pub(super) fn take_notices(&self, flush_refusals: bool) -> Vec<OverlayNotice> {
         let mut st = lock(&self.state);
         if flush_refusals && st.refused_since > 0 {
-            if let Some(limit) = self.limit {
+            if let Some(limit) = st.limit {
                 let n = OverlayNotice::Refused { count: st.refused_since, wanted: 0, used: st.used, limit };
                 st.notices.push(n);
             }
