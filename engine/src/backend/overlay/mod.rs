@@ -60,9 +60,11 @@ pub struct OverlayOptions {
 /// What `status` shows about an overlay.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct OverlayUsage {
+    /// The overlay file.
     pub path: String,
     /// What the overlay's file occupies (its allocated blocks).
     pub bytes_used: u64,
+    /// `--overlay-limit` (or `set-overlay-limit`); None without one.
     pub bytes_limit: Option<u64>,
     /// 4 KiB chunks the overlay holds (written, zeroed or trimmed).
     #[serde(default)]
@@ -209,6 +211,7 @@ impl OverlayDevice {
         &self.path
     }
 
+    /// The read-only base (the image).
     pub fn base(&self) -> &Backend {
         &self.base
     }
@@ -218,6 +221,7 @@ impl OverlayDevice {
         self.file.identity()
     }
 
+    /// The export's size: the base's when the overlay was made.
     pub fn size(&self) -> u64 {
         self.header.export_size
     }

@@ -33,9 +33,25 @@ const REFUSAL_NOTICE_EVERY: Duration = Duration::from_secs(1);
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum OverlayNotice {
     /// Use crossed `percent` % of the limit.
-    Crossed { percent: u64, used: u64, limit: u64 },
-    /// Writes were refused for lack of space (`count` since the last notice).
-    Refused { count: u64, wanted: u64, used: u64, limit: u64 },
+    Crossed {
+        /// The mark crossed (75 or 90).
+        percent: u64,
+        /// What the overlay's file occupies.
+        used: u64,
+        /// The limit.
+        limit: u64,
+    },
+    /// Writes were refused for lack of space.
+    Refused {
+        /// Writes refused since the last notice.
+        count: u64,
+        /// Bytes more the last refused write needed (0: not known).
+        wanted: u64,
+        /// What the overlay's file occupies.
+        used: u64,
+        /// The limit.
+        limit: u64,
+    },
 }
 
 impl OverlayNotice {
