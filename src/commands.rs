@@ -142,6 +142,9 @@ pub(crate) fn status(control: &Path, json: bool, get: &[String]) -> u8 {
     println!("export:   {} bytes ({})", st.export_size, human(st.export_size as f64));
     println!("source:   {}", st.source.as_deref().unwrap_or("-"));
     println!("target:   {}", st.target.as_deref().unwrap_or("-"));
+    if let Some(k) = &st.kernel_device {
+        println!("kernel:   {k}");
+    }
     println!(
         "regions:  {} of {} clean ({pct:.1} %), {} per region",
         st.regions_clean,

@@ -76,6 +76,10 @@ pub struct Status {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub target_link: Option<crate::backend::LinkState>,
     pub copier_running: bool,
+    /// The kernel block device serving the export (`/dev/nbdN` for
+    /// `--nbd-device`, `/dev/ublkbN` for `--ublk-device`); null without one.
+    #[serde(default)]
+    pub kernel_device: Option<String>,
     #[serde(default)]
     pub events: Vec<Event>,
 }

@@ -113,6 +113,12 @@ fn check_features(ctrl: &Control) -> Result<u64> {
     Ok(f)
 }
 
+/// Checks that the driver is loaded and has what livemirror needs; returns its
+/// features. Cheap: for a daemon to fail before it listens.
+pub fn probe() -> Result<u64> {
+    check_features(&control()?)
+}
+
 fn ours(info: &DevInfo, tag: u64) -> bool {
     info.ublksrv_flags == tag
 }
@@ -244,12 +250,12 @@ impl UblkDevice {
 
     /// Shows `bytes` (its whole sectors) as the device's size.
     pub fn resize(&self, bytes: u64) -> Result<()> {
-        if !self.can_resize() {
-            return Err(Error::Refused(resize_refusal(&self.path())));
-        }
-        let ctrl = control()?;
-        ctrl.update_size(self.id, bytes >> 9)
-            .map_err(|e| Error::io(format!("cannot resize {} to {bytes} bytes", self.path().display()), e))
+        self.resizer().resize(bytes)
+    }
+
+    /// A handle that resizes this device from another thread.
+    pub fn resizer(&self) -> Resizer {
+        Resizer { id: self.id, can: self.can_resize() }
     }
 
     /// The clean stop: removes the device. Requests in flight are served to
@@ -282,6 +288,25 @@ impl UblkDevice {
                 limit.as_secs_f64()
             );
         }
+    }
+}
+
+/// Resizes one device (UPDATE_SIZE), from any thread but a queue's.
+#[derive(Debug, Clone, Copy)]
+pub struct Resizer {
+    id: u32,
+    can: bool,
+}
+
+impl Resizer {
+    pub fn resize(&self, bytes: u64) -> Result<()> {
+        let path = PathBuf::from(sys::block_path(self.id));
+        if !self.can {
+            return Err(Error::Refused(resize_refusal(&path)));
+        }
+        let ctrl = control()?;
+        ctrl.update_size(self.id, bytes >> 9)
+            .map_err(|e| Error::io(format!("cannot resize {} to {bytes} bytes", path.display()), e))
     }
 }
 

@@ -26,8 +26,8 @@ pub use device::{DeviceId, Options, UblkDevice};
 pub enum Error {
     /// No `/dev/ublk-control`: the module is not loaded or not built.
     #[error(
-        "no {}: the kernel's ublk driver is not loaded (modprobe ublk_drv; it needs Linux 6.0 or later built with \
-         CONFIG_BLK_DEV_UBLK); --nbd-device /dev/nbdN serves the export through the kernel's NBD client instead",
+        "no {}: the kernel's ublk driver is not loaded (modprobe ublk_drv; livemirror needs Linux 6.5 or later built \
+         with CONFIG_BLK_DEV_UBLK); --nbd-device /dev/nbdN serves the export through the kernel's NBD client instead",
         sys::CONTROL_PATH
     )]
     NoDriver,

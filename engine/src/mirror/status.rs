@@ -54,6 +54,7 @@ impl Mirror {
             source_link: route.source.as_ref().and_then(|s| s.link()),
             target_link: route.target.as_ref().and_then(|t| t.backend.link()),
             copier_running: self.copier.running.load(Ordering::Relaxed),
+            kernel_device: self.kernel_device().map(|k| k.path),
             events: self.events(),
         }
     }
