@@ -288,6 +288,17 @@ impl UblkDevice {
                 limit.as_secs_f64()
             );
         }
+        // Dropping self ends the tasks that wait on fetches.
+    }
+}
+
+impl Drop for UblkDevice {
+    /// A device neither removed nor left (a failed start of the daemon) is
+    /// left too: its tag tasks end so the engine threads can stop, and the
+    /// driver holds its I/O for the next server.
+    fn drop(&mut self) {
+        self.shared.freeze();
+        self.shared.quit();
     }
 }
 

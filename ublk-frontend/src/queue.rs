@@ -15,7 +15,10 @@
 //! arrives after the freeze is not carried out and never committed. It stays
 //! with the driver, which gives it to the next server once this process has
 //! exited (`UBLK_F_USER_RECOVERY_REISSUE`). The ordering that makes this
-//! exact is in [`Shared::enter`].
+//! exact is in [`Shared::enter`]. Then [`Shared::quit`] ends the tag tasks
+//! that wait on a fetch: their commands stay in the kernel until the thread's
+//! ring is closed (the driver cancels them then), so the engine threads can
+//! finish and the process exit.
 
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::rc::Rc;
@@ -35,6 +38,8 @@ pub(crate) struct Shared {
     cdev: Mutex<Option<OwnedFd>>,
     raw_fd: RawFd,
     frozen: AtomicBool,
+    /// Set once: every tag task waiting on a fetch ends.
+    quit: tokio::sync::watch::Sender<bool>,
     /// Requests being carried out right now.
     busy: AtomicUsize,
     /// Tag tasks that have not ended.
@@ -52,6 +57,7 @@ impl Shared {
             cdev: Mutex::new(Some(cdev)),
             raw_fd,
             frozen: AtomicBool::new(false),
+            quit: tokio::sync::watch::Sender::new(false),
             busy: AtomicUsize::new(0),
             alive: AtomicUsize::new(0),
             served: AtomicU64::new(0),
@@ -62,6 +68,12 @@ impl Shared {
     /// From now on no request is carried out (see the module doc).
     pub(crate) fn freeze(&self) {
         self.frozen.store(true, Ordering::SeqCst);
+    }
+
+    /// Ends every tag task that waits on a fetch (after [`Shared::freeze`],
+    /// or when the device is dropped without being removed or left).
+    pub(crate) fn quit(&self) {
+        self.quit.send_replace(true);
     }
 
     /// Marks a request as being carried out; false (and nothing marked) after
@@ -207,11 +219,17 @@ pub(crate) fn start<D: BlockDevice>(dev: Arc<D>, pool: BufPool, shared: Arc<Shar
 async fn serve_tag<D: BlockDevice>(q: Rc<Queue<D>>, tag: u16, _alive: Alive) {
     let mut op = sys::IO_FETCH_REQ;
     let mut result = 0;
+    let mut quit = q.shared.quit.subscribe();
     loop {
         let cmd = IoCmd { q_id: q.id, tag, result, addr: 0 }.to_sqe_cmd();
         let entry = opcode::UringCmd16::new(types::Fd(q.fd), op).cmd(cmd).build();
-        // The command's data is inline in the SQE: nothing to keep alive.
-        let (res, ()) = q.reactor.start((), move |_| entry).await;
+        // The command's data is inline in the SQE: nothing to keep alive, so
+        // dropping the operation (quit) is safe; the kernel keeps the command.
+        let fetched = q.reactor.start((), move |_| entry);
+        let (res, ()) = tokio::select! {
+            r = fetched => r,
+            _ = quit.wait_for(|&q| q) => return,
+        };
         match res {
             Ok(_) => {}
             // UBLK_IO_RES_ABORT: the device is stopping; this tag is done.
