@@ -1,5 +1,5 @@
 #!/bin/bash
-# vm-seconds: 150 (expected time on the CI machine, warm cache; run-all.sh starts the longest first)
+# vm-seconds: 90 (expected time on the CI machine, warm cache; run-all.sh starts the longest first)
 # Scenario ublk-data-e2e: a data device over ublk (serve --ublk-device) on Debian 12's 6.12
 # kernel, in one boot (guest/ublk-data.sh, the initramfs' /init; no root file system):
 #   the device's parameters in sysfs; a byte-for-byte model, discard and write-zeroes; fio's

@@ -1,5 +1,5 @@
 #!/bin/bash
-# vm-seconds: 150 (expected time on the CI machine, warm cache; run-all.sh starts the longest first)
+# vm-seconds: 90 (expected time on the CI machine, warm cache; run-all.sh starts the longest first)
 # Scenario ublk-root-e2e: the seed's journey with the root file system over ublk, on Debian 12's
 # 6.12 kernel.
 #   boot 1: the live stack of install-e2e (vda + RAM overlay -> dm-snapshot -> @livemirror),
