@@ -88,6 +88,8 @@ pub(crate) fn attach(
     opts.queue_depth = args.ublk.ublk_queue_depth;
     opts.discard_granularity = mirror.region_size();
     opts.buffer_budget = budget;
+    // Measurement only (docs/decisions.md, ublk; benches/guest): requests cross to another thread.
+    opts.hop = std::env::var_os("LIVEMIRROR_UBLK_HOP").is_some_and(|v| v == "1");
     let dev = UblkDevice::start(mirror.clone(), workers, &opts)?;
     let path = dev.path();
     let grow_refusal = (!dev.can_resize()).then(|| device::resize_refusal(&path));

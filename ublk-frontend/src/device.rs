@@ -63,6 +63,10 @@ pub struct Options {
     pub buffer_budget: usize,
     /// Bound on every wait for the driver: start, recovery, stop.
     pub timeout: Duration,
+    /// Measurement only (docs/decisions.md, ublk): carry each request out on
+    /// the next engine thread instead of the queue's own, as a design with
+    /// queue threads apart from the engine threads would.
+    pub hop: bool,
 }
 
 impl Options {
@@ -75,6 +79,7 @@ impl Options {
             discard_granularity: 64 << 10,
             buffer_budget: 256 << 20,
             timeout: Duration::from_secs(30),
+            hop: false,
         }
     }
 }
@@ -378,8 +383,10 @@ fn serve_queues<D: BlockDevice>(
     let pool = BufPool::new(opts.buffer_budget.max(opts.max_io_bytes as usize));
     for q in 0..queues {
         let (dev, pool, shared) = (dev.clone(), pool.clone(), shared.clone());
-        workers[q as usize % workers.len()]
-            .run(move || async move { queue::start(dev, pool, shared, q, depth) })
+        let home = q as usize % workers.len();
+        let hop = opts.hop.then(|| workers[(home + 1) % workers.len()].clone());
+        workers[home]
+            .run(move || async move { queue::start(dev, pool, shared, q, depth, hop) })
             .map_err(|e| Error::io(format!("cannot start queue {q}"), e))?;
     }
     let want = queues as usize * depth as usize;

@@ -25,6 +25,7 @@ use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
+use engine::rt::Worker;
 use engine::uring::Reactor;
 use engine::{BlockDevice, BufPool};
 use io_uring::{opcode, types};
@@ -172,6 +173,10 @@ struct Queue<D> {
     fd: RawFd,
     dev: Arc<D>,
     pool: BufPool,
+    /// Only to measure the alternative (docs/decisions.md, ublk): carry each
+    /// request out on this other engine thread, as a queue thread of its own
+    /// would have to.
+    hop: Option<Arc<Worker>>,
     shared: Arc<Shared>,
     descriptors: Descriptors,
     reactor: Rc<Reactor>,
@@ -196,7 +201,14 @@ impl Drop for Alive {
 /// Starts serving queue `q_id` (`depth` tags) on the current engine thread.
 /// Returns once every tag's task is spawned; the fetches reach the kernel
 /// when the thread next parks. Errors (the mapping) are recorded in `shared`.
-pub(crate) fn start<D: BlockDevice>(dev: Arc<D>, pool: BufPool, shared: Arc<Shared>, q_id: u16, depth: u16) {
+pub(crate) fn start<D: BlockDevice>(
+    dev: Arc<D>,
+    pool: BufPool,
+    shared: Arc<Shared>,
+    q_id: u16,
+    depth: u16,
+    hop: Option<Arc<Worker>>,
+) {
     // Counted before anything can fail, so the controller never sees zero
     // tasks alive while this queue is still starting.
     let starting = Alive::new(&shared);
@@ -208,7 +220,8 @@ pub(crate) fn start<D: BlockDevice>(dev: Arc<D>, pool: BufPool, shared: Arc<Shar
         Ok(d) => d,
         Err(e) => return shared.fail(format!("queue {q_id}: cannot map its request descriptors: {e}")),
     };
-    let q = Rc::new(Queue { id: q_id, fd: shared.raw_fd, dev, pool, shared: shared.clone(), descriptors, reactor });
+    let q =
+        Rc::new(Queue { id: q_id, fd: shared.raw_fd, dev, pool, hop, shared: shared.clone(), descriptors, reactor });
     for tag in 0..depth {
         let alive = Alive::new(&shared);
         tokio::task::spawn_local(serve_tag(q.clone(), tag, alive));
@@ -247,7 +260,14 @@ async fn serve_tag<D: BlockDevice>(q: Rc<Queue<D>>, tag: u16, _alive: Alive) {
         }
         let req = Request::decode(&q.descriptors.get(tag));
         let port = UserCopy { fd: q.fd, offset: sys::user_copy_offset(q.id, tag) };
-        let outcome = execute(&*q.dev, &q.pool, req, &port).await;
+        let outcome = match &q.hop {
+            None => execute(&*q.dev, &q.pool, req, &port).await,
+            Some(w) => {
+                let (dev, pool) = (q.dev.clone(), q.pool.clone());
+                let done = w.call(move || async move { execute(&*dev, &pool, req, &port).await }).await;
+                done.unwrap_or(-libc::ESHUTDOWN)
+            }
+        };
         q.shared.leave();
         if outcome == -libc::ESHUTDOWN {
             // The engine is shutting down: leave the request uncommitted, to

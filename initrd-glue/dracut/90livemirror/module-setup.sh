@@ -46,6 +46,9 @@ depends() {
 # called by dracut
 installkernel() {
     instmods nbd
+    # Where the kernel has it (Linux 6.5+ with CONFIG_BLK_DEV_UBLK): the ublk door
+    # (livemirror.kernel=auto|ublk). instmods skips a module the kernel lacks.
+    instmods ublk_drv
 }
 
 # called by dracut
