@@ -36,6 +36,19 @@ LOG=/run/livemirror.log
 DOOR=$(cmdline door nbd)
 RDEV=${LM_ROOTDEV#/dev/}
 SYNCKILLS=$(cmdline synckills 1)
+# check_own_namespace: with ublk the supervisor and the daemon must run in a mount namespace of
+# their own that holds no mount of /dev/ublkbN (a server whose namespace holds a file system on
+# its own device can deadlock when it exits: it would unmount it, and only it could serve the
+# writes). Checked after every restart: the new daemon inherits the supervisor's namespace.
+check_own_namespace() {
+  [ "$DOOR" = ublk ] || return 0
+  for _p in "$SUP" "$CHILD"; do
+    [ "$(readlink "/proc/$_p/ns/mnt")" != "$(readlink /proc/1/ns/mnt)" ] \
+      || fail "pid $_p shares PID 1's mount namespace ($(readlink /proc/1/ns/mnt))"
+    grep -q '^/dev/ublkb' "/proc/$_p/mounts" && fail "pid $_p's mount namespace holds its own device: $(grep '^/dev/ublkb' "/proc/$_p/mounts")"
+  done
+  ok "supervisor and daemon run in a mount namespace of their own ($(readlink "/proc/$CHILD/ns/mnt"), PID 1: $(readlink /proc/1/ns/mnt)) with no mount of /dev/ublkb*"
+}
 # took_over: the log line of a restarted daemon that took the root device over.
 took_over() {
   if [ "$DOOR" = ublk ]; then grep 'took over /dev/ublkb0' "$LOG"; else grep 'reconnected /dev/nbd0' "$LOG"; fi
@@ -78,6 +91,7 @@ start_watchdog
 check_live_root
 SUP=$(cat /run/livemirror/serve.pid)
 check_daemon "$SUP"
+check_own_namespace
 [ -s /run/livemirror/state ] && ok "state file /run/livemirror/state: $(wc -c < /run/livemirror/state) bytes" || fail "no state file"
 J=$(state_is serving)
 VDB=$(blockdev --getsize64 /dev/vdb)
@@ -142,6 +156,7 @@ while [ $k -lt "$SYNCKILLS" ]; do
   [ "$(took_over | wc -l)" -gt "$N_TOOK" ] && ok "the new daemon took $LM_ROOTDEV over: $(took_over | tail -n 1 | sed 's/^[^ ]* *//')" \
     || fail "the daemon log does not say the new daemon took $LM_ROOTDEV over"
   check_daemon "$SUP"
+  check_own_namespace
   wait_files killed $((3 * k))
   ok "$(count_within killed) files written (fsync'd) after the kills: writes go on through the restarted daemon"
 done
