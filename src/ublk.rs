@@ -30,9 +30,9 @@ pub(crate) struct UblkArgs {
     /// after a restart, else the next free number) or N.
     #[arg(long, value_name = "auto|N", conflicts_with = "nbd_device")]
     pub(crate) ublk_device: Option<DeviceId>,
-    /// Requests in flight per ublk queue (one queue per I/O thread).
+    /// Requests in flight per ublk queue (one queue per I/O thread), 1 to 512.
     #[arg(long, value_name = "N", default_value_t = ublk_frontend::params::DEFAULT_QUEUE_DEPTH,
-          value_parser = clap::value_parser!(u16).range(1..=4096))]
+          value_parser = clap::value_parser!(u16).range(1..=ublk_frontend::params::MAX_QUEUE_DEPTH as i64))]
     pub(crate) ublk_queue_depth: u16,
 }
 

@@ -427,7 +427,7 @@ fn create<D: BlockDevice>(
     let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
     let mut info = DevInfo {
         nr_hw_queues: params::queue_count(workers.len(), cpus),
-        queue_depth: opts.queue_depth.clamp(1, sys::MAX_QUEUE_DEPTH),
+        queue_depth: opts.queue_depth.clamp(1, params::MAX_QUEUE_DEPTH),
         max_io_buf_bytes: opts.max_io_bytes,
         dev_id: id,
         flags: FLAGS,

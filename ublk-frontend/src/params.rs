@@ -22,6 +22,11 @@ pub const DEFAULT_MAX_IO_BYTES: u32 = 1 << 20;
 /// Requests in flight per queue. docs/decisions.md (ublk) has the measurements.
 pub const DEFAULT_QUEUE_DEPTH: u16 = 128;
 
+/// The deepest queue livemirror makes. Every tag keeps a fetch in the kernel on
+/// its engine thread's ring, which holds at most 1024 operations in the kernel
+/// (engine::uring): half of them stay for the engine's own I/O.
+pub const MAX_QUEUE_DEPTH: u16 = 512;
+
 /// Largest DISCARD or WRITE_ZEROES the kernel sends as one request: 1 GiB, so
 /// that a whole-device discard is a few hundred requests, none holding the
 /// range locks of more than 16,384 regions of 64 KiB at once.
