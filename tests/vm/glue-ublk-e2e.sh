@@ -1,5 +1,5 @@
 #!/bin/bash
-# vm-seconds: 200 (expected time on the CI machine, warm cache; run-all.sh starts the longest first)
+# vm-seconds: 230 (expected time on the CI machine, warm cache; run-all.sh starts the longest first)
 # Scenario glue-ublk-e2e: glue-e2e on Debian 12's 6.12 kernel, where the glue's default
 # livemirror.kernel=auto puts the live root on /dev/ublkb0: the hook put ublk_drv into the
 # initramfs made by mkinitramfs, livemirror-install's grow is refused (no online resize before
