@@ -153,6 +153,10 @@ while [ $k -lt "$SYNCKILLS" ]; do
   [ "$R1" -gt 0 ] && [ "$R1" -ge $((R0 - INF - R0 / 10)) ] \
     && ok "the sync resumed: $R1 regions clean right after the restart ($R0 before the kill, $INF copied again for writes in flight), not from zero" \
     || fail "the sync started over: $R1 regions clean after the restart, $R0 before the kill, $INF in flight: $J"
+  # The control socket answers before the kernel device is taken over (as at any start):
+  # wait for the daemon to say it did (30 s at most).
+  i=0
+  while [ "$(took_over | wc -l)" -le "$N_TOOK" ] && [ $i -lt 300 ]; do i=$((i + 1)); sleep 0.1; done
   [ "$(took_over | wc -l)" -gt "$N_TOOK" ] && ok "the new daemon took $LM_ROOTDEV over: $(took_over | tail -n 1 | sed 's/^[^ ]* *//')" \
     || fail "the daemon log does not say the new daemon took $LM_ROOTDEV over"
   check_daemon "$SUP"

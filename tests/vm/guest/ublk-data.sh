@@ -48,14 +48,17 @@ dmesg_clean() {
 }
 
 # start_daemon ARGS...: livemirror serve ARGS in the background (plain, or with
-# --root-storage-daemon), until it answers and /dev/ublkb0 has a size. Sets PID.
+# --root-storage-daemon), until it answers, /dev/ublkb0 has a size and the daemon said it
+# serves or took over the device (the control socket answers before that). Sets PID.
 start_daemon() {
   _n0=$(grep -c . "$LOG" 2>/dev/null || echo 0)
+  _d0=$(grep -cE 'serving on /dev/ublkb|took over /dev/ublkb' "$LOG" 2>/dev/null || echo 0)
   ( cd / && exec /run/livemirror/livemirror serve --control "$LM_CTL" --listen unix:/run/livemirror/nbd.sock "$@" \
       </dev/null >>"$LOG" 2>&1 ) &
   PID=$!
   _i=0
-  until "$LM" status --control "$LM_CTL" >/dev/null 2>&1 && [ "$(cat /sys/block/ublkb0/size 2>/dev/null || echo 0)" != 0 ]; do
+  until "$LM" status --control "$LM_CTL" >/dev/null 2>&1 && [ "$(cat /sys/block/ublkb0/size 2>/dev/null || echo 0)" != 0 ] \
+    && [ "$(grep -cE 'serving on /dev/ublkb|took over /dev/ublkb' "$LOG")" -gt "$_d0" ]; do
     kill -0 "$PID" 2>/dev/null || fail "livemirror serve $* exited: $(tail -n 5 "$LOG")"
     _i=$((_i + 1)); [ $_i -gt 600 ] && fail "livemirror serve $* not ready after 60 s: $(tail -n 5 "$LOG")"
     sleep 0.1
