@@ -279,3 +279,74 @@ async fn serve_tag<D: BlockDevice>(q: Rc<Queue<D>>, tag: u16, _alive: Alive) {
         op = sys::IO_COMMIT_AND_FETCH_REQ;
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn shared() -> Shared {
+        let null = std::fs::File::open("/dev/null").expect("/dev/null");
+        Shared::new(null.into())
+    }
+
+    #[test]
+    fn after_the_freeze_no_request_is_carried_out_and_none_is_counted() {
+        let s = shared();
+        assert!(s.enter(), "before the freeze a request is carried out");
+        assert_eq!(s.busy(), 1);
+        s.freeze();
+        assert!(!s.enter(), "after the freeze it is left to the driver");
+        assert_eq!(s.busy(), 1, "a refused request is not counted");
+        s.leave();
+        assert_eq!(s.busy(), 0, "the one already running finishes and is counted out");
+    }
+
+    #[test]
+    fn the_freezer_that_sees_nothing_busy_sees_no_later_request_run() {
+        // Four threads enter and leave as fast as they can; once the freezer has
+        // stored the freeze and then seen zero busy, no enter may succeed.
+        let s = Arc::new(shared());
+        let seen_idle = Arc::new(AtomicBool::new(false));
+        let violations = Arc::new(AtomicUsize::new(0));
+        let threads: Vec<_> = (0..4)
+            .map(|_| {
+                let (s, seen_idle, violations) = (s.clone(), seen_idle.clone(), violations.clone());
+                std::thread::spawn(move || {
+                    for _ in 0..200_000 {
+                        if s.enter() {
+                            if seen_idle.load(Ordering::SeqCst) {
+                                violations.fetch_add(1, Ordering::SeqCst);
+                            }
+                            s.leave();
+                        }
+                    }
+                })
+            })
+            .collect();
+        std::thread::sleep(std::time::Duration::from_millis(5));
+        s.freeze();
+        while s.busy() != 0 {
+            std::hint::spin_loop();
+        }
+        seen_idle.store(true, Ordering::SeqCst);
+        for t in threads {
+            t.join().expect("thread");
+        }
+        assert_eq!(violations.load(Ordering::SeqCst), 0);
+        assert_eq!(s.busy(), 0);
+    }
+
+    #[test]
+    fn quit_wakes_every_waiting_tag_task() {
+        let s = Arc::new(shared());
+        let mut rx = s.quit.subscribe();
+        let woken = engine::rt::block_on(async {
+            let s2 = s.clone();
+            let waiter = tokio::task::spawn_local(async move { rx.wait_for(|&q| q).await.is_ok() });
+            s2.quit();
+            waiter.await.expect("task")
+        })
+        .expect("runtime");
+        assert!(woken);
+    }
+}

@@ -302,6 +302,26 @@ mod tests {
     }
 
     #[test]
+    fn flags_and_codes_are_the_headers_values() {
+        // As include/uapi/linux/ublk_cmd.h defines them (a typo here would still
+        // decode consistently in every other test, so they are pinned by value).
+        assert_eq!(
+            [F_USER_RECOVERY, F_USER_RECOVERY_REISSUE, F_CMD_IOCTL_ENCODE, F_USER_COPY, F_UPDATE_SIZE],
+            [0x8, 0x10, 0x40, 0x80, 0x400]
+        );
+        assert_eq!([S_DEV_DEAD, S_DEV_LIVE, S_DEV_QUIESCED], [0, 1, 2]);
+        assert_eq!(
+            [IO_OP_READ, IO_OP_WRITE, IO_OP_FLUSH, IO_OP_DISCARD, IO_OP_WRITE_SAME, IO_OP_WRITE_ZEROES],
+            [0, 1, 2, 3, 4, 5]
+        );
+        assert_eq!([IO_F_FUA, IO_F_NOUNMAP], [0x2000, 0x8000]);
+        assert_eq!([IO_RES_OK, IO_RES_ABORT], [0, -19]);
+        assert_eq!([ATTR_READ_ONLY, ATTR_VOLATILE_CACHE, ATTR_FUA], [1, 4, 8]);
+        assert_eq!([PARAM_TYPE_BASIC, PARAM_TYPE_DISCARD], [1, 2]);
+        assert_eq!(MAX_QUEUE_DEPTH, 4096);
+    }
+
+    #[test]
     fn structures_have_the_kernel_layout() {
         assert_eq!(size_of::<CtrlCmd>(), 32);
         assert_eq!(offset_of!(CtrlCmd, addr), 8);
