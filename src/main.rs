@@ -6,6 +6,7 @@ mod commands;
 mod control;
 mod demo;
 mod devices;
+mod flush;
 mod generate;
 mod metrics;
 mod notify;

@@ -565,28 +565,6 @@ pub(crate) fn start(args: &ServeArgs) -> anyhow::Result<Running> {
     Ok(running)
 }
 
-/// Flushes a kernel block device (its page cache, then a FLUSH to us), for at
-/// most `limit`: a device that does not answer must not hold up the stop.
-pub(crate) fn flush_kernel_device(dev: &std::path::Path, limit: std::time::Duration) {
-    let (tx, rx) = std::sync::mpsc::channel();
-    let path = dev.to_path_buf();
-    let spawned = std::thread::Builder::new().name("livemirror-nbd-flush".into()).spawn(move || {
-        let r = std::fs::File::open(&path).and_then(|f| f.sync_all());
-        let _ = tx.send(r);
-    });
-    if let Err(e) = spawned {
-        tracing::warn!("cannot flush {}: {e}", dev.display());
-        return;
-    }
-    match rx.recv_timeout(limit) {
-        Ok(Ok(())) => {}
-        Ok(Err(e)) => tracing::warn!("cannot flush {}: {e}", dev.display()),
-        Err(_) => {
-            tracing::warn!("flushing {} took more than {} s: disconnecting anyway", dev.display(), limit.as_secs_f64())
-        }
-    }
-}
-
 impl Running {
     /// Runs `f` on the first I/O thread and waits for its result.
     pub(crate) fn on_io<F, Fut, T>(&self, f: F) -> anyhow::Result<T>
@@ -612,7 +590,7 @@ impl Running {
                 KernelStop::FlushAndDisconnect => {
                     // While our connections still serve it: the kernel's
                     // dirty pages and its FLUSH reach the devices first.
-                    flush_kernel_device(&dev, shutdown_timeout);
+                    crate::flush::flush_kernel_device(&dev, shutdown_timeout);
                     match k.disconnect() {
                         Ok(()) => tracing::info!("disconnected {}", dev.display()),
                         Err(e) => tracing::warn!("cannot disconnect {}: {e}", dev.display()),

@@ -143,7 +143,7 @@ impl Door {
             KernelStop::FlushAndDisconnect => {
                 // While the queues still serve it: the page cache and the
                 // kernel's FLUSH reach the devices first.
-                crate::serve::flush_kernel_device(&path, limit);
+                crate::flush::flush_kernel_device(&path, limit);
                 match self.dev.remove() {
                     Ok(()) => tracing::info!("removed {}", path.display()),
                     Err(e) => tracing::warn!("cannot remove {}: {e}", path.display()),
