@@ -153,6 +153,9 @@ pub(crate) fn status(control: &Path, json: bool, get: &[String]) -> u8 {
             if o.writes_refused > 0 { format!("; {} writes refused: full", o.writes_refused) } else { String::new() };
         println!("overlay:  {} holds {}{limit}{refused}", o.path, human(o.bytes_used as f64));
     }
+    if let Some(k) = &st.kernel_device {
+        println!("kernel:   {k}");
+    }
     println!(
         "regions:  {} of {} clean ({pct:.1} %), {} per region",
         st.regions_clean,

@@ -1,16 +1,18 @@
-//! `livemirror`: argument parsing and wiring. The work happens in the `engine`
-//! and `nbd-frontend` crates.
+//! `livemirror`: argument parsing and wiring. The work happens in the `engine`,
+//! `nbd-frontend` and `ublk-frontend` crates.
 
 mod bench;
 mod commands;
 mod control;
 mod demo;
 mod devices;
+mod flush;
 mod generate;
 mod metrics;
 mod notify;
 mod rootd;
 mod serve;
+mod ublk;
 mod units;
 
 use std::path::PathBuf;
@@ -172,6 +174,13 @@ enum Cmd {
         #[arg(value_name = "DEVICE")]
         device: PathBuf,
     },
+    /// Stop and delete a ublk device no daemon serves any more (one a root
+    /// storage daemon left, or one whose daemon died for good).
+    UblkRemove {
+        /// The ublk device, /dev/ublkbN (or N).
+        #[arg(value_name = "DEVICE")]
+        device: String,
+    },
     /// Write man pages or shell completions generated from this CLI (packaging).
     #[command(hide = true)]
     Generate(generate::GenerateArgs),
@@ -219,6 +228,7 @@ fn main() -> ExitCode {
                 1
             }
         },
+        Cmd::UblkRemove { device } => ublk::remove(&device),
         Cmd::Generate(a) => generate::run(a),
     };
     ExitCode::from(code)

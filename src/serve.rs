@@ -88,6 +88,8 @@ pub(crate) struct ServeArgs {
     /// Attach the kernel's NBD client to this device over netlink.
     #[arg(long, value_name = "/dev/nbdN")]
     pub(crate) nbd_device: Option<PathBuf>,
+    #[command(flatten)]
+    pub(crate) ublk: crate::ublk::UblkArgs,
     /// Export read-only: clients' writes, trims and write-zeroes are refused
     /// (a target can still be attached and synced).
     #[arg(long)]
@@ -212,6 +214,13 @@ pub(crate) fn run(args: ServeArgs) -> u8 {
     // them be found after a switch_root (see engine::hostfs).
     let proc_cwd = engine::hostfs::enter_proc_cwd();
     let root_daemon = crate::rootd::requested(args.root_storage_daemon);
+    if args.ublk.ublk_device.is_some() {
+        // Before the supervisor forks: it and every daemon it starts share the namespace.
+        if let Err(e) = crate::ublk::prepare() {
+            eprintln!("livemirror: {e:#}");
+            return 1;
+        }
+    }
     if root_daemon {
         if let crate::rootd::Role::Exit(code) = crate::rootd::supervise() {
             return code;
@@ -319,10 +328,14 @@ fn check_listeners(args: &ServeArgs, tls: &TlsPolicy) -> anyhow::Result<Vec<List
     Ok(remote)
 }
 
-fn server_config(args: &ServeArgs, served: &str, tls: TlsPolicy) -> anyhow::Result<ServerConfig> {
+/// Payload bytes the clients of one door may hold at once (`--buffer-budget`).
+fn buffer_budget(args: &ServeArgs) -> usize {
     let root_daemon = crate::rootd::requested(args.root_storage_daemon);
-    let budget =
-        args.buffer_budget.map_or(if root_daemon { 64 << 20 } else { ServerConfig::DEFAULT_BUDGET }, |b| b as usize);
+    args.buffer_budget.map_or(if root_daemon { 64 << 20 } else { ServerConfig::DEFAULT_BUDGET }, |b| b as usize)
+}
+
+fn server_config(args: &ServeArgs, served: &str, tls: TlsPolicy) -> anyhow::Result<ServerConfig> {
+    let budget = buffer_budget(args);
     let mut limits = nbd_frontend::ConnLimits::for_budget(budget);
     if let Some(c) = args.connection_budget {
         if c < nbd_frontend::proto::MAX_PAYLOAD as u64 {
@@ -352,6 +365,7 @@ pub(crate) struct Running {
     pub(crate) mirror: Arc<Mirror>,
     pub(crate) server: Server<Mirror>,
     kernel: Option<(PathBuf, nbd_frontend::kernel::KernelAttachment)>,
+    ublk: Option<crate::ublk::Door>,
     /// What a clean stop does with the kernel device (see [`kernel_on_stop`]).
     kernel_stop: KernelStop,
     workers: Vec<Arc<Worker>>,
@@ -532,6 +546,7 @@ pub(crate) fn start(args: &ServeArgs) -> anyhow::Result<Running> {
         mirror,
         server,
         kernel: None,
+        ublk: None,
         kernel_stop: kernel_on_stop(crate::rootd::requested(args.root_storage_daemon)),
         workers,
         stop_control,
@@ -555,30 +570,14 @@ pub(crate) fn start(args: &ServeArgs) -> anyhow::Result<Running> {
         let k = nbd_frontend::kernel::attach(&running.server, &opts, running.mirror.subscribe_size())
             .with_context(|| format!("cannot attach the kernel client to {}", dev.display()))?;
         running.kernel = Some((dev.clone(), k));
+        let path = dev.display().to_string();
+        running.mirror.set_kernel_device(Some(engine::KernelDevice { path, grow_refusal: None }));
+    }
+    if let Some(id) = args.ublk.ublk_device {
+        let budget = buffer_budget(args);
+        running.ublk = Some(crate::ublk::attach(&running.mirror, &running.workers, args, id, budget)?);
     }
     Ok(running)
-}
-
-/// Flushes a kernel block device (its page cache, then a FLUSH to us), for at
-/// most `limit`: a device that does not answer must not hold up the stop.
-fn flush_kernel_device(dev: &std::path::Path, limit: std::time::Duration) {
-    let (tx, rx) = std::sync::mpsc::channel();
-    let path = dev.to_path_buf();
-    let spawned = std::thread::Builder::new().name("livemirror-nbd-flush".into()).spawn(move || {
-        let r = std::fs::File::open(&path).and_then(|f| f.sync_all());
-        let _ = tx.send(r);
-    });
-    if let Err(e) = spawned {
-        tracing::warn!("cannot flush {}: {e}", dev.display());
-        return;
-    }
-    match rx.recv_timeout(limit) {
-        Ok(Ok(())) => {}
-        Ok(Err(e)) => tracing::warn!("cannot flush {}: {e}", dev.display()),
-        Err(_) => {
-            tracing::warn!("flushing {} took more than {} s: disconnecting anyway", dev.display(), limit.as_secs_f64())
-        }
-    }
 }
 
 impl Running {
@@ -596,13 +595,17 @@ impl Running {
     /// Stops accepting, drains every connection, stops the copier, flushes and
     /// persists, then stops the threads and removes the sockets.
     pub(crate) fn shutdown(self) -> anyhow::Result<()> {
-        let Running { mirror, server, kernel, kernel_stop, workers, stop_control, sockets, shutdown_timeout } = self;
+        let Running { mirror, server, kernel, ublk, kernel_stop, workers, stop_control, sockets, shutdown_timeout } =
+            self;
+        if let Some(door) = ublk {
+            door.stop(kernel_stop, shutdown_timeout);
+        }
         if let Some((dev, mut k)) = kernel {
             match kernel_stop {
                 KernelStop::FlushAndDisconnect => {
                     // While our connections still serve it: the kernel's
                     // dirty pages and its FLUSH reach the devices first.
-                    flush_kernel_device(&dev, shutdown_timeout);
+                    crate::flush::flush_kernel_device(&dev, shutdown_timeout);
                     match k.disconnect() {
                         Ok(()) => tracing::info!("disconnected {}", dev.display()),
                         Err(e) => tracing::warn!("cannot disconnect {}: {e}", dev.display()),

@@ -1,14 +1,20 @@
 #!/bin/busybox sh
 # The guest side of benches/guest/run.sh: the initramfs' /init. The kernel's NBD client on
-# /dev/nbdN, fio inside the guest, and each server serving the same virtio disk:
+# /dev/nbdN (or livemirror's ublk device), fio inside the guest, and each server serving the
+# same virtio disk:
 #   livemirror serve --source /dev/vda --nbd-device /dev/nbdN --nbd-connections C (its own netlink
-#     attach), nbd-server + nbd-client -C C, qemu-nbd + nbd-client -C C; all over Unix sockets.
+#     attach), nbd-server + nbd-client -C C, qemu-nbd + nbd-client -C C; all over Unix sockets;
+#   ublk: livemirror serve --source /dev/vda --ublk-device auto (one queue per CPU, no
+#     connections: measured once, conns=q); ublk-hop: the same with LIVEMIRROR_UBLK_HOP=1 (each
+#     request carried out on another engine thread: docs/decisions.md, ublk).
 # Disks: vda = the served disk (random data), vdb = a blank target (the sync measurement), vdc =
 # the tools (fio, nbd-server, qemu-nbd, nbd-client, livemirror: lm_tools_image).
-# Kernel command line: lmb.secs=S (per fio run), lmb.conns=1,2,4, lmb.servers=livemirror,nbd-server,qemu-nbd,
-# lmb.workloads=randread4k,randwrite4k,read1m,write1m, lmb.sync=1 (the copy-while-fio runs).
-# One line per measurement for the host:
-#   LMBENCH row server=S conns=C workload=W iops=I kib_s=B err=E timeouts=T
+# Kernel command line: lmb.secs=S (per fio run), lmb.conns=1,2,4, lmb.servers=livemirror,ublk,nbd-server,qemu-nbd,
+# lmb.workloads=randread4k,randwrite4k,read1m,write1m, lmb.sync=1 (the copy-while-fio runs),
+# lmb.ublkdepth=N (--ublk-queue-depth).
+# One line per measurement for the host (cpu_us: the server process's CPU time per request,
+# when its pid is known; gcpu_us: the whole guest's busy CPU time per request):
+#   LMBENCH row server=S conns=C workload=W iops=I kib_s=B err=E timeouts=T cpu_us=U gcpu_us=G
 #   LMBENCH sync conns=C iops=I copied=BYTES secs=S synced=0|1 timeouts=T
 /bin/busybox --install -s /bin
 export PATH=/bin:/sbin:/usr/bin:/usr/sbin
@@ -27,7 +33,8 @@ ip link set lo up
 T=/tools/run-tool
 SECS=$(arg secs 10)
 CONNS=$(arg conns 1,2,4)
-SERVERS=$(arg servers livemirror,nbd-server,qemu-nbd)
+SERVERS=$(arg servers livemirror,ublk,nbd-server,qemu-nbd)
+UDEPTH=$(arg ublkdepth 128)
 WORKLOADS=$(arg workloads randread4k,randwrite4k,read1m,write1m)
 NCPU=$(grep -c ^processor /proc/cpuinfo)
 DISK=$(blockdev --getsize64 /dev/vda)
@@ -37,11 +44,20 @@ timeouts() { dmesg | grep -ac 'Connection timed out' || true; }
 
 DEV_I=0
 # connect SERVER CONNS: serves /dev/vda with SERVER and connects the next /dev/nbdN to it with
-# CONNS connections (a fresh device each time). Sets DEV, SPID.
+# CONNS connections (a fresh device each time); ublk makes /dev/ublkbN. Sets DEV, SPID.
 connect() {
   DEV=/dev/nbd$DEV_I; DEV_I=$((DEV_I + 1))
   rm -f /run/s.sock /run/ctl.sock /run/srv.pid
   case $1 in
+    ublk|ublk-hop)
+      _hop=0; [ "$1" = ublk-hop ] && _hop=1
+      LIVEMIRROR_UBLK_HOP=$_hop $T livemirror serve --source /dev/vda --ublk-device auto --ublk-queue-depth "$UDEPTH" \
+        --listen unix:/run/s.sock --control /run/ctl.sock </dev/null >/run/srv.log 2>&1 &
+      SPID=$!
+      _i=0
+      until DEV=$($T livemirror status --get kernel_device --control /run/ctl.sock 2>/dev/null) && [ -b "$DEV" ]; do
+        _i=$((_i + 1)); [ $_i -gt 300 ] && die "$1: no ublk device: $(tail -n 3 /run/srv.log)"; sleep 0.1
+      done ;;
     livemirror)
       $T livemirror serve --source /dev/vda --nbd-device "$DEV" --nbd-connections "$2" --nbd-timeout 10 \
         --listen unix:/run/s.sock --control /run/ctl.sock </dev/null >/run/srv.log 2>&1 &
@@ -56,7 +72,7 @@ connect() {
   esac
   _i=0
   until [ -S /run/s.sock ]; do _i=$((_i + 1)); [ $_i -gt 300 ] && die "$1 did not listen: $(cat /run/srv.log)"; sleep 0.1; done
-  if [ "$1" != livemirror ]; then
+  if [ "$1" = nbd-server ] || [ "$1" = qemu-nbd ]; then
     $T nbd-client -unix /run/s.sock "$DEV" -N bench -C "$2" -t 10 >/run/client.log 2>&1 || die "nbd-client -C $2 to $1: $(cat /run/client.log)"
   fi
   _i=0
@@ -75,7 +91,7 @@ connect() {
 }
 disconnect() {
   case $1 in
-    livemirror) kill -TERM "$SPID"; wait "$SPID" ;;
+    livemirror|ublk|ublk-hop) kill -TERM "$SPID"; wait "$SPID" ;;
     *) $T nbd-client -d "$DEV" >/dev/null 2>&1
        [ -n "$SPID" ] && { kill -TERM "$SPID"; wait "$SPID"; }
        [ -s /run/srv.pid ] && kill -TERM "$(cat /run/srv.pid)" 2>/dev/null ;;
@@ -93,6 +109,7 @@ fio_job() {
   case $1 in
     randread4k) _a="--rw=randread --bs=4k"; _qd=32 ;;
     randwrite4k) _a="--rw=randwrite --bs=4k"; _qd=32 ;;
+    randread4kqd128) _a="--rw=randread --bs=4k"; _qd=128 ;;
     read1m) _a="--rw=read --bs=1m"; _qd=8 ;;
     write1m) _a="--rw=write --bs=1m"; _qd=8 ;;
   esac
@@ -104,16 +121,28 @@ fio_job() {
     --group_reporting --minimal "$@" 2>/run/fio.err | awk -F';' 'NF > 50 {printf "%d %d %d\n", $8 + $49, $7 + $48, $5}'
 }
 
+# CPU time in clock ticks: of a process (all its threads), and of the whole guest (busy).
+ticks() { [ -n "$1" ] && [ -r "/proc/$1/stat" ] && awk '{print $14 + $15}' "/proc/$1/stat" || echo -; }
+gticks() { awk '/^cpu /{print $2 + $3 + $4 + $7 + $8 + $9}' /proc/stat; }
+HZ=100
+# per_req TICKS IOPS: microseconds of CPU per request over a SECS-long run.
+per_req() { case $1 in -*|'') echo - ;; *) awk -v t="$1" -v i="$2" -v s="$SECS" -v hz="$HZ" 'BEGIN {printf (i > 0) ? "%.0f" : "-", t * 1e6 / hz / (i * s)}' ;; esac; }
+
 for S in $SERVERS; do
-  for C in $CONNS; do
+  CS=$CONNS
+  case $S in ublk*) CS=q ;; esac
+  for C in $CS; do
     T0=$(timeouts)
     connect "$S" "$C"
     say "$S with $C connections on $DEV ($(ls -d /sys/block/${DEV#/dev/}/mq/* | wc -l) hardware queues)"
     for W in $WORKLOADS; do
       TW=$(timeouts)
+      P0=$(ticks "$SPID") G0=$(gticks)
       R=$(fio_job "$W")
+      P1=$(ticks "$SPID") G1=$(gticks)
       set -- ${R:-0 0 1}
-      echo "LMBENCH row server=$S conns=$C workload=$W iops=$1 kib_s=$2 err=$3 timeouts=$(($(timeouts) - TW))"
+      PD=-; [ "$P0" != - ] && [ "$P1" != - ] && PD=$((P1 - P0))
+      echo "LMBENCH row server=$S conns=$C workload=$W iops=$1 kib_s=$2 err=$3 timeouts=$(($(timeouts) - TW)) cpu_us=$(per_req "$PD" "$1") gcpu_us=$(per_req $((G1 - G0)) "$1")"
       [ "$3" = 0 ] || sed 's/^/LMBENCH fio: /' /run/fio.err | tail -n 5
     done
     disconnect "$S"

@@ -1,14 +1,20 @@
 #!/bin/bash
 # The kernel path, measured: fio inside a QEMU guest on /dev/nbdN, with livemirror (its own
 # netlink attach), nbd-server + nbd-client and qemu-nbd + nbd-client serving the same virtio disk
-# of the guest, each with 1, 2 and 4 kernel connections; then the copy rate of a livemirror sync
-# inside the guest while fio writes. All in one boot, one run: the guest runs under TCG (software
+# of the guest, each with 1, 2 and 4 kernel connections, and on /dev/ublkbN with livemirror's
+# ublk door (one queue per guest CPU; the 6.12 kernel, the default here, has ublk_drv); the CPU
+# time per request of the serving process and of the whole guest; then the copy rate of a
+# livemirror sync inside the guest while fio writes. All in one boot, one run: the guest runs under TCG (software
 # emulation), so absolute numbers mean nothing and only ratios within one run do.
 # Never a timed test, not in CI. Writes benches/guest/results/latest.md and prints it.
 #
 # Usage: benches/guest/run.sh [--secs S] [--smp N] [--mem MIB] [--disk-mb MIB] [--conns 1,2,4]
-#          [--servers livemirror,nbd-server,qemu-nbd] [--workloads randread4k,randwrite4k,read1m,write1m]
-#          [--no-sync] [--no-build] [--out FILE] [--render CONSOLE]
+#          [--servers livemirror,ublk,nbd-server,qemu-nbd] [--workloads randread4k,randwrite4k,read1m,write1m]
+#          (also randread4kqd128: 4K random reads at QD128, for the ublk queue depth)
+#          [--kernel 6.12|6.1] [--ublk-depth N] [--no-sync] [--no-build] [--out FILE] [--render CONSOLE]
+# Servers: livemirror (over NBD), ublk (livemirror's ublk door), ublk-hop (the same with every
+# request carried out on another engine thread: the measurement behind docs/decisions.md, ublk),
+# nbd-server, qemu-nbd. --kernel 6.1 (Debian 12's own kernel, no ublk_drv) leaves ublk out.
 # --render CONSOLE makes the tables again from a kept console log (console.txt of an earlier run,
 # LIVEMIRROR_VM_KEEP=1), without a boot; give the same --conns/--servers/--workloads.
 # Needs the VM rig's prerequisites (tests/vm/README.md) and, on the host, fio, nbd-server,
@@ -18,7 +24,7 @@ ROOT=$(cd "$(dirname "$0")/../.." && pwd)
 # shellcheck source=../../tests/vm/lib.sh
 . "$ROOT/tests/vm/lib.sh"
 
-SECS=10 SMP=4 MEM=1024 DISK_MB=1024 CONNS=1,2,4 SERVERS=livemirror,nbd-server,qemu-nbd
+SECS=10 SMP=4 MEM=1024 DISK_MB=1024 CONNS=1,2,4 SERVERS=livemirror,ublk,nbd-server,qemu-nbd KERNEL=6.12 UDEPTH=128
 WORKLOADS=randread4k,randwrite4k,read1m,write1m SYNC=1 BUILD=1 OUT=$ROOT/benches/guest/results/latest.md RENDER=
 CMDLINE="benches/guest/run.sh${*:+ $*}"
 while [ $# -gt 0 ]; do
@@ -30,6 +36,8 @@ while [ $# -gt 0 ]; do
     --conns) CONNS=$2; shift 2 ;;
     --servers) SERVERS=$2; shift 2 ;;
     --workloads) WORKLOADS=$2; shift 2 ;;
+    --kernel) KERNEL=$2; shift 2 ;;
+    --ublk-depth) UDEPTH=$2; shift 2 ;;
     --no-sync) SYNC=0; shift ;;
     --no-build) BUILD=0; shift ;;
     --out) OUT=$2; shift 2 ;;
@@ -37,7 +45,8 @@ while [ $# -gt 0 ]; do
     *) echo "unknown argument $1 (see the header of $0)" >&2; exit 2 ;;
   esac
 done
-LM_SMP=$SMP LM_MEM=$MEM
+LM_SMP=$SMP LM_MEM=$MEM LM_KSERIES=$KERNEL
+if [ "$KERNEL" = 6.1 ]; then SERVERS=$(tr ',' '\n' <<< "$SERVERS" | grep -v '^ublk' | paste -sd,); fi
 T_START=$(date +%s)
 if [ -n "$RENDER" ]; then
   lm_fetch_kernel >/dev/null; lm_fetch_qemu
@@ -63,16 +72,19 @@ R=$O/initramfs
 mkdir -p "$R"/{dev,proc,sys,run,tmp,etc}
 lm_busybox "$R"
 install -m755 "$ROOT/benches/guest/guest.sh" "$R/init"
-lm_install_modules "$R" virtio_pci virtio_blk nbd || lm_die "kernel modules"
+UBLK_MOD=; [[ ",$SERVERS," == *,ublk* ]] && UBLK_MOD=ublk_drv
+# shellcheck disable=SC2086
+lm_install_modules "$R" virtio_pci virtio_blk nbd $UBLK_MOD || lm_die "kernel modules"
 lm_initramfs "$R" "$O/initrd.gz"
 lm_phase_end
 
-NS=$(tr ',' '\n' <<< "$SERVERS" | grep -c .) NC=$(tr ',' '\n' <<< "$CONNS" | grep -c .) NW=$(tr ',' '\n' <<< "$WORKLOADS" | grep -c .)
-TMO=$(( (NS * NC * (NW * (SECS + 4) + 8) + SYNC * NC * (SECS + 15)) * 2 + 180 ))
-lm_phase "boot: $NS servers x $NC connection counts x $NW workloads, ${SECS} s each (host timeout ${TMO} s)"
+NS=$(tr ',' '\n' <<< "$SERVERS" | grep -vc '^ublk') NU=$(tr ',' '\n' <<< "$SERVERS" | grep -c '^ublk' || true)
+NC=$(tr ',' '\n' <<< "$CONNS" | grep -c .) NW=$(tr ',' '\n' <<< "$WORKLOADS" | grep -c .)
+TMO=$(( ((NS * NC + NU) * (NW * (SECS + 4) + 8) + SYNC * NC * (SECS + 15)) * 2 + 180 ))
+lm_phase "boot: $NS NBD servers x $NC connection counts + $NU ublk x $NW workloads, ${SECS} s each (host timeout ${TMO} s)"
 set +e
 lm_boot "$O/console.log" "$TMO" "$O/initrd.gz" \
-  "lmb.secs=$SECS lmb.conns=$CONNS lmb.servers=$SERVERS lmb.workloads=$WORKLOADS lmb.sync=$SYNC" \
+  "lmb.secs=$SECS lmb.conns=$CONNS lmb.servers=$SERVERS lmb.workloads=$WORKLOADS lmb.sync=$SYNC lmb.ublkdepth=$UDEPTH" \
   -drive "file=$O/vda.img,if=virtio,format=raw,cache=none" \
   -drive "file=$O/vdb.img,if=virtio,format=raw,cache=none" \
   -drive "file=$O/vdc.img,if=virtio,format=raw,readonly=on"
@@ -97,51 +109,90 @@ mkdir -p "$(dirname "$OUT")"
   echo "- Host: $(nproc) cores, $(uname -r); guest: QEMU $("${LM_QEMU[@]}" --version | head -n 1 | awk '{print $4}') under **TCG (software emulation, no KVM)**, -smp $SMP, ${MEM} MiB, kernel $LM_KVER"
   echo "$INFO" | sed -n 's/^versions: /- Guest tools: /p' | sed 's/This is //; s|/tools/bin/||g'
   echo "- Served disk: a ${DISK_MB} MiB virtio disk of random data (host file, \`cache=none\`), the same for every server, over Unix sockets: livemirror \`serve --source /dev/vda --nbd-device /dev/nbdN --nbd-connections C\` (its own netlink attach, O_DIRECT), \`nbd-server\` (unixsock, flush + fua; reads through the guest's page cache: it has no O_DIRECT) + \`nbd-client -unix -C C\`, \`qemu-nbd -t -e 8 --cache=none --aio=io_uring\` + \`nbd-client -unix -C C\`; a fresh /dev/nbdN per configuration, --nbd-timeout / -t 10 s."
+  [[ ",$SERVERS," == *,ublk* ]] && echo "- livemirror ublk: \`serve --source /dev/vda --ublk-device auto --ublk-queue-depth $UDEPTH\` (one queue per guest CPU, each served on one of the daemon's I/O threads; user copy; O_DIRECT on the disk); \`ublk, hop\`: the same with \`LIVEMIRROR_UBLK_HOP=1\`, every request carried out on another I/O thread than its queue's."
   echo "- fio: \`--direct=1 --ioengine=libaio --time_based --runtime=$SECS\`, one job per guest CPU ($SMP) on its own part of the disk, the workload's queue depth spread over them (the kernel sends a request on the connection of the CPU that submitted it, so one job would use one connection)."
   echo "- **Only ratios within this run mean anything**: everything (fio, the server, the kernel's NBD client) runs on emulated CPUs sharing the host's cores."
   echo
   awk -v conns="$CONNS" -v servers="$SERVERS" -v workloads="$WORKLOADS" '
     function kv(s, k,   n, a, i) { n = split(s, a, " "); for (i = 1; i <= n; i++) if (index(a[i], k "=") == 1) return substr(a[i], length(k) + 2); return "" }
+    function fmt(x) { return sprintf(x >= 1000 ? "%.1fk" : "%.0f", x >= 1000 ? x / 1000 : x) }
+    function ratio(a, b) { return (a > 0 && b > 0) ? sprintf("%.2fx", a / b) : "—" }
     { s = kv($0, "server"); c = kv($0, "conns"); w = kv($0, "workload"); io[s, c, w] = kv($0, "iops") + 0; bw[s, c, w] = kv($0, "kib_s") + 0;
-      er[s, c, w] = kv($0, "err"); to[s, c] += kv($0, "timeouts") }
+      er[s, c, w] = kv($0, "err"); to[s, c] += kv($0, "timeouts"); cpu[s, c, w] = kv($0, "cpu_us"); gcpu[s, c, w] = kv($0, "gcpu_us") }
     END {
       nc = split(conns, C, ","); ns = split(servers, S, ","); nw = split(workloads, W, ",")
-      name["randread4k"] = "4K randread QD32"; name["randwrite4k"] = "4K randwrite QD32"; name["read1m"] = "1M seqread QD8"; name["write1m"] = "1M seqwrite QD8"
+      name["randread4k"] = "4K randread QD32"; name["randwrite4k"] = "4K randwrite QD32"; name["randread4kqd128"] = "4K randread QD128"; name["read1m"] = "1M seqread QD8"; name["write1m"] = "1M seqwrite QD8"
+      label["ublk"] = "livemirror ublk"; label["ublk-hop"] = "livemirror ublk, hop"
+      # The columns: a ublk server once (it has queues, not connections), the others per connection count.
+      ncol = 0
+      for (i = 1; i <= ns; i++) {
+        if (S[i] ~ /^ublk/) { ncol++; cs[ncol] = S[i]; cc[ncol] = "q"; cl[ncol] = label[S[i]]; continue }
+        for (j = 1; j <= nc; j++) { ncol++; cs[ncol] = S[i]; cc[ncol] = C[j]; cl[ncol] = (S[i] == "livemirror" ? "livemirror NBD" : S[i]) " x" C[j] }
+      }
       hdr = "| workload |"; sep = "| --- |"
-      for (i = 1; i <= ns; i++) for (j = 1; j <= nc; j++) { hdr = hdr " " S[i] " x" C[j] " |"; sep = sep " ---: |" }
+      for (k = 1; k <= ncol; k++) { hdr = hdr " " cl[k] " |"; sep = sep " ---: |" }
       print "Cells: IOPS / MB/s (10^6 bytes/s)."; print ""; print hdr; print sep
-      for (k = 1; k <= nw; k++) {
-        line = "| " name[W[k]] " |"
-        for (i = 1; i <= ns; i++) for (j = 1; j <= nc; j++) {
-          key = S[i] SUBSEP C[j] SUBSEP W[k]
+      for (w = 1; w <= nw; w++) {
+        line = "| " name[W[w]] " |"
+        for (k = 1; k <= ncol; k++) {
+          key = cs[k] SUBSEP cc[k] SUBSEP W[w]
           if (!(key in io)) { line = line " — |"; continue }
-          cell = sprintf(io[key] >= 1000 ? "%.1fk" : "%.0f", io[key] >= 1000 ? io[key] / 1000 : io[key]) sprintf(" / %.1f", bw[key] * 1024 / 1e6)
+          cell = fmt(io[key]) sprintf(" / %.1f", bw[key] * 1024 / 1e6)
           if (er[key] != 0) cell = cell " (fio error " er[key] ")"
           line = line " " cell " |"
         }
         print line
       }
       line = "| requests timed out (kernel) |"
-      for (i = 1; i <= ns; i++) for (j = 1; j <= nc; j++) line = line " " (to[S[i], C[j]] + 0) " |"
+      for (k = 1; k <= ncol; k++) line = line " " (to[cs[k], cc[k]] + 0) " |"
       print line
       print ""
-      # Ratios: each server against its own 1 connection; livemirror against the best peer at the same count.
+      print "CPU time per request, in µs of emulated CPU: the serving process (all its threads; — where its pid is not known: nbd-server forks per connection) / the whole guest (fio, the kernel and the server):"
+      print ""; print hdr; print sep
+      for (w = 1; w <= nw; w++) {
+        line = "| " name[W[w]] " |"
+        for (k = 1; k <= ncol; k++) {
+          key = cs[k] SUBSEP cc[k] SUBSEP W[w]
+          line = line " " ((key in io) ? cpu[key] " / " gcpu[key] : "—") " |"
+        }
+        print line
+      }
+      print ""
+      # Ratios on IOPS. ublk against livemirror over NBD (at each connection count, and the best
+      # of them) and against the best peer at any connection count; livemirror over NBD against
+      # the best peer at the same count; each NBD server against its own first count.
       hdr = "| workload |"; sep = "| --- |"
-      for (j = 1; j <= nc; j++) { hdr = hdr " livemirror x" C[j] " / best peer x" C[j] " |"; sep = sep " ---: |" }
-      for (i = 1; i <= ns; i++) for (j = 2; j <= nc; j++) { hdr = hdr " " S[i] " x" C[j] " / x" C[1] " |"; sep = sep " ---: |" }
+      hasublk = 0; for (i = 1; i <= ns; i++) if (S[i] == "ublk") hasublk = 1
+      hashop = 0; for (i = 1; i <= ns; i++) if (S[i] == "ublk-hop") hashop = 1
+      if (hasublk) {
+        for (j = 1; j <= nc; j++) { hdr = hdr " ublk / NBD x" C[j] " |"; sep = sep " ---: |" }
+        hdr = hdr " ublk / best NBD |"; sep = sep " ---: |"
+        hdr = hdr " ublk / best peer |"; sep = sep " ---: |"
+        if (hashop) { hdr = hdr " ublk hop / ublk |"; sep = sep " ---: |" }
+      }
+      for (j = 1; j <= nc; j++) { hdr = hdr " NBD x" C[j] " / best peer x" C[j] " |"; sep = sep " ---: |" }
+      for (i = 1; i <= ns; i++) if (S[i] !~ /^ublk/) for (j = 2; j <= nc; j++) { hdr = hdr " " S[i] " x" C[j] " / x" C[1] " |"; sep = sep " ---: |" }
       print "Ratios (on IOPS):"; print ""; print hdr; print sep
-      for (k = 1; k <= nw; k++) {
-        line = "| " name[W[k]] " |"
+      for (w = 1; w <= nw; w++) {
+        line = "| " name[W[w]] " |"
+        if (hasublk) {
+          u = io["ublk", "q", W[w]]; bestn = 0; bestp = 0; bp = ""
+          for (j = 1; j <= nc; j++) {
+            n = io["livemirror", C[j], W[w]]; if (n > bestn) bestn = n
+            line = line " " ratio(u, n) " |"
+            for (i = 1; i <= ns; i++) if (S[i] != "livemirror" && S[i] !~ /^ublk/ && io[S[i], C[j], W[w]] > bestp) { bestp = io[S[i], C[j], W[w]]; bp = S[i] " x" C[j] }
+          }
+          line = line " **" ratio(u, bestn) "** |"
+          line = line " **" ratio(u, bestp) "** (" bp ") |"
+          if (hashop) line = line " " ratio(io["ublk-hop", "q", W[w]], u) " |"
+        }
         for (j = 1; j <= nc; j++) {
           best = 0; bn = ""
-          for (i = 1; i <= ns; i++) if (S[i] != "livemirror" && io[S[i], C[j], W[k]] > best) { best = io[S[i], C[j], W[k]]; bn = S[i] }
-          l = io["livemirror", C[j], W[k]]
-          line = line " " ((best > 0 && l > 0) ? sprintf("**%.2fx** (%s)", l / best, bn) : "—") " |"
+          for (i = 1; i <= ns; i++) if (S[i] != "livemirror" && S[i] !~ /^ublk/ && io[S[i], C[j], W[w]] > best) { best = io[S[i], C[j], W[w]]; bn = S[i] }
+          l = io["livemirror", C[j], W[w]]
+          line = line " " ((best > 0 && l > 0) ? sprintf("%.2fx (%s)", l / best, bn) : "—") " |"
         }
-        for (i = 1; i <= ns; i++) for (j = 2; j <= nc; j++) {
-          a = io[S[i], C[j], W[k]]; b = io[S[i], C[1], W[k]]
-          line = line " " ((a > 0 && b > 0) ? sprintf("%.2fx", a / b) : "—") " |"
-        }
+        for (i = 1; i <= ns; i++) if (S[i] !~ /^ublk/) for (j = 2; j <= nc; j++) line = line " " ratio(io[S[i], C[j], W[w]], io[S[i], C[1], W[w]]) " |"
         print line
       }
     }' "$O/rows.txt"

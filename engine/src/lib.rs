@@ -44,12 +44,12 @@ pub use buf::{BudgetCharge, BufPool, IoBuf, SharedBuf};
 pub use copier::is_zero;
 pub use drain::{Drain, DrainGuard};
 pub use error::{Error, Result};
-pub use mirror::{Mirror, MirrorConfig, Opener, StatusExtent, DEFAULT_QUEUE_DEPTH};
+pub use mirror::{KernelDevice, Mirror, MirrorConfig, Opener, StatusExtent, DEFAULT_QUEUE_DEPTH};
 pub use state::{DeviceState, Transition};
 pub use status::{Event, EventKind, Status};
 pub use verify::VerifyReport;
 
-/// The device API a block frontend (NBD today, ublk perhaps later) talks to.
+/// The device API a block frontend (NBD, ublk) talks to.
 /// Futures are `!Send`: they run on the engine thread that polls them.
 #[allow(async_fn_in_trait)]
 pub trait BlockDevice: Send + Sync + 'static {

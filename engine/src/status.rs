@@ -83,6 +83,10 @@ pub struct Status {
     /// limit; null without one, and once the source is detached.
     #[serde(default)]
     pub overlay: Option<crate::backend::OverlayUsage>,
+    /// The kernel block device serving the export (`/dev/nbdN` for
+    /// `--nbd-device`, `/dev/ublkbN` for `--ublk-device`); null without one.
+    #[serde(default)]
+    pub kernel_device: Option<String>,
     #[serde(default)]
     pub events: Vec<Event>,
 }

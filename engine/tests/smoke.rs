@@ -1,5 +1,5 @@
 #![allow(clippy::unwrap_used, unreachable_pub)] // test code: a panic is a failure; helpers are shared through `mod common`
-use engine::{rt, Backend, DeviceState, IoBuf, Mirror, MirrorConfig, OpenOptions};
+use engine::{rt, Backend, DeviceState, IoBuf, KernelDevice, Mirror, MirrorConfig, OpenOptions};
 use std::sync::Arc;
 
 #[test]
@@ -28,6 +28,18 @@ fn serve_write_read_attach_sync() {
         let rep = m.verify().await.unwrap();
         assert!(rep.mismatches.is_empty());
         m.detach_source().await.unwrap();
+        // A kernel device that cannot follow a size change: grow is refused
+        // with its reason and changes nothing; status names the device.
+        assert_eq!(m.status().kernel_device, None);
+        m.set_kernel_device(Some(KernelDevice {
+            path: "/dev/ublkb0".into(),
+            grow_refusal: Some("/dev/ublkb0 cannot change size".into()),
+        }));
+        assert_eq!(m.status().kernel_device.as_deref(), Some("/dev/ublkb0"));
+        let e = m.grow(None).await.unwrap_err().to_string();
+        assert_eq!(e, "/dev/ublkb0 cannot change size");
+        assert_eq!(m.size(), 4 << 20, "a refused grow changes nothing");
+        m.set_kernel_device(Some(KernelDevice { path: "/dev/ublkb0".into(), grow_refusal: None }));
         let n = m.grow(None).await.unwrap();
         assert_eq!(n, 8 << 20);
         m.shutdown().await.unwrap();

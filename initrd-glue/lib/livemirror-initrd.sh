@@ -11,12 +11,15 @@
 # Settings, later ones win:
 #   1. defaults below;
 #   2. /etc/livemirror/initrd.conf (shell variables, copied into the initramfs when it is built):
-#        LIVEMIRROR_ENABLE=1  LIVEMIRROR_SOURCE=...  LIVEMIRROR_NBD=...  LIVEMIRROR_STATE=...
-#        LIVEMIRROR_ARGS="..."  LIVEMIRROR_WAIT=...  LIVEMIRROR_LOG=...
+#        LIVEMIRROR_ENABLE=1  LIVEMIRROR_SOURCE=...  LIVEMIRROR_KERNEL=...  LIVEMIRROR_NBD=...
+#        LIVEMIRROR_STATE=...  LIVEMIRROR_ARGS="..."  LIVEMIRROR_WAIT=...  LIVEMIRROR_LOG=...
 #        LIVEMIRROR_OVERLAY=...  LIVEMIRROR_OVERLAY_LIMIT=...
 #   3. the kernel command line:
 #        rd.livemirror[=0|1]          turn the glue on (off by default)
 #        livemirror.source=DEV        the live system's read-write device (/dev/mapper/live-rw)
+#        livemirror.kernel=auto|ublk|nbd  the kernel device of the root (auto): ublk, the kernel's
+#                                     ublk driver (/dev/ublkbN; Linux 6.5+, module ublk_drv), or
+#                                     the kernel NBD client; auto takes ublk where the driver loads
 #        livemirror.nbd=/dev/nbdN     the kernel NBD device that becomes the root (/dev/nbd0)
 #        livemirror.state=PATH|none   crash-resume state file (/run/livemirror/state)
 #        livemirror.args=A,B,...      extra `livemirror serve` arguments, comma separated
@@ -29,7 +32,8 @@
 #        livemirror.overlay-limit=SIZE|N%  the most the overlay may hold (50% of the RAM)
 
 # /run/livemirror (a directory on /run, which moves into the real root and is never unmounted)
-# holds pid, nbd, source, cmdline, log, state and the sockets; the binary runs from
+# holds pid, nbd (the kernel device the root is on: /dev/nbdN or /dev/ublkbN), kernel (nbd or
+# ublk), source, cmdline, log, state and the sockets; the binary runs from
 # /run/livemirror/bin, a small tmpfs of its own (the initramfs mounts /run noexec).
 LM_RUN=/run/livemirror
 LM_BIN_DIR=$LM_RUN/bin
@@ -58,10 +62,12 @@ lm_true() {
 	case $1 in 1 | y | yes | on | true) return 0 ;; *) return 1 ;; esac
 }
 
-# lm_config: reads the settings into LM_ENABLE LM_SOURCE LM_NBD LM_STATE LM_ARGS LM_WAIT LM_LOG.
+# lm_config: reads the settings into LM_ENABLE LM_SOURCE LM_KERNEL LM_NBD LM_STATE LM_ARGS LM_WAIT
+# LM_LOG LM_LIVE LM_OVERLAY LM_OVERLAY_LIMIT.
 lm_config() {
 	LIVEMIRROR_ENABLE=0
 	LIVEMIRROR_SOURCE=/dev/mapper/live-rw
+	LIVEMIRROR_KERNEL=auto
 	LIVEMIRROR_NBD=/dev/nbd0
 	LIVEMIRROR_STATE=$LM_RUN/state
 	LIVEMIRROR_ARGS=
@@ -73,6 +79,7 @@ lm_config() {
 	[ -r /etc/livemirror/initrd.conf ] && . /etc/livemirror/initrd.conf
 	LM_ENABLE=$(lm_cmdline rd.livemirror) || LM_ENABLE=$LIVEMIRROR_ENABLE
 	LM_SOURCE=$(lm_cmdline livemirror.source) || LM_SOURCE=$LIVEMIRROR_SOURCE
+	LM_KERNEL=$(lm_cmdline livemirror.kernel) || LM_KERNEL=$LIVEMIRROR_KERNEL
 	LM_NBD=$(lm_cmdline livemirror.nbd) || LM_NBD=$LIVEMIRROR_NBD
 	LM_STATE=$(lm_cmdline livemirror.state) || LM_STATE=$LIVEMIRROR_STATE
 	if _lm_args=$(lm_cmdline livemirror.args); then
@@ -97,6 +104,27 @@ lm_config() {
 	*) lm_say "livemirror.nbd=$LM_NBD is not a /dev/nbdN device; using /dev/nbd0"; LM_NBD=/dev/nbd0 ;;
 	esac
 	case $LM_STATE in none | "") LM_STATE= ;; esac
+	case $LM_KERNEL in
+	auto | ublk | nbd) ;;
+	*) lm_say "livemirror.kernel=$LM_KERNEL is not auto, ublk or nbd; using auto"; LM_KERNEL=auto ;;
+	esac
+}
+
+# lm_door: which kernel device serves the root: prints ublk or nbd. ublk needs the driver's control
+# device (the module is loaded first if it is there); asked for explicitly and missing, it fails
+# (returns 1) rather than falling back.
+lm_door() {
+	if [ "$LM_KERNEL" != nbd ] && [ ! -e /dev/ublk-control ]; then
+		modprobe ublk_drv 2>/dev/null || true
+		[ -e /dev/ublk-control ] || lm_wait_block /dev/ublk-control 2 2>/dev/null || true
+	fi
+	case $LM_KERNEL in
+	nbd) echo nbd ;;
+	ublk)
+		[ -e /dev/ublk-control ] || { lm_say "livemirror.kernel=ublk, but this kernel has no ublk driver (no /dev/ublk-control; the module ublk_drv needs Linux 6.5 or later)"; return 1; }
+		echo ublk ;;
+	*) if [ -e /dev/ublk-control ]; then echo ublk; else echo nbd; fi ;;
+	esac
 }
 
 lm_enabled() { lm_true "$LM_ENABLE"; }
@@ -127,11 +155,11 @@ lm_is_mounted() {
 
 lm_uptime() { read -r _lm_up _ </proc/uptime; echo "${_lm_up%.*}"; }
 
-# lm_wait_block DEV SECS: waits until DEV is a block device (or, as the read-only image under an
-# overlay, a regular file); returns 1 after SECS seconds.
+# lm_wait_block DEV SECS: waits until DEV is a block (or character) device (or, as the read-only
+# image under an overlay, a regular file); returns 1 after SECS seconds.
 lm_wait_block() {
 	_lm_end=$(($(lm_uptime) + $2))
-	while [ ! -b "$1" ] && { [ -z "$LM_OVERLAY" ] || [ ! -f "$1" ]; }; do
+	while [ ! -b "$1" ] && [ ! -c "$1" ] && { [ -z "${LM_OVERLAY:-}" ] || [ ! -f "$1" ]; }; do
 		[ "$(lm_uptime)" -ge "$_lm_end" ] && return 1
 		if command -v udevadm >/dev/null 2>&1; then
 			udevadm settle --timeout=1 --exit-if-exists="$1" 2>/dev/null || sleep 1
@@ -143,20 +171,28 @@ lm_wait_block() {
 
 lm_nbd_sysfs() { echo "/sys/block/${1#/dev/}"; }
 
-# lm_start BIN: starts the root storage daemon serving $LM_SOURCE on $LM_NBD and waits until the
-# kernel device has its size. The daemon runs from a copy of BIN in /run/livemirror/bin, a tmpfs
-# of its own: the initramfs is emptied by switch_root, the root it serves must not hold its code,
-# and the initramfs mounts /run noexec. /run moves into the real root with what is mounted below.
+# lm_start BIN: starts the root storage daemon serving $LM_SOURCE on the kernel device lm_door
+# chose and waits until that device has its size; sets LM_NBD to it (/dev/nbdN, or the
+# /dev/ublkbN the daemon made). The daemon runs from a copy of BIN in /run/livemirror/bin, a
+# tmpfs of its own: the initramfs is emptied by switch_root, the root it serves must not hold its
+# code, and the initramfs mounts /run noexec. /run moves into the real root with what is mounted
+# below.
 lm_start() {
 	_lm_bin=$1
-	_lm_sys=$(lm_nbd_sysfs "$LM_NBD")
-	if [ ! -e "$_lm_sys" ]; then
-		modprobe nbd 2>/dev/null || true
-		lm_wait_block "$LM_NBD" 10 || { lm_say "no $LM_NBD (is the nbd module in the initramfs?)"; return 1; }
-	fi
-	if [ -e "$_lm_sys/pid" ] || [ "$(cat "$_lm_sys/size" 2>/dev/null)" != 0 ]; then
-		lm_say "$LM_NBD is already connected; not starting another daemon"
-		return 1
+	LM_DOOR=$(lm_door) || return 1
+	if [ "$LM_DOOR" = nbd ]; then
+		_lm_sys=$(lm_nbd_sysfs "$LM_NBD")
+		if [ ! -e "$_lm_sys" ]; then
+			modprobe nbd 2>/dev/null || true
+			lm_wait_block "$LM_NBD" 10 || { lm_say "no $LM_NBD (is the nbd module in the initramfs?)"; return 1; }
+		fi
+		if [ -e "$_lm_sys/pid" ] || [ "$(cat "$_lm_sys/size" 2>/dev/null)" != 0 ]; then
+			lm_say "$LM_NBD is already connected; not starting another daemon"
+			return 1
+		fi
+		_lm_door_args="--nbd-device $LM_NBD"
+	else
+		_lm_door_args="--ublk-device auto"
 	fi
 	mkdir -p "$LM_BIN_DIR"
 	chmod 0700 "$LM_RUN"
@@ -169,7 +205,7 @@ lm_start() {
 	# argv[0] "@livemirror": a root storage daemon (locked memory, supervised restarts, spared by
 	# systemd's killing sprees). A shell passes the name it looked up in PATH as argv[0].
 	ln -sf livemirror "$LM_BIN_DIR/@livemirror"
-	echo "$LM_NBD" >"$LM_RUN/nbd"
+	echo "$LM_DOOR" >"$LM_RUN/kernel"
 	echo "$LM_SOURCE" >"$LM_RUN/source"
 	_lm_limit=
 	if [ -n "$LM_OVERLAY" ]; then
@@ -177,7 +213,7 @@ lm_start() {
 		_lm_limit=$(lm_overlay_limit)
 	fi
 	# shellcheck disable=SC2086
-	set -- serve --source "$LM_SOURCE" --nbd-device "$LM_NBD" --control "$LM_CONTROL" \
+	set -- serve --source "$LM_SOURCE" $_lm_door_args --control "$LM_CONTROL" \
 		--listen "unix:$LM_SOCKET" ${LM_STATE:+--state "$LM_STATE"} \
 		${LM_OVERLAY:+--overlay "$LM_OVERLAY"} ${_lm_limit:+--overlay-limit "$_lm_limit"} $LM_ARGS
 	echo "@livemirror $*" >"$LM_RUN/cmdline"
@@ -200,7 +236,12 @@ lm_start() {
 			tail -n 20 "$LM_LOG" >&2
 			return 1
 		fi
-		if [ "$(cat "$_lm_sys/size" 2>/dev/null || echo 0)" != 0 ] &&
+		if [ "$LM_DOOR" = ublk ]; then
+			# The daemon names the device it made (or took over).
+			_lm_k=$("$LM_BIN_DIR/livemirror" status --get kernel_device --control "$LM_CONTROL" 2>/dev/null) &&
+				[ -b "$_lm_k" ] && LM_NBD=$_lm_k && _lm_sys=$(lm_nbd_sysfs "$LM_NBD")
+		fi
+		if [ -n "${_lm_sys:-}" ] && [ "$(cat "$_lm_sys/size" 2>/dev/null || echo 0)" != 0 ] &&
 			"$LM_BIN_DIR/livemirror" status --control "$LM_CONTROL" >/dev/null 2>&1; then
 			break
 		fi
@@ -214,6 +255,7 @@ lm_start() {
 	for _lm_c in $(cat "/proc/$_lm_pid/task/$_lm_pid/children" 2>/dev/null); do
 		echo "$_lm_c" >>/run/sendsigs.omit.d/livemirror
 	done
+	echo "$LM_NBD" >"$LM_RUN/nbd"
 	lm_say "serving $LM_SOURCE on $LM_NBD ($(($(cat "$_lm_sys/size") / 2048)) MiB), pid $_lm_pid"
 }
 
@@ -226,9 +268,10 @@ lm_pid_alive() {
 }
 
 # lm_detach DIR: the shutdown half, once the root file system is unmounted. DIR holds the files
-# lm_start wrote (/run/livemirror, or wherever the shutdown code moved /run). Disconnects the
+# lm_start wrote (/run/livemirror, or wherever the shutdown code moved /run). NBD: disconnects the
 # kernel device, then stops the daemon with SIGTERM (it flushes its devices and persists its
-# state) and waits for it. Returns 1 while the device is still mounted, 2 if it could not stop
+# state) and waits for it. ublk: stops the daemon first (as the root storage daemon it leaves its
+# device, with nothing on it any more), then removes the device (livemirror ublk-remove). Returns 1 while the device is still mounted, 2 if it could not stop
 # the daemon. The CLI is DIR/bin/livemirror or livemirror in PATH (systemd-shutdown detaches
 # the binary's tmpfs before it pivots back into the initramfs).
 lm_detach() {
@@ -242,7 +285,8 @@ lm_detach() {
 	fi
 	_lm_cli=$_lm_dir/bin/livemirror
 	[ -x "$_lm_cli" ] || _lm_cli=livemirror
-	if [ "$(cat "$(lm_nbd_sysfs "$_lm_nbd")/size" 2>/dev/null || echo 0)" != 0 ]; then
+	_lm_door=$(cat "$_lm_dir/kernel" 2>/dev/null || echo nbd)
+	if [ "$_lm_door" = nbd ] && [ "$(cat "$(lm_nbd_sysfs "$_lm_nbd")/size" 2>/dev/null || echo 0)" != 0 ]; then
 		if "$_lm_cli" nbd-disconnect "$_lm_nbd"; then
 			lm_say "disconnected $_lm_nbd"
 		else
@@ -262,6 +306,13 @@ lm_detach() {
 			sleep 0.1 2>/dev/null || sleep 1
 		done
 		lm_say "the daemon stopped; last log line: $(tail -n 1 "$_lm_dir/log" 2>/dev/null)"
+	fi
+	if [ "$_lm_door" = ublk ] && [ -e "$(lm_nbd_sysfs "$_lm_nbd")" ]; then
+		if "$_lm_cli" ublk-remove "$_lm_nbd"; then
+			lm_say "removed $_lm_nbd"
+		else
+			lm_say "could not remove $_lm_nbd (going on)"
+		fi
 	fi
 	rm -f "$_lm_dir/pid"
 	return 0

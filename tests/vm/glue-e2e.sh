@@ -20,6 +20,12 @@
 # MBR partition table with one empty partition from 1 MiB, the install targets /dev/vdb1 (a
 # partition TARGET: no --whole-disk) and boot 2 mounts root=/dev/vda1; otherwise the target is
 # the whole disk (--whole-disk).
+# With LIVEMIRROR_VM_GLUE_DOOR=ublk (scenario glue-ublk-e2e) it boots Debian 12's 6.12 kernel,
+# whose ublk_drv the glue's hook puts into the initramfs, and the glue's default
+# livemirror.kernel=auto takes ublk: the root is /dev/ublkb0; grow is refused there (no online
+# resize before Linux 6.16), so livemirror-install leaves the growth to the first boot
+# (x-systemd.growfs in fstab): boot 2's systemd grows the file system; the shutdown stops the
+# daemon and removes /dev/ublkb0. The livemirror@ service check (NBD) is left to glue-e2e.
 # Usage: LIVEMIRROR_BIN=path/to/livemirror tests/vm/glue-e2e.sh
 # Knobs: LIVEMIRROR_VM_GLUE_RATE (copy rate limit during the install, default 40M),
 #        LIVEMIRROR_VM_KEEPAPI=1 (test-only workaround for the switch_root path bug, see README),
@@ -36,6 +42,13 @@ case $GTARGET in
   disk) NAME=glue-e2e TGT=/dev/vdb ROOT2=/dev/vda ;;
   partition) NAME=glue-partition-e2e TGT=/dev/vdb1 ROOT2=/dev/vda1 ;;
   *) echo "LIVEMIRROR_VM_GLUE_TARGET must be disk or partition, not $GTARGET" >&2; exit 2 ;;
+esac
+GDOOR=${LIVEMIRROR_VM_GLUE_DOOR:-nbd}
+# shellcheck disable=SC2034  # LM_KSERIES is read by lib.sh: the 6.12 kernel has ublk_drv
+case $GDOOR in
+  nbd) KDEV=/dev/nbd0 ;;
+  ublk) KDEV=/dev/ublkb0 NAME=${NAME/glue-/glue-ublk-} LM_KSERIES=6.12 ;;
+  *) echo "LIVEMIRROR_VM_GLUE_DOOR must be nbd or ublk, not $GDOOR" >&2; exit 2 ;;
 esac
 BIN=${LIVEMIRROR_BIN:-$LM_DIR/../../target/release/livemirror}
 RATE=${LIVEMIRROR_VM_GLUE_RATE:-40M}
@@ -99,6 +112,9 @@ for f in usr/sbin/livemirror usr/lib/livemirror/initrd.sh usr/lib/livemirror/shu
   if grep -qx "$f" "$O/initrd.list"; then lm_ok "the generated initramfs has /$f"; else lm_fail "the generated initramfs lacks /$f"; fi
 done
 if grep -q '/nbd\.ko' "$O/initrd.list"; then lm_ok "the generated initramfs has the nbd module"; else lm_fail "no nbd.ko in the generated initramfs"; fi
+if [ "$GDOOR" = ublk ]; then
+  if grep -q '/ublk_drv\.ko' "$O/initrd.list"; then lm_ok "the generated initramfs has the ublk_drv module"; else lm_fail "no ublk_drv.ko in the generated initramfs"; fi
+fi
 # Optional (LIVEMIRROR_VM_DRACUT=1): the dracut module in a real dracut build. In a throwaway
 # copy of the tree, dracut 059 from the package registry (dracut, dracut-core, dracut-live,
 # unpacked: they conflict with initramfs-tools), the glue's dracut module, then
@@ -161,7 +177,7 @@ lm_phase_end
 # ------------------------------------------------------------------ boot 1
 lm_phase "boot 1: Debian live root over livemirror, livemirror-install, poweroff"
 GMODE=${LIVEMIRROR_VM_GLUE_MODE:-glue}
-APPEND="rw rd.livemirror=1 lmtest.live=/dev/vda livemirror.args=--nbd-timeout,10 lm.mode=$GMODE lm.rate=$RATE lm.target=$TGT lm.token=$TOKEN lm.watchdog=$((TIMEOUT1 - 30))"
+APPEND="rw rd.livemirror=1 lmtest.live=/dev/vda livemirror.args=--nbd-timeout,10 lm.mode=$GMODE lm.door=$GDOOR lm.rate=$RATE lm.target=$TGT lm.token=$TOKEN lm.watchdog=$((TIMEOUT1 - 30))"
 [ -n "${LIVEMIRROR_VM_GLUE_DEBUG:-}" ] && APPEND="$APPEND livemirror.debug=1"
 [ "$KEEPAPI" = 1 ] && APPEND="$APPEND lmtest.keepapi=1"
 set +e
@@ -180,8 +196,10 @@ if [ -z "$BOOT1_OK" ]; then
   lm_say "boot 1 failed: skipping the host checks and boot 2 (serial log: $O/boot1.log)"
   lm_summary "$NAME"; exit 1
 fi
+# What the shutdown says about the kernel device: NBD is disconnected, ublk removed.
+KLINE="livemirror: disconnected $KDEV"; [ "$GDOOR" = ublk ] && KLINE="livemirror: removed $KDEV"
 if [ "$GMODE" = bootonly ]; then
-  for pat in "livemirror: shutdown: the old root is unmounted" "livemirror: disconnected /dev/nbd0" \
+  for pat in "livemirror: shutdown: the old root is unmounted" "$KLINE" \
              "livemirror: the daemon stopped" "livemirror: shutdown: detached cleanly"; do
     if grep -aqF "$pat" "$O/boot1.log.txt"; then lm_ok "shutdown: console says \"$pat\""; else lm_fail "shutdown: no \"$pat\" on the console"; fi
   done
@@ -191,7 +209,7 @@ fi
 # ------------------------------------------------------------------ host: the shutdown + the disk
 lm_phase "host: shutdown path, e2fsck + debugfs on vdb"
 L=$O/boot1.log.txt
-for pat in "livemirror: shutdown: the old root is unmounted" "livemirror: disconnected /dev/nbd0" \
+for pat in "livemirror: shutdown: the old root is unmounted" "$KLINE" \
            "livemirror: the daemon stopped" "livemirror: shutdown: detached cleanly"; do
   if grep -aqF "$pat" "$L"; then lm_ok "shutdown: console says \"$pat\""; else lm_fail "shutdown: no \"$pat\" on the console"; fi
 done
@@ -209,7 +227,11 @@ BC=$(dumpe2fs -h "$FS" 2>/dev/null | awk -F: '/^Block count/{gsub(/ /,"",$2); pr
 BS=$(dumpe2fs -h "$FS" 2>/dev/null | awk -F: '/^Block size/{gsub(/ /,"",$2); print $2}')
 STATE=$(dumpe2fs -h "$FS" 2>/dev/null | awk -F: '/^Filesystem state/{gsub(/^ +/,"",$2); print $2}')
 [ "$STATE" = clean ] && lm_ok "the file system on vdb was unmounted cleanly (state: clean)" || lm_fail "file system state: $STATE"
-if [ $((BC * BS)) -ge $((FS_MB * 1024 * 1024 * 95 / 100)) ]; then
+if [ "$GDOOR" = ublk ]; then
+  # Grown by boot 2, not during the install (checked after boot 2).
+  [ $((BC * BS)) -lt $((FS_MB * 1024 * 1024 * 95 / 100)) ] && lm_ok "the file system is not grown yet: $((BC * BS / 1048576)) MiB (the first boot grows it)" \
+    || lm_fail "the file system on $TGT was grown although the ublk device could not grow"
+elif [ $((BC * BS)) -ge $((FS_MB * 1024 * 1024 * 95 / 100)) ]; then
   lm_ok "the file system was grown: $((BC * BS / 1048576)) MiB on the ${FS_MB} MiB $TGT"
 else
   lm_fail "the file system is $((BC * BS / 1048576)) MiB on the ${FS_MB} MiB $TGT"
@@ -239,7 +261,10 @@ lm_phase_end
 # ------------------------------------------------------------------ boot 2
 if [ "${LIVEMIRROR_VM_BOOT2:-1}" != 0 ]; then
   lm_phase "boot 2: the installed disk as root (same initramfs, no rd.livemirror)"
-  lm_boot_installed "$O" 240 "$O/initrd.img" "root=$ROOT2 rw lm.mode=installed lm.token=$TOKEN" "$FS"
+  lm_boot_installed "$O" 240 "$O/initrd.img" "root=$ROOT2 rw lm.mode=installed lm.door=$GDOOR lm.token=$TOKEN" "$FS"
+  BC=$(dumpe2fs -h "$FS" 2>/dev/null | awk -F: '/^Block count/{gsub(/ /,"",$2); print $2}')
+  [ $((BC * BS)) -ge $((FS_MB * 1024 * 1024 * 95 / 100)) ] && lm_ok "after boot 2 the file system fills $TGT: $((BC * BS / 1048576)) MiB" \
+    || lm_fail "after boot 2 the file system is $((BC * BS / 1048576)) MiB on the ${FS_MB} MiB $TGT"
   lm_phase_end
 fi
 

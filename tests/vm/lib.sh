@@ -14,6 +14,9 @@
 #   LIVEMIRROR_VM_KEEP=1  keep the output dir even when everything passed
 #   LIVEMIRROR_VM_REFRESH=1  look up the newest kernel package again instead of the cached one
 #   LIVEMIRROR_VM_KFLAVOUR  cloud-amd64 (default; ext4 built in) or amd64
+#   LIVEMIRROR_VM_KERNEL  kernel series: 6.1 (default: Debian 12's own, no ublk) or 6.12 (Debian 12's
+#                         security suite, linux-image-6.12.*+deb12-*-unsigned: has ublk_drv); a scenario
+#                         that needs one sets LM_KSERIES after sourcing this file
 #   LIVEMIRROR_VM_SMP, LIVEMIRROR_VM_MEM  guest CPUs (default 2) and MiB (default 768)
 #   LIVEMIRROR_VM_VERBOSE=1  stream the whole serial console, not only the marker lines
 #
@@ -33,6 +36,7 @@ fi
 LM_SMP=${LIVEMIRROR_VM_SMP:-2}
 LM_MEM=${LIVEMIRROR_VM_MEM:-768}
 LM_KFLAVOUR=${LIVEMIRROR_VM_KFLAVOUR:-cloud-amd64}
+LM_KSERIES=${LIVEMIRROR_VM_KERNEL:-6.1}
 
 # ------------------------------------------------------------------------- logging + timing
 lm_now() { local t=${EPOCHREALTIME/./}; echo "${t#0}"; }   # microseconds
@@ -135,21 +139,58 @@ lm_installed() { [[ "$(dpkg-query -W -f='${Status}' "$1" 2>/dev/null)" == *"ok i
 lm_lock_cache() { mkdir -p "$LM_CACHE"; exec {LM_LOCKFD}>"$LM_CACHE/.lock"; flock "$LM_LOCKFD"; }
 lm_unlock_cache() { [ -n "${LM_LOCKFD:-}" ] && { flock -u "$LM_LOCKFD"; exec {LM_LOCKFD}>&-; LM_LOCKFD=; }; return 0; }
 
-# Kernel: linux-image-<flavour> -> its versioned dependency; dpkg -x; busybox depmod.
+# The 6.12 kernels live in Debian 12's security suite. A machine whose apt sources lack it (a
+# fresh CI image may) gets it added, as root, in a file of its own; Debian's archive key signs it.
+LM_SECURITY_SOURCES=/etc/apt/sources.list.d/livemirror-vm-bookworm-security.sources
+lm_security_suite() {
+  if grep -rqs 'bookworm-security' /etc/apt/sources.list /etc/apt/sources.list.d/; then return 0; fi
+  [ "$(id -u)" = 0 ] || { echo "livemirror VM rig: apt has no bookworm-security suite (the 6.12 kernel is there); add it as root" >&2; return 1; }
+  lm_say "apt: adding Debian 12's security suite ($LM_SECURITY_SOURCES) for the 6.12 kernel"
+  printf '%s\n' 'Types: deb' 'URIs: http://deb.debian.org/debian-security' 'Suites: bookworm-security' \
+    'Components: main' 'Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg' > "$LM_SECURITY_SOURCES"
+  apt-get update -q >&2 || true
+}
+
+# lm_kernel_package: the versioned linux-image package of series $LM_KSERIES.
+#   6.1: the dependency of linux-image-<flavour>; 6.12: the newest linux-image-6.12.N+deb12-<flavour>-unsigned.
+lm_kernel_package() {
+  local names
+  case $LM_KSERIES in
+    6.1)
+      lm_apt_ready "linux-image-$LM_KFLAVOUR" || return 1
+      apt-cache depends "linux-image-$LM_KFLAVOUR" | awk '/Depends: linux-image-/{print $2; exit}' ;;
+    6.12)
+      lm_security_suite || return 1
+      names=$(apt-cache search --names-only "^linux-image-6\.12\.[0-9]+\+deb12-$LM_KFLAVOUR-unsigned\$" | awk '{print $1}')
+      if [ -z "$names" ] && [ "$(id -u)" = 0 ]; then
+        apt-get update -q >&2 || true
+        names=$(apt-cache search --names-only "^linux-image-6\.12\.[0-9]+\+deb12-$LM_KFLAVOUR-unsigned\$" | awk '{print $1}')
+      fi
+      printf '%s\n' $names | sort -V | tail -n 1 ;;
+    *) echo "livemirror VM rig: LIVEMIRROR_VM_KERNEL=$LM_KSERIES: expected 6.1 or 6.12" >&2; return 1 ;;
+  esac
+}
+
+# Kernel of series $LM_KSERIES: its versioned package; dpkg -x; compressed modules (6.12 ships
+# .ko.xz) decompressed in the cache, so busybox's depmod and insmod take them; busybox depmod.
 # Sets LM_KVER LM_KROOT LM_VMLINUZ LM_MODDIR.
 lm_fetch_kernel() {
   local cur=$LM_CACHE/kernel-$LM_KFLAVOUR.current kpkg
+  [ "$LM_KSERIES" = 6.1 ] || cur=$LM_CACHE/kernel-$LM_KSERIES-$LM_KFLAVOUR.current
   if [ -z "${LIVEMIRROR_VM_REFRESH:-}" ] && [ -s "$cur" ] && [ -f "$LM_CACHE/kernel/$(cat "$cur")/.complete" ]; then
     LM_KVER=$(cat "$cur")
   else
-    lm_apt_ready "linux-image-$LM_KFLAVOUR" || return 1
-    kpkg=$(apt-cache depends "linux-image-$LM_KFLAVOUR" | awk '/Depends: linux-image-/{print $2; exit}')
-    [ -n "$kpkg" ] || { echo "cannot resolve linux-image-$LM_KFLAVOUR" >&2; return 1; }
+    [ "$LM_KSERIES" = 6.1 ] || lm_need xz:xz-utils || return 1
+    kpkg=$(lm_kernel_package) || return 1
+    [ -n "$kpkg" ] || { echo "cannot resolve a $LM_KSERIES linux-image-*-$LM_KFLAVOUR package" >&2; return 1; }
     LM_KVER=${kpkg#linux-image-}
+    LM_KVER=${LM_KVER%-unsigned}
     if [ ! -f "$LM_CACHE/kernel/$LM_KVER/.complete" ]; then
       lm_download "$kpkg" || return 1
       rm -rf "$LM_CACHE/kernel/$LM_KVER.tmp"; mkdir -p "$LM_CACHE/kernel/$LM_KVER.tmp"
       dpkg -x "$(lm_deb "$kpkg")" "$LM_CACHE/kernel/$LM_KVER.tmp"
+      find "$LM_CACHE/kernel/$LM_KVER.tmp/lib/modules" -name '*.ko.xz' -print0 | xargs -0 -r -n 64 xz -d
+      find "$LM_CACHE/kernel/$LM_KVER.tmp/lib/modules" -name '*.ko.zst' -print0 | xargs -0 -r -n 64 zstd -q -d --rm
       # The package ships no modules.dep.
       busybox depmod -b "$LM_CACHE/kernel/$LM_KVER.tmp" "$LM_KVER"
       touch "$LM_CACHE/kernel/$LM_KVER.tmp/.complete"
@@ -401,7 +442,7 @@ lm_ext4() {
 # install and kill scenarios boot: OUT/vda.img (read-only base: busybox, livemirror, dmsetup,
 # resize2fs, nbd-client, the guest scripts, /etc/base-marker with $TOKEN), OUT/vdb.img (blank
 # target), OUT/initrd1.gz (stage 1: the live stack + @livemirror) and OUT/initrd2.gz (boot 2:
-# mounts vda as root).
+# mounts vda as root). LM_EXTRA_MODULES (e.g. ublk_drv) go into initrd1 too.
 lm_build_live_images() {
   local O=$1 bin=$2 vda_mb=$3 vdb_mb=$4 RF R R2 b
   lm_strip "$bin" "$O/livemirror"
@@ -424,7 +465,8 @@ lm_build_live_images() {
   lm_copy_bin "$R" "$O/livemirror" /usr/sbin/livemirror
   install -m755 "$LM_GUEST/stage1-init.sh" "$R/init"
   install -m644 "$LM_GUEST"/{common,watchdog}.sh "$R/lmtest/"
-  lm_install_modules "$R" virtio_pci virtio_blk nbd dm-snapshot loop ext4 || return 1
+  # shellcheck disable=SC2086
+  lm_install_modules "$R" virtio_pci virtio_blk nbd dm-snapshot loop ext4 ${LM_EXTRA_MODULES:-} || return 1
   lm_initramfs "$R" "$O/initrd1.gz"
   # Boot 2 initramfs: just enough to mount /dev/vda as root.
   R2=$O/initramfs2

@@ -425,6 +425,7 @@ impl Mirror {
         let _t = self.transition.lock().await;
         let route = self.route();
         route.state.next(Transition::Grow).map_err(refused)?;
+        self.check_growable()?;
         let Some(t) = route.target.clone() else {
             return Err(Error::Internal("source-detached without a target".into()));
         };

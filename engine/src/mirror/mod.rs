@@ -10,6 +10,7 @@
 //! | `read.rs` | READ, CACHE and BLOCK_STATUS |
 //! | `discard.rs` | TRIM |
 //! | `status.rs` | the status report |
+//! | `kernel_device.rs` | the kernel block device in front of the export |
 //!
 //! Which device serves a request is [`crate::route`]'s; which state changes are
 //! legal is [`crate::state`]'s. The copier and the journal reach the device only
@@ -18,6 +19,7 @@
 
 mod discard;
 mod health;
+mod kernel_device;
 mod lifecycle;
 mod read;
 mod status;
@@ -43,6 +45,7 @@ use crate::state::DeviceState;
 use crate::status::{Event, EventKind};
 use crate::sync::lock;
 
+pub use kernel_device::KernelDevice;
 pub use read::StatusExtent;
 
 /// Copier I/Os in flight by default (see [`crate::copier::chunk_for`]).
@@ -139,6 +142,8 @@ pub struct Mirror {
     target_hooks: Mutex<Option<Arc<dyn crate::backend::IoHooks>>>,
     #[cfg(feature = "testing")]
     target_forced_align: AtomicU64,
+    /// `/dev/nbdN` or `/dev/ublkbN` in front of the export (kernel_device.rs).
+    kernel_device: Mutex<Option<KernelDevice>>,
     shutting_down: AtomicBool,
     copier_thread: Mutex<Option<std::thread::JoinHandle<()>>>,
 }
@@ -209,6 +214,7 @@ impl Mirror {
             target_hooks: Mutex::new(None),
             #[cfg(feature = "testing")]
             target_forced_align: AtomicU64::new(1),
+            kernel_device: Mutex::new(None),
             shutting_down: AtomicBool::new(false),
             copier_thread: Mutex::new(None),
             cfg,

@@ -55,6 +55,7 @@ impl Mirror {
             target_link: route.target.as_ref().and_then(|t| t.backend.link()),
             copier_running: self.copier.running.load(Ordering::Relaxed),
             overlay: route.source.as_ref().and_then(|s| s.overlay()).map(|o| o.usage()),
+            kernel_device: self.kernel_device().map(|k| k.path),
             events: self.events(),
         }
     }

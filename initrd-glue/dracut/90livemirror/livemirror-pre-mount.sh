@@ -1,8 +1,8 @@
 #!/bin/sh
 # dracut pre-mount hook (livemirror). By now the initqueue has built the live device
-# (dmsquash-live's /dev/mapper/live-rw). Start the root storage daemon on it and make the NBD
-# device the root:
-#   - systemd in the initramfs: a drop-in for sysroot.mount (What=/dev/nbd0), then a reload;
+# (dmsquash-live's /dev/mapper/live-rw). Start the root storage daemon on it and make its kernel
+# device (/dev/nbd0, or /dev/ublkbN with livemirror.kernel=ublk|auto) the root:
+#   - systemd in the initramfs: a drop-in for sysroot.mount (What=the device), then a reload;
 #     sysroot.mount is ordered after dracut-pre-mount.service, so it has not run yet.
 #   - dracut's own init: a mount hook that sorts before every other one.
 # The daemon is spared at switch_root (argv[0] starts with '@'; dracut's hook services use

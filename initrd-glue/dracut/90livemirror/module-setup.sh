@@ -51,6 +51,9 @@ depends() {
 # called by dracut
 installkernel() {
     instmods nbd
+    # Where the kernel has it (Linux 6.5+ with CONFIG_BLK_DEV_UBLK): the ublk door
+    # (livemirror.kernel=auto|ublk). instmods skips a module the kernel lacks.
+    instmods ublk_drv
     # The live medium (rd.livemirror.overlay): a CD or a disk, its squashfs on a loop device.
     hostonly='' instmods squashfs loop isofs sr_mod cdrom
 }

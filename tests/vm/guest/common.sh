@@ -34,7 +34,7 @@ lm_dump() {
   if [ -S "$LM_CTL" ]; then
     timeout 10 "$LM" status --control "$LM_CTL" 2>&1 | sed 's/^/LMLOG status: /'
   fi
-  dmesg | grep -aiE 'nbd|device-mapper|dm-|snapshot|EXT4|I/O error|blk_update|hung|blocked|Call Trace|livemirror' \
+  dmesg | grep -aiE 'nbd|ublk|device-mapper|dm-|snapshot|EXT4|I/O error|blk_update|hung|blocked|Call Trace|livemirror' \
     | tail -n 30 | sed 's/^/LMLOG dmesg: /'
 }
 
@@ -43,6 +43,9 @@ cmdline() {
   _v=$(tr ' ' '\n' < /proc/cmdline | sed -n "s/^lm\.$1=//p" | tail -n 1)
   echo "${_v:-$2}"
 }
+
+# The kernel device the live root is served on: /dev/nbd0, or /dev/ublkb0 with lm.door=ublk.
+case "$(cmdline door nbd)" in ublk) LM_ROOTDEV=/dev/ublkb0 ;; *) LM_ROOTDEV=/dev/nbd0 ;; esac
 
 # jget KEY JSON: a scalar field at the top level of a one-line JSON object (strings unquoted).
 # It walks the text, skipping strings and counting brackets, so it finds KEY whatever the order
@@ -138,11 +141,11 @@ check_nbd_timeouts() {
   fi
 }
 
-# Boot 1 of every live-system scenario: / is ext4 on /dev/nbd0 and shows this
-# run's base image through the snapshot and livemirror.
+# Boot 1 of every live-system scenario: / is ext4 on /dev/nbd0 (or /dev/ublkb0) and shows
+# this run's base image through the snapshot and livemirror.
 check_live_root() {
   _root=$(awk '$2=="/"' /proc/mounts | tail -n 1)
-  case "$_root" in /dev/nbd0\ /\ ext4\ *) ok "root is /dev/nbd0: $_root" ;; *) fail "root is not /dev/nbd0: $_root" ;; esac
+  case "$_root" in "$LM_ROOTDEV / ext4 "*) ok "root is $LM_ROOTDEV: $_root" ;; *) fail "root is not $LM_ROOTDEV: $_root" ;; esac
   grep -q "$(cmdline token none)" /etc/base-marker && ok "base image content visible through the snapshot + livemirror" \
     || fail "/etc/base-marker does not hold this run's token"
 }

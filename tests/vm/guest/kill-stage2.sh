@@ -8,6 +8,11 @@
 # must see no error. Then the sync completes, verify, detach-source, the source is removed, and
 # the daemon is killed once more: it must come back without the source. Then grow + resize2fs
 # through the restarted daemon, and every file is checked.
+# lm.door=ublk: the root is /dev/ublkb0 (serve --ublk-device 0), taken over by each restarted
+# daemon with user recovery; where the kernel cannot resize a live ublk device (6.12) grow must
+# be refused with its reason and the file system is grown at the installed system's first boot
+# (boot 2, lm.growfs=1) instead. lm.synckills=N: N kills during the sync (default 1, at 35 %;
+# else at 1/(N+1), 2/(N+1), ... of the regions).
 . /lmtest/common.sh
 export PATH=/usr/sbin:/usr/bin:/sbin:/bin
 D=/data
@@ -28,6 +33,26 @@ state_is() {
   echo "$_j"
 }
 LOG=/run/livemirror.log
+DOOR=$(cmdline door nbd)
+RDEV=${LM_ROOTDEV#/dev/}
+SYNCKILLS=$(cmdline synckills 1)
+# check_own_namespace: with ublk the supervisor and the daemon must run in a mount namespace of
+# their own that holds no mount of /dev/ublkbN (a server whose namespace holds a file system on
+# its own device can deadlock when it exits: it would unmount it, and only it could serve the
+# writes). Checked after every restart: the new daemon inherits the supervisor's namespace.
+check_own_namespace() {
+  [ "$DOOR" = ublk ] || return 0
+  for _p in "$SUP" "$CHILD"; do
+    [ "$(readlink "/proc/$_p/ns/mnt")" != "$(readlink /proc/1/ns/mnt)" ] \
+      || fail "pid $_p shares PID 1's mount namespace ($(readlink /proc/1/ns/mnt))"
+    grep -q '^/dev/ublkb' "/proc/$_p/mounts" && fail "pid $_p's mount namespace holds its own device: $(grep '^/dev/ublkb' "/proc/$_p/mounts")"
+  done
+  ok "supervisor and daemon run in a mount namespace of their own ($(readlink "/proc/$CHILD/ns/mnt"), PID 1: $(readlink /proc/1/ns/mnt)) with no mount of /dev/ublkb*"
+}
+# took_over: the log line of a restarted daemon that took the root device over.
+took_over() {
+  if [ "$DOOR" = ublk ]; then grep 'took over /dev/ublkb0' "$LOG"; else grep 'reconnected /dev/nbd0' "$LOG"; fi
+}
 
 # kill_daemon WHAT: kill -9 the daemon (the supervisor's child) and wait until the supervisor has
 # started a new one and it answers on the control socket. Sets CHILD.
@@ -66,6 +91,7 @@ start_watchdog
 check_live_root
 SUP=$(cat /run/livemirror/serve.pid)
 check_daemon "$SUP"
+check_own_namespace
 [ -s /run/livemirror/state ] && ok "state file /run/livemirror/state: $(wc -c < /run/livemirror/state) bytes" || fail "no state file"
 J=$(state_is serving)
 VDB=$(blockdev --getsize64 /dev/vdb)
@@ -78,7 +104,7 @@ LOADPID=$!
 wait_files pre 3
 ok "write load running (pid $LOADPID): $(count pre) files"
 
-check_nbd_timeouts "boot, before any kill"
+[ "$DOOR" = nbd ] && check_nbd_timeouts "boot, before any kill"
 
 # ---- the simplest crash first: the daemon serving the live root, no target yet
 kill_daemon "while serving the live root (no target attached yet)"
@@ -96,37 +122,48 @@ phase sync
 ok "attach /dev/vdb: $OUT"
 J=$(state_is syncing)
 TOTAL=$(jget regions_total "$J")
-i=0
-while :; do
-  J=$(lmstatus); R0=$(jget regions_clean "$J")
-  [ "$R0" -ge $((TOTAL * 35 / 100)) ] && [ "$(count_within sync)" -ge 2 ] && break
-  [ "$(jget state "$J")" = syncing ] || fail "the sync ended before the kill (rate limit not applied?): $J"
-  i=$((i + 1)); [ $i -gt 1200 ] && fail "the sync did not reach 35 % in 120 s: $J"
-  sleep 0.1
+k=0
+while [ $k -lt "$SYNCKILLS" ]; do
+  k=$((k + 1))
+  if [ "$SYNCKILLS" = 1 ]; then PCT=35; else PCT=$((k * 100 / (SYNCKILLS + 1))); fi
+  i=0
+  while :; do
+    J=$(lmstatus); R0=$(jget regions_clean "$J")
+    [ "$R0" -ge $((TOTAL * PCT / 100)) ] && [ "$(count_within sync)" -ge 2 ] && break
+    [ "$(jget state "$J")" = syncing ] || fail "the sync ended before kill $k (rate limit not applied?): $J"
+    i=$((i + 1)); [ $i -gt 1200 ] && fail "the sync did not reach $PCT % in 120 s: $J"
+    sleep 0.1
+  done
+  E=$(dmesg_errors)
+  [ -z "$E" ] && ok "before mid-sync kill $k: no I/O errors in dmesg" || fail "before mid-sync kill $k already: $E"
+  info "before kill $k: $R0/$TOTAL regions clean, bytes_copied=$(jget bytes_copied "$J")"
+  N_TOOK=$(took_over | wc -l)
+  kill_daemon "mid-sync ($k of $SYNCKILLS), $R0 of $TOTAL regions clean"
+  phase killed
+  J=$(lmstatus) || fail "status after the restart"
+  R1=$(jget regions_clean "$J")
+  case "$(jget state "$J")" in
+    syncing|synced) ok "after the restart: state $(jget state "$J"), target $(jget target "$J")" ;;
+    *) fail "after the restart the state is not syncing: $J" ;;
+  esac
+  # Clean regions whose 4 MiB intent chunk had a write in flight at the kill are copied again
+  # (the daemon says how many); every other clean region must survive the restart.
+  INF=$(echo "$J" | grep -o '[0-9]* regions had writes in flight' | awk '{print $1}')
+  INF=${INF:-0}
+  [ "$R1" -gt 0 ] && [ "$R1" -ge $((R0 - INF - R0 / 10)) ] \
+    && ok "the sync resumed: $R1 regions clean right after the restart ($R0 before the kill, $INF copied again for writes in flight), not from zero" \
+    || fail "the sync started over: $R1 regions clean after the restart, $R0 before the kill, $INF in flight: $J"
+  # The control socket answers before the kernel device is taken over (as at any start):
+  # wait for the daemon to say it did (30 s at most).
+  i=0
+  while [ "$(took_over | wc -l)" -le "$N_TOOK" ] && [ $i -lt 300 ]; do i=$((i + 1)); sleep 0.1; done
+  [ "$(took_over | wc -l)" -gt "$N_TOOK" ] && ok "the new daemon took $LM_ROOTDEV over: $(took_over | tail -n 1 | sed 's/^[^ ]* *//')" \
+    || fail "the daemon log does not say the new daemon took $LM_ROOTDEV over"
+  check_daemon "$SUP"
+  check_own_namespace
+  wait_files killed $((3 * k))
+  ok "$(count_within killed) files written (fsync'd) after the kills: writes go on through the restarted daemon"
 done
-E=$(dmesg_errors)
-[ -z "$E" ] && ok "before the mid-sync kill: no I/O errors in dmesg" || fail "before the mid-sync kill already: $E"
-info "before the kill: $R0/$TOTAL regions clean, bytes_copied=$(jget bytes_copied "$J")"
-kill_daemon "mid-sync, $R0 of $TOTAL regions clean"
-phase killed
-J=$(lmstatus) || fail "status after the restart"
-R1=$(jget regions_clean "$J")
-case "$(jget state "$J")" in
-  syncing|synced) ok "after the restart: state $(jget state "$J"), target $(jget target "$J")" ;;
-  *) fail "after the restart the state is not syncing: $J" ;;
-esac
-# Clean regions whose 4 MiB intent chunk had a write in flight at the kill are copied again
-# (the daemon says how many); every other clean region must survive the restart.
-INF=$(echo "$J" | grep -o '[0-9]* regions had writes in flight' | awk '{print $1}')
-INF=${INF:-0}
-[ "$R1" -gt 0 ] && [ "$R1" -ge $((R0 - INF - R0 / 10)) ] \
-  && ok "the sync resumed: $R1 regions clean right after the restart ($R0 before the kill, $INF copied again for writes in flight), not from zero" \
-  || fail "the sync started over: $R1 regions clean after the restart, $R0 before the kill, $INF in flight: $J"
-grep -q 'reconnected /dev/nbd0' "$LOG" && ok "the new daemon took /dev/nbd0 over (netlink RECONFIGURE): $(grep 'reconnected /dev/nbd0' "$LOG" | tail -n 1 | sed 's/^[^ ]* *//')" \
-  || fail "the daemon log does not say it reconnected /dev/nbd0"
-check_daemon "$SUP"
-wait_files killed 3
-ok "$(count_within killed) files written (fsync'd) after the kill: writes go on through the restarted daemon"
 
 # ---- finish the sync, verify, detach, release the source
 "$LM" set-rate 0 --control "$LM_CTL" || fail "set-rate 0"
@@ -154,14 +191,24 @@ check_daemon "$SUP"
 wait_files released 3
 
 # ---- grow + online resize through the restarted daemon
-OUT=$("$LM" grow --control "$LM_CTL" 2>&1) || fail "grow: $OUT"
-i=0
-while [ "$(($(cat /sys/block/nbd0/size) * 512))" != "$VDB" ] && [ $i -lt 100 ]; do i=$((i + 1)); sleep 0.1; done
-[ "$(($(cat /sys/block/nbd0/size) * 512))" = "$VDB" ] && ok "grow: the kernel sees /dev/nbd0 at $VDB bytes" \
-  || fail "after grow the kernel sees $(($(cat /sys/block/nbd0/size) * 512)) bytes, not $VDB"
-OUT=$(/usr/sbin/resize2fs /dev/nbd0 2>&1) || fail "resize2fs: $OUT"
-FS=$(df -k / | awk 'NR==2{print $2}')
-[ "$FS" -gt $((VDB / 1024 * 85 / 100)) ] && ok "resize2fs: / is $FS KiB" || fail "after resize2fs / is $FS KiB"
+if [ "$DOOR" = ublk ] && [ "$(cmdline growfs 0)" = 1 ]; then
+  # No UPDATE_SIZE in this kernel: grow is refused with its reason and changes nothing; the
+  # file system is grown at the installed system's first boot (boot 2) instead.
+  SZ0=$(blockdev --getsize64 "$LM_ROOTDEV")
+  OUT=$("$LM" grow --control "$LM_CTL" 2>&1) && fail "grow succeeded where the kernel cannot resize $LM_ROOTDEV: $OUT"
+  case "$OUT" in *"cannot change size"*) ok "grow refused, saying why: $OUT" ;; *) fail "grow failed without the reason: $OUT" ;; esac
+  [ "$(blockdev --getsize64 "$LM_ROOTDEV")" = "$SZ0" ] && [ "$(jget export_size "$(lmstatus)")" = "$SZ0" ] \
+    && ok "the refused grow changed nothing ($SZ0 bytes)" || fail "the refused grow changed the size: $(lmstatus)"
+else
+  OUT=$("$LM" grow --control "$LM_CTL" 2>&1) || fail "grow: $OUT"
+  i=0
+  while [ "$(($(cat /sys/block/$RDEV/size) * 512))" != "$VDB" ] && [ $i -lt 100 ]; do i=$((i + 1)); sleep 0.1; done
+  [ "$(($(cat /sys/block/$RDEV/size) * 512))" = "$VDB" ] && ok "grow: the kernel sees $LM_ROOTDEV at $VDB bytes" \
+    || fail "after grow the kernel sees $(($(cat /sys/block/$RDEV/size) * 512)) bytes, not $VDB"
+  OUT=$(/usr/sbin/resize2fs "$LM_ROOTDEV" 2>&1) || fail "resize2fs: $OUT"
+  FS=$(df -k / | awk 'NR==2{print $2}')
+  [ "$FS" -gt $((VDB / 1024 * 85 / 100)) ] && ok "resize2fs: / is $FS KiB" || fail "after resize2fs / is $FS KiB"
+fi
 phase resized
 echo "pre sync killed synced detached released resized" > "$D/EXPECTED_PHASES"
 wait_files resized 3
@@ -171,7 +218,7 @@ stop_load "$LOADPID"
 info "files: pre=$(count pre) sync=$(count sync) killed=$(count killed) synced=$(count synced) detached=$(count detached) released=$(count released) resized=$(count resized)"
 E=$(dmesg_errors)
 [ -z "$E" ] && ok "no I/O errors, ext4 errors or read-only remount in dmesg" || fail "kernel messages: $E"
-info "kernel NBD messages: $(dmesg | grep -acE 'nbd0: (Connection timed out|Dead connection|reconnected)' ) lines: $(dmesg | grep -aE 'block nbd0' | sed 's/^\[ *[0-9.]*\] //' | sort | uniq -c | tr -s ' ' | tr '\n' ';')"
+[ "$DOOR" = nbd ] && info "kernel NBD messages: $(dmesg | grep -acE 'nbd0: (Connection timed out|Dead connection|reconnected)' ) lines: $(dmesg | grep -aE 'block nbd0' | sed 's/^\[ *[0-9.]*\] //' | sort | uniq -c | tr -s ' ' | tr '\n' ';')"
 grep -q ' / ext4 rw' /proc/mounts && ok "/ is still mounted read-write" || fail "/ is not read-write: $(grep ' / ' /proc/mounts)"
 verify_load_files "$D"
 J=$(state_is source-detached)

@@ -10,6 +10,8 @@
 #   lm.switchroot=move|keep  move (default): the classic way. keep: a variant where /dev /proc
 #       /sys /run are bind-mounted into the new root and the originals stay in the initramfs
 #       (the daemon's root), with the libraries on a tmpfs that switch_root does not empty.
+#   lm.door=nbd|ublk  the kernel device of the root: /dev/nbd0 (default) or /dev/ublkb0
+#       (serve --ublk-device 0; needs a kernel with ublk_drv, LIVEMIRROR_VM_KERNEL=6.12)
 #   lm.state=1  serve --state /run/livemirror/state      lm.nbdtimeout=SECS  (--nbd-timeout)
 #   lm.serveargs=A,B,...  more serve arguments           lm.overlay=MiB
 /bin/busybox --install -s /bin
@@ -22,6 +24,8 @@ mount -t tmpfs -o size=75%,mode=755 tmpfs /run
 
 echo "LMTEST INFO: stage1 start kernel=$(uname -r) t=$(up)"
 NBDMODE=$(cmdline nbd livemirror)
+[ "$(cmdline door nbd)" = ublk ] && NBDMODE=ublk
+RDEV=${LM_ROOTDEV#/dev/}
 SWITCHROOT=$(cmdline switchroot move)
 
 # Everything that must keep working after switch_root, whatever happens to the served root,
@@ -54,6 +58,7 @@ ok "live-CD stack: /dev/mapper/live = $(/usr/sbin/dmsetup table live)"
 # ---- @livemirror serve
 SERVE_EXTRA=""
 [ "$NBDMODE" = livemirror ] && SERVE_EXTRA="--nbd-device /dev/nbd0 --nbd-timeout $(cmdline nbdtimeout 10)"
+[ "$NBDMODE" = ublk ] && SERVE_EXTRA="--ublk-device 0"
 [ "$(cmdline state 0)" = 1 ] && SERVE_EXTRA="$SERVE_EXTRA --state /run/livemirror/state"
 SERVE_EXTRA="$SERVE_EXTRA $(cmdline serveargs '' | tr ',' ' ')"
 echo "serve --source /dev/mapper/live --listen unix:/run/livemirror/nbd.sock --control $LM_CTL $SERVE_EXTRA" > /run/lmtest/serve-args
@@ -81,24 +86,25 @@ case $NBDMODE in
   nbd-client|netlink) /usr/sbin/nbd-client -unix /run/livemirror/nbd.sock /dev/nbd0 || fail "nbd-client -unix (netlink)" ;;
   ioctl) /usr/sbin/nbd-client -unix /run/livemirror/nbd.sock /dev/nbd0 -L || fail "nbd-client -unix -L (ioctl)" ;;
   livemirror) : ;;   # serve --nbd-device connected it over netlink
+  ublk) : ;;         # serve --ublk-device made /dev/ublkb0
   *) fail "unknown lm.nbd=$NBDMODE" ;;
 esac
 i=0
-while [ "$(cat /sys/block/nbd0/size 2>/dev/null)" = 0 ] || [ ! -e /sys/block/nbd0/size ]; do
-  i=$((i + 1)); [ $i -gt 600 ] && fail "/dev/nbd0 has no size after 60 s (mode $NBDMODE)"
+while [ "$(cat /sys/block/$RDEV/size 2>/dev/null)" = 0 ] || [ ! -e /sys/block/$RDEV/size ]; do
+  i=$((i + 1)); [ $i -gt 600 ] && fail "$LM_ROOTDEV has no size after 60 s (mode $NBDMODE)"
   sleep 0.1
 done
 T_SIZE=$(up)
 # The first open reads the partition table through the daemon.
-NBDSIZE=$(blockdev --getsize64 /dev/nbd0)
+NBDSIZE=$(blockdev --getsize64 "$LM_ROOTDEV")
 VDASIZE=$(blockdev --getsize64 /dev/vda)
-[ "$NBDSIZE" = "$VDASIZE" ] || fail "/dev/nbd0 is $NBDSIZE bytes, the source is $VDASIZE"
-ok "/dev/nbd0 connected ($NBDMODE mode) in $(echo "$T_SIZE $T_CONN" | awk '{printf "%.2f", $1-$2}') s, first open after $(echo "$(up) $T_SIZE" | awk '{printf "%.2f", $1-$2}') s, $NBDSIZE bytes"
+[ "$NBDSIZE" = "$VDASIZE" ] || fail "$LM_ROOTDEV is $NBDSIZE bytes, the source is $VDASIZE"
+ok "$LM_ROOTDEV connected ($NBDMODE mode) in $(echo "$T_SIZE $T_CONN" | awk '{printf "%.2f", $1-$2}') s, first open after $(echo "$(up) $T_SIZE" | awk '{printf "%.2f", $1-$2}') s, $NBDSIZE bytes"
 info "nbd_connect_secs=$(echo "$(up) $T_CONN" | awk '{printf "%.2f", $1-$2}')"
 
-mount -t ext4 /dev/nbd0 /newroot || fail "mount /dev/nbd0"
-[ -x /newroot/sbin/init ] || fail "no /sbin/init on /dev/nbd0"
-ok "root mounted from /dev/nbd0; switch_root ($SWITCHROOT) at t=$(up)"
+mount -t ext4 "$LM_ROOTDEV" /newroot || fail "mount $LM_ROOTDEV"
+[ -x /newroot/sbin/init ] || fail "no /sbin/init on $LM_ROOTDEV"
+ok "root mounted from $LM_ROOTDEV; switch_root ($SWITCHROOT) at t=$(up)"
 if [ "$SWITCHROOT" = keep ]; then
   # The keep variant (see the header): the libraries stay on a tmpfs switch_root does not empty.
   for d in /lib/x86_64-linux-gnu /lib64; do
