@@ -4,9 +4,10 @@
 //!
 //! Layout follows the protocol's phases: [`proto`] (constants and encodings),
 //! [`handshake`] (option negotiation, sans-I/O), [`request`] (validation of every
-//! request in one place), [`transmission`] (one connection's request loop),
-//! [`tls`] (STARTTLS: the acceptor over rustls and OpenSSL, the TLS stream)
-//! and [`server`] (listeners, the handshake driver, connection hand-off).
+//! request in one place), [`transmission`] (one connection's request loop, over
+//! a [`stream`]), [`tls`] (STARTTLS: the acceptor over rustls and OpenSSL, the
+//! TLS stream) and [`server`] (listeners, the handshake driver, connection
+//! hand-off).
 
 pub mod client;
 pub mod handshake;
@@ -18,6 +19,7 @@ pub mod remote;
 pub mod request;
 pub mod server;
 pub mod stats;
+pub mod stream;
 pub mod tls;
 pub mod transmission;
 pub mod unix_socket;

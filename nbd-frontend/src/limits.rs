@@ -13,7 +13,7 @@
 //! - **Write payloads** are charged as their bytes arrive, in pieces, so a client
 //!   that sends a 32 MiB header and then stops holds only what it sent.
 //! - **Stalls:** a payload that stops arriving, or replies the peer stops
-//!   reading, for `stall_timeout` drop the connection (see transmission.rs).
+//!   reading, for `stall_timeout` drop the connection (see transmission/).
 //!
 //! Memory held for payloads is therefore at most the server budget plus one
 //! reserve per connection.

@@ -18,8 +18,9 @@ use crate::handshake::{Export, Handshake, HandshakeError, Negotiated, Progress};
 use crate::limits::ConnLimits;
 use crate::proto::BlockSizes;
 use crate::stats::Stats;
+use crate::stream::Stream;
 use crate::tls::TlsPolicy;
-use crate::transmission::{self, ConnShared, Phase, Stream};
+use crate::transmission::{self, ConnShared, Phase};
 
 /// A client has this long to finish the handshake.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(60);
