@@ -67,6 +67,20 @@ impl ExportInfo {
     pub fn has(&self, flag: u16) -> bool {
         self.flags & flag != 0
     }
+
+    /// What must stay the same across reconnects for the export to be the
+    /// same one (its size may change: the engine checks sizes itself).
+    pub(super) fn same_export_key(&self) -> String {
+        format!(
+            "name={:?} description={:?} flags={:#06x} blocks={}/{}/{}",
+            self.name.as_deref().unwrap_or(""),
+            self.description.as_deref().unwrap_or(""),
+            self.flags,
+            self.min_block,
+            self.preferred_block,
+            self.max_payload
+        )
+    }
 }
 
 async fn read_u16<R: AsyncRead + Unpin + ?Sized>(r: &mut R) -> io::Result<u16> {
