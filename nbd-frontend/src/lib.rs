@@ -9,7 +9,6 @@
 //! TLS stream) and [`server`] (listeners, the handshake driver, connection
 //! hand-off).
 
-pub mod client;
 pub mod handshake;
 pub mod kernel;
 pub mod limits;
