@@ -26,6 +26,7 @@ use crate::identity::DeviceIdent;
 
 pub mod local;
 pub mod remote;
+pub mod rmw;
 
 pub use local::LocalDevice;
 pub use remote::{DeviceOpener, LinkState, LocalOpener, RemoteDevice};

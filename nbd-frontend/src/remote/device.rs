@@ -18,6 +18,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use engine::backend::remote::IoFuture;
+use engine::backend::rmw::{self, AlignedIo};
 use engine::backend::Extent;
 use engine::identity::DeviceIdent;
 use engine::{IoBuf, LinkState, RemoteDevice, SharedBuf};
@@ -225,50 +226,6 @@ impl RemoteExport {
         io::Error::new(io::ErrorKind::PermissionDenied, format!("{} is a read-only export", self.endpoint))
     }
 
-    async fn read_aligned(&self, buf: &Arc<SharedBuf>, buf_off: usize, len: usize, off: u64) -> io::Result<()> {
-        let rxs = pieces(len as u64, self.max_piece())
-            .map(|(at, n)| {
-                self.submit(CMD_READ, 0, off + at, n as u32, Payload::Read(buf.clone(), buf_off + at as usize))
-            })
-            .collect();
-        self.all(rxs).await
-    }
-
-    async fn write_aligned(
-        &self,
-        buf: &Arc<SharedBuf>,
-        buf_off: usize,
-        len: usize,
-        off: u64,
-        fua: bool,
-    ) -> io::Result<()> {
-        if self.read_only() {
-            return Err(self.read_only_error());
-        }
-        let fua_flag = fua && self.info.has(TF_SEND_FUA);
-        let flags = if fua_flag { CMD_FLAG_FUA } else { 0 };
-        let rxs = pieces(len as u64, self.max_piece())
-            .map(|(at, n)| {
-                self.submit(CMD_WRITE, flags, off + at, n as u32, Payload::Write(buf.clone(), buf_off + at as usize))
-            })
-            .collect();
-        self.all(rxs).await?;
-        if fua && !fua_flag {
-            self.flush_now().await?;
-        }
-        Ok(())
-    }
-
-    /// The covering aligned range of `[off, off+len)`, read into a new buffer.
-    async fn read_covering(&self, off: u64, len: u64) -> io::Result<(u64, Arc<SharedBuf>)> {
-        let a = self.align();
-        let start = off - off % a;
-        let end = (off + len).div_ceil(a) * a;
-        let tmp = SharedBuf::new(IoBuf::new((end - start) as usize));
-        self.read_aligned(&tmp, 0, (end - start) as usize, start).await?;
-        Ok((start, tmp))
-    }
-
     async fn flush_now(&self) -> io::Result<()> {
         if !self.info.has(TF_SEND_FLUSH) {
             return Ok(());
@@ -336,11 +293,9 @@ impl RemoteExport {
         }
         // Read-modify-write of the covering blocks; the engine holds them
         // exclusively (alignment() tells it to).
-        let (start, tmp) = self.read_covering(off, len as u64).await?;
-        let at = (off - start) as usize;
-        // SAFETY: `tmp` is ours alone; `buf`'s range is only read.
-        unsafe { tmp.slice_mut(at, len).copy_from_slice(buf.slice(buf_off, len)) };
-        self.write_aligned(&tmp, 0, tmp.len(), start, fua).await
+        // SAFETY: a write only reads its buffer.
+        let data = unsafe { buf.slice(buf_off, len) };
+        rmw::write(self, data, off, fua).await
     }
 
     async fn allocation_inner(&self, off: u64, len: u64, max_extents: usize) -> io::Result<Vec<Extent>> {
@@ -402,6 +357,48 @@ impl RemoteExport {
     }
 }
 
+/// Aligned transfers, split to the maximum payload; read-modify-write
+/// (`engine::backend::rmw`) is built on them.
+impl AlignedIo for RemoteExport {
+    fn transfer_alignment(&self) -> u64 {
+        self.align()
+    }
+
+    async fn read_aligned(&self, buf: &Arc<SharedBuf>, buf_off: usize, len: usize, off: u64) -> io::Result<()> {
+        let rxs = pieces(len as u64, self.max_piece())
+            .map(|(at, n)| {
+                self.submit(CMD_READ, 0, off + at, n as u32, Payload::Read(buf.clone(), buf_off + at as usize))
+            })
+            .collect();
+        self.all(rxs).await
+    }
+
+    async fn write_aligned(
+        &self,
+        buf: &Arc<SharedBuf>,
+        buf_off: usize,
+        len: usize,
+        off: u64,
+        fua: bool,
+    ) -> io::Result<()> {
+        if self.read_only() {
+            return Err(self.read_only_error());
+        }
+        let fua_flag = fua && self.info.has(TF_SEND_FUA);
+        let flags = if fua_flag { CMD_FLAG_FUA } else { 0 };
+        let rxs = pieces(len as u64, self.max_piece())
+            .map(|(at, n)| {
+                self.submit(CMD_WRITE, flags, off + at, n as u32, Payload::Write(buf.clone(), buf_off + at as usize))
+            })
+            .collect();
+        self.all(rxs).await?;
+        if fua && !fua_flag {
+            self.flush_now().await?;
+        }
+        Ok(())
+    }
+}
+
 impl RemoteDevice for RemoteExport {
     fn name(&self) -> &Path {
         &self.name
@@ -449,10 +446,7 @@ impl RemoteDevice for RemoteExport {
             if self.aligned(off, len as u64) {
                 return self.read_aligned(buf, buf_off, len, off).await;
             }
-            let (start, tmp) = self.read_covering(off, len as u64).await?;
-            // SAFETY: `tmp` is complete and ours; `buf`'s range is this read's.
-            unsafe { buf.slice_mut(buf_off, len).copy_from_slice(tmp.slice((off - start) as usize, len)) };
-            Ok(())
+            rmw::read(self, buf, buf_off, len, off).await
         })
     }
 
