@@ -9,8 +9,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use engine::rt::Worker;
-use engine::{BlockDevice, BufPool, Drain};
+use engine::{BlockDevice, BufPool, Drain, Worker};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::watch;
 

@@ -26,10 +26,11 @@ use crate::identity::DeviceIdent;
 
 pub mod local;
 pub mod remote;
-pub mod rmw;
+mod rmw;
 
 pub use local::LocalDevice;
-pub use remote::{DeviceOpener, LinkState, LocalOpener, RemoteDevice};
+pub use remote::{DeviceOpener, IoFuture, LinkState, LocalOpener, RemoteDevice};
+pub use rmw::AlignedIo;
 
 /// How to use the page cache.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]

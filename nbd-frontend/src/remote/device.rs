@@ -17,11 +17,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use engine::backend::remote::IoFuture;
-use engine::backend::rmw::{self, AlignedIo};
-use engine::backend::Extent;
-use engine::identity::DeviceIdent;
-use engine::{IoBuf, LinkState, RemoteDevice, SharedBuf};
+use engine::{AlignedIo, DeviceIdent, Extent, IoBuf, IoFuture, LinkState, RemoteDevice, SharedBuf};
 use tokio::sync::oneshot;
 
 use super::dial::Dialer;
@@ -295,7 +291,7 @@ impl RemoteExport {
         // exclusively (alignment() tells it to).
         // SAFETY: a write only reads its buffer.
         let data = unsafe { buf.slice(buf_off, len) };
-        rmw::write(self, data, off, fua).await
+        self.write_unaligned(data, off, fua).await
     }
 
     async fn allocation_inner(&self, off: u64, len: u64, max_extents: usize) -> io::Result<Vec<Extent>> {
@@ -358,7 +354,7 @@ impl RemoteExport {
 }
 
 /// Aligned transfers, split to the maximum payload; read-modify-write
-/// (`engine::backend::rmw`) is built on them.
+/// ([`AlignedIo`]'s unaligned transfers) is built on them.
 impl AlignedIo for RemoteExport {
     fn transfer_alignment(&self) -> u64 {
         self.align()
@@ -446,7 +442,7 @@ impl RemoteDevice for RemoteExport {
             if self.aligned(off, len as u64) {
                 return self.read_aligned(buf, buf_off, len, off).await;
             }
-            rmw::read(self, buf, buf_off, len, off).await
+            self.read_unaligned(buf, buf_off, len, off).await
         })
     }
 

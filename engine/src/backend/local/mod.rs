@@ -21,7 +21,7 @@ mod open;
 
 use open::fstat;
 
-use super::rmw::{self, AlignedIo};
+use super::AlignedIo;
 use super::{BackendKind, Extent, Identity, IoKind};
 
 /// What a local device is.
@@ -315,7 +315,7 @@ impl LocalDevice {
         if self.aligned(ptr, len, off) {
             return self.raw_read_exact(buf.clone(), ptr, len, off).await.0;
         }
-        rmw::read(self, buf, buf_off, len, off).await
+        self.read_unaligned(buf, buf_off, len, off).await
     }
 
     /// Writes `buf[buf_off..buf_off+len]` at `off`. If the range is not aligned
@@ -339,7 +339,7 @@ impl LocalDevice {
         }
         // SAFETY: write legs only read the buffer.
         let data = unsafe { buf.slice(buf_off, len) };
-        rmw::write(self, data, off, fua).await
+        self.write_unaligned(data, off, fua).await
     }
 
     /// Makes every completed write durable.
@@ -426,7 +426,7 @@ impl LocalDevice {
             } else {
                 // SAFETY: `zeros` is only read.
                 let data = unsafe { zeros.slice(0, n) };
-                rmw::write(self, data, pos, fua).await?;
+                self.write_unaligned(data, pos, fua).await?;
             }
             pos += n as u64;
         }
