@@ -22,7 +22,7 @@ pub enum Stream {
 }
 
 /// The reading half of a [`Stream`].
-pub enum ReadHalf {
+pub(crate) enum ReadHalf {
     /// Of a Unix socket.
     Unix(tokio::net::unix::OwnedReadHalf),
     /// Of a TCP connection.
@@ -32,7 +32,7 @@ pub enum ReadHalf {
 }
 
 /// The writing half of a [`Stream`].
-pub enum WriteHalf {
+pub(crate) enum WriteHalf {
     /// Of a Unix socket.
     Unix(tokio::net::unix::OwnedWriteHalf),
     /// Of a TCP connection.
@@ -43,7 +43,7 @@ pub enum WriteHalf {
 
 impl Stream {
     /// Splits into halves that a reader and a writer task own apart.
-    pub fn into_split(self) -> (ReadHalf, WriteHalf) {
+    pub(crate) fn into_split(self) -> (ReadHalf, WriteHalf) {
         match self {
             Stream::Unix(s) => {
                 let (r, w) = s.into_split();
@@ -67,7 +67,7 @@ impl Stream {
     }
 
     /// Runs the server side of a TLS handshake on this (plain) stream.
-    pub async fn start_tls(self, acceptor: &TlsAcceptor) -> io::Result<Stream> {
+    pub(crate) async fn start_tls(self, acceptor: &TlsAcceptor) -> io::Result<Stream> {
         let socket = match self {
             Stream::Unix(s) => Socket::Unix(s),
             Stream::Tcp(s) => {

@@ -39,7 +39,9 @@ pub struct RemoteOptions {
 }
 
 impl RemoteOptions {
+    /// `--remote-timeout`'s default.
     pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(60);
+    /// `--remote-connections`' default.
     pub const DEFAULT_CONNECTIONS: usize = 4;
 
     /// No reply and no bytes for this long while requests wait: the
@@ -65,7 +67,6 @@ pub struct RemoteExport {
     endpoint: String,
     info: ExportInfo,
     shared: Arc<Shared>,
-    connections: usize,
     /// Cleared when the server refuses a FAST_ZERO request.
     fast_zero: AtomicBool,
     _io: IoThread,
@@ -88,7 +89,12 @@ impl Drop for RemoteExport {
 pub enum OpenError {
     /// The server could not be reached or the connection failed.
     #[error("{context}: {cause}")]
-    Io { context: String, cause: io::Error },
+    Io {
+        /// What could not be done, naming the URI.
+        context: String,
+        /// The error of the connection.
+        cause: io::Error,
+    },
     /// The server refused, or the URI's credentials are unusable.
     #[error("{0}")]
     Refused(String),
@@ -150,21 +156,13 @@ impl RemoteExport {
             fast_zero: AtomicBool::new(info.has(TF_SEND_WRITE_ZEROES)),
             info,
             shared,
-            connections,
             _io: io,
         }))
     }
 
-    pub fn info(&self) -> &ExportInfo {
-        &self.info
-    }
-
+    /// The server says the export is read-only.
     pub fn read_only(&self) -> bool {
         self.info.has(TF_READ_ONLY)
-    }
-
-    pub fn connections(&self) -> usize {
-        self.connections
     }
 
     fn submit(

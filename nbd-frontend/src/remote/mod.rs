@@ -26,7 +26,6 @@ mod tls;
 pub mod uri;
 
 pub use device::{OpenError, RemoteExport, RemoteOptions};
-pub use handshake::ExportInfo;
 pub use opener::NbdOpener;
 pub use uri::{is_nbd_uri, NbdUri};
 

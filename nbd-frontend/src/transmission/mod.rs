@@ -64,7 +64,7 @@ const MAX_SKIP: u64 = 2 * MAX_PAYLOAD as u64;
 
 /// How far a server shutdown has gone (see the module docs).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
-pub enum Phase {
+pub(crate) enum Phase {
     /// Requests are taken.
     Running,
     /// No new requests; those in flight finish and their replies go out.
@@ -75,15 +75,15 @@ pub enum Phase {
 
 /// Server-wide resources a connection uses.
 #[derive(Clone)]
-pub struct ConnShared {
+pub(crate) struct ConnShared {
     /// The buffers and the payload budget every connection shares.
-    pub pool: BufPool,
+    pub(crate) pool: BufPool,
     /// The server's shutdown phase.
-    pub phase: watch::Receiver<Phase>,
+    pub(crate) phase: watch::Receiver<Phase>,
     /// What one connection may hold.
-    pub limits: ConnLimits,
+    pub(crate) limits: ConnLimits,
     /// The server's counters.
-    pub stats: Arc<Stats>,
+    pub(crate) stats: Arc<Stats>,
 }
 
 fn stalled(what: &str, t: Duration) -> io::Error {
@@ -94,7 +94,7 @@ fn stalled(what: &str, t: Duration) -> io::Error {
 /// connection breaks or stalls, or the server stops. Requests started on the
 /// device always finish before this returns; their replies are delivered unless
 /// the server is closing or the peer stopped reading.
-pub async fn serve<D: BlockDevice>(
+pub(crate) async fn serve<D: BlockDevice>(
     stream: Stream,
     dev: Arc<D>,
     neg: &Negotiated,
