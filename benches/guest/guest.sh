@@ -1,4 +1,5 @@
 #!/bin/busybox sh
+# shellcheck shell=dash # busybox sh, checked as the shell closest to it
 # The guest side of benches/guest/run.sh: the initramfs' /init. The kernel's NBD client on
 # /dev/nbdN, fio inside the guest, and each server serving the same virtio disk:
 #   livemirror serve --source /dev/vda --nbd-device /dev/nbdN --nbd-connections C (its own netlink
@@ -112,6 +113,7 @@ for S in $SERVERS; do
     for W in $WORKLOADS; do
       TW=$(timeouts)
       R=$(fio_job "$W")
+      # shellcheck disable=SC2086 # three numbers, split on purpose
       set -- ${R:-0 0 1}
       echo "LMBENCH row server=$S conns=$C workload=$W iops=$1 kib_s=$2 err=$3 timeouts=$(($(timeouts) - TW))"
       [ "$3" = 0 ] || sed 's/^/LMBENCH fio: /' /run/fio.err | tail -n 5
@@ -141,6 +143,7 @@ if [ "$(arg sync 1)" = 1 ]; then
     wait "$FP"
     TE=$(up)
     B=$($T livemirror status --get bytes_copied --control /run/ctl.sock)
+    # shellcheck disable=SC2046 # three numbers, split on purpose
     set -- $(cat /run/sync-fio.out) 0 0 1
     echo "LMBENCH sync conns=$C iops=$1 err=$3 copied=$B secs=$(echo "${TS:-$TE} $TA" | awk '{printf "%.2f", $1 - $2}') synced=$SYNCED timeouts=$(($(timeouts) - T0))"
     $T livemirror detach-target --control /run/ctl.sock >/dev/null 2>&1

@@ -37,6 +37,7 @@ while [ $# -gt 0 ]; do
     *) echo "unknown argument $1 (see the header of $0)" >&2; exit 2 ;;
   esac
 done
+# shellcheck disable=SC2034 # read by lib.sh's lm_qemu
 LM_SMP=$SMP LM_MEM=$MEM
 T_START=$(date +%s)
 if [ -n "$RENDER" ]; then

@@ -1,4 +1,5 @@
 # shellcheck shell=sh
+# shellcheck disable=SC2034 # a library: the scripts that source it read the LM_* it sets
 # livemirror-initrd.sh: the part of the initrd glue that initramfs-tools and dracut share.
 #
 # Installed as /usr/lib/livemirror/initrd.sh on the system and copied from there into the

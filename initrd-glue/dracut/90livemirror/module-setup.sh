@@ -57,6 +57,7 @@ install() {
     [[ -r /etc/livemirror/initrd.conf ]] && inst_simple /etc/livemirror/initrd.conf
     inst_multiple cat cp chmod ln mkdir mount sleep tail tr grep kill
     inst_multiple -o mountpoint udevadm modprobe
+    # shellcheck disable=SC2154 # dracut sets moddir
     inst_hook cmdline 95 "$moddir/parse-livemirror.sh"
     inst_hook pre-mount 50 "$moddir/livemirror-pre-mount.sh"
     # Before 90dm's dm-shutdown (25): the snapshot cannot go while the daemon holds it.

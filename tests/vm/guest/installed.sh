@@ -1,3 +1,4 @@
+# shellcheck shell=dash # run or sourced by busybox sh in the guest
 # Second boot: the kernel came up with the former target disk as /dev/vda and mounted it
 # directly as root (no NBD, no livemirror, no snapshot). Check that the install arrived.
 . /lmtest/common.sh

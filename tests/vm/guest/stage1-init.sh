@@ -1,4 +1,5 @@
 #!/bin/busybox sh
+# shellcheck shell=dash # busybox sh, checked as the shell closest to it
 # Stage 1 (the initramfs' /init): what a live CD's initrd does, with livemirror in the middle.
 #   /dev/vda (read-only image) + RAM overlay (loop on a tmpfs file) -> dm-snapshot "live"
 #   -> @livemirror serve (root storage daemon: supervisor + daemon, from /run, survives
