@@ -150,7 +150,7 @@ pub fn decode(len: u64, read_at: impl Fn(&mut [u8], u64) -> io::Result<()>) -> L
             why.push((slot, Corruption::BitmapsTruncated(h.area_size)));
             continue;
         }
-        if crc32fast::hash(&area) != h.area_crc {
+        if crc32fast::hash(&area) != h.area_crc && !cfg!(fuzzing) {
             why.push((slot, Corruption::BitmapCrc));
             continue;
         }
