@@ -4,8 +4,8 @@
 //! does ([`Connection::serve_request`]): take a request slot, **receive** the
 //! header, **validate** it against this connection's session, **skip** the
 //! payload of a refused request or **read** a WRITE's, then **handle** the
-//! command as a task of its own; the task sends the reply, whose shape
-//! `reply.rs` encodes. So many requests are in flight and replies go out in
+//! command as a task of its own; the task sends the reply ([`Done::send`]),
+//! whose shape `reply.rs` encodes. So many requests are in flight and replies go out in
 //! completion order; a single writer task (`writer.rs`) batches them into
 //! vectored writes.
 //!
@@ -35,13 +35,12 @@ mod input;
 mod reply;
 mod writer;
 
-use std::future::Future;
 use std::io;
 use std::rc::Rc;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use engine::{BlockDevice, BufPool, Drain, IoBuf};
+use engine::{BlockDevice, BufPool, Drain, DrainGuard, IoBuf};
 use tokio::sync::{mpsc, watch};
 
 use self::ending::{Dead, End, Stops};
@@ -181,6 +180,28 @@ struct Request {
     slot: SlotGuard,
 }
 
+/// What a request on the device holds until it finishes: its place among the
+/// requests in flight, and its slot and payload charges until its reply is
+/// written.
+struct Done {
+    replies: mpsc::UnboundedSender<Reply>,
+    guard: DrainGuard,
+    stats: Arc<Stats>,
+    req: Request,
+    charges: Vec<Charge>,
+}
+
+impl Done {
+    /// Leaves the requests in flight, counts the request, and hands its reply
+    /// to the writer with the slot and charges it frees once written.
+    fn send(self, outcome: Outcome) {
+        let Done { replies, guard, stats, req, charges } = self;
+        drop(guard);
+        stats.record(req.kind, outcome.bytes, req.started, outcome.ok);
+        let _ = replies.send(outcome.reply.holding(req.slot, charges));
+    }
+}
+
 impl<D: BlockDevice> Connection<D> {
     /// One request, step by step. `Ok` when the next request may follow.
     async fn serve_request(&mut self) -> Result<(), End> {
@@ -202,8 +223,11 @@ impl<D: BlockDevice> Connection<D> {
             Command::Read { offset, len } => self.start_read(req, offset, len).await,
             Command::Write { offset, len, fua } => self.receive_write(req, offset, len, fua).await,
             other => {
-                let (dev, session) = (self.dev.clone(), self.session);
-                self.start(req, Vec::new(), async move { handle::command(&*dev, &session, to, other).await });
+                let (dev, session, done) = (self.dev.clone(), self.session, self.when_done(req, Vec::new()));
+                tokio::task::spawn_local(async move {
+                    let outcome = handle::command(&*dev, &session, to, other).await;
+                    done.send(outcome);
+                });
                 Ok(())
             }
         }
@@ -258,8 +282,11 @@ impl<D: BlockDevice> Connection<D> {
             }
         };
         let buf = self.pool.alloc_unbudgeted(len as usize);
-        let (dev, session, to) = (self.dev.clone(), self.session, req.to);
-        self.start(req, vec![charge], async move { handle::read(&*dev, &session, to, offset, buf).await });
+        let (dev, session, to, done) = (self.dev.clone(), self.session, req.to, self.when_done(req, vec![charge]));
+        tokio::task::spawn_local(async move {
+            let outcome = handle::read(&*dev, &session, to, offset, buf).await;
+            done.send(outcome);
+        });
         Ok(())
     }
 
@@ -292,24 +319,28 @@ impl<D: BlockDevice> Connection<D> {
             self.stops.io(self.input.read_into(&mut self.rd, piece)).await?;
             pos += n;
         }
-        let (dev, session, to) = (self.dev.clone(), self.session, req.to);
         // The payload buffer goes to the device and is gone; its bytes stay
         // charged until the reply is out, which bounds what a peer that reads
         // no replies can make us hold.
-        self.start(req, charges, async move { handle::write(&*dev, &session, to, offset, buf, fua).await });
+        let (dev, session, to, done) = (self.dev.clone(), self.session, req.to, self.when_done(req, charges));
+        tokio::task::spawn_local(async move {
+            let outcome = handle::write(&*dev, &session, to, offset, buf, fua).await;
+            done.send(outcome);
+        });
         Ok(())
     }
 
-    /// Runs `op` on the device as a task of its own; its reply goes to the
-    /// writer holding the request's slot and `charges` until it is written.
-    fn start(&self, req: Request, charges: Vec<Charge>, op: impl Future<Output = Outcome> + 'static) {
-        let (replies, guard, stats) = (self.replies.clone(), self.inflight.enter_always(), self.stats.clone());
-        tokio::task::spawn_local(async move {
-            let Outcome { reply, ok, bytes } = op.await;
-            drop(guard);
-            stats.record(req.kind, bytes, req.started, ok);
-            let _ = replies.send(reply.holding(req.slot, charges));
-        });
+    /// What a request started on the device (a task of its own, spawned
+    /// where the device call is written, so the task's future is built in
+    /// place: a 4K write's is kilobytes) sends when it finishes.
+    fn when_done(&self, req: Request, charges: Vec<Charge>) -> Done {
+        Done {
+            replies: self.replies.clone(),
+            guard: self.inflight.enter_always(),
+            stats: self.stats.clone(),
+            req,
+            charges,
+        }
     }
 
     /// Sends an error reply for a request that never reached the device.
