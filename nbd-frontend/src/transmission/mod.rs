@@ -133,7 +133,8 @@ pub(crate) async fn serve<D: BlockDevice>(
             Err(End::Failed(e)) => break Err(e),
         }
     };
-    // The read half stays open until the connection is done, as before the loop ended.
+    // The reader's state goes now; its half of the stream lives until the
+    // replies are out, with the writer's.
     let Connection { rd: _rd, inflight, replies, stops: Stops { mut phase, .. }, .. } = conn;
     // Requests started on the device finish whatever happens (their buffers
     // and locks are the engine's); then the replies drain.
