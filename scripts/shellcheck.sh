@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# shellcheck over every shell script in the repository: tracked files named
+# Runs shellcheck over every shell script in the repository: tracked files named
 # *.sh and tracked files whose first line is a shell shebang (sh, bash, dash,
 # ash, busybox sh), so a new script is checked without being listed here.
 # Settings, and the checks turned off with why: .shellcheckrc.
