@@ -7,8 +7,8 @@ use std::sync::Arc;
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use engine::rt::Worker;
 use engine::{Backend, Mirror, MirrorConfig, OpenOptions};
-use nbd_frontend::client::Client;
 use nbd_frontend::{ListenAddr, Listener, Server, ServerConfig};
+use test_support::client::Client;
 
 fn roundtrip(c: &mut Criterion) {
     let dir = tempfile::tempdir_in("/dev/shm").or_else(|_| tempfile::tempdir()).expect("tempdir");

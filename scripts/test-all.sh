@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The whole test suite, as README.md names it and .ci/run runs it:
-#   formatting and lints, every unit and integration test of the workspace
+#   formatting and lints (shellcheck over every shell script too), every unit
+#   and integration test of the workspace
 #   (real NBD clients, fault injection, crash tests), the QEMU guest scenarios
 #   (tests/vm/run-all.sh, two at a time), and each fuzz target for a bounded time.
 # Prerequisites (packages, nightly toolchain, cargo-fuzz) are installed by
@@ -16,6 +17,9 @@ cargo fmt --all -- --check
 
 step "cargo clippy --all-targets -- -D warnings"
 cargo clippy --workspace --all-targets -- -D warnings
+
+step "shellcheck (scripts/shellcheck.sh: every tracked *.sh and shell-shebang file)"
+scripts/shellcheck.sh
 
 step "cargo build --release (the binary the VM boots carry in their initramfs)"
 cargo build --release

@@ -3,7 +3,8 @@
 //! It builds a source image, serves it, writes through an NBD connection while a
 //! target is attached and synced (the copy is rate-limited so writes really race
 //! it), verifies, detaches the source, grows, and checks every byte of the
-//! export and of the target file against an in-memory model.
+//! export and of the target file against an in-memory model. The NBD client is
+//! the daemon's own (the one behind remote devices, `nbd_frontend::remote`).
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -12,8 +13,9 @@ use std::time::{Duration, Instant};
 use crate::control::{Client as Control, Request};
 use anyhow::{bail, Context};
 use clap::Args;
-use engine::DeviceState;
-use nbd_frontend::client::Client;
+use engine::{DeviceState, IoBuf, RemoteDevice, SharedBuf};
+use nbd_frontend::remote::uri::Transport;
+use nbd_frontend::remote::{NbdUri, RemoteExport, RemoteOptions};
 
 use crate::serve::ServeArgs;
 use crate::units::{human, parse_rate, parse_size};
@@ -77,27 +79,50 @@ fn status(path: &Path) -> anyhow::Result<engine::Status> {
     control(path, Request::Status)?.status.context("no status in reply")
 }
 
+/// Connects to the export on `sock`.
+fn connect(sock: &Path) -> anyhow::Result<Arc<RemoteExport>> {
+    let uri = NbdUri { transport: Transport::Unix { socket: sock.to_path_buf() }, export: String::new(), tls: None };
+    let name = PathBuf::from(uri.to_string());
+    Ok(RemoteExport::open(&uri, &name, &RemoteOptions::default(), &|p: &Path| p.to_path_buf())?)
+}
+
+/// Writes `data` at `off`.
+async fn write(c: &RemoteExport, off: u64, data: &[u8], fua: bool) -> anyhow::Result<()> {
+    let mut buf = IoBuf::new(data.len());
+    buf.as_mut_slice().copy_from_slice(data);
+    let buf = SharedBuf::new(buf);
+    c.write_at(&buf, 0, data.len(), off, fua).await.with_context(|| format!("writing {} bytes at {off}", data.len()))
+}
+
+/// Reads `len` bytes at `off`.
+async fn read(c: &RemoteExport, off: u64, len: usize) -> anyhow::Result<Vec<u8>> {
+    let buf = SharedBuf::new(IoBuf::zeroed(len));
+    c.read_at(&buf, 0, len, off).await.with_context(|| format!("reading {len} bytes at {off}"))?;
+    let buf = SharedBuf::into_inner(buf).map_err(|_| anyhow::anyhow!("a finished read still holds its buffer"))?;
+    Ok(buf.as_slice().to_vec())
+}
+
 /// Applies a random write (or write-zeroes) to the export and the model.
-async fn random_write(c: &Client, model: &mut [u8], rng: &mut Rng, limit: u64) -> anyhow::Result<()> {
+async fn random_write(c: &RemoteExport, model: &mut [u8], rng: &mut Rng, limit: u64) -> anyhow::Result<()> {
     let max = if rng.below(4) == 0 { 256 << 10 } else { 16 << 10 };
     let len = 1 + rng.below(max);
     let off = rng.below(limit - len);
     let (o, l) = (off as usize, len as usize);
     if rng.below(8) == 0 {
-        c.write_zeroes(off, len as u32, false).await?;
+        c.write_zeroes(off, len, true, false).await.with_context(|| format!("zeroing {len} bytes at {off}"))?;
         model[o..o + l].fill(0);
     } else {
         rng.fill(&mut model[o..o + l]);
-        c.write(off, &model[o..o + l], rng.below(16) == 0).await?;
+        write(c, off, &model[o..o + l], rng.below(16) == 0).await?;
     }
     Ok(())
 }
 
-async fn compare_export(c: &Client, model: &[u8]) -> anyhow::Result<()> {
+async fn compare_export(c: &RemoteExport, model: &[u8]) -> anyhow::Result<()> {
     let mut off = 0usize;
     while off < model.len() {
         let n = (model.len() - off).min(4 << 20);
-        let got = c.read(off as u64, n as u32).await?;
+        let got = read(c, off as u64, n).await?;
         if got != model[off..off + n] {
             let i = got.iter().zip(&model[off..off + n]).position(|(a, b)| a != b).unwrap_or(0);
             bail!("the export differs from the model at byte {}", off + i);
@@ -166,7 +191,7 @@ fn demo(a: DemoArgs) -> anyhow::Result<()> {
     step(2, format!("serving it over NBD on unix:{} (livemirror serve --source {})", sock.display(), src.display()));
 
     let result = engine::rt::block_on(async {
-        let c = Client::connect_unix(&sock, "", true).await?;
+        let c = connect(&sock)?;
         anyhow::ensure!(c.size() == size, "export size {} != {size}", c.size());
         for _ in 0..200 {
             random_write(&c, &mut model, &mut rng, size).await?;
@@ -185,7 +210,6 @@ fn demo(a: DemoArgs) -> anyhow::Result<()> {
                 tgt.display()
             ),
         );
-        let c = Arc::new(c);
         let mut writes_during = 0u64;
         let mut last = Instant::now();
         let sync_start = Instant::now();
@@ -249,7 +273,7 @@ fn demo(a: DemoArgs) -> anyhow::Result<()> {
         // 8. Grow to the target's size; a new connection sees it.
         let new = control(&ctl, Request::Grow { size: None })?.size.context("no size")?;
         anyhow::ensure!(new == tsize, "grew to {new}, expected {tsize}");
-        let c2 = Client::connect_unix(&sock, "", true).await?;
+        let c2 = connect(&sock)?;
         anyhow::ensure!(c2.size() == tsize, "new connection sees {} bytes", c2.size());
         model.resize(tsize as usize, 0);
         for _ in 0..100 {
@@ -263,7 +287,7 @@ fn demo(a: DemoArgs) -> anyhow::Result<()> {
                 human(tsize as f64)
             ),
         );
-        c2.flush().await?;
+        c2.flush().await.context("flushing")?;
         anyhow::Ok(writes_during)
     });
     daemon.shutdown()?;

@@ -172,3 +172,87 @@ mod tests {
         assert_eq!(human_secs(65.0), "1m05s");
     }
 }
+
+/// The grammar over generated input: every byte count written exactly in any
+/// unit and spelling reads back as itself, overflow is an error, and no text
+/// makes the parser panic.
+#[cfg(test)]
+mod properties {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    /// The spellings of the unit of 2^`shift` bytes.
+    fn spellings(shift: u32) -> &'static [&'static str] {
+        match shift {
+            0 => &["", "b", "B"],
+            10 => &["k", "K", "kb", "KB", "kib", "KiB"],
+            20 => &["m", "M", "mb", "MB", "mib", "MiB"],
+            30 => &["g", "G", "gb", "GB", "gib", "GiB"],
+            _ => &["t", "T", "tb", "TB", "tib", "TiB"],
+        }
+    }
+
+    /// `v` bytes in units of 2^`shift`, as an exact decimal (no trailing
+    /// zeros), and its number of decimals.
+    fn exact_decimal(v: u64, shift: u32) -> (String, usize) {
+        let mask = (1u64 << shift) - 1;
+        let mut digits = String::new();
+        let mut rest = v & mask;
+        while rest != 0 {
+            let times10 = u128::from(rest) * 10;
+            digits.push(char::from(b'0' + (times10 >> shift) as u8));
+            rest = (times10 & u128::from(mask)) as u64;
+        }
+        let n = digits.len();
+        if n == 0 {
+            ((v >> shift).to_string(), 0)
+        } else {
+            (format!("{}.{digits}", v >> shift), n)
+        }
+    }
+
+    proptest! {
+        #[test]
+        fn a_byte_count_written_exactly_in_any_unit_reads_back(
+            // Low bits cleared at random, so most counts have few decimals.
+            v in (any::<u64>(), 0u32..44).prop_map(|(x, z)| (x >> z) << z),
+            unit in 0usize..5,
+            spelling in 0usize..6,
+            space in any::<bool>(),
+            per_second in any::<bool>(),
+        ) {
+            let shift = [0u32, 10, 20, 30, 40][unit];
+            let names = spellings(shift);
+            let name = names[spelling % names.len()];
+            let (number, decimals) = exact_decimal(v, shift);
+            let sep = if space && !name.is_empty() { " " } else { "" };
+            let text = format!("{number}{sep}{name}");
+            let (size, rate) = (parse_size(&text), parse_rate(&format!("{text}{}", if per_second { "/s" } else { "" })));
+            if decimals <= 12 {
+                prop_assert_eq!(size, Ok(v), "{}", text);
+                prop_assert_eq!(rate, Ok(v), "{}", text);
+            } else {
+                prop_assert!(size.as_ref().is_err_and(|e| e.contains("too many decimals")), "{}: {:?}", text, size);
+            }
+        }
+
+        #[test]
+        fn a_count_beyond_64_bits_is_refused(unit in 1usize..5, over in 1u64..1_000_000) {
+            let shift = [0u32, 10, 20, 30, 40][unit];
+            let q = (u64::MAX >> shift) + over.min(u64::MAX - (u64::MAX >> shift));
+            let text = format!("{q}{}", spellings(shift)[1]);
+            let got = parse_size(&text);
+            prop_assert!(got.as_ref().is_err_and(|e| e.contains("too large")), "{}: {:?}", text, got);
+        }
+
+        #[test]
+        fn any_text_is_a_size_or_an_error(text in "[0-9. kKmMgGtTbBiI/s]{0,14}|.{0,20}") {
+            // No panic whatever the text; a size is also a rate, with or without /s.
+            if let Ok(v) = parse_size(&text) {
+                prop_assert_eq!(parse_rate(&text), Ok(v));
+                prop_assert_eq!(parse_rate(&format!("{text}/s")), Ok(v));
+            }
+        }
+    }
+}

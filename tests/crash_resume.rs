@@ -11,7 +11,7 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use nbd_frontend::client::Client;
+use test_support::client::Client;
 
 const SECTOR: usize = 512;
 

@@ -15,7 +15,7 @@ use std::os::unix::net::UnixStream;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use nbd_frontend::client::Client;
+use test_support::client::Client;
 
 const SCRIPT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/scripts/nbd_edge.py");
 const MIB: usize = 1 << 20;

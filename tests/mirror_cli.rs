@@ -228,6 +228,20 @@ fn mission_flow_through_the_cli_with_fio_during_the_sync() {
     assert_same(&std::fs::read(&src).unwrap(), &s_at_detach, "the source was touched after detach-source");
 }
 
+/// `livemirror demo` runs the whole flow with the daemon's own NBD client and
+/// checks every byte itself: it must pass, step by step.
+#[test]
+fn the_demo_passes_every_check() {
+    let dir = scratch();
+    let out = run(&bin(), &["demo", "--size", "16M", "--rate", "64M", "--dir", p(dir.path())]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(code(&out), 0, "{}{}", stdout, String::from_utf8_lossy(&out.stderr));
+    for step in 1..=9 {
+        assert!(stdout.contains(&format!("[{step}] ")), "step {step} missing:\n{stdout}");
+    }
+    assert!(stdout.contains("demo passed"), "{stdout}");
+}
+
 #[test]
 fn serve_with_target_at_start_syncs_like_attach() {
     let dir = scratch_shm();

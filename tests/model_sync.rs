@@ -13,7 +13,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use nbd_frontend::client::Client;
+use test_support::client::Client;
 
 const REGION: usize = 4096;
 

@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use nbd_frontend::client::Client;
+use test_support::client::Client;
 
 const MIB: u64 = 1 << 20;
 const CHUNK: u64 = 4096;

@@ -1,4 +1,5 @@
 #!/bin/busybox sh
+# shellcheck shell=dash # busybox sh, checked as the shell closest to it
 # The guest side of benches/guest/run.sh: the initramfs' /init. The kernel's NBD client on
 # /dev/nbdN (or livemirror's ublk device), fio inside the guest, and each server serving the
 # same virtio disk:
@@ -76,7 +77,7 @@ connect() {
     $T nbd-client -unix /run/s.sock "$DEV" -N bench -C "$2" -t 10 >/run/client.log 2>&1 || die "nbd-client -C $2 to $1: $(cat /run/client.log)"
   fi
   _i=0
-  until [ "$(cat /sys/block/${DEV#/dev/}/size 2>/dev/null || echo 0)" != 0 ]; do
+  until [ "$(cat /sys/block/"${DEV#/dev/}"/size 2>/dev/null || echo 0)" != 0 ]; do
     _i=$((_i + 1)); [ $_i -gt 300 ] && die "$DEV not connected to $1: $(cat /run/srv.log)"; sleep 0.1
   done
   blockdev --getsize64 "$DEV" >/dev/null
@@ -97,7 +98,7 @@ disconnect() {
        [ -s /run/srv.pid ] && kill -TERM "$(cat /run/srv.pid)" 2>/dev/null ;;
   esac
   _i=0
-  while [ "$(cat /sys/block/${DEV#/dev/}/size 2>/dev/null || echo 0)" != 0 ]; do
+  while [ "$(cat /sys/block/"${DEV#/dev/}"/size 2>/dev/null || echo 0)" != 0 ]; do
     _i=$((_i + 1)); [ $_i -gt 100 ] && { say "$DEV still connected after stopping $1"; break; }; sleep 0.1
   done
   sleep 1
@@ -134,12 +135,13 @@ for S in $SERVERS; do
   for C in $CS; do
     T0=$(timeouts)
     connect "$S" "$C"
-    say "$S with $C connections on $DEV ($(ls -d /sys/block/${DEV#/dev/}/mq/* | wc -l) hardware queues)"
+    say "$S with $C connections on $DEV ($(ls -d /sys/block/"${DEV#/dev/}"/mq/* | wc -l) hardware queues)"
     for W in $WORKLOADS; do
       TW=$(timeouts)
       P0=$(ticks "$SPID") G0=$(gticks)
       R=$(fio_job "$W")
       P1=$(ticks "$SPID") G1=$(gticks)
+      # shellcheck disable=SC2086 # three numbers, split on purpose
       set -- ${R:-0 0 1}
       PD=-; [ "$P0" != - ] && [ "$P1" != - ] && PD=$((P1 - P0))
       echo "LMBENCH row server=$S conns=$C workload=$W iops=$1 kib_s=$2 err=$3 timeouts=$(($(timeouts) - TW)) cpu_us=$(per_req "$PD" "$1") gcpu_us=$(per_req $((G1 - G0)) "$1")"
@@ -170,6 +172,7 @@ if [ "$(arg sync 1)" = 1 ]; then
     wait "$FP"
     TE=$(up)
     B=$($T livemirror status --get bytes_copied --control /run/ctl.sock)
+    # shellcheck disable=SC2046 # three numbers, split on purpose
     set -- $(cat /run/sync-fio.out) 0 0 1
     echo "LMBENCH sync conns=$C iops=$1 err=$3 copied=$B secs=$(echo "${TS:-$TE} $TA" | awk '{printf "%.2f", $1 - $2}') synced=$SYNCED timeouts=$(($(timeouts) - T0))"
     $T livemirror detach-target --control /run/ctl.sock >/dev/null 2>&1

@@ -45,6 +45,7 @@ while [ $# -gt 0 ]; do
     *) echo "unknown argument $1 (see the header of $0)" >&2; exit 2 ;;
   esac
 done
+# shellcheck disable=SC2034 # read by lib.sh's lm_qemu
 LM_SMP=$SMP LM_MEM=$MEM LM_KSERIES=$KERNEL
 if [ "$KERNEL" = 6.1 ]; then SERVERS=$(tr ',' '\n' <<< "$SERVERS" | grep -v '^ublk' | paste -sd,); fi
 T_START=$(date +%s)

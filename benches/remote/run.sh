@@ -58,7 +58,6 @@ start_link() { # one-way delay in ms
     ip netns add "$NSB"
     coproc LINK { exec python3 "$ROOT/tests/scripts/linkem.py" "$NSA" 10.77.0.1 "$NSB" "$ADDR" \
         --delay-ms "$1" --rate-mbit "$RATE"; }
-    LINK_PID=$LINK_PID
     read -r line <&"${LINK[0]}"
     [ "$line" = ready ] || { echo "linkem did not start" >&2; exit 1; }
 }
@@ -170,7 +169,7 @@ for rtt in "${LATENCIES[@]}"; do
     for rep in $(seq "$REPS"); do
         # The order rotates between repetitions.
         methods=(livemirror qemu_img nbdcopy)
-        for k in $(seq 0 $(( (rep - 1) % 3 - 1 ))); do methods=("${methods[@]:1}" "${methods[0]}"); done
+        for _ in $(seq 0 $(( (rep - 1) % 3 - 1 ))); do methods=("${methods[@]:1}" "${methods[0]}"); done
         for m in "${methods[@]}"; do
             truncate -s 0 "$TGT"; truncate -s "$BYTES" "$TGT"
             secs=$("run_$m")

@@ -37,14 +37,16 @@ pub mod uring;
 mod verify;
 
 pub use backend::{
-    Backend, BackendKind, CacheMode, DeviceOpener, IoHooks, IoKind, LinkState, LockMode as DeviceLock, OpenOptions,
-    RemoteDevice,
+    AlignedIo, Backend, BackendKind, CacheMode, DeviceOpener, Extent, IoFuture, IoHooks, IoKind, LinkState,
+    LockMode as DeviceLock, OpenOptions, RemoteDevice,
 };
 pub use buf::{BudgetCharge, BufPool, IoBuf, SharedBuf};
 pub use copier::is_zero;
 pub use drain::{Drain, DrainGuard};
 pub use error::{Error, Result};
+pub use identity::DeviceIdent;
 pub use mirror::{KernelDevice, Mirror, MirrorConfig, Opener, StatusExtent, DEFAULT_QUEUE_DEPTH};
+pub use rt::Worker;
 pub use state::{DeviceState, Transition};
 pub use status::{Event, EventKind, Status};
 pub use verify::VerifyReport;

@@ -346,3 +346,167 @@ mod tests {
         assert!(validate_region_size(128 << 20).is_err());
     }
 }
+
+/// The map against a model of one bool per region, over any sequence of
+/// changes on any export and region size: the counts kept as bits change, the
+/// runs the copier asks for, and the byte arithmetic requests use.
+#[cfg(test)]
+mod properties {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    #[derive(Debug, Clone)]
+    enum Op {
+        Clean(usize, usize, bool),
+        Discarded(usize, usize, bool),
+        Unverifiable(usize, usize, bool),
+        AllDirty,
+        ClearUnverifiable,
+        Grow(u64),
+    }
+
+    fn op() -> impl Strategy<Value = Op> {
+        let range = (0usize..80, 0usize..80);
+        prop_oneof![
+            (range.clone(), any::<bool>()).prop_map(|((a, b), on)| Op::Clean(a, b, on)),
+            (range.clone(), any::<bool>()).prop_map(|((a, b), on)| Op::Discarded(a, b, on)),
+            (range, any::<bool>()).prop_map(|((a, b), on)| Op::Unverifiable(a, b, on)),
+            Just(Op::AllDirty),
+            Just(Op::ClearUnverifiable),
+            (0u64..400).prop_map(Op::Grow),
+        ]
+    }
+
+    /// A region range within `n` regions from two arbitrary numbers.
+    fn within(a: usize, b: usize, n: usize) -> Range<usize> {
+        let (a, b) = (a % (n + 1), b % (n + 1));
+        a.min(b)..a.max(b)
+    }
+
+    struct Model {
+        size: u64,
+        clean: Vec<bool>,
+        discarded: Vec<bool>,
+        unverifiable: Vec<bool>,
+    }
+
+    fn count(v: &[bool]) -> u64 {
+        v.iter().filter(|b| **b).count() as u64
+    }
+
+    fn check(m: &RegionMap, model: &Model) -> Result<(), TestCaseError> {
+        prop_assert_eq!(m.export_size(), model.size);
+        prop_assert_eq!(m.len(), model.clean.len());
+        prop_assert_eq!(m.clean_count(), count(&model.clean));
+        prop_assert_eq!(m.discarded_count(), count(&model.discarded));
+        prop_assert_eq!(m.unverifiable_count(), count(&model.unverifiable));
+        prop_assert_eq!(m.all_clean(), model.clean.iter().all(|b| *b));
+        for r in 0..m.len() {
+            prop_assert_eq!(m.is_clean(r), model.clean[r]);
+            prop_assert_eq!(m.is_discarded(r), model.discarded[r]);
+            prop_assert_eq!(m.is_unverifiable(r), model.unverifiable[r]);
+        }
+        Ok(())
+    }
+
+    proptest! {
+        #[test]
+        fn the_map_follows_a_model_through_any_changes(
+            shift in 0u32..5,
+            size in 1u64..200,
+            ops in prop::collection::vec(op(), 0..40),
+            probes in prop::collection::vec((0u64..400, 0u64..400, 0usize..90, 1usize..20), 8),
+        ) {
+            let mut m = RegionMap::new(size, shift);
+            let n = size.div_ceil(1 << shift) as usize;
+            let mut model = Model { size, clean: vec![false; n], discarded: vec![false; n], unverifiable: vec![false; n] };
+            check(&m, &model)?;
+            for op in ops {
+                let n = model.clean.len();
+                match op {
+                    Op::Clean(a, b, on) => {
+                        let rs = within(a, b, n);
+                        m.set_clean(rs.clone(), on);
+                        model.clean[rs].fill(on);
+                    }
+                    Op::Discarded(a, b, on) => {
+                        let rs = within(a, b, n);
+                        m.set_discarded(rs.clone(), on);
+                        model.discarded[rs].fill(on);
+                    }
+                    Op::Unverifiable(a, b, on) => {
+                        let rs = within(a, b, n);
+                        m.set_unverifiable(rs.clone(), on);
+                        model.unverifiable[rs].fill(on);
+                    }
+                    Op::AllDirty => {
+                        m.set_all_dirty();
+                        model.clean.fill(false);
+                    }
+                    Op::ClearUnverifiable => {
+                        m.clear_unverifiable();
+                        model.unverifiable.fill(false);
+                    }
+                    Op::Grow(new) => {
+                        m.grow(new);
+                        if new > model.size {
+                            let n = new.div_ceil(1 << shift) as usize;
+                            model.clean.resize(n, true);
+                            model.discarded.resize(n, false);
+                            model.unverifiable.resize(n, false);
+                            model.size = new;
+                        }
+                    }
+                }
+                check(&m, &model)?;
+            }
+
+            // Queries, against definitions made of single bytes and regions.
+            let size = model.size;
+            let n = model.clean.len();
+            let region_of = |byte: u64| (byte >> shift) as usize;
+            for (a, b, from, max) in probes {
+                let off = a % size;
+                let len = b % (size - off + 1);
+                let bytes = off..off + len;
+                // Touching: every region holding a byte of the range.
+                let touching: Vec<usize> = bytes.clone().map(region_of).collect::<std::collections::BTreeSet<_>>().into_iter().collect();
+                let got: Vec<usize> = m.regions_touching(off, len).collect();
+                prop_assert_eq!(got, touching);
+                // Covered: every region all of whose bytes are in the range.
+                let covered: Vec<usize> = (0..n).filter(|&r| {
+                    let br = m.byte_range(r);
+                    br.start >= off && br.end <= off + len
+                }).collect();
+                let got: Vec<usize> = m.regions_covered(off, len).collect();
+                prop_assert_eq!(got, covered);
+                // Clean runs: the range's bytes whose region is clean, joined.
+                let mut runs: Vec<Range<u64>> = Vec::new();
+                for byte in bytes.clone().filter(|&x| model.clean[region_of(x)]) {
+                    match runs.last_mut() {
+                        Some(last) if last.end == byte => last.end = byte + 1,
+                        _ => runs.push(byte..byte + 1),
+                    }
+                }
+                prop_assert_eq!(m.clean_byte_runs(off, len), runs);
+                // The next dirty run: the first dirty region from `from`, and the
+                // dirty ones after it, at most `max`.
+                let want = (from..n).find(|&r| !model.clean[r]).map(|start| {
+                    let end = (start..n).take(max).take_while(|&r| !model.clean[r]).count();
+                    start..start + end
+                });
+                prop_assert_eq!(m.next_dirty_run(from, max), want);
+                // Region ranges to bytes: each region's bytes, the last one clipped.
+                let rs = within(from, from + max, n);
+                if rs.is_empty() {
+                    prop_assert!(m.bytes_of(rs.clone()).is_empty());
+                } else {
+                    prop_assert_eq!(m.bytes_of(rs.clone()), m.byte_range(rs.start).start..m.byte_range(rs.end - 1).end);
+                }
+                prop_assert_eq!(m.any_discarded(rs.clone()), model.discarded[rs.clone()].iter().any(|b| *b));
+                prop_assert_eq!(m.any_unverifiable(rs.clone()), model.unverifiable[rs].iter().any(|b| *b));
+            }
+        }
+    }
+}

@@ -1,4 +1,5 @@
 # shellcheck shell=sh
+# shellcheck disable=SC2034 # a library: the scripts that source it read the LM_* it sets
 # livemirror-initrd.sh: the part of the initrd glue that initramfs-tools and dracut share.
 #
 # Installed as /usr/lib/livemirror/initrd.sh on the system and copied from there into the
@@ -138,7 +139,7 @@ lm_overlay_limit() {
 	"" | none) ;;
 	*%)
 		_lm_kib=$(awk '/^MemTotal:/ {print $2}' /proc/meminfo 2>/dev/null)
-		echo $((${_lm_kib:-0} * ${LM_OVERLAY_LIMIT%\%} / 100 * 1024))
+		echo $((${_lm_kib:-0} * 1024 * ${LM_OVERLAY_LIMIT%\%} / 100))
 		;;
 	*) echo "$LM_OVERLAY_LIMIT" ;;
 	esac

@@ -200,3 +200,89 @@ tls_session = {
 }
 for name, data in tls_session.items():
     write("tls_session", name, data)
+
+def huge_claim(file):
+    """The same file with both headers claiming a 32 TiB export at 4 KiB
+    regions: 2^33 regions, 4 GiB of bitmaps per slot, in a 16 KiB file (the
+    decoder must refuse it before allocating; the header CRCs are redone)."""
+    import zlib
+    out = bytearray(file)
+    for slot in (0, 1):
+        h = slot * 4096
+        # The fields end where the header's CRC of them is stored.
+        end = next(e for e in range(53, 4092) if zlib.crc32(out[h:h + e]) == struct.unpack_from("<I", out, h + e)[0])
+        regions = 1 << 33
+        area = -(-4 * -(-regions // 64) * 8 // 4096) * 4096
+        struct.pack_into("<Q", out, h + 12, area)
+        struct.pack_into("<I", out, h + 28, 12)
+        struct.pack_into("<Q", out, h + 33, regions << 12)
+        struct.pack_into("<Q", out, h + 41, regions)
+        struct.pack_into("<I", out, h + end, zlib.crc32(out[h:h + end]))
+    return bytes(out)
+
+
+# state_file: whole state files, written by the daemon itself (so they follow
+# the format the engine writes today): serving, synced with a target, and a
+# partial sync of a larger export with small regions. Needs the livemirror
+# binary (LIVEMIRROR_BIN, default ../../target/debug/livemirror: cargo build).
+def state_files():
+    import shutil
+    import subprocess
+    import tempfile
+    import time
+
+    binary = os.environ.get("LIVEMIRROR_BIN", os.path.join(HERE, "..", "..", "target", "debug", "livemirror"))
+    if not os.access(binary, os.X_OK):
+        raise SystemExit(f"gen_corpus.py: {binary} is not built (cargo build, or set LIVEMIRROR_BIN)")
+    tmp = tempfile.mkdtemp(prefix="lm-state-seeds.")
+    try:
+        def run(*args):
+            subprocess.run([binary, *args], check=True, stdout=subprocess.DEVNULL)
+
+        def daemon(name, size, region, rate=None):
+            src, state, ctl = (os.path.join(tmp, name + x) for x in (".src", ".state", ".ctl"))
+            with open(src, "wb") as f:
+                f.truncate(size)
+            args = ["serve", "--source", src, "--listen", f"unix:{tmp}/{name}.sock", "--control", ctl,
+                    "--state", state, "--region-size", region]
+            proc = subprocess.Popen([binary, *args], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            deadline = time.time() + 30
+            while not os.path.exists(ctl):
+                if time.time() > deadline or proc.poll() is not None:
+                    raise SystemExit(f"gen_corpus.py: the daemon for {name} did not start")
+                time.sleep(0.05)
+            return proc, ctl, state
+
+        def stop(name, proc, state):
+            proc.terminate()
+            proc.wait(timeout=30)
+            with open(state, "rb") as f:
+                write("state_file", name, f.read())
+
+        proc, ctl, state = daemon("serving", 1 << 20, "4K")
+        stop("serving-1m-4k", proc, state)
+        with open(os.path.join(HERE, "corpus", "state_file", "serving-1m-4k"), "rb") as f:
+            write("state_file", "claims-4g-bitmaps", huge_claim(f.read()))
+
+        proc, ctl, state = daemon("synced", 4 << 20, "64K")
+        target = os.path.join(tmp, "synced.tgt")
+        with open(target, "wb") as f:
+            f.truncate(8 << 20)
+        run("attach", "--control", ctl, target)
+        run("wait", "--control", ctl, "--timeout", "60")
+        stop("synced-4m-64k", proc, state)
+
+        proc, ctl, state = daemon("syncing", 64 << 20, "4K")
+        run("set-rate", "--control", ctl, "1M")
+        target = os.path.join(tmp, "syncing.tgt")
+        with open(target, "wb") as f:
+            f.truncate(64 << 20)
+        run("attach", "--control", ctl, target)
+        time.sleep(1)
+        run("pause", "--control", ctl)
+        stop("syncing-paused-64m-4k", proc, state)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+state_files()

@@ -31,10 +31,15 @@ pub const MAX_OPTIONS: u32 = 4096;
 /// What the server offers under one name.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Export {
+    /// The name a client asks for (`""` is the default export).
     pub name: String,
+    /// Sent with NBD_INFO_DESCRIPTION when not empty.
     pub description: String,
+    /// Its size in bytes.
     pub size: u64,
+    /// Served read-only.
     pub read_only: bool,
+    /// Zeroing is cheaper than writing zeroes (FAST_ZERO is offered).
     pub fast_zero: bool,
     /// What NBD_INFO_BLOCK_SIZE says.
     pub block: BlockSizes,
@@ -54,6 +59,7 @@ pub enum TlsMode {
 /// The result of a successful negotiation.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Negotiated {
+    /// The export the client chose.
     pub export: Export,
     /// Structured replies; also true with extended headers, which imply them.
     pub structured: bool,
@@ -67,6 +73,7 @@ pub struct Negotiated {
     pub flags: u16,
 }
 
+/// What [`Handshake::feed`] made of the input so far.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Progress {
     /// More input is needed.
@@ -83,28 +90,40 @@ pub enum Progress {
 /// Why the server drops the connection (a hard disconnect).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum HandshakeError {
+    /// Client flags this server does not know.
     #[error("client sent unknown flags {0:#x}")]
     UnknownClientFlags(u32),
+    /// An option that does not start with `IHAVEOPT`.
     #[error("bad option magic {0:#018x}")]
     BadOptionMagic(u64),
+    /// NBD_OPT_EXPORT_NAME for an export we do not have (it cannot be answered).
     #[error("client asked for unknown export {0:?} with NBD_OPT_EXPORT_NAME")]
     UnknownExport(String),
+    /// An export name that is not UTF-8.
     #[error("export name is not valid UTF-8")]
     BadExportName,
+    /// NBD_OPT_EXPORT_NAME with a name longer than a protocol string.
     #[error("export name of {0} bytes with NBD_OPT_EXPORT_NAME")]
     ExportNameTooLong(u32),
+    /// More than [`MAX_OPTIONS`] options.
     #[error("more than {MAX_OPTIONS} options")]
     TooManyOptions,
+    /// Input fed after the negotiation ended.
     #[error("the negotiation already finished")]
     Finished,
+    /// NBD_OPT_EXPORT_NAME in plaintext when TLS is required.
     #[error("NBD_OPT_EXPORT_NAME before TLS, which this server requires")]
     TlsRequired,
+    /// A client without fixed newstyle, when TLS is required.
     #[error("the client does not speak fixed newstyle, so it cannot start the TLS this server requires")]
     TlsNeedsFixedNewstyle,
+    /// Bytes that arrived in plaintext after STARTTLS and before TLS.
     #[error("{0} plaintext bytes after NBD_OPT_STARTTLS, before the TLS handshake")]
     PlaintextAfterStartTls(usize),
+    /// [`Handshake::tls_started`] without a STARTTLS acknowledged.
     #[error("no STARTTLS is waiting for its TLS handshake")]
     NoTlsPending,
+    /// NBD_OPT_EXPORT_NAME, which has no way to end with extended headers.
     #[error("NBD_OPT_EXPORT_NAME after extended headers were negotiated")]
     ExportNameWithExtendedHeaders,
 }
@@ -133,6 +152,8 @@ enum State {
 
 const BASE_ALLOCATION_ID: u32 = 1;
 
+/// The server side of the option negotiation, sans-I/O: the driver feeds it
+/// what the client sent and sends what it outputs.
 pub struct Handshake {
     exports: Vec<Export>,
     state: State,
@@ -168,7 +189,7 @@ pub fn transmission_flags(export: &Export, structured: bool) -> u16 {
 
 /// The longest prefix of `s` of at most `max` bytes that ends on a character
 /// boundary (protocol strings must stay valid UTF-8).
-pub fn truncate_utf8(s: &str, max: usize) -> &str {
+pub(crate) fn truncate_utf8(s: &str, max: usize) -> &str {
     if s.len() <= max {
         return s;
     }
@@ -278,6 +299,7 @@ impl Handshake {
         std::mem::take(&mut self.output)
     }
 
+    /// Output is waiting to be sent.
     pub fn has_output(&self) -> bool {
         !self.output.is_empty()
     }

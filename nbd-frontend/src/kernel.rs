@@ -22,9 +22,12 @@ use tokio::sync::watch;
 use crate::netlink::{self, ConnectParams, NbdNetlink};
 use crate::server::Server;
 
+/// How to attach the export to a kernel device (`serve --nbd-device`).
 #[derive(Debug, Clone)]
 pub struct KernelOptions {
+    /// The `/dev/nbdN` to connect.
     pub device: PathBuf,
+    /// Connections asked for (`--nbd-connections`); at most one per CPU is used.
     pub connections: usize,
     /// Request timeout; requests in flight on a dead connection are resent
     /// when it fires.
@@ -37,6 +40,7 @@ pub struct KernelOptions {
 /// device configured (a restarted daemon reconnects); call
 /// [`KernelAttachment::disconnect`] to tear it down.
 pub struct KernelAttachment {
+    /// The N of `/dev/nbdN`.
     pub index: u32,
     stop: Arc<AtomicBool>,
     watcher: Option<JoinHandle<()>>,
@@ -67,7 +71,7 @@ fn closed_pair() -> io::Result<UnixStream> {
 /// The most connections the kernel uses: it makes one hardware queue per
 /// connection, but never more queues than there are possible CPUs, and sends
 /// each request on the connection of its queue; the others would carry nothing.
-pub fn usable_connections(requested: usize) -> usize {
+pub(crate) fn usable_connections(requested: usize) -> usize {
     let cpus = std::fs::read_to_string(engine::hostfs::sys_path("devices/system/cpu/possible"))
         .ok()
         .and_then(|s| count_cpu_list(s.trim()));
@@ -337,6 +341,9 @@ impl Stager {
     }
 }
 
+/// Connects `opts.device` to `server` (RECONFIGURE when a previous daemon's
+/// configuration is still there) and starts the watcher that replaces dead
+/// connections and passes size changes from `size` on.
 pub fn attach<D: BlockDevice>(
     server: &Server<D>,
     opts: &KernelOptions,

@@ -1,25 +1,33 @@
 //! livemirror's NBD frontend: the wire protocol, the handshake, the transmission
-//! phase, the server and the kernel attach. It talks to the engine only through
-//! [`engine::BlockDevice`].
+//! phase, the server, the kernel attach, and the NBD client behind remote
+//! devices. It serves the engine through [`engine::BlockDevice`] and uses only
+//! the engine surface docs/architecture.md lists.
 //!
 //! Layout follows the protocol's phases: [`proto`] (constants and encodings),
 //! [`handshake`] (option negotiation, sans-I/O), [`request`] (validation of every
-//! request in one place), [`transmission`] (one connection's request loop),
-//! [`tls`] (STARTTLS: the acceptor over rustls and OpenSSL, the TLS stream)
-//! and [`server`] (listeners, the handshake driver, connection hand-off).
+//! request in one place), `transmission` (one connection's request loop, over
+//! a [`stream`]), [`tls`] (STARTTLS: the acceptor over rustls and OpenSSL, the
+//! TLS stream), [`server`] (listeners, the handshake driver, connection
+//! hand-off), [`kernel`] and [`netlink`] (the kernel's NBD client), [`stats`]
+//! (counters) and [`remote`] (the client).
+//!
+//! Every public item is documented (`missing_docs` is denied) and public only
+//! because the binary, the tests, the benches or the fuzz targets use it.
 
-pub mod client;
+#![deny(missing_docs)]
+
 pub mod handshake;
 pub mod kernel;
-pub mod limits;
+mod limits;
 pub mod netlink;
 pub mod proto;
 pub mod remote;
 pub mod request;
 pub mod server;
 pub mod stats;
+pub mod stream;
 pub mod tls;
-pub mod transmission;
+mod transmission;
 pub mod unix_socket;
 
 pub use handshake::{Export, Handshake, Negotiated, Progress, TlsMode};

@@ -13,7 +13,7 @@
 //! - **Write payloads** are charged as their bytes arrive, in pieces, so a client
 //!   that sends a 32 MiB header and then stops holds only what it sent.
 //! - **Stalls:** a payload that stops arriving, or replies the peer stops
-//!   reading, for `stall_timeout` drop the connection (see transmission.rs).
+//!   reading, for `stall_timeout` drop the connection (see transmission/).
 //!
 //! Memory held for payloads is therefore at most the server budget plus one
 //! reserve per connection.
@@ -43,9 +43,10 @@ pub struct ConnLimits {
 }
 
 impl ConnLimits {
+    /// `--max-requests`'s default.
     pub const DEFAULT_MAX_REQUESTS: usize = 128;
-    pub const DEFAULT_RESERVE: usize = 1 << 20;
-    pub const DEFAULT_STALL_TIMEOUT: Duration = Duration::from_secs(30);
+    const DEFAULT_RESERVE: usize = 1 << 20;
+    const DEFAULT_STALL_TIMEOUT: Duration = Duration::from_secs(30);
 
     /// The defaults for a server budget of `budget` bytes: a quarter of it per
     /// connection, but never less than two maximum payloads.
@@ -62,7 +63,7 @@ impl ConnLimits {
 impl ConnLimits {
     /// The largest READ or WRITE payload a connection can always be granted
     /// with a server budget of `budget` bytes: what the server advertises.
-    pub fn largest_payload(&self, budget: usize) -> u32 {
+    pub(crate) fn largest_payload(&self, budget: usize) -> u32 {
         let reserve = self.reserve / GRANULE * GRANULE;
         let cap = self.shared_cap.min(budget).max(reserve);
         u32::try_from(cap).unwrap_or(u32::MAX).min(crate::proto::MAX_PAYLOAD)

@@ -30,11 +30,11 @@ const NBD_FAMILY: &str = "nbd";
 const NBD_MCAST_GROUP: &str = "nbd_mc_group";
 const NBD_GENL_VERSION: u8 = 1;
 
-pub const NBD_CMD_CONNECT: u8 = 1;
-pub const NBD_CMD_DISCONNECT: u8 = 2;
-pub const NBD_CMD_RECONFIGURE: u8 = 3;
-pub const NBD_CMD_LINK_DEAD: u8 = 4;
-pub const NBD_CMD_STATUS: u8 = 5;
+pub(crate) const NBD_CMD_CONNECT: u8 = 1;
+pub(crate) const NBD_CMD_DISCONNECT: u8 = 2;
+pub(crate) const NBD_CMD_RECONFIGURE: u8 = 3;
+pub(crate) const NBD_CMD_LINK_DEAD: u8 = 4;
+pub(crate) const NBD_CMD_STATUS: u8 = 5;
 
 const NBD_ATTR_INDEX: u16 = 1;
 const NBD_ATTR_SIZE_BYTES: u16 = 2;
@@ -51,14 +51,9 @@ const NBD_DEVICE_ITEM: u16 = 1;
 const NBD_DEVICE_INDEX: u16 = 1;
 const NBD_DEVICE_CONNECTED: u16 = 2;
 
-/// Client flag: tear the device down when the last opener closes it after a
-/// disconnect.
-pub const NBD_CFLAG_DESTROY_ON_DISCONNECT: u64 = 1;
-
 /// A netlink attribute, possibly nested.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Attr {
-    U8(u16, u8),
+pub(crate) enum Attr {
     U32(u16, u32),
     U64(u16, u64),
     Str(u16, String),
@@ -74,10 +69,6 @@ impl Attr {
         let start = out.len();
         out.extend_from_slice(&[0, 0, 0, 0]);
         let kind = match self {
-            Attr::U8(t, v) => {
-                out.push(*v);
-                *t
-            }
             Attr::U32(t, v) => {
                 out.extend_from_slice(&v.to_ne_bytes());
                 *t
@@ -107,7 +98,7 @@ impl Attr {
 
 /// Parses a run of attributes into (type, payload) pairs; malformed input
 /// ends the list instead of panicking.
-pub fn parse_attrs(mut b: &[u8]) -> Vec<(u16, &[u8])> {
+pub(crate) fn parse_attrs(mut b: &[u8]) -> Vec<(u16, &[u8])> {
     let mut out = Vec::new();
     while b.len() >= 4 {
         let len = u16::from_ne_bytes([b[0], b[1]]) as usize;
@@ -131,7 +122,7 @@ fn u16_of(p: &[u8]) -> Option<u16> {
 }
 
 /// Builds a complete generic netlink request.
-pub fn build_message(family: u16, cmd: u8, version: u8, seq: u32, flags: u16, attrs: &[Attr]) -> Vec<u8> {
+pub(crate) fn build_message(family: u16, cmd: u8, version: u8, seq: u32, flags: u16, attrs: &[Attr]) -> Vec<u8> {
     let mut m = vec![0u8; 16];
     m.extend_from_slice(&[cmd, version, 0, 0]);
     for a in attrs {
@@ -146,19 +137,19 @@ pub fn build_message(family: u16, cmd: u8, version: u8, seq: u32, flags: u16, at
 }
 
 /// One generic netlink socket.
-pub struct Genl {
+pub(crate) struct Genl {
     fd: OwnedFd,
     seq: u32,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct NbdFamily {
-    pub id: u16,
-    pub mcast_group: Option<u32>,
+pub(crate) struct NbdFamily {
+    pub(crate) id: u16,
+    pub(crate) mcast_group: Option<u32>,
 }
 
 impl Genl {
-    pub fn open() -> io::Result<Genl> {
+    pub(crate) fn open() -> io::Result<Genl> {
         // SAFETY: plain socket(2).
         let fd = unsafe { libc::socket(libc::AF_NETLINK, libc::SOCK_RAW | libc::SOCK_CLOEXEC, NETLINK_GENERIC) };
         if fd < 0 {
@@ -226,7 +217,7 @@ impl Genl {
 
     /// Sends a request and collects the attribute payloads of every reply
     /// message until the ACK; a negative ACK is the error.
-    pub fn request(&mut self, family: u16, cmd: u8, version: u8, attrs: &[Attr]) -> io::Result<Vec<Vec<u8>>> {
+    pub(crate) fn request(&mut self, family: u16, cmd: u8, version: u8, attrs: &[Attr]) -> io::Result<Vec<Vec<u8>>> {
         self.seq = self.seq.wrapping_add(1);
         let seq = self.seq;
         self.send(&build_message(family, cmd, version, seq, NLM_F_REQUEST | NLM_F_ACK, attrs))?;
@@ -265,7 +256,7 @@ impl Genl {
     }
 
     /// Looks up the "nbd" family and its multicast group.
-    pub fn nbd_family(&mut self) -> io::Result<NbdFamily> {
+    pub(crate) fn nbd_family(&mut self) -> io::Result<NbdFamily> {
         let replies = self
             .request(GENL_ID_CTRL, CTRL_CMD_GETFAMILY, 1, &[Attr::Str(CTRL_ATTR_FAMILY_NAME, NBD_FAMILY.into())])
             .map_err(|e| {
@@ -280,7 +271,7 @@ impl Genl {
     }
 
     /// Joins a multicast group (LINK_DEAD notifications).
-    pub fn join(&self, group: u32) -> io::Result<()> {
+    pub(crate) fn join(&self, group: u32) -> io::Result<()> {
         // SAFETY: valid fd and option value.
         let r = unsafe {
             libc::setsockopt(
@@ -299,7 +290,7 @@ impl Genl {
 
     /// Waits for the next LINK_DEAD and returns its device index (`None` on
     /// timeout or for other messages).
-    pub fn next_link_dead(&self, timeout: Duration) -> io::Result<Option<u32>> {
+    pub(crate) fn next_link_dead(&self, timeout: Duration) -> io::Result<Option<u32>> {
         let tv = libc::timeval {
             tv_sec: timeout.as_secs() as libc::time_t,
             tv_usec: timeout.subsec_micros() as libc::suseconds_t,
@@ -346,7 +337,7 @@ fn parse_family(replies: &[Vec<u8>]) -> Option<NbdFamily> {
 }
 
 /// The device index of a LINK_DEAD notification in `msg` (one datagram).
-pub fn parse_link_dead(msg: &[u8]) -> Option<u32> {
+pub(crate) fn parse_link_dead(msg: &[u8]) -> Option<u32> {
     if msg.len() < 20 {
         return None;
     }
@@ -359,17 +350,17 @@ pub fn parse_link_dead(msg: &[u8]) -> Option<u32> {
 
 /// What to tell the kernel when connecting a device.
 #[derive(Debug, Clone)]
-pub struct ConnectParams {
-    pub index: u32,
-    pub size: u64,
-    pub block_size: u64,
+pub(crate) struct ConnectParams {
+    pub(crate) index: u32,
+    pub(crate) size: u64,
+    pub(crate) block_size: u64,
     /// Request timeout: in-flight requests of a dead connection are resent
     /// when it fires.
-    pub timeout: Duration,
+    pub(crate) timeout: Duration,
     /// How long the kernel holds I/O waiting for a new connection.
-    pub dead_conn_timeout: Duration,
-    pub server_flags: u64,
-    pub client_flags: u64,
+    pub(crate) dead_conn_timeout: Duration,
+    pub(crate) server_flags: u64,
+    pub(crate) client_flags: u64,
 }
 
 fn sockets_attr(fds: &[RawFd]) -> Attr {
@@ -382,17 +373,20 @@ fn sockets_attr(fds: &[RawFd]) -> Attr {
 /// The kernel NBD driver's netlink interface.
 pub struct NbdNetlink {
     genl: Genl,
-    pub family: NbdFamily,
+    pub(crate) family: NbdFamily,
 }
 
 impl NbdNetlink {
+    /// Opens a generic netlink socket and finds the `nbd` family (fails when
+    /// the kernel has no NBD driver).
     pub fn open() -> io::Result<NbdNetlink> {
         let mut genl = Genl::open()?;
         let family = genl.nbd_family()?;
         Ok(NbdNetlink { genl, family })
     }
 
-    pub fn connect(&mut self, p: &ConnectParams, fds: &[RawFd]) -> io::Result<u32> {
+    /// Connects device `p.index` over `fds`; returns the index the kernel chose.
+    pub(crate) fn connect(&mut self, p: &ConnectParams, fds: &[RawFd]) -> io::Result<u32> {
         let attrs = vec![
             Attr::U32(NBD_ATTR_INDEX, p.index),
             Attr::U64(NBD_ATTR_SIZE_BYTES, p.size),
@@ -413,7 +407,7 @@ impl NbdNetlink {
     }
 
     /// Replaces dead sockets of a connected device (a restarted daemon).
-    pub fn reconnect(
+    pub(crate) fn reconnect(
         &mut self,
         index: u32,
         fds: &[RawFd],
@@ -430,19 +424,20 @@ impl NbdNetlink {
     }
 
     /// Changes the device size online.
-    pub fn resize(&mut self, index: u32, size: u64) -> io::Result<()> {
+    pub(crate) fn resize(&mut self, index: u32, size: u64) -> io::Result<()> {
         let attrs = vec![Attr::U32(NBD_ATTR_INDEX, index), Attr::U64(NBD_ATTR_SIZE_BYTES, size)];
         self.genl.request(self.family.id, NBD_CMD_RECONFIGURE, NBD_GENL_VERSION, &attrs).map(|_| ())
     }
 
-    pub fn disconnect(&mut self, index: u32) -> io::Result<()> {
+    /// Disconnects device `index`.
+    pub(crate) fn disconnect(&mut self, index: u32) -> io::Result<()> {
         self.genl
             .request(self.family.id, NBD_CMD_DISCONNECT, NBD_GENL_VERSION, &[Attr::U32(NBD_ATTR_INDEX, index)])
             .map(|_| ())
     }
 
     /// Whether device `index` has a configuration (is connected).
-    pub fn is_connected(&mut self, index: u32) -> io::Result<bool> {
+    pub(crate) fn is_connected(&mut self, index: u32) -> io::Result<bool> {
         let replies =
             self.genl.request(self.family.id, NBD_CMD_STATUS, NBD_GENL_VERSION, &[Attr::U32(NBD_ATTR_INDEX, index)])?;
         for r in &replies {

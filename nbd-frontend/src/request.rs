@@ -14,7 +14,9 @@ pub struct Session {
     /// Extended headers: 32-byte requests whose length is a payload length
     /// only with `CMD_FLAG_PAYLOAD_LEN`, 64-bit effect lengths otherwise.
     pub extended: bool,
+    /// The id of `base:allocation`, if the client selected it.
     pub base_allocation: Option<u32>,
+    /// Writes are refused (the export or the device is read-only).
     pub read_only: bool,
     /// The transmission flags advertised to this client.
     pub flags: u16,
@@ -22,22 +24,35 @@ pub struct Session {
     pub max_payload: u32,
 }
 
+/// A validated request: within the export, with flags this session allows.
+#[allow(missing_docs)] // the fields are the request's own: offset, length, flags
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Command {
+    /// READ `len` bytes at `offset`.
     Read { offset: u64, len: u32 },
+    /// WRITE the `len`-byte payload at `offset`, durable first with `fua`.
     Write { offset: u64, len: u32, fua: bool },
+    /// DISC: the client is done.
     Disconnect,
+    /// FLUSH.
     Flush,
+    /// TRIM a range.
     Trim { offset: u64, len: u64, fua: bool },
+    /// CACHE: prefetch a range.
     Cache { offset: u64, len: u64 },
+    /// WRITE_ZEROES; without `may_unmap` the range stays allocated (NO_HOLE);
+    /// `fast` asks for FAST_ZERO.
     WriteZeroes { offset: u64, len: u64, fua: bool, may_unmap: bool, fast: bool },
+    /// BLOCK_STATUS of `context`, one extent with `req_one`.
     BlockStatus { offset: u64, len: u64, req_one: bool, context: u32 },
 }
 
 /// A request refused before it reaches the device.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Rejection {
+    /// The wire errno of the reply.
     pub errno: u32,
+    /// Why, for the error chunk's message.
     pub reason: &'static str,
     /// Payload bytes that follow the header on the wire and must be discarded
     /// to stay in sync (a refused WRITE still sends its data).

@@ -9,8 +9,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use engine::rt::Worker;
-use engine::{BlockDevice, BufPool, Drain};
+use engine::{BlockDevice, BufPool, Drain, Worker};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::watch;
 
@@ -18,8 +17,9 @@ use crate::handshake::{Export, Handshake, HandshakeError, Negotiated, Progress};
 use crate::limits::ConnLimits;
 use crate::proto::BlockSizes;
 use crate::stats::Stats;
+use crate::stream::Stream;
 use crate::tls::TlsPolicy;
-use crate::transmission::{self, ConnShared, Phase, Stream};
+use crate::transmission::{self, ConnShared, Phase};
 
 /// A client has this long to finish the handshake.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(60);
@@ -27,7 +27,10 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(60);
 /// `unix:PATH` or `tcp:HOST:PORT`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ListenAddr {
+    /// A Unix socket at this path.
     Unix(PathBuf),
+    /// A TCP address.
+    #[allow(missing_docs)]
     Tcp { host: String, port: u16 },
 }
 
@@ -93,11 +96,15 @@ fn is_loopback(ip: IpAddr) -> bool {
 
 /// A bound, listening socket.
 pub enum Listener {
+    /// A Unix socket and its path (removed when the daemon stops).
     Unix(std::os::unix::net::UnixListener, PathBuf),
+    /// A TCP socket.
     Tcp(std::net::TcpListener),
 }
 
 impl Listener {
+    /// Binds `addr`: a Unix socket replaces a stale socket file (never
+    /// another file), a TCP address is resolved and bound non-blocking.
     pub fn bind(addr: &ListenAddr) -> io::Result<Listener> {
         match addr {
             ListenAddr::Unix(p) => Ok(Listener::Unix(crate::unix_socket::bind(p)?, p.clone())),
@@ -123,8 +130,11 @@ impl Listener {
 /// What the server exports, and what clients may hold.
 #[derive(Debug, Clone)]
 pub struct ServerConfig {
+    /// The export's name (`""`: the default export).
     pub export_name: String,
+    /// Its description (NBD_INFO_DESCRIPTION).
     pub description: String,
+    /// Served read-only.
     pub read_only: bool,
     /// Payload bytes held across all connections at most (each connection's
     /// reserve comes on top, see [`ConnLimits`]).
@@ -138,7 +148,9 @@ pub struct ServerConfig {
 }
 
 impl ServerConfig {
+    /// `--buffer-budget`'s default.
     pub const DEFAULT_BUDGET: usize = 256 << 20;
+    /// `--max-connections`'s default.
     pub const DEFAULT_MAX_CONNECTIONS: usize = 128;
 }
 
@@ -180,6 +192,7 @@ impl<D: BlockDevice> Clone for Server<D> {
 }
 
 impl<D: BlockDevice> Server<D> {
+    /// A server for `dev`, whose connections run on `workers` (engine threads).
     pub fn new(dev: Arc<D>, cfg: ServerConfig, workers: Vec<Arc<Worker>>) -> Server<D> {
         let pool = BufPool::new(cfg.buffer_budget.max(engine_min_budget()));
         let (phase, _) = watch::channel(Phase::Running);
@@ -197,6 +210,7 @@ impl<D: BlockDevice> Server<D> {
         }
     }
 
+    /// The buffers and payload budget its connections share.
     pub fn pool(&self) -> &BufPool {
         &self.inner.pool
     }
@@ -267,7 +281,7 @@ impl<D: BlockDevice> Server<D> {
 
     /// Serves an already connected stream without a handshake (the kernel's
     /// end of a socketpair) on one of the workers.
-    pub fn serve_preconnected(&self, stream: std::os::unix::net::UnixStream, neg: Negotiated) -> io::Result<()> {
+    pub(crate) fn serve_preconnected(&self, stream: std::os::unix::net::UnixStream, neg: Negotiated) -> io::Result<()> {
         let n = self.inner.workers.len().max(1);
         let i = self.inner.next_worker.fetch_add(1, Ordering::Relaxed) % n;
         let worker = self.inner.workers.get(i).ok_or_else(|| io::Error::other("no worker"))?;
@@ -345,7 +359,7 @@ impl<D: BlockDevice> Server<D> {
 
     /// Negotiates on `stream` (upgrading it to TLS when the client asks and
     /// the policy allows) and serves it.
-    pub async fn serve_stream(&self, stream: Stream) -> io::Result<()> {
+    pub(crate) async fn serve_stream(&self, stream: Stream) -> io::Result<()> {
         let mut shutdown = self.inner.phase.subscribe();
         let tls = &self.inner.cfg.tls;
         let negotiated = tokio::select! {
@@ -370,7 +384,7 @@ impl<D: BlockDevice> Server<D> {
 
     /// Serves the transmission phase of an already negotiated stream (the
     /// kernel client skips the handshake: netlink attach).
-    pub async fn serve_negotiated(&self, stream: Stream, neg: &Negotiated, leftover: Vec<u8>) -> io::Result<()> {
+    pub(crate) async fn serve_negotiated(&self, stream: Stream, neg: &Negotiated, leftover: Vec<u8>) -> io::Result<()> {
         let shared = ConnShared {
             pool: self.inner.pool.clone(),
             phase: self.inner.phase.subscribe(),
@@ -381,7 +395,7 @@ impl<D: BlockDevice> Server<D> {
     }
 
     /// A negotiation result for a client that does no handshake.
-    pub fn implicit_negotiation(&self) -> Negotiated {
+    pub(crate) fn implicit_negotiation(&self) -> Negotiated {
         let export = self.export();
         let flags = crate::handshake::transmission_flags(&export, false);
         Negotiated { export, structured: false, extended: false, tls: false, base_allocation: None, flags }
@@ -402,6 +416,7 @@ impl<D: BlockDevice> Server<D> {
         }
     }
 
+    /// Connections being served now.
     pub fn active_connections(&self) -> usize {
         self.inner.connections.active()
     }

@@ -15,7 +15,7 @@ use std::time::Instant;
 
 use crate::proto::*;
 
-/// The commands counted apart, in the order of [`Stats::commands`].
+/// The commands counted apart, in the order of [`Stats::command`]'s index.
 pub const COMMANDS: [&str; 8] = ["read", "write", "flush", "trim", "cache", "write_zeroes", "block_status", "other"];
 
 /// Upper bounds of the latency histogram's buckets, in microseconds (a last
@@ -29,7 +29,7 @@ pub const BUCKETS_US: [u64; 16] = [
 /// The counters of one command. The request count is the sum of the buckets
 /// (one atomic add fewer per request).
 #[derive(Default)]
-pub struct CommandStats {
+pub(crate) struct CommandStats {
     errors: AtomicU64,
     bytes: AtomicU64,
     nanos: AtomicU64,
@@ -39,9 +39,13 @@ pub struct CommandStats {
 /// A consistent-enough copy of one command's counters.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct CommandSnapshot {
+    /// Requests finished.
     pub requests: u64,
+    /// Of which failed.
     pub errors: u64,
+    /// Bytes read or written.
     pub bytes: u64,
+    /// The sum of their latencies.
     pub nanos: u64,
     /// Per bucket (not cumulative), the last one being +Inf.
     pub buckets: Vec<u64>,
@@ -61,7 +65,7 @@ pub struct Stats {
 }
 
 /// The index in [`COMMANDS`] of an NBD command type.
-pub fn command_index(kind: u16) -> usize {
+pub(crate) fn command_index(kind: u16) -> usize {
     match kind {
         CMD_READ => 0,
         CMD_WRITE => 1,
@@ -77,7 +81,7 @@ pub fn command_index(kind: u16) -> usize {
 impl Stats {
     /// Counts one finished request of NBD command type `kind`.
     #[inline]
-    pub fn record(&self, kind: u16, bytes: u64, started: Instant, ok: bool) {
+    pub(crate) fn record(&self, kind: u16, bytes: u64, started: Instant, ok: bool) {
         let c = &self.commands[command_index(kind)];
         let nanos = started.elapsed().as_nanos().min(u64::MAX as u128) as u64;
         let us = nanos / 1000;
@@ -105,11 +109,12 @@ impl Stats {
         }
     }
 
+    /// Reads one of the connection counters.
     pub fn get(counter: &AtomicU64) -> u64 {
         counter.load(Ordering::Relaxed)
     }
 
-    pub fn bump(counter: &AtomicU64) {
+    pub(crate) fn bump(counter: &AtomicU64) {
         counter.fetch_add(1, Ordering::Relaxed);
     }
 }

@@ -41,10 +41,15 @@ const MAX_PSK_KEY: usize = 256;
 /// Why the TLS credentials cannot be used; raised at startup.
 #[derive(Debug, thiserror::Error)]
 pub enum TlsSetupError {
+    /// A credential file cannot be read.
     #[error("cannot read {}: {source}", path.display())]
+    #[allow(missing_docs)]
     Read { path: PathBuf, source: io::Error },
+    /// A credential file holds something unusable, and why.
     #[error("{}: {reason}", path.display())]
+    #[allow(missing_docs)]
     Invalid { path: PathBuf, reason: String },
+    /// The TLS library refused the configuration.
     #[error("cannot set up TLS: {0}")]
     Library(String),
 }
@@ -52,6 +57,7 @@ pub enum TlsSetupError {
 /// `--tls off|on|require` with its credentials.
 #[derive(Debug, Clone, Default)]
 pub enum TlsPolicy {
+    /// No STARTTLS.
     #[default]
     Off,
     /// STARTTLS is offered; plaintext clients are served too.
@@ -61,6 +67,7 @@ pub enum TlsPolicy {
 }
 
 impl TlsPolicy {
+    /// What the handshake is told.
     pub fn mode(&self) -> TlsMode {
         match self {
             TlsPolicy::Off => TlsMode::Off,
@@ -69,6 +76,7 @@ impl TlsPolicy {
         }
     }
 
+    /// The credentials, unless TLS is off.
     pub fn acceptor(&self) -> Option<&TlsAcceptor> {
         match self {
             TlsPolicy::Off => None,
@@ -533,6 +541,7 @@ fn polled<T>(
     r
 }
 
+/// The reading half of a [`TlsStream`].
 pub struct TlsReadHalf {
     tls: Rc<RefCell<TlsStream>>,
     halves: Rc<Halves>,
@@ -545,6 +554,7 @@ impl AsyncRead for TlsReadHalf {
     }
 }
 
+/// The writing half of a [`TlsStream`].
 pub struct TlsWriteHalf {
     tls: Rc<RefCell<TlsStream>>,
     halves: Rc<Halves>,

@@ -1,4 +1,5 @@
 # shellcheck shell=bash
+# shellcheck disable=SC2034 # a library: the scripts that source it read the LM_* it sets
 # tests/vm/lib.sh — the livemirror VM test rig: functions sourced by the scenario scripts.
 #
 # A Debian kernel (which has nbd, dm-snapshot, loop) boots under QEMU/TCG with a hand-made
@@ -166,7 +167,7 @@ lm_kernel_package() {
         apt-get update -q >&2 || true
         names=$(apt-cache search --names-only "^linux-image-6\.12\.[0-9]+\+deb12-$LM_KFLAVOUR-unsigned\$" | awk '{print $1}')
       fi
-      printf '%s\n' $names | sort -V | tail -n 1 ;;
+      printf '%s\n' "$names" | sort -V | tail -n 1 ;;
     *) echo "livemirror VM rig: LIVEMIRROR_VM_KERNEL=$LM_KSERIES: expected 6.1 or 6.12" >&2; return 1 ;;
   esac
 }
@@ -208,7 +209,7 @@ lm_fetch_kernel() {
 # qemu-utils 10.x and apt would remove it). dpkg -x it, plus every library package it depends
 # on that is not installed, into one folder; run it with LD_LIBRARY_PATH. Sets LM_QEMU (array).
 lm_fetch_qemu() {
-  local root=$LM_CACHE/qemu-root tmp p pkgs round missing
+  local root=$LM_CACHE/qemu-root tmp p pkgs missing
   if [ ! -f "$root/.complete" ]; then
     tmp=$root.tmp; rm -rf "$tmp"; mkdir -p "$tmp"
     lm_apt_ready qemu-system-x86 || return 1
@@ -221,7 +222,7 @@ lm_fetch_qemu() {
     lm_download "${pkgs[@]}" || return 1
     for p in "${pkgs[@]}"; do dpkg -x "$(lm_deb "$p")" "$tmp"; done
     # Libraries of those libraries, if any are still missing (a few rounds at most).
-    for round in 1 2 3; do
+    for _ in 1 2 3; do
       missing=$(for b in "$tmp/usr/bin/qemu-system-x86_64" "$tmp/usr/lib/x86_64-linux-gnu/qemu/accel-tcg-x86_64.so"; do
                   LD_LIBRARY_PATH=$tmp/usr/lib/x86_64-linux-gnu:$tmp/lib/x86_64-linux-gnu ldd "$b"; done | awk '/not found/{print $1}' | sort -u)
       [ -z "$missing" ] && break

@@ -30,7 +30,9 @@ set -euo pipefail
 NAME=live-iso-e2e
 BIN=${LIVEMIRROR_BIN:-$LM_DIR/../../target/release/livemirror}
 TIMEOUT1=${LIVEMIRROR_VM_TIMEOUT:-1500}
+# shellcheck disable=SC2034 # read by lib.sh's lm_qemu
 LM_SMP=${LIVEMIRROR_VM_SMP:-1}   # one host core per QEMU
+# shellcheck disable=SC2034
 LM_MEM=${LIVEMIRROR_VM_MEM:-1024}
 LABEL=LMLIVE
 VDA_MB=1280
@@ -87,7 +89,7 @@ lm_phase_end
 
 # The CD drive: IDE, so that the blank disk is the only virtio disk (/dev/vda) and so that the
 # firmware and the guest eject it the way a real drive is ejected.
-CD=(-drive "if=none,id=cd0,file=$ISO/live.iso,media=cdrom,readonly=on" -device ide-cd,drive=cd0,id=cdrom0)
+CD=(-drive "if=none,id=cd0,file=$ISO/live.iso,media=cdrom,readonly=on" -device "ide-cd,drive=cd0,id=cdrom0")
 DISK=(-drive "file=$O/vda.img,if=virtio,format=raw")
 # check_boot LOG MODE: the guest ran the expected mode of live-e2e.sh on this ISO's root.
 check_boot() {

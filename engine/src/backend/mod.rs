@@ -28,10 +28,12 @@ use crate::identity::DeviceIdent;
 pub mod local;
 pub mod overlay;
 pub mod remote;
+mod rmw;
 
 pub use local::LocalDevice;
 pub use overlay::{OverlayDevice, OverlayNotice, OverlayOptions, OverlayUsage};
-pub use remote::{DeviceOpener, LinkState, LocalOpener, RemoteDevice};
+pub use remote::{DeviceOpener, IoFuture, LinkState, LocalOpener, RemoteDevice};
+pub use rmw::AlignedIo;
 
 /// How to use the page cache.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]

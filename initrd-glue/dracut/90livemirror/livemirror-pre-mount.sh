@@ -16,6 +16,7 @@ lm_config
 # /run/rootfsbase instead of building live-rw. Say so and boot the medium as it is.
 if lm_enabled && ! lm_live && [ ! -b "$LM_SOURCE" ] && { getargbool 0 rd.live.overlay.overlayfs || [ -e /run/rootfsbase ]; }; then
     warn "livemirror: this live medium's root is overlayfs, which has no block device to serve: booting without livemirror (livemirror-install cannot install it; see initrd-glue/README.md)"
+    # shellcheck disable=SC2034 # read by lm_enabled (initrd.sh)
     LM_ENABLE=0
 fi
 if lm_enabled && lm_live; then
@@ -37,6 +38,7 @@ if lm_enabled; then
         _lm_o=rw
         getarg ro > /dev/null && _lm_o=ro
         _lm_f=$(getarg rootflags=) && _lm_o="$_lm_o,$_lm_f"
+        # shellcheck disable=SC2016,SC2154 # $NEWROOT expands when the hook runs; dracut sets hookdir
         printf 'mount -o %s %s "$NEWROOT"\n' "$_lm_o" "$LM_NBD" > "$hookdir/mount/00-livemirror.sh"
     fi
 fi

@@ -67,12 +67,14 @@ install() {
     [[ -r /etc/livemirror/initrd.conf ]] && inst_simple /etc/livemirror/initrd.conf
     inst_multiple cat cp chmod ln mkdir mount sleep tail tr grep kill awk sed readlink
     inst_multiple -o mountpoint udevadm modprobe losetup umount blkid
+    # shellcheck disable=SC2154 # dracut sets moddir
     inst_hook cmdline 95 "$moddir/parse-livemirror.sh"
     inst_hook pre-mount 50 "$moddir/livemirror-pre-mount.sh"
     inst_simple "$moddir/livemirror-live.sh" /usr/lib/livemirror/live.sh
     # A CD's label only shows in /dev/disk/by-label once cdrom_id has looked at the medium.
     inst_rules 60-cdrom_id.rules
     if dracut_module_included "systemd"; then
+        # shellcheck disable=SC2154 # dracut sets systemdutildir
         inst_script "$moddir/livemirror-generator.sh" "$systemdutildir"/system-generators/dracut-livemirror-generator
     fi
     # Before 90dm's dm-shutdown (25): the snapshot cannot go while the daemon holds it.

@@ -17,6 +17,7 @@ if lm_enabled; then
         . /usr/lib/livemirror/live.sh
         _lm_dev=$(lm_live_device "$(getarg root=)")
         if [ -n "$_lm_dev" ]; then
+            # shellcheck disable=SC2034 # read by dracut once the cmdline hooks have run
             rootok=1
             wait_for_dev -n "$_lm_dev"
             info "livemirror: will serve the live medium $_lm_dev's image with an overlay in RAM through the kernel's ${_lm_door:-nbd} driver"

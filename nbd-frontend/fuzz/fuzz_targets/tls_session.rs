@@ -32,7 +32,7 @@ use std::sync::{Arc, OnceLock};
 use libfuzzer_sys::fuzz_target;
 use nbd_frontend::proto::*;
 use nbd_frontend::server::negotiate;
-use nbd_frontend::transmission::Stream;
+use nbd_frontend::stream::Stream;
 use nbd_frontend::{Export, TlsAcceptor, TlsPolicy};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 

@@ -11,63 +11,23 @@
 //! writes the same bytes again), and it is what keeps an acknowledged write
 //! from being lost: nothing is answered to the engine before the server's reply.
 
-use std::collections::HashMap;
 use std::io;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader, BufWriter};
-use tokio::sync::Notify;
 
-use super::device::{Payload, Reply, Req, Shared};
 use super::handshake::{BoxStream, ExportInfo};
+use super::requests::{InFlight, Payload, Reply, Req, Requests, Sent};
 use crate::proto::*;
 
 /// Requests one connection has on the wire at most (qemu-nbd serves 16 at a
 /// time per connection; more wait in the socket buffers, still covering the
 /// link's bandwidth-delay product).
-pub(super) const MAX_IN_FLIGHT: usize = 128;
+const MAX_IN_FLIGHT: usize = 128;
 /// Socket buffering on our side: small requests and replies are batched.
 const IO_BUFFER: usize = 256 << 10;
-
-/// A request on the wire, with what its reply has delivered so far.
-pub(super) struct Sent {
-    pub req: Req,
-    pub sent_at: Instant,
-    /// The reader is copying this reply's payload into the caller's buffer:
-    /// the request must not be timed out meanwhile (the caller could reuse
-    /// the buffer while we still write into it).
-    pub receiving: bool,
-    pub covered: u64,
-    pub extents: Vec<(u32, u32)>,
-    pub error: Option<io::Error>,
-}
-
-/// The requests in flight on one connection, by cookie.
-#[derive(Default)]
-pub(super) struct InFlight {
-    map: Mutex<HashMap<u64, Sent>>,
-    /// Fires when a request leaves (room for the writer).
-    freed: Notify,
-}
-
-impl InFlight {
-    pub(super) fn lock(&self) -> MutexGuard<'_, HashMap<u64, Sent>> {
-        engine::sync::lock(&self.map)
-    }
-
-    /// Fails, with `why`, every request whose deadline passed and whose reply
-    /// is not being received. The entry stays (its caller is told and gone) so
-    /// a late reply is still recognised and consumed.
-    pub(super) fn expire(&self, now: Instant, why: &dyn Fn() -> io::Error) {
-        for s in self.lock().values_mut() {
-            if !s.receiving && s.req.deadline <= now && s.req.done.is_some() {
-                s.req.finish(Err(why()));
-            }
-        }
-    }
-}
 
 /// When something last arrived, in milliseconds since `base`.
 struct Progress {
@@ -85,28 +45,35 @@ impl Progress {
     }
 }
 
-/// Runs the connection until it fails; returns why, after putting every
-/// unanswered request back on the shared queue.
-pub(super) async fn run(shared: Arc<Shared>, slot: usize, stream: BoxStream, info: Arc<ExportInfo>) -> String {
+/// Runs the connection of slot `slot` until it fails (or the queue closes);
+/// returns why, after putting every unanswered request back on the queue. No
+/// reply and no bytes for `stall` while requests wait is a failure.
+pub(super) async fn run(
+    requests: &Requests,
+    slot: usize,
+    stall: Duration,
+    stream: BoxStream,
+    info: &ExportInfo,
+) -> String {
     let (rd, wr) = tokio::io::split(stream);
     let inflight = Arc::new(InFlight::default());
-    shared.register(slot, Some(inflight.clone()));
+    requests.register(slot, Some(inflight.clone()));
     let progress = Progress { base: Instant::now(), last_rx: AtomicU64::new(0) };
     let why = tokio::select! {
-        r = write_loop(&shared, wr, &inflight) => r,
-        r = read_loop(rd, &inflight, &info, &progress) => r,
-        r = watchdog(&inflight, &progress, shared.stall) => r,
-        _ = shared.closed_signal() => "the device was closed".to_string(),
+        r = write_loop(requests, wr, &inflight) => r,
+        r = read_loop(rd, &inflight, info, &progress) => r,
+        r = watchdog(&inflight, &progress, stall) => r,
+        _ = requests.closed_signal() => "the device was closed".to_string(),
     };
-    shared.register(slot, None);
+    requests.register(slot, None);
     let mut back: Vec<(u64, Req)> =
         inflight.lock().drain().filter(|(_, s)| s.req.done.is_some()).map(|(cookie, s)| (cookie, s.req)).collect();
     back.sort_by_key(|(cookie, _)| *cookie);
-    shared.requeue_front(back.into_iter().map(|(_, r)| r).collect());
+    requests.requeue_front(back.into_iter().map(|(_, r)| r).collect());
     why
 }
 
-async fn write_loop(shared: &Shared, wr: tokio::io::WriteHalf<BoxStream>, inflight: &InFlight) -> String {
+async fn write_loop(requests: &Requests, wr: tokio::io::WriteHalf<BoxStream>, inflight: &InFlight) -> String {
     let mut w = BufWriter::with_capacity(IO_BUFFER, wr);
     let mut cookie: u64 = 0;
     let res: io::Result<()> = async {
@@ -119,12 +86,12 @@ async fn write_loop(shared: &Shared, wr: tokio::io::WriteHalf<BoxStream>, inflig
                 }
                 freed.await;
             }
-            let req = match shared.try_pop() {
+            let req = match requests.try_pop() {
                 Some(r) => r,
                 None => {
                     // Nothing more to send for now: push out what is buffered.
                     w.flush().await?;
-                    match shared.pop().await {
+                    match requests.pop().await {
                         Some(r) => r,
                         None => return Ok(()),
                     }

@@ -2,35 +2,28 @@
 //! [`engine::RemoteDevice`].
 //!
 //! The engine's futures are polled on its own threads; each only queues wire
-//! requests and waits for their answers. The work runs on a thread of the
-//! device's own (a tokio runtime): one task per connection slot connects,
-//! serves ([`super::conn`]) and reconnects with backoff when the connection
-//! fails; a sweeper fails requests whose bounded wait (`--remote-timeout`)
-//! is over. So a network fault is not a disk failure: while the link is down
-//! requests wait (and the link says `reconnecting`); only a request that
-//! waited the whole timeout fails, and then the engine treats the device as
-//! failed (a target is dropped: `degraded`).
+//! requests (`requests.rs`) and waits for their answers. The work runs on a
+//! thread of the device's own: the connection slots that reconnect and the
+//! sweeper that fails requests after `--remote-timeout` (`slots.rs`).
 //!
 //! Engine requests are split to the server's block-size constraints: pieces
 //! of at most the maximum payload, and an unaligned write becomes a
 //! read-modify-write of the covering blocks (the engine holds that range
 //! exclusively, as it does for an O_DIRECT disk).
 
-use std::collections::VecDeque;
 use std::io;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use engine::backend::remote::IoFuture;
-use engine::backend::Extent;
-use engine::identity::DeviceIdent;
-use engine::{IoBuf, LinkState, RemoteDevice, SharedBuf};
-use tokio::sync::{oneshot, Notify};
+use engine::{AlignedIo, DeviceIdent, Extent, IoBuf, IoFuture, LinkState, RemoteDevice, SharedBuf};
+use tokio::sync::oneshot;
 
-use super::conn::{self, InFlight};
-use super::handshake::{self, BoxStream, ExportInfo, HandshakeError};
+use super::dial::Dialer;
+use super::handshake::{ExportInfo, HandshakeError};
+use super::requests::{Payload, Reply, Req};
+use super::slots::{self, IoThread, Shared};
 use super::tls::TlsClient;
 use super::uri::{NbdUri, Transport};
 use crate::proto::*;
@@ -46,7 +39,9 @@ pub struct RemoteOptions {
 }
 
 impl RemoteOptions {
+    /// `--remote-timeout`'s default.
     pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(60);
+    /// `--remote-connections`' default.
     pub const DEFAULT_CONNECTIONS: usize = 4;
 
     /// No reply and no bytes for this long while requests wait: the
@@ -63,370 +58,8 @@ impl Default for RemoteOptions {
     }
 }
 
-/// Backoff between connection attempts: doubling from 100 ms to 2 s.
-const BACKOFF_FIRST: Duration = Duration::from_millis(100);
-const BACKOFF_MAX: Duration = Duration::from_secs(2);
-/// One connection attempt (TCP connect, handshake, TLS) at most.
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// TRIM and WRITE_ZEROES carry no payload; their length is still 32 bits.
 const MAX_NO_PAYLOAD: u64 = 1 << 30;
-
-/// What a request carries.
-#[derive(Clone)]
-pub(super) enum Payload {
-    None,
-    /// Send these bytes (`buf[at..at+len]`).
-    Write(Arc<SharedBuf>, usize),
-    /// Receive into `buf[at..at+len]`.
-    Read(Arc<SharedBuf>, usize),
-}
-
-pub(super) enum Reply {
-    Done,
-    /// BLOCK_STATUS extents of `base:allocation`: (length, flags).
-    Extents(Vec<(u32, u32)>),
-}
-
-/// One wire request, from the engine's call until its answer.
-pub(super) struct Req {
-    pub cmd: u16,
-    pub flags: u16,
-    pub offset: u64,
-    pub len: u32,
-    pub payload: Payload,
-    pub deadline: Instant,
-    /// Taken when answered (or timed out).
-    pub done: Option<oneshot::Sender<io::Result<Reply>>>,
-}
-
-impl Req {
-    pub(super) fn finish(&mut self, r: io::Result<Reply>) {
-        // The buffer goes back before the caller wakes: it may want it whole.
-        self.payload = Payload::None;
-        if let Some(tx) = self.done.take() {
-            let _ = tx.send(r);
-        }
-    }
-}
-
-#[derive(Default)]
-struct Link {
-    /// Which slots have a connection now.
-    up: Vec<bool>,
-    /// Failed attempts since the last connection was lost.
-    attempts: u32,
-    last_error: String,
-}
-
-/// State shared by the engine-facing device and its connection tasks.
-pub(super) struct Shared {
-    queue: Mutex<VecDeque<Req>>,
-    queued: Notify,
-    closed: AtomicBool,
-    closed_notify: Notify,
-    link: Mutex<Link>,
-    conns: Mutex<Vec<Option<Arc<InFlight>>>>,
-    size: AtomicU64,
-    timeout: Duration,
-    pub(super) stall: Duration,
-    endpoint: String,
-}
-
-use engine::sync::lock;
-
-impl Shared {
-    fn push(&self, req: Req) {
-        lock(&self.queue).push_back(req);
-        self.queued.notify_one();
-    }
-
-    pub(super) fn try_pop(&self) -> Option<Req> {
-        lock(&self.queue).pop_front()
-    }
-
-    /// The next request; `None` once the device is closed.
-    pub(super) async fn pop(&self) -> Option<Req> {
-        loop {
-            let queued = self.queued.notified();
-            tokio::pin!(queued);
-            queued.as_mut().enable();
-            if self.closed.load(Ordering::Acquire) {
-                return None;
-            }
-            if let Some(r) = self.try_pop() {
-                return Some(r);
-            }
-            tokio::select! {
-                _ = queued => {}
-                _ = self.closed_signal() => return None,
-            }
-        }
-    }
-
-    /// Requests a dead connection had in flight: first in line again.
-    pub(super) fn requeue_front(&self, reqs: Vec<Req>) {
-        if reqs.is_empty() {
-            return;
-        }
-        let mut q = lock(&self.queue);
-        for r in reqs.into_iter().rev() {
-            q.push_front(r);
-        }
-        drop(q);
-        self.queued.notify_waiters();
-        self.queued.notify_one();
-    }
-
-    pub(super) fn register(&self, slot: usize, inflight: Option<Arc<InFlight>>) {
-        let mut c = lock(&self.conns);
-        if c.len() <= slot {
-            c.resize(slot + 1, None);
-        }
-        c[slot] = inflight;
-    }
-
-    pub(super) async fn closed_signal(&self) {
-        loop {
-            let n = self.closed_notify.notified();
-            tokio::pin!(n);
-            n.as_mut().enable();
-            if self.closed.load(Ordering::Acquire) {
-                return;
-            }
-            n.await;
-        }
-    }
-
-    fn set_up(&self, slot: usize, up: bool, why: Option<String>) {
-        let mut l = lock(&self.link);
-        if l.up.len() <= slot {
-            l.up.resize(slot + 1, false);
-        }
-        l.up[slot] = up;
-        if up {
-            l.attempts = 0;
-        }
-        if let Some(w) = why {
-            l.last_error = w;
-        }
-    }
-
-    fn attempt_failed(&self, why: String) {
-        let mut l = lock(&self.link);
-        l.attempts = l.attempts.saturating_add(1);
-        l.last_error = why;
-    }
-
-    fn link_state(&self) -> LinkState {
-        let l = lock(&self.link);
-        if l.up.iter().any(|&u| u) {
-            LinkState::Connected
-        } else {
-            LinkState::Reconnecting { attempts: l.attempts, last_error: l.last_error.clone() }
-        }
-    }
-
-    /// The error a request gets when its wait is over.
-    fn timed_out(&self) -> io::Error {
-        let link = match self.link_state() {
-            LinkState::Connected => "the link is up but the server did not answer".to_string(),
-            LinkState::Reconnecting { attempts, last_error } => {
-                format!("the link is down ({last_error}; {attempts} reconnect attempts)")
-            }
-        };
-        io::Error::new(
-            io::ErrorKind::TimedOut,
-            format!("{} did not answer within {:.0} s: {link}", self.endpoint, self.timeout.as_secs_f64()),
-        )
-    }
-
-    /// Fails every request, queued or on the wire, whose wait is over.
-    fn expire(&self, now: Instant) {
-        let mut expired = Vec::new();
-        {
-            let mut q = lock(&self.queue);
-            let mut i = 0;
-            while i < q.len() {
-                if q[i].deadline <= now {
-                    if let Some(r) = q.remove(i) {
-                        expired.push(r);
-                    }
-                } else {
-                    i += 1;
-                }
-            }
-        }
-        for mut r in expired {
-            r.finish(Err(self.timed_out()));
-        }
-        let conns: Vec<Arc<InFlight>> = lock(&self.conns).iter().flatten().cloned().collect();
-        for c in conns {
-            c.expire(now, &|| self.timed_out());
-        }
-    }
-}
-
-/// Where and how to connect.
-struct Dialer {
-    uri: NbdUri,
-    /// The socket file as this process reaches it (after a switch_root).
-    socket: Option<PathBuf>,
-    tls: Option<TlsClient>,
-}
-
-fn set_keepalive(s: &tokio::net::TcpStream) {
-    use nix::sys::socket::{setsockopt, sockopt};
-    // Closing a dead connection must not leave its unsent requests queued in
-    // the kernel: once the link is back they would reach the server after
-    // the same requests were resent (and newer writes acknowledged), and an
-    // old write would land over a newer one. A reset drops them.
-    let _ = setsockopt(s, sockopt::Linger, &libc::linger { l_onoff: 1, l_linger: 0 });
-    // An idle connection whose link died is noticed within about 20 s.
-    let _ = setsockopt(s, sockopt::KeepAlive, &true);
-    let _ = setsockopt(s, sockopt::TcpKeepIdle, &10);
-    let _ = setsockopt(s, sockopt::TcpKeepInterval, &3);
-    let _ = setsockopt(s, sockopt::TcpKeepCount, &3);
-}
-
-impl Dialer {
-    async fn dial(&self) -> Result<(BoxStream, ExportInfo), HandshakeError> {
-        let fut = async {
-            let mut s: BoxStream = match (&self.uri.transport, &self.socket) {
-                (Transport::Tcp { host, port }, _) => {
-                    let s = tokio::net::TcpStream::connect((host.as_str(), *port)).await?;
-                    s.set_nodelay(true)?;
-                    set_keepalive(&s);
-                    Box::new(s)
-                }
-                (Transport::Unix { .. }, Some(p)) => Box::new(tokio::net::UnixStream::connect(p).await?),
-                (Transport::Unix { socket }, None) => Box::new(tokio::net::UnixStream::connect(socket).await?),
-            };
-            let no_zeroes = handshake::greet(&mut s).await?;
-            if let Some(tls) = &self.tls {
-                handshake::starttls(&mut s).await?;
-                s = tls.wrap(s).await.map_err(|e| match e.kind() {
-                    // A certificate that does not verify is final, not a link fault.
-                    io::ErrorKind::InvalidData => HandshakeError::Refused(format!("TLS: {e}")),
-                    _ => HandshakeError::Io(e),
-                })?;
-            }
-            let info = handshake::negotiate(&mut s, &self.uri.export, no_zeroes).await?;
-            Ok((s, info))
-        };
-        match tokio::time::timeout(CONNECT_TIMEOUT, fut).await {
-            Ok(r) => r,
-            Err(_) => Err(HandshakeError::Io(io::Error::new(
-                io::ErrorKind::TimedOut,
-                format!("no connection within {} s", CONNECT_TIMEOUT.as_secs()),
-            ))),
-        }
-    }
-}
-
-/// What must stay the same across reconnects for the export to be the same
-/// one (its size may change: the engine checks sizes itself).
-fn same_export_key(i: &ExportInfo) -> String {
-    format!(
-        "name={:?} description={:?} flags={:#06x} blocks={}/{}/{}",
-        i.name.as_deref().unwrap_or(""),
-        i.description.as_deref().unwrap_or(""),
-        i.flags,
-        i.min_block,
-        i.preferred_block,
-        i.max_payload
-    )
-}
-
-/// One connection slot: connect, serve, reconnect with backoff, forever
-/// (until the device is closed).
-async fn slot_loop(
-    shared: Arc<Shared>,
-    dialer: Arc<Dialer>,
-    slot: usize,
-    key: String,
-    mut first: Option<(BoxStream, ExportInfo)>,
-) {
-    let mut backoff = BACKOFF_FIRST;
-    while !shared.closed.load(Ordering::Acquire) {
-        let conn = match first.take() {
-            Some(c) => Ok(c),
-            None => tokio::select! {
-                r = dialer.dial() => r,
-                _ = shared.closed_signal() => return,
-            },
-        };
-        let (stream, info) = match conn {
-            Ok((s, info)) if same_export_key(&info) == key => (s, info),
-            Ok((_, info)) => {
-                let why = format!(
-                    "{} now reports another export ({}; it was {key}): not using it",
-                    shared.endpoint,
-                    same_export_key(&info)
-                );
-                tracing::warn!("{why}");
-                shared.attempt_failed(why);
-                tokio::time::sleep(BACKOFF_MAX).await;
-                continue;
-            }
-            Err(e) => {
-                let why = format!("connecting: {e}");
-                tracing::debug!("{}: {why}", shared.endpoint);
-                shared.attempt_failed(why);
-                if !e.is_transient() {
-                    // A refusal (a TLS certificate, an unknown export) is not
-                    // cured by hammering: try again at the slowest pace.
-                    backoff = BACKOFF_MAX;
-                }
-                tokio::select! {
-                    _ = tokio::time::sleep(backoff) => {}
-                    _ = shared.closed_signal() => return,
-                }
-                backoff = (backoff * 2).min(BACKOFF_MAX);
-                continue;
-            }
-        };
-        backoff = BACKOFF_FIRST;
-        shared.size.store(info.size, Ordering::Release);
-        shared.set_up(slot, true, None);
-        let why = conn::run(shared.clone(), slot, stream, Arc::new(info)).await;
-        if shared.closed.load(Ordering::Acquire) {
-            return;
-        }
-        tracing::warn!("{} (connection {slot}): {why}; reconnecting", shared.endpoint);
-        shared.set_up(slot, false, Some(why));
-    }
-}
-
-async fn sweeper(shared: Arc<Shared>) {
-    loop {
-        tokio::select! {
-            _ = tokio::time::sleep(Duration::from_millis(100)) => {}
-            _ = shared.closed_signal() => return,
-        }
-        shared.expire(Instant::now());
-    }
-}
-
-/// The device's own thread and runtime; stopped when the device is dropped.
-struct IoThread {
-    handle: tokio::runtime::Handle,
-    _stop: oneshot::Sender<()>,
-}
-
-impl IoThread {
-    fn spawn() -> io::Result<IoThread> {
-        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
-        let handle = rt.handle().clone();
-        let (stop, stopped) = oneshot::channel::<()>();
-        std::thread::Builder::new().name("livemirror-nbdc".into()).spawn(move || {
-            rt.block_on(async {
-                let _ = stopped.await;
-            });
-            // Dropping the runtime cancels the connection tasks.
-        })?;
-        Ok(IoThread { handle, _stop: stop })
-    }
-}
 
 /// An NBD export opened as a device.
 pub struct RemoteExport {
@@ -434,7 +67,6 @@ pub struct RemoteExport {
     endpoint: String,
     info: ExportInfo,
     shared: Arc<Shared>,
-    connections: usize,
     /// Cleared when the server refuses a FAST_ZERO request.
     fast_zero: AtomicBool,
     _io: IoThread,
@@ -448,9 +80,7 @@ impl std::fmt::Debug for RemoteExport {
 
 impl Drop for RemoteExport {
     fn drop(&mut self) {
-        self.shared.closed.store(true, Ordering::Release);
-        self.shared.closed_notify.notify_waiters();
-        self.shared.queued.notify_waiters();
+        self.shared.requests.close();
     }
 }
 
@@ -459,7 +89,12 @@ impl Drop for RemoteExport {
 pub enum OpenError {
     /// The server could not be reached or the connection failed.
     #[error("{context}: {cause}")]
-    Io { context: String, cause: io::Error },
+    Io {
+        /// What could not be done, naming the URI.
+        context: String,
+        /// The error of the connection.
+        cause: io::Error,
+    },
     /// The server refused, or the URI's credentials are unusable.
     #[error("{0}")]
     Refused(String),
@@ -502,25 +137,8 @@ impl RemoteExport {
             e => fail(e.to_string()),
         })?;
         let connections = if info.has(TF_CAN_MULTI_CONN) { opts.connections.clamp(1, 16) } else { 1 };
-        let shared = Arc::new(Shared {
-            queue: Mutex::new(VecDeque::new()),
-            queued: Notify::new(),
-            closed: AtomicBool::new(false),
-            closed_notify: Notify::new(),
-            link: Mutex::new(Link::default()),
-            conns: Mutex::new(Vec::new()),
-            size: AtomicU64::new(info.size),
-            timeout: opts.timeout,
-            stall: opts.stall(),
-            endpoint: endpoint.clone(),
-        });
-        shared.set_up(0, true, None);
-        let key = same_export_key(&info);
-        let mut first = Some((stream, info.clone()));
-        for slot in 0..connections {
-            io.handle.spawn(slot_loop(shared.clone(), dialer.clone(), slot, key.clone(), first.take()));
-        }
-        io.handle.spawn(sweeper(shared.clone()));
+        let shared = Arc::new(Shared::new(endpoint.clone(), info.size, opts.timeout, opts.stall()));
+        slots::start(&io, &shared, dialer, connections, (stream, info.clone()));
         tracing::info!(
             "{endpoint}: {} bytes, flags {:#06x}, blocks {}/{}/{}, {} connection(s){}{}",
             info.size,
@@ -538,21 +156,13 @@ impl RemoteExport {
             fast_zero: AtomicBool::new(info.has(TF_SEND_WRITE_ZEROES)),
             info,
             shared,
-            connections,
             _io: io,
         }))
     }
 
-    pub fn info(&self) -> &ExportInfo {
-        &self.info
-    }
-
+    /// The server says the export is read-only.
     pub fn read_only(&self) -> bool {
         self.info.has(TF_READ_ONLY)
-    }
-
-    pub fn connections(&self) -> usize {
-        self.connections
     }
 
     fn submit(
@@ -564,7 +174,7 @@ impl RemoteExport {
         payload: Payload,
     ) -> oneshot::Receiver<io::Result<Reply>> {
         let (tx, rx) = oneshot::channel();
-        self.shared.push(Req {
+        self.shared.requests.push(Req {
             cmd,
             flags,
             offset,
@@ -608,50 +218,6 @@ impl RemoteExport {
 
     fn read_only_error(&self) -> io::Error {
         io::Error::new(io::ErrorKind::PermissionDenied, format!("{} is a read-only export", self.endpoint))
-    }
-
-    async fn read_aligned(&self, buf: &Arc<SharedBuf>, buf_off: usize, len: usize, off: u64) -> io::Result<()> {
-        let rxs = pieces(len as u64, self.max_piece())
-            .map(|(at, n)| {
-                self.submit(CMD_READ, 0, off + at, n as u32, Payload::Read(buf.clone(), buf_off + at as usize))
-            })
-            .collect();
-        self.all(rxs).await
-    }
-
-    async fn write_aligned(
-        &self,
-        buf: &Arc<SharedBuf>,
-        buf_off: usize,
-        len: usize,
-        off: u64,
-        fua: bool,
-    ) -> io::Result<()> {
-        if self.read_only() {
-            return Err(self.read_only_error());
-        }
-        let fua_flag = fua && self.info.has(TF_SEND_FUA);
-        let flags = if fua_flag { CMD_FLAG_FUA } else { 0 };
-        let rxs = pieces(len as u64, self.max_piece())
-            .map(|(at, n)| {
-                self.submit(CMD_WRITE, flags, off + at, n as u32, Payload::Write(buf.clone(), buf_off + at as usize))
-            })
-            .collect();
-        self.all(rxs).await?;
-        if fua && !fua_flag {
-            self.flush_now().await?;
-        }
-        Ok(())
-    }
-
-    /// The covering aligned range of `[off, off+len)`, read into a new buffer.
-    async fn read_covering(&self, off: u64, len: u64) -> io::Result<(u64, Arc<SharedBuf>)> {
-        let a = self.align();
-        let start = off - off % a;
-        let end = (off + len).div_ceil(a) * a;
-        let tmp = SharedBuf::new(IoBuf::new((end - start) as usize));
-        self.read_aligned(&tmp, 0, (end - start) as usize, start).await?;
-        Ok((start, tmp))
     }
 
     async fn flush_now(&self) -> io::Result<()> {
@@ -721,11 +287,9 @@ impl RemoteExport {
         }
         // Read-modify-write of the covering blocks; the engine holds them
         // exclusively (alignment() tells it to).
-        let (start, tmp) = self.read_covering(off, len as u64).await?;
-        let at = (off - start) as usize;
-        // SAFETY: `tmp` is ours alone; `buf`'s range is only read.
-        unsafe { tmp.slice_mut(at, len).copy_from_slice(buf.slice(buf_off, len)) };
-        self.write_aligned(&tmp, 0, tmp.len(), start, fua).await
+        // SAFETY: a write only reads its buffer.
+        let data = unsafe { buf.slice(buf_off, len) };
+        self.write_unaligned(data, off, fua).await
     }
 
     async fn allocation_inner(&self, off: u64, len: u64, max_extents: usize) -> io::Result<Vec<Extent>> {
@@ -782,8 +346,50 @@ impl RemoteExport {
         format!(
             "nbd endpoint={} {}",
             self.endpoint,
-            same_export_key(&ExportInfo { description: Some(desc), ..self.info.clone() })
+            ExportInfo { description: Some(desc), ..self.info.clone() }.same_export_key()
         )
+    }
+}
+
+/// Aligned transfers, split to the maximum payload; read-modify-write
+/// ([`AlignedIo`]'s unaligned transfers) is built on them.
+impl AlignedIo for RemoteExport {
+    fn transfer_alignment(&self) -> u64 {
+        self.align()
+    }
+
+    async fn read_aligned(&self, buf: &Arc<SharedBuf>, buf_off: usize, len: usize, off: u64) -> io::Result<()> {
+        let rxs = pieces(len as u64, self.max_piece())
+            .map(|(at, n)| {
+                self.submit(CMD_READ, 0, off + at, n as u32, Payload::Read(buf.clone(), buf_off + at as usize))
+            })
+            .collect();
+        self.all(rxs).await
+    }
+
+    async fn write_aligned(
+        &self,
+        buf: &Arc<SharedBuf>,
+        buf_off: usize,
+        len: usize,
+        off: u64,
+        fua: bool,
+    ) -> io::Result<()> {
+        if self.read_only() {
+            return Err(self.read_only_error());
+        }
+        let fua_flag = fua && self.info.has(TF_SEND_FUA);
+        let flags = if fua_flag { CMD_FLAG_FUA } else { 0 };
+        let rxs = pieces(len as u64, self.max_piece())
+            .map(|(at, n)| {
+                self.submit(CMD_WRITE, flags, off + at, n as u32, Payload::Write(buf.clone(), buf_off + at as usize))
+            })
+            .collect();
+        self.all(rxs).await?;
+        if fua && !fua_flag {
+            self.flush_now().await?;
+        }
+        Ok(())
     }
 }
 
@@ -834,10 +440,7 @@ impl RemoteDevice for RemoteExport {
             if self.aligned(off, len as u64) {
                 return self.read_aligned(buf, buf_off, len, off).await;
             }
-            let (start, tmp) = self.read_covering(off, len as u64).await?;
-            // SAFETY: `tmp` is complete and ours; `buf`'s range is this read's.
-            unsafe { buf.slice_mut(buf_off, len).copy_from_slice(tmp.slice((off - start) as usize, len)) };
-            Ok(())
+            self.read_unaligned(buf, buf_off, len, off).await
         })
     }
 

@@ -47,25 +47,41 @@ fn protocol<T>(msg: impl Into<String>) -> Result<T> {
 
 /// What the handshake learned about the export.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ExportInfo {
-    pub size: u64,
+pub(crate) struct ExportInfo {
+    /// Its size in bytes.
+    pub(crate) size: u64,
     /// Transmission flags (`TF_*`).
-    pub flags: u16,
+    pub(crate) flags: u16,
     /// Block-size constraints (NBD_INFO_BLOCK_SIZE; defaults when absent).
-    pub min_block: u32,
-    pub preferred_block: u32,
-    pub max_payload: u32,
+    pub(crate) min_block: u32,
+    pub(crate) preferred_block: u32,
+    pub(crate) max_payload: u32,
     /// The name and description the server reported, if any.
-    pub name: Option<String>,
-    pub description: Option<String>,
-    pub structured: bool,
+    pub(crate) name: Option<String>,
+    pub(crate) description: Option<String>,
+    pub(crate) structured: bool,
     /// The id of `base:allocation`, when the server agreed to it.
-    pub allocation_context: Option<u32>,
+    pub(crate) allocation_context: Option<u32>,
 }
 
 impl ExportInfo {
-    pub fn has(&self, flag: u16) -> bool {
+    /// Transmission flag `flag` is set.
+    pub(crate) fn has(&self, flag: u16) -> bool {
         self.flags & flag != 0
+    }
+
+    /// What must stay the same across reconnects for the export to be the
+    /// same one (its size may change: the engine checks sizes itself).
+    pub(super) fn same_export_key(&self) -> String {
+        format!(
+            "name={:?} description={:?} flags={:#06x} blocks={}/{}/{}",
+            self.name.as_deref().unwrap_or(""),
+            self.description.as_deref().unwrap_or(""),
+            self.flags,
+            self.min_block,
+            self.preferred_block,
+            self.max_payload
+        )
     }
 }
 

@@ -11,6 +11,7 @@ use super::uri::{is_nbd_uri, NbdUri};
 /// Opens `nbd://`, `nbds://` and `nbd+unix://` names as NBD exports.
 #[derive(Debug, Default, Clone)]
 pub struct NbdOpener {
+    /// How the devices it opens behave on a bad link.
     pub options: RemoteOptions,
 }
 

@@ -17,9 +17,14 @@ use std::path::{Path, PathBuf};
 /// The NBD port IANA assigned.
 pub const DEFAULT_PORT: u16 = 10809;
 
+/// Where the server listens.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Transport {
+    /// `nbd://HOST:PORT`.
+    #[allow(missing_docs)]
     Tcp { host: String, port: u16 },
+    /// `nbd+unix://...?socket=PATH`.
+    #[allow(missing_docs)]
     Unix { socket: PathBuf },
 }
 
@@ -28,14 +33,25 @@ pub enum Transport {
 pub enum TlsCreds {
     /// A directory in the qemu/nbdkit layout (`ca-cert.pem`, optionally
     /// `client-cert.pem` and `client-key.pem`).
-    X509 { dir: PathBuf },
+    X509 {
+        /// The directory.
+        dir: PathBuf,
+    },
     /// A psktool-format key file (`identity:hexkey` lines).
-    Psk { file: PathBuf, username: Option<String> },
+    Psk {
+        /// The key file.
+        file: PathBuf,
+        /// The identity to use (`tls-username`); the file's first one without it.
+        username: Option<String>,
+    },
 }
 
+/// A parsed NBD URI.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NbdUri {
+    /// Where the server listens.
     pub transport: Transport,
+    /// The export's name.
     pub export: String,
     /// `Some` for the `nbds` schemes.
     pub tls: Option<TlsCreds>,
@@ -43,6 +59,7 @@ pub struct NbdUri {
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{0}")]
+/// Why a URI cannot be used (what is wrong with it).
 pub struct UriError(String);
 
 fn err<T>(msg: impl Into<String>) -> Result<T, UriError> {
@@ -85,6 +102,7 @@ fn percent_encode(s: &str) -> String {
 }
 
 impl NbdUri {
+    /// Parses one of the forms above.
     pub fn parse(s: &str) -> Result<NbdUri, UriError> {
         let Some((scheme, rest)) = s.split_once("://") else { return err("not a URI (no scheme://)") };
         let (tls, unix) = match scheme {
@@ -176,7 +194,7 @@ impl NbdUri {
     }
 
     /// The host name TLS verifies the server's certificate against.
-    pub fn tls_server_name(&self) -> &str {
+    pub(crate) fn tls_server_name(&self) -> &str {
         match &self.transport {
             Transport::Tcp { host, .. } => host,
             // A Unix socket has no host; qemu and libnbd use "localhost".

@@ -1,4 +1,5 @@
 #!/bin/busybox sh
+# shellcheck shell=dash # busybox sh, checked as the shell closest to it
 # The second boot's initramfs /init: mount /dev/vda (the disk livemirror installed onto) as
 # root, read-write, and hand over to its /sbin/init with lm.mode=installed on the command line.
 /bin/busybox --install -s /bin

@@ -1,3 +1,4 @@
+# shellcheck shell=dash # run or sourced by busybox sh in the guest
 # Guest-side helpers (busybox sh), sourced by every guest script. Marker lines on the serial
 # console are what the host judges: LMTEST OK / FAIL / NOTE / INFO / DONE.
 # Real tools are called by full path: busybox sh runs its own applets before PATH.
@@ -81,7 +82,7 @@ jget() {
 lmstatus() { "$LM" status --json --control "$LM_CTL"; }
 
 # daemon_child SUP: the pid of the supervisor's child (the daemon proper), if any.
-daemon_child() { cat "/proc/$1/task/$1/children" 2>/dev/null | awk '{print $1}'; }
+daemon_child() { awk '{print $1}' "/proc/$1/task/$1/children" 2>/dev/null; }
 
 # check_daemon SUP: the root storage daemon is what it should be: a supervisor and its child, both
 # named @livemirror, with locked memory, and neither maps nor holds anything on the root it
@@ -103,7 +104,7 @@ check_daemon() {
   for _p in "$_sup" "$CHILD"; do
     _bad=$(awk -v d="$_rmm" '$5 != 0 && $4 == d {print $6}' "/proc/$_p/maps" | sort -u)
     [ -z "$_bad" ] || fail "pid $_p maps files from the served root: $_bad"
-    for _f in /proc/$_p/fd/* /proc/$_p/cwd; do
+    for _f in "/proc/$_p"/fd/* "/proc/$_p/cwd"; do
       [ "$(stat -L -c %D "$_f" 2>/dev/null)" = "$_rdev" ] && fail "pid $_p holds $(readlink "$_f") on the served root"
     done
     _lck=$(awk '/^VmLck:/{print $2}' "/proc/$_p/status")

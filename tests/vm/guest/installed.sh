@@ -1,3 +1,4 @@
+# shellcheck shell=dash # run or sourced by busybox sh in the guest
 # Second boot: the kernel came up with the former target disk as /dev/vda and mounted it
 # directly as root (no NBD, no livemirror, no snapshot). Check that the install arrived.
 . /lmtest/common.sh
@@ -24,7 +25,7 @@ if [ "$(cmdline growfs 0)" = 1 ]; then
   OUT=$(/usr/sbin/resize2fs /dev/vda 2>&1) || fail "resize2fs /dev/vda at the first boot: $OUT"
   FS=$(df -k / | awk 'NR==2{print $2}')
   DISK=$(blockdev --getsize64 /dev/vda)
-  [ "$FS" -gt $((DISK / 1024 * 85 / 100)) ] && ok "first boot: the file system fills the disk ($FS KiB of $((DISK / 1024)))" \
+  [ "$FS" -gt $((DISK * 85 / 100 / 1024)) ] && ok "first boot: the file system fills the disk ($FS KiB of $((DISK / 1024)))" \
     || fail "first boot: after resize2fs / is $FS KiB on a $DISK-byte disk"
 fi
 dd if=/dev/urandom of=/data/boot2.bin bs=1024 count=256 conv=fsync 2>/dev/null || fail "write on the installed disk"

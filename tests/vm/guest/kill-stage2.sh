@@ -1,3 +1,4 @@
+# shellcheck shell=dash # run or sourced by busybox sh in the guest
 # kill-e2e, stage 2: runs as PID 1 with / on /dev/nbd0, served by @livemirror (supervisor +
 # daemon) with --state /run/livemirror/state, a short --nbd-timeout and a copy rate limit
 # (stage 1 knobs lm.state=1 lm.nbdtimeout=5 lm.serveargs=--max-rate,6M).
@@ -75,7 +76,7 @@ kill_daemon() {
     fi
     if [ $_i -gt 300 ]; then
       tail -n +"$((_n0 + 1))" "$LOG" | tail -n 15 | sed 's/^/LMLOG daemon: /'
-      [ -n "$_new" ] && [ "$_new" != "$_old" ] && info "the supervisor's child is pid $_new: $(tr '\0' ' ' < /proc/$_new/cmdline 2>/dev/null)"
+      [ -n "$_new" ] && [ "$_new" != "$_old" ] && info "the supervisor's child is pid $_new: $(tr '\0' ' ' < "/proc/$_new/cmdline" 2>/dev/null)"
       fail "no restarted daemon answering 30 s after the kill (supervisor $SUP alive)"
     fi
     sleep 0.1
@@ -115,7 +116,7 @@ ok "$(count pre) files written in all before attach, through both daemons"
 
 # ---- attach, then kill the daemon mid-sync
 OUT=$("$LM" attach /dev/vdb --control "$LM_CTL" 2>&1) || {
-  [ -b /proc/$SUP/root/dev/vdb ] || info "LIVEMIRROR BUG (see tests/vm/README.md, Traps): after a classic switch_root the daemon's root is the emptied initramfs; attach cannot find /dev/vdb there"
+  [ -b "/proc/$SUP/root/dev/vdb" ] || info "LIVEMIRROR BUG (see tests/vm/README.md, Traps): after a classic switch_root the daemon's root is the emptied initramfs; attach cannot find /dev/vdb there"
   fail "livemirror attach /dev/vdb: $OUT"
 }
 phase sync
@@ -202,12 +203,12 @@ if [ "$DOOR" = ublk ] && [ "$(cmdline growfs 0)" = 1 ]; then
 else
   OUT=$("$LM" grow --control "$LM_CTL" 2>&1) || fail "grow: $OUT"
   i=0
-  while [ "$(($(cat /sys/block/$RDEV/size) * 512))" != "$VDB" ] && [ $i -lt 100 ]; do i=$((i + 1)); sleep 0.1; done
-  [ "$(($(cat /sys/block/$RDEV/size) * 512))" = "$VDB" ] && ok "grow: the kernel sees $LM_ROOTDEV at $VDB bytes" \
-    || fail "after grow the kernel sees $(($(cat /sys/block/$RDEV/size) * 512)) bytes, not $VDB"
+  while [ "$(($(cat /sys/block/"$RDEV"/size) * 512))" != "$VDB" ] && [ $i -lt 100 ]; do i=$((i + 1)); sleep 0.1; done
+  [ "$(($(cat /sys/block/"$RDEV"/size) * 512))" = "$VDB" ] && ok "grow: the kernel sees $LM_ROOTDEV at $VDB bytes" \
+    || fail "after grow the kernel sees $(($(cat /sys/block/"$RDEV"/size) * 512)) bytes, not $VDB"
   OUT=$(/usr/sbin/resize2fs "$LM_ROOTDEV" 2>&1) || fail "resize2fs: $OUT"
   FS=$(df -k / | awk 'NR==2{print $2}')
-  [ "$FS" -gt $((VDB / 1024 * 85 / 100)) ] && ok "resize2fs: / is $FS KiB" || fail "after resize2fs / is $FS KiB"
+  [ "$FS" -gt $((VDB * 85 / 102400)) ] && ok "resize2fs: / is $FS KiB" || fail "after resize2fs / is $FS KiB"
 fi
 phase resized
 echo "pre sync killed synced detached released resized" > "$D/EXPECTED_PHASES"

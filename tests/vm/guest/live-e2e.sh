@@ -1,3 +1,4 @@
+# shellcheck shell=dash # run or sourced by busybox sh in the guest
 # live-iso-e2e guest side: run by systemd (lmtest-live.service) on every boot of the live ISO
 # and of the system installed from it. Which boot this is shows in the kernel command line
 # (the host cannot pass options to the installed system: its own GRUB boots it):
@@ -129,7 +130,7 @@ if [ "$MODE" = installed ]; then
     || fail "the installed initramfs still holds $N livemirror/dmsquash files"
   check_default_target
   FS=$(df -k / | awk 'NR==2{print $2}'); DISK=$(blockdev --getsize64 /dev/vda1)
-  [ "$FS" -gt $((DISK / 1024 * 85 / 100)) ] && ok "the file system fills the partition: $FS KiB on $((DISK / 1024)) KiB" \
+  [ "$FS" -gt $((DISK * 85 / 102400)) ] && ok "the file system fills the partition: $FS KiB on $((DISK / 1024)) KiB" \
     || fail "the file system is $FS KiB on a $((DISK / 1024)) KiB partition"
   check_files
   dd if=/dev/urandom of=$D/boot2.bin bs=1024 count=256 conv=fsync 2>/dev/null || fail "write on the installed disk"
@@ -234,7 +235,7 @@ P=$(blockdev --getsize64 /dev/vda1)
 [ "$(($(cat /sys/block/nbd0/size) * 512))" = "$P" ] && ok "kernel: /dev/nbd0 is $P bytes" \
   || fail "kernel: /dev/nbd0 is $(($(cat /sys/block/nbd0/size) * 512)) bytes, not $P"
 FS=$(df -k / | awk 'NR==2{print $2}')
-[ "$FS" -gt $((P / 1024 * 85 / 100)) ] && ok "df: / is $FS KiB (the partition is $((P / 1024)) KiB)" || fail "df: / is only $FS KiB"
+[ "$FS" -gt $((P * 85 / 102400)) ] && ok "df: / is $FS KiB (the partition is $((P / 1024)) KiB)" || fail "df: / is only $FS KiB"
 PT=$(sfdisk -d /dev/vda 2>&1 | tr '\n' ';')
 case "$PT" in *"label: dos"*"/dev/vda1 : start=        2048,"*"bootable"*) ok "vda: MBR, vda1 from sector 2048, bootable" ;;
   *) fail "vda's partition table: $PT" ;; esac

@@ -1,3 +1,4 @@
+# shellcheck shell=dash disable=SC3028 # run by busybox sh in the guest, which has $RANDOM
 # Write load: "sh load.sh DIR". Until /run/lmtest/stop exists, writes files with random content
 # (8..256 KiB, fsync'd) named after the phase they started in, appends "sha256  name" to
 # DIR/MANIFEST and "name start-phase end-phase" to DIR/PHASES, and rewrites one random 4 KiB

@@ -1,3 +1,5 @@
+# shellcheck shell=dash # run or sourced by busybox sh in the guest
+# shellcheck disable=SC2046 # set -- $(kstat ...) splits a counter line into its numbers on purpose
 # multiconn-e2e, stage 2 (lm.mode=multiconn): runs as PID 1 with / on /dev/nbd0, which
 # @livemirror serves over several kernel connections (stage 1's lm.serveargs=--nbd-connections,N).
 # Many connections x deep queues with the kernel's NBD client, and every reply must arrive:
@@ -40,12 +42,14 @@ check_daemon "$LMPID"
 # The kernel makes at most one hardware queue per CPU and sends only on the connection of a queue,
 # so the daemon gives it min(N, CPUs) connections (nbd-frontend's usable_connections).
 NCPU=$(grep -c '^processor' /proc/cpuinfo)
+# shellcheck disable=SC2317 # called through $(...)
 eff() { if [ "$1" -lt "$NCPU" ]; then echo "$1"; else echo "$NCPU"; fi; }
 # The staged attach hands the kernel E connections in its CONNECT, the first E-1 of them closed on
 # the daemon's side: the kernel logs one "Receive control failed (result -32)" for each (their
 # receive work reads end-of-file) and the daemon replaces them (RECONFIGURE). Those lines are
 # expected, counted by closed_lines and checked to be exactly E-1 per CONNECT; any other NBD error
 # fails.
+# shellcheck disable=SC2317 # called through $(...)
 closed_lines() { dmesg | grep -ac "$1: Receive control failed (result -32)" || true; }
 # The kernel makes at most one hardware queue per CPU and sends only on the connection of a queue,
 # so the daemon gives it min(N, CPUs) connections (nbd-frontend's usable_connections).
@@ -121,7 +125,6 @@ done
 CL=$(closed_lines nbd0)
 [ "$CL" = "$((RE - 1))" ] && ok "root: the kernel read end-of-file on exactly the $CL connections the CONNECT gave closed" \
   || softfail "root: $CL connections of /dev/nbd0 ended with end-of-file, the staged CONNECT closed $((RE - 1))"
-set -- $(kstat nbd0); R0=$1
 mkdir -p /data/fio
 fio_run root --directory=/data/fio --rw=randwrite --bsrange=4k-128k --iodepth=64 --numjobs="$JOBS" \
   --size=6m --fsync=32 --verify=crc32c --verify_fatal=1

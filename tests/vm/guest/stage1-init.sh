@@ -1,4 +1,5 @@
 #!/bin/busybox sh
+# shellcheck shell=dash # busybox sh, checked as the shell closest to it
 # Stage 1 (the initramfs' /init): what a live CD's initrd does, with livemirror in the middle.
 #   /dev/vda (read-only image) + RAM overlay (loop on a tmpfs file) -> dm-snapshot "live"
 #   -> @livemirror serve (root storage daemon: supervisor + daemon, from /run, survives
@@ -90,7 +91,7 @@ case $NBDMODE in
   *) fail "unknown lm.nbd=$NBDMODE" ;;
 esac
 i=0
-while [ "$(cat /sys/block/$RDEV/size 2>/dev/null)" = 0 ] || [ ! -e /sys/block/$RDEV/size ]; do
+while [ "$(cat /sys/block/"$RDEV"/size 2>/dev/null)" = 0 ] || [ ! -e /sys/block/"$RDEV"/size ]; do
   i=$((i + 1)); [ $i -gt 600 ] && fail "$LM_ROOTDEV has no size after 60 s (mode $NBDMODE)"
   sleep 0.1
 done

@@ -1,3 +1,4 @@
+# shellcheck shell=dash # run or sourced by busybox sh in the guest
 # Stage 2: runs as PID 1 with / on /dev/nbd0 (served by @livemirror from the dm snapshot).
 # The rebootless install under write load: attach /dev/vdb, wait, verify, detach the source,
 # free the RAM overlay, grow (the kernel device and the mounted file system). One marker line
@@ -35,10 +36,10 @@ check_daemon "$LMPID"
 ok "the root storage daemon survived switch_root ($(cmdline switchroot move))"
 NBDMODE=$(cmdline nbd livemirror)
 # Where the daemon resolves paths: its root directory is the initramfs it was started in.
-if [ -b /proc/$LMPID/root/dev/vdb ]; then
+if [ -b "/proc/$LMPID/root/dev/vdb" ]; then
   info "the daemon's root directory has /dev/vdb"
 else
-  info "the daemon's root directory is the emptied initramfs (no /dev, no /proc): $(ls -a /proc/$LMPID/root/ 2>&1 | tr '\n' ' ')"
+  info "the daemon's root directory is the emptied initramfs (no /dev, no /proc): $(ls -a "/proc/$LMPID/root/" 2>&1 | tr '\n' ' ')"
 fi
 J=$(state_is serving)
 ok "status: serving, export_size=$(jget export_size "$J"), source=$(jget source "$J")"
@@ -59,7 +60,7 @@ ok "write load running (pid $LOADPID): $(count pre) files before attach"
 ok "set-rate $RATE"
 T_ATTACH=$(up)
 OUT=$("$LM" attach /dev/vdb --control "$LM_CTL" 2>&1) || {
-  [ -b /proc/$LMPID/root/dev/vdb ] || info "LIVEMIRROR BUG (see tests/vm/README.md, Traps): after a classic switch_root the daemon's root is the emptied initramfs; attach cannot find /dev/vdb there, nor /proc to look through the caller's root"
+  [ -b "/proc/$LMPID/root/dev/vdb" ] || info "LIVEMIRROR BUG (see tests/vm/README.md, Traps): after a classic switch_root the daemon's root is the emptied initramfs; attach cannot find /dev/vdb there, nor /proc to look through the caller's root"
   fail "livemirror attach /dev/vdb: $OUT"
 }
 phase sync
@@ -140,7 +141,7 @@ if [ "$NBDMODE" = livemirror ]; then
   T_RS=$(up)
   OUT=$(/usr/sbin/resize2fs /dev/nbd0 2>&1) || fail "resize2fs /dev/nbd0: $OUT"
   FS=$(df -k / | awk 'NR==2{print $2}')
-  [ "$FS" -gt $((VDB / 1024 * 85 / 100)) ] && ok "resize2fs /dev/nbd0 (online, $(echo "$(up) $T_RS" | awk '{printf "%.1f", $1-$2}') s): df says / is $FS KiB (was $FS0 KiB)" \
+  [ "$FS" -gt $((VDB * 85 / 102400)) ] && ok "resize2fs /dev/nbd0 (online, $(echo "$(up) $T_RS" | awk '{printf "%.1f", $1-$2}') s): df says / is $FS KiB (was $FS0 KiB)" \
     || fail "after resize2fs / is only $FS KiB (was $FS0)"
   echo "pre sync synced detached grown resized" > "$D/EXPECTED_PHASES"
   phase resized

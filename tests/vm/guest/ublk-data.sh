@@ -1,4 +1,5 @@
 #!/bin/busybox sh
+# shellcheck shell=dash # busybox sh runs it; dash is the nearest dialect shellcheck knows
 # ublk-data-e2e, the whole guest side: the initramfs' /init on a kernel with ublk_drv (6.12).
 # livemirror serves /dev/vda as /dev/ublkb0 (serve --ublk-device auto); /dev/vdb is the target,
 # /dev/vdc the tools disk (fio, util-linux blkdiscard). Checks, in one boot:

@@ -1,3 +1,4 @@
+# shellcheck shell=dash # run or sourced by busybox sh in the guest
 # Guest watchdog, run as "/run/lmtest/busybox sh /run/lmtest/watchdog.sh SECS &" after
 # switch_root. Everything it runs is in /run (tmpfs), so it still works when the NBD root hangs:
 # if the run has not finished after SECS seconds it dumps the daemon's log and status and the

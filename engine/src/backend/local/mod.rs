@@ -21,6 +21,7 @@ mod open;
 
 use open::fstat;
 
+use super::AlignedIo;
 use super::{BackendKind, Extent, Identity, IoKind};
 
 /// What a local device is.
@@ -319,17 +320,7 @@ impl LocalDevice {
         if self.aligned(ptr, len, off) {
             return self.raw_read_exact(buf.clone(), ptr, len, off).await.0;
         }
-        // Bounce through an aligned buffer covering the range.
-        let start = off - off % self.align;
-        let end = (off + len as u64).div_ceil(self.align) * self.align;
-        let mut bounce = IoBuf::new((end - start) as usize);
-        let bptr = bounce.as_mut_ptr();
-        let (res, bounce) = self.raw_read_exact(bounce, bptr, (end - start) as usize, start).await;
-        res?;
-        let from = (off - start) as usize;
-        // SAFETY: the caller guarantees exclusive use of this range of `buf`.
-        unsafe { buf.slice_mut(buf_off, len) }.copy_from_slice(&bounce.as_slice()[from..from + len]);
-        Ok(())
+        self.read_unaligned(buf, buf_off, len, off).await
     }
 
     /// Writes `buf[buf_off..buf_off+len]` at `off`. If the range is not aligned
@@ -353,37 +344,7 @@ impl LocalDevice {
         }
         // SAFETY: write legs only read the buffer.
         let data = unsafe { buf.slice(buf_off, len) };
-        self.rmw_write(data, off, fua).await
-    }
-
-    /// Read-modify-write of the aligned range covering `[off, off+data.len())`.
-    async fn rmw_write(&self, data: &[u8], off: u64, fua: bool) -> io::Result<()> {
-        let a = self.align;
-        let end = off + data.len() as u64;
-        let start = off - off % a;
-        let aend = end.div_ceil(a) * a;
-        let total = (aend - start) as usize;
-        let mut bounce = IoBuf::new(total);
-        let head_partial = !off.is_multiple_of(a);
-        let tail_partial = !end.is_multiple_of(a);
-        if head_partial {
-            let p = bounce.as_mut_ptr();
-            let (r, b) = self.raw_read_exact(bounce, p, a as usize, start).await;
-            bounce = b;
-            r?;
-        }
-        if tail_partial && (aend - a != start || !head_partial) {
-            let at = (aend - a - start) as usize;
-            // SAFETY: at + a <= total.
-            let p = unsafe { bounce.as_mut_ptr().add(at) };
-            let (r, b) = self.raw_read_exact(bounce, p, a as usize, aend - a).await;
-            bounce = b;
-            r?;
-        }
-        let from = (off - start) as usize;
-        bounce.as_mut_slice()[from..from + data.len()].copy_from_slice(data);
-        let p = bounce.as_ptr();
-        self.raw_write_all(bounce, p, total, start, fua).await.0
+        self.write_unaligned(data, off, fua).await
     }
 
     /// Makes every completed write durable.
@@ -470,7 +431,7 @@ impl LocalDevice {
             } else {
                 // SAFETY: `zeros` is only read.
                 let data = unsafe { zeros.slice(0, n) };
-                self.rmw_write(data, pos, fua).await?;
+                self.write_unaligned(data, pos, fua).await?;
             }
             pos += n as u64;
         }
@@ -592,6 +553,29 @@ impl LocalDevice {
             generation,
             stack: identity::truncate(stack),
         }
+    }
+}
+
+/// The transfers read-modify-write is built on (`rmw.rs`): straight to the
+/// ring, without the test hooks (the caller's operation passed them already).
+impl AlignedIo for LocalDevice {
+    fn transfer_alignment(&self) -> u64 {
+        self.align
+    }
+
+    async fn read_aligned(&self, buf: &Arc<SharedBuf>, buf_off: usize, len: usize, off: u64) -> io::Result<()> {
+        self.raw_read_exact(buf.clone(), buf.ptr_at(buf_off), len, off).await.0
+    }
+
+    async fn write_aligned(
+        &self,
+        buf: &Arc<SharedBuf>,
+        buf_off: usize,
+        len: usize,
+        off: u64,
+        fua: bool,
+    ) -> io::Result<()> {
+        self.raw_write_all(buf.clone(), buf.ptr_at(buf_off) as *const u8, len, off, fua).await.0
     }
 }
 
