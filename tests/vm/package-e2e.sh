@@ -105,6 +105,7 @@ dpkg-deb -c "$NEW" | awk '$1 !~ /^d/ {print $1, $2, $6}' | sort -k3 > "$O/files.
   echo ./usr/share/doc/livemirror/initrd-glue.md
   echo ./usr/share/doc/livemirror/example.conf
   echo ./usr/share/doc/livemirror/copyright
+  echo ./usr/share/doc/livemirror/changelog.Debian.gz
 } | sort > "$O/expected.list"
 awk '{print $3}' "$O/files.list" > "$O/actual.list"
 if cmp -s "$O/expected.list" "$O/actual.list"; then
@@ -119,6 +120,9 @@ BADMODE=$(awk '{
   if ($1 != want || ($2 != "root/root" && $2 != "0/0")) print $3 " is " $1 " " $2 " (want " want " root/root)"
 }' "$O/files.list")
 [ -z "$BADMODE" ] && lm_ok "executables are 0755, other files 0644, all owned by root" || lm_fail "modes: $BADMODE"
+TOP=$(zcat "$X/usr/share/doc/livemirror/changelog.Debian.gz" | head -n 1)
+[[ $TOP == "livemirror ($NEWV) "* ]] && lm_ok "the changelog's latest entry is $NEWV" \
+  || lm_fail "the changelog's latest entry is '$TOP', the package $NEWV (add an entry to packaging/debian/changelog)"
 CONFFILES=$(dpkg-deb --ctrl-tarfile "$NEW" | tar -xO ./conffiles 2>/dev/null || true)
 [ "$CONFFILES" = /etc/livemirror/initrd.conf ] && lm_ok "the one conffile is /etc/livemirror/initrd.conf" \
   || lm_fail "conffiles: '$CONFFILES'"
