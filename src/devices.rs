@@ -8,6 +8,31 @@ use std::time::Duration;
 use clap::Args;
 use nbd_frontend::remote::{is_nbd_uri, NbdOpener, NbdUri, RemoteOptions};
 
+/// How a device is named, at the end of `serve --help` and `attach --help` (and
+/// so of their man pages); livemirror.uri(7) has the whole grammar. The
+/// indented lines stay under 72 columns: in a man page each is a line of its
+/// own, and a longer one would wrap.
+pub(crate) const DEVICE_HELP: &str = "\
+A device (serve's --source and --target, attach's TARGET) is a path or
+an NBD export named by a URI:
+  /dev/sdb, disk.img
+      a block device or an image file
+  nbd://HOST[:PORT]/EXPORT
+      NBD over TCP (port 10809 by default)
+  nbds://HOST[:PORT]/EXPORT?tls-certificates=DIR
+      TLS with X.509: DIR/ca-cert.pem verifies the server;
+      DIR/client-cert.pem and client-key.pem, if present,
+      are livemirror's own certificate
+  nbds://[NAME@]HOST[:PORT]/EXPORT?tls-psk-file=FILE
+      TLS with NAME's pre-shared key from FILE (psktool's
+      identity:hexkey lines; without NAME@, its only key)
+  nbd+unix:///EXPORT?socket=PATH
+      a Unix socket; nbds+unix:// takes &tls-certificates=DIR
+      or &tls-psk-file=FILE after it
+
+Quote a URI that holds ? or & from the shell. The whole grammar:
+  man livemirror.uri";
+
 /// How remote devices (NBD URIs) behave on a bad link.
 #[derive(Args, Debug, Clone)]
 pub(crate) struct RemoteArgs {

@@ -55,11 +55,13 @@ pub(crate) struct ControlArg {
 #[derive(Subcommand)]
 enum Cmd {
     /// Run the daemon in the foreground (logs to stderr).
+    #[command(after_help = devices::DEVICE_HELP)]
     Serve(Box<serve::ServeArgs>),
     /// Hot-add TARGET and start the sync; returns once started.
+    #[command(after_help = devices::DEVICE_HELP)]
     Attach {
-        /// The disk or image to copy onto: at least as large as the export;
-        /// everything on it is overwritten.
+        /// The disk, image or NBD export (a URI, below) to copy onto: at least
+        /// as large as the export; everything on it is overwritten.
         #[arg(value_name = "TARGET")]
         target: PathBuf,
         #[command(flatten)]

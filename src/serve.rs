@@ -37,12 +37,12 @@ fn parse_metrics_addr(s: &str) -> Result<ListenAddr, String> {
 
 #[derive(Args, Debug)]
 pub(crate) struct ServeArgs {
-    /// The device or image to serve (may be left out only with --state, when
-    /// the state file says source-detached).
-    #[arg(long, value_name = "PATH", required_unless_present = "state")]
+    /// The device, image or NBD export (a URI, below) to serve (may be left
+    /// out only with --state, when the state file names the source).
+    #[arg(long, value_name = "DEVICE", required_unless_present = "state")]
     pub(crate) source: Option<PathBuf>,
-    /// Attach this target right after start.
-    #[arg(long, value_name = "PATH")]
+    /// Attach this target (a device, image or NBD URI) right after start.
+    #[arg(long, value_name = "DEVICE")]
     pub(crate) target: Option<PathBuf>,
     /// Serve the source through a copy-on-write overlay kept in PATH (made if
     /// missing or empty; on tmpfs it lives in RAM): the source is only read,

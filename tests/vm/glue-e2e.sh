@@ -3,7 +3,7 @@
 # Scenario glue-e2e: initrd-glue/ exercised the way a user would.
 #   host: a Debian root (debootstrap bookworm minbase + systemd, initramfs-tools, busybox,
 #     dmsetup; cached), a copy of it gets the rig's kernel modules, livemirror and the glue
-#     (initrd-glue/install.sh --initramfs-tools), plus a TEST-ONLY hook that builds the live
+#     (the Debian package, dpkg -i), plus a TEST-ONLY hook that builds the live
 #     stack (read-only disk + RAM overlay -> dm snapshot /dev/mapper/live-rw) in place of
 #     dracut's dmsquash-live; the real mkinitramfs runs in the chroot for the rig's kernel.
 #   boot 1: that initramfs: lmtest-live builds live-rw, the glue starts @livemirror on it and
@@ -79,16 +79,16 @@ mkdir -p "$G/lib/modules"
 cp -a "$LM_MODDIR" "$G/lib/modules/$LM_KVER"
 cp "$LM_KROOT/boot/config-$LM_KVER" "$LM_KROOT/boot/System.map-$LM_KVER" "$G/boot/"
 chroot "$G" /sbin/depmod -a "$LM_KVER" || lm_die "depmod in the chroot failed"
-# livemirror and the glue, installed as README says.
-sh "$GLUE/install.sh" --root "$G" --initramfs-tools --bin "$BIN" > "$O/glue-install.log" 2>&1 \
-  || { cat "$O/glue-install.log"; lm_die "initrd-glue/install.sh failed"; }
-# The man pages and completions install.sh generates from the CLI definition.
-for f in usr/share/man/man1/livemirror.1 usr/share/man/man1/livemirror-serve.1 \
-         usr/share/man/man1/livemirror-set-rate.1 usr/share/bash-completion/completions/livemirror \
+# livemirror and the glue: the Debian package, installed by the root's own dpkg.
+{ lm_livemirror_deb "$BIN" "$O/deb" && lm_install_deb "$G" "$LM_LIVEMIRROR_DEB"; } > "$O/glue-install.log" 2>&1 \
+  || { cat "$O/glue-install.log"; lm_die "installing the livemirror package failed"; }
+# The man pages and completions the package holds, generated from the CLI definition.
+for f in usr/share/man/man1/livemirror.1.gz usr/share/man/man1/livemirror-serve.1.gz \
+         usr/share/man/man1/livemirror-set-rate.1.gz usr/share/bash-completion/completions/livemirror \
          usr/share/zsh/vendor-completions/_livemirror usr/share/fish/vendor_completions.d/livemirror.fish; do
-  [ -s "$G/$f" ] && lm_ok "install.sh installed /$f" || lm_fail "install.sh did not install /$f"
+  [ -s "$G/$f" ] && lm_ok "the package installed /$f" || lm_fail "the package did not install /$f"
 done
-grep -q -e 'min\\-rate' -e 'min-rate' "$G/usr/share/man/man1/livemirror-set-rate.1" \
+zgrep -q -e 'min\\-rate' -e 'min-rate' "$G/usr/share/man/man1/livemirror-set-rate.1.gz" \
   && grep -q 'set-rate' "$G/usr/share/bash-completion/completions/livemirror" \
   && lm_ok "the man page and the bash completion describe this binary's set-rate --min-rate" \
   || lm_fail "the installed man page or completion does not match the binary's CLI"

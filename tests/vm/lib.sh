@@ -597,3 +597,36 @@ lm_boot_installed() {
   b2=$(debugfs -R "cat /data/boot2.bin" "$fs" 2>/dev/null | sha256sum | cut -d' ' -f1)
   lm_check "host: the file boot 2 wrote is on the disk" bash -c "debugfs -R 'cat /data/boot2.sha256' '$fs' 2>/dev/null | grep -q '^$b2 '"
 }
+
+# ------------------------------------------------------------------------- the Debian package
+# lm_livemirror_deb BIN DIR [VERSION]: livemirror's Debian package around BIN, built into DIR by
+# scripts/build-deb.sh (VERSION: another package version than Cargo.toml's); sets
+# LM_LIVEMIRROR_DEB to its path. Without VERSION, $LIVEMIRROR_DEB is used instead when set:
+# scripts/test-all.sh builds the package once and every scenario installs that one.
+lm_livemirror_deb() {
+  local bin=$1 dir=$2 version=${3:-} out
+  if [ -n "${LIVEMIRROR_DEB:-}" ] && [ -z "$version" ]; then
+    [ -f "$LIVEMIRROR_DEB" ] || { echo "LIVEMIRROR_DEB=$LIVEMIRROR_DEB: no such file" >&2; return 1; }
+    LM_LIVEMIRROR_DEB=$(readlink -f "$LIVEMIRROR_DEB")
+    return 0
+  fi
+  mkdir -p "$dir"
+  if ! out=$(bash "$LM_DIR/../../scripts/build-deb.sh" --bin "$bin" --output "$dir" ${version:+--deb-version "$version"} 2>"$dir/build-deb.log"); then
+    cat "$dir/build-deb.log" >&2
+    return 1
+  fi
+  LM_LIVEMIRROR_DEB=${out##*$'\n'}
+}
+
+# lm_install_deb TREE DEB: installs the package DEB into the Debian tree TREE with the tree's own
+# dpkg, so its maintainer scripts run in the chroot, as `apt install ./DEB` would run them on that
+# system. dpkg's output goes to stdout; the status is dpkg's.
+lm_install_deb() {
+  local tree=$1 deb=$2 name rc
+  name=$(basename "$deb")
+  cp "$deb" "$tree/tmp/$name" || return 1
+  chroot "$tree" /usr/bin/env DEBIAN_FRONTEND=noninteractive PATH=/usr/sbin:/usr/bin:/sbin:/bin \
+    dpkg -i "/tmp/$name" && rc=0 || rc=$?
+  rm -f "$tree/tmp/$name"
+  return "$rc"
+}

@@ -3,8 +3,8 @@
 # Scenario live-iso-e2e: the whole journey on a real live medium.
 #   host: a Debian tree (debootstrap bookworm + kernel, systemd, dracut, dracut-live, grub-pc;
 #     cached) becomes a Fedora-style live ISO (tests/vm/live/build-iso.sh: ISO9660 labelled
-#     LMLIVE, LiveOS/squashfs.img holding LiveOS/rootfs.img, livemirror and initrd-glue/ installed
-#     by install.sh, the initramfs by dracut with dmsquash-live and 90livemirror, GRUB on the
+#     LMLIVE, LiveOS/squashfs.img holding LiveOS/rootfs.img, livemirror and initrd-glue/ from the
+#     Debian package, the initramfs by dracut with dmsquash-live and 90livemirror, GRUB on the
 #     ISO); cached, keyed by everything that went into it.
 #   boot 0: the ISO (kernel and initramfs taken from it) without rd.livemirror: dmsquash-live's
 #     live-rw is the root, nothing of livemirror runs.
@@ -56,9 +56,10 @@ lm_say "$NAME: binary $BIN, live tree $LM_ROOTFS, output $O"
 
 # ------------------------------------------------------------------ the ISO (cached by its inputs)
 lm_phase "build: the live ISO (cached by its inputs)"
+lm_livemirror_deb "$BIN" "$O/deb" || lm_die "building the livemirror package failed"
 KEY=$( {
   cat "$LM_ROOTFS.complete"; echo "label $LABEL"
-  sha256sum "$BIN" | cut -d' ' -f1
+  sha256sum "$BIN" "$LM_LIVEMIRROR_DEB" | cut -d' ' -f1
   (cd "$LM_DIR/../.." && find initrd-glue tests/vm/live -type f | sort | xargs sha256sum)
   (cd "$LM_DIR" && sha256sum guest/common.sh guest/load.sh guest/watchdog.sh guest/live-e2e.sh)
 } | sha256sum | cut -c1-16)
@@ -70,7 +71,7 @@ else
   # Only the newest ISO is kept: each is ~150 MiB and a new binary makes a new one.
   rm -rf --one-file-system "$LM_CACHE/live-iso"; mkdir -p "$ISO.tmp"
   TOKEN=$(od -An -N8 -tx1 /dev/urandom | tr -d ' \n')
-  if ! bash "$LM_DIR/live/build-iso.sh" "$LM_ROOTFS" "$ISO.tmp" "$BIN" "$LABEL" "$TOKEN"; then
+  if ! bash "$LM_DIR/live/build-iso.sh" "$LM_ROOTFS" "$ISO.tmp" "$LM_LIVEMIRROR_DEB" "$LABEL" "$TOKEN"; then
     lm_unlock_cache; lm_die "building the live ISO failed (logs in $ISO.tmp)"
   fi
   echo "$TOKEN" > "$ISO.tmp/token"
