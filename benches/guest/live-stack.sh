@@ -139,19 +139,26 @@ mkdir -p "$(dirname "$OUT")"
   echo
   awk -v stacks="$STACKS" '
     function kv(s, k,   n, a, i) { n = split(s, a, " "); for (i = 1; i <= n; i++) if (index(a[i], k "=") == 1) return substr(a[i], length(k) + 2); return "" }
-    function med(list,   n, a, i, j, t) { n = split(list, a, " "); for (i = 2; i <= n; i++) { t = a[i] + 0; for (j = i - 1; j >= 1 && a[j] + 0 > t; j--) a[j + 1] = a[j]; a[j + 1] = t }
-                                          if (n == 0) return -1; return (n % 2) ? a[(n + 1) / 2] + 0 : (a[n / 2] + a[n / 2 + 1]) / 2 }
+    function med(list,   n, a, i, j, t) { n = split(list, a, " "); if (n == 0) return -1
+                                          for (i = 2; i <= n; i++) { t = a[i] + 0; for (j = i - 1; j >= 1 && a[j] + 0 > t; j--) a[j + 1] = a[j]; a[j + 1] = t }
+                                          return (n % 2) ? a[(n + 1) / 2] + 0 : (a[n / 2] + a[n / 2 + 1]) / 2 }
     function add(arr, key, v) { arr[key] = (key in arr) ? arr[key] " " v : v }
+    function timed(p) { return p == "untar" || p == "readback" }
     function fmtk(x) { return (x < 0) ? "—" : sprintf(x >= 1000 ? "%.2fk" : "%.0f", x >= 1000 ? x / 1000 : x) }
-    function speed(ph, v) { return (ph == "untar" || ph == "readback") ? ((v > 0) ? 1 / v : 0) : v }
+    function speed(p, v) { return timed(p) ? ((v > 0) ? 1 / v : 0) : v }
+    function cell(arr, key, f) { return (key in arr) ? sprintf(f, med(arr[key])) : "—" }
     FILENAME ~ /ram/ { add(ram, kv($0, "stack"), kv($0, "kib")); next }
-    { s = kv($0, "stack"); p = kv($0, "phase"); r = kv($0, "rep")
-      v = (p == "untar" || p == "readback") ? kv($0, "secs") + 0 : kv($0, "iops") + 0
+    { s = kv($0, "stack"); p = kv($0, "phase"); r = kv($0, "rep") + 0
+      v = timed(p) ? kv($0, "secs") + 0 : kv($0, "iops") + 0
       add(val, s SUBSEP p, v); per[s, p, r] = v
       c = kv($0, "cpu_ms"); g = kv($0, "gcpu_ms") + 0
-      n = (p == "untar" || p == "readback") ? 1000 : kv($0, "iops") * kv($0, "secs") / 1000
-      if (c != "-" && n > 0) add(cpu, s SUBSEP p, c / n)
-      if (n > 0) add(gcpu, s SUBSEP p, g / n)
+      req = kv($0, "rd") + kv($0, "wr") + kv($0, "fl")
+      if (c != "-") add(cpu, s SUBSEP p, timed(p) ? c / 1000 : c * 1000 / (kv($0, "iops") * kv($0, "secs") + 1e-9))
+      add(gcpu, s SUBSEP p, timed(p) ? g / 1000 : g * 1000 / (kv($0, "iops") * kv($0, "secs") + 1e-9))
+      if (c != "-" && req > 0) add(cpureq, s SUBSEP p, c * 1000 / req)
+      if (kv($0, "idle_ms") != "") add(idle, s SUBSEP p, kv($0, "idle_ms") / 1000)
+      if (kv($0, "rd") != "") { add(nrd, s SUBSEP p, kv($0, "rd")); add(nwr, s SUBSEP p, kv($0, "wr")); add(nfl, s SUBSEP p, kv($0, "fl"))
+                                if (req > 0) add(rsz, s SUBSEP p, (kv($0, "rd_kib") + kv($0, "wr_kib")) / (kv($0, "rd") + kv($0, "wr") + 1e-9)) }
       if (r > reps) reps = r }
     END {
       ns = split(stacks, S, ",")
@@ -160,17 +167,15 @@ mkdir -p "$(dirname "$OUT")"
       name["untar"] = "tar -x + sync (s)"; name["readback"] = "tar -c, cold cache (s)"
       hdr = "| |"; sep = "| --- |"
       for (i = 1; i <= ns; i++) { hdr = hdr " " S[i] " |"; sep = sep " ---: |" }
+      shdr = hdr; ssep = sep
       hasov = 0; for (i = 1; i <= ns; i++) if (S[i] == "overlay") hasov = 1
       if (hasov) for (i = 1; i <= ns; i++) if (S[i] != "overlay") { hdr = hdr " overlay / " S[i] " |"; sep = sep " ---: |" }
       if (hasov) for (i = 1; i <= ns; i++) if (S[i] != "overlay") { hdr = hdr " per repeat, overlay / " S[i] " |"; sep = sep " --- |" }
-      print "Medians. The ratios are speeds, overlay against the other stack (IOPS over IOPS, time over time the other way round): above 1.00x the overlay is faster."
+      print "Medians of " reps " repeats. The ratios are speeds, overlay against the other stack (IOPS over IOPS; time over time the other way round): above 1.00x the overlay is faster."
       print ""; print hdr; print sep
       for (k = 1; k <= np; k++) {
         p = P[k]; line = "| " name[p] " |"
-        for (i = 1; i <= ns; i++) {
-          m = med(val[S[i], p])
-          line = line " " ((p == "untar" || p == "readback") ? sprintf("%.1f", m) : fmtk(m)) " |"
-        }
+        for (i = 1; i <= ns; i++) { m = med(val[S[i], p]); line = line " " (timed(p) ? sprintf("%.1f", m) : fmtk(m)) " |" }
         if (hasov) {
           o = speed(p, med(val["overlay", p]))
           for (i = 1; i <= ns; i++) if (S[i] != "overlay") { x = speed(p, med(val[S[i], p])); line = line " **" ((o > 0 && x > 0) ? sprintf("%.2fx", o / x) : "—") "** |" }
@@ -186,19 +191,19 @@ mkdir -p "$(dirname "$OUT")"
       for (i = 1; i <= ns; i++) { m = med(ram[S[i]]); line = line " " ((m < 0) ? "—" : sprintf("%.0f", m / 1024)) " |" }
       print line
       print ""
-      print "CPU time, medians, in emulated-CPU µs per request (fio rows) or s per run (tar rows): the livemirror daemon (all its threads) / the whole guest (fio or tar, the kernel, the daemon):"
+      print "CPU time, medians, in emulated-CPU µs per request (fio rows) or s per run (tar rows): the stack'"'"'s livemirror daemon (all its threads) / the whole guest (fio or tar, the kernel, the daemons); then the daemon'"'"'s µs per request the kernel completed on the mounted device:"
+      print ""; print shdr; print ssep
+      for (k = 1; k <= np; k++) {
+        p = P[k]; line = "| " name[p] " |"; f = timed(p) ? "%.1f" : "%.0f"
+        for (i = 1; i <= ns; i++) line = line " " cell(cpu, S[i] SUBSEP p, f) " / " cell(gcpu, S[i] SUBSEP p, f) "; " cell(cpureq, S[i] SUBSEP p, "%.0f") " µs |"
+        print line
+      }
       print ""
-      hdr = "| |"; sep = "| --- |"
-      for (i = 1; i <= ns; i++) { hdr = hdr " " S[i] " |"; sep = sep " ---: |" }
-      print hdr; print sep
+      print "Requests the kernel completed on the mounted device (medians: reads / writes / flushes, and their mean size in KiB), and the CPU seconds the other stacks'"'"' idle daemons took meanwhile:"
+      print ""; print shdr; print ssep
       for (k = 1; k <= np; k++) {
         p = P[k]; line = "| " name[p] " |"
-        f = (p == "untar" || p == "readback") ? "%.2f" : "%.0f"
-        for (i = 1; i <= ns; i++) {
-          c = ((S[i], p) in cpu) ? sprintf(f, med(cpu[S[i], p])) : "—"
-          g = ((S[i], p) in gcpu) ? sprintf(f, med(gcpu[S[i], p])) : "—"
-          line = line " " c " / " g " |"
-        }
+        for (i = 1; i <= ns; i++) line = line " " cell(nrd, S[i] SUBSEP p, "%.0f") " / " cell(nwr, S[i] SUBSEP p, "%.0f") " / " cell(nfl, S[i] SUBSEP p, "%.0f") ", " cell(rsz, S[i] SUBSEP p, "%.1f") " KiB; idle " cell(idle, S[i] SUBSEP p, "%.2f") " s |"
         print line
       }
     }' "$O/rows.txt" "$O/ram.txt"
