@@ -260,6 +260,10 @@ lm_fetch_qemu() {
 # "initramfs-tools | linux-initramfs-tool" with dracut).
 LM_SUITE=${LIVEMIRROR_VM_SUITE:-bookworm}
 LM_ROOTFS_PKGS="systemd-sysv,udev,initramfs-tools,busybox,dmsetup,e2fsprogs,kmod"
+# The live tree (live-iso-e2e's medium; benches/guest/live-stack.sh extracts it): debootstrap's
+# part, then what apt installs into it. One definition, so both find the same cached tree.
+LM_LIVE_INCLUDE="systemd-sysv,udev,busybox,dmsetup,e2fsprogs,kmod,fdisk,eject"
+LM_LIVE_APT="dracut dracut-live linux-image-cloud-amd64 grub-pc"
 lm_fetch_rootfs() {
   local name=${1:-$LM_SUITE} include=${2:-$LM_ROOTFS_PKGS} aptpkgs=${3:-}
   local dir=$LM_CACHE/rootfs-$name key mirror=${LIVEMIRROR_VM_MIRROR:-http://deb.debian.org/debian} t rc

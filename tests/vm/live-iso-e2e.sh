@@ -36,9 +36,9 @@ LM_SMP=${LIVEMIRROR_VM_SMP:-1}   # one host core per QEMU
 LM_MEM=${LIVEMIRROR_VM_MEM:-1024}
 LABEL=LMLIVE
 VDA_MB=1280
-# The live tree: debootstrap's part, then what apt installs into it.
-LIVE_INCLUDE="systemd-sysv,udev,busybox,dmsetup,e2fsprogs,kmod,fdisk,eject"
-LIVE_APT="dracut dracut-live linux-image-cloud-amd64 grub-pc"
+# The live tree: debootstrap's part, then what apt installs into it (lib.sh).
+LIVE_INCLUDE=$LM_LIVE_INCLUDE
+LIVE_APT=$LM_LIVE_APT
 
 [ -x "$BIN" ] || lm_die "no livemirror binary at $BIN (cargo build --release, or set LIVEMIRROR_BIN)"
 [ "$(id -u)" = 0 ] || lm_die "$NAME needs root (debootstrap, chroot)"
