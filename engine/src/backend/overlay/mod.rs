@@ -40,7 +40,7 @@ use super::{Backend, CacheMode, Extent, LocalDevice, LockMode, OpenOptions};
 use crate::buf::{IoBuf, SharedBuf};
 use crate::error::{Error, IoContext, Result};
 use crate::identity::DeviceIdent;
-use file::{allocated_chunks, create, fingerprint, pread_full};
+use file::{allocated_chunks, create, fingerprint, pread_full, pwrite_all};
 use format::{Header, HEADER_LEN, MAP_PAGE};
 use map::{Committer, MapIo, PresentMap};
 use space::{NoSpace, Space};
@@ -605,7 +605,13 @@ impl MapIo for FileIo<'_> {
 
     async fn write_page(&self, page: u64, bytes: Vec<u8>) -> io::Result<()> {
         let h = &self.0.header;
+        let at = h.map_offset + page * MAP_PAGE;
+        if self.0.file.in_memory() {
+            // A page copied into RAM never waits: written here, not through the
+            // ring, whose writes to tmpfs go to a kernel worker thread and back.
+            return pwrite_all(self.0.file.raw_fd(), &bytes, at);
+        }
         let b = SharedBuf::new(IoBuf::from_slice(&bytes));
-        self.0.file.write_at(&b, 0, bytes.len(), h.map_offset + page * MAP_PAGE, false).await
+        self.0.file.write_at(&b, 0, bytes.len(), at, false).await
     }
 }
