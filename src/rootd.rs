@@ -14,6 +14,15 @@
 //! the emptied initramfs, where neither the binary nor its ELF interpreter can
 //! be found any more, but its own memory (locked, single-threaded, with the
 //! arguments already parsed) is always there.
+//!
+//! If the supervisor itself dies (`kill -9`; nothing else stops it: it is
+//! mlocked, exempt from the OOM killer and spared by systemd's kill sprees),
+//! the daemon keeps serving: the kernel device, its connections and every
+//! client are the daemon's, not the supervisor's. The daemon is adopted by
+//! init (or the nearest subreaper); it notices within half a second, says so
+//! in the log and the event stream, and runs on unsupervised: a crash of it
+//! would no longer be restarted. `livemirror upgrade` starts a supervised
+//! daemon in its place without interrupting I/O.
 
 use std::sync::atomic::{AtomicI32, Ordering};
 use std::time::{Duration, Instant};
@@ -66,8 +75,8 @@ extern "C" fn forward(sig: libc::c_int) {
 
 /// What the caller of [`supervise`] is after it returns.
 pub(crate) enum Role {
-    /// The forked daemon: go on and serve.
-    Daemon,
+    /// The forked daemon: go on and serve; its supervisor is this process.
+    Daemon { supervisor: Pid },
     /// The supervisor is done: exit with this code.
     Exit(u8),
 }
@@ -96,7 +105,7 @@ pub(crate) fn supervise() -> Role {
         let child = match unsafe { fork() } {
             Ok(ForkResult::Child) => {
                 set_handler(SigHandler::SigDfl);
-                return Role::Daemon;
+                return Role::Daemon { supervisor: nix::unistd::getppid() };
             }
             Ok(ForkResult::Parent { child }) => child,
             Err(e) => {
@@ -158,6 +167,32 @@ fn wait_for(child: Pid) -> nix::Result<WaitStatus> {
             // Stopped/continued reports do not end the daemon.
             Ok(WaitStatus::Stopped(..)) | Ok(WaitStatus::Continued(..)) => continue,
             other => return other,
+        }
+    }
+}
+
+/// How often the daemon looks whether its supervisor still lives.
+const SUPERVISOR_CHECK: Duration = Duration::from_millis(500);
+
+/// Watches the supervisor from the daemon: once it is gone (the daemon has a
+/// new parent), says so once, in the log and as an error event, and ends.
+/// The daemon serves on (see the module docs). Ends when the daemon stops (a
+/// worker stops only once its tasks have ended).
+pub(crate) async fn watch_supervisor(supervisor: Pid, mirror: std::sync::Arc<engine::Mirror>) {
+    loop {
+        tokio::time::sleep(SUPERVISOR_CHECK).await;
+        if mirror.is_shutting_down() {
+            return;
+        }
+        if nix::unistd::getppid() != supervisor {
+            mirror.log_event(
+                engine::EventKind::Error,
+                format!(
+                    "the supervisor (pid {supervisor}) is gone: this daemon keeps serving, but nothing would restart it \
+                     if it stopped; `livemirror upgrade` starts a supervised daemon in its place"
+                ),
+            );
+            return;
         }
     }
 }

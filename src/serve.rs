@@ -201,9 +201,11 @@ pub(crate) fn run(args: ServeArgs) -> u8 {
     // them be found after a switch_root (see engine::hostfs).
     let proc_cwd = engine::hostfs::enter_proc_cwd();
     let root_daemon = crate::rootd::requested(args.root_storage_daemon);
+    let mut supervisor = None;
     if root_daemon {
-        if let crate::rootd::Role::Exit(code) = crate::rootd::supervise() {
-            return code;
+        match crate::rootd::supervise() {
+            crate::rootd::Role::Exit(code) => return code,
+            crate::rootd::Role::Daemon { supervisor: pid } => supervisor = Some(pid),
         }
     }
     let _log = init_logging();
@@ -213,7 +215,7 @@ pub(crate) fn run(args: ServeArgs) -> u8 {
     if root_daemon {
         crate::rootd::harden();
     }
-    match serve(args) {
+    match serve(args, supervisor) {
         Ok(()) => 0,
         Err(e) => {
             eprintln!("livemirror: {e:#}");
@@ -615,8 +617,12 @@ impl Running {
     }
 }
 
-fn serve(args: ServeArgs) -> anyhow::Result<()> {
+fn serve(args: ServeArgs, supervisor: Option<nix::unistd::Pid>) -> anyhow::Result<()> {
     let running = start(&args)?;
+    if let Some(pid) = supervisor {
+        let m = running.mirror.clone();
+        running.workers[0].run(move || crate::rootd::watch_supervisor(pid, m))?;
+    }
     let notifier = crate::notify::Notifier::start(&args.control, running.mirror.clone());
     engine::rt::block_on(wait_for_signal())??;
     tracing::info!("shutting down: finishing in-flight requests");

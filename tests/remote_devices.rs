@@ -2,8 +2,8 @@
 //! another livemirror) as the mirror's target or source, over an emulated link
 //! between two network namespaces (latency, a bandwidth cap, cuts), with a
 //! write load checked against a byte model: the mission flow, a cut link, a
-//! server killed and restarted, a link that stays down, a remote source, a
-//! restart with --state, TLS with X.509.
+//! server killed and restarted (as target and as source), a link that stays
+//! down, a remote source, a restart with --state, TLS with X.509.
 #![allow(clippy::unwrap_used, unreachable_pub)] // test code: a panic is a failure; helpers are shared through `mod common`
 mod common;
 use common::net::{NetPair, SERVER_ADDR};
@@ -330,6 +330,44 @@ fn a_server_killed_and_restarted_mid_sync_is_reconnected_to() {
     assert!(d.stop().success());
     assert_same(&std::fs::read(&tgt).unwrap(), &want, "the remote disk");
     assert_same(&std::fs::read(&src).unwrap(), &want, "the source");
+}
+
+/// The remote *source* is killed with requests in flight and started again
+/// mid-sync: the copy and the clients' writes (which must reach the source)
+/// wait for the link, nothing fails, and the sync completes with every
+/// acknowledged write on both sides.
+#[test]
+fn a_remote_source_killed_and_restarted_mid_sync_is_reconnected_to() {
+    let dir = scratch();
+    let net = NetPair::new(0.5, 200.0);
+    let (src, data, tgt) = source_and_sparse_target(dir.path(), 11, 64 * MIB);
+    let mut server = qemu_nbd(&net, &src, &[]);
+    let uri = format!("nbd://{SERVER_ADDR}/exp");
+    let d = Daemon::start_in(&net.a, dir.path(), &["--source", &uri, "--remote-timeout", "30"]);
+    let model = Arc::new(Mutex::new(data));
+    let load = Load::start(&d.sock, model.clone(), 64 * MIB, 11);
+    d.cli_ok(&["attach", p(&tgt)]);
+    wait_for(&d, 30, "a tenth copied", |st| u(&st["bytes_copied"]) > 6 * MIB);
+    load.wait_for_more_writes(10, Duration::from_secs(30), "before the source went away");
+    server.kill();
+    let st = wait_for(&d, 15, "the source link reported down", |st| st["source_link"]["state"] == "reconnecting");
+    assert_eq!(st["state"], "syncing", "a lost source link is not a failed disk: {st}");
+    std::thread::sleep(Duration::from_millis(700));
+    let _server = qemu_nbd(&net, &src, &[]);
+    // Served again: the writers go on.
+    load.wait_for_more_writes(20, Duration::from_secs(60), "after the source came back");
+    let o = d.cli(&["wait", "--timeout", "120"]);
+    assert_eq!(code(&o), 0, "wait: {}\n{}", text(&o), d.log_text());
+    let st = d.status();
+    assert_eq!(st["source_link"]["state"], "connected", "{st}");
+    verify_ok(&d);
+    load.finish();
+    let want = model.lock().unwrap().clone();
+    assert_same(&read_export(&d.sock, 64 * MIB), &want, "the export");
+    let mut d = d;
+    assert!(d.stop().success());
+    assert_same(&std::fs::read(&tgt).unwrap(), &want, "the local target");
+    assert_same(&std::fs::read(&src).unwrap(), &want, "the remote source");
 }
 
 /// A link that stays down longer than --remote-timeout: the target is

@@ -1,6 +1,6 @@
 //! The root storage daemon mode on the host: the supervisor forks the daemon,
 //! restarts it after `kill -9` (the sync resumes from `--state`), and stops
-//! both on SIGTERM. The same mode under a real switch_root runs in the VM
+//! both on SIGTERM; a daemon whose supervisor was killed serves on. The same mode under a real switch_root runs in the VM
 //! scenarios (tests/vm/).
 #![allow(clippy::unwrap_used, unreachable_pub)] // test code: a panic is a failure; helpers are shared through `mod common`
 
@@ -110,4 +110,66 @@ fn supervisor_restarts_a_killed_daemon_which_resumes_the_sync() {
     let st = d.stop();
     assert!(st.success(), "supervisor exit: {st}\n{}", d.log_text());
     assert!(!Path::new(&format!("/proc/{second}")).exists(), "daemon {second} outlived its supervisor");
+}
+
+/// Kills a process by pid when dropped (a daemon that is not our child).
+struct KillOnDrop(u32);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = kill(Pid::from_raw(self.0 as i32), Signal::SIGKILL);
+    }
+}
+
+fn alive(pid: u32) -> bool {
+    // A zombie is not alive (its parent has not reaped it yet).
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .is_ok_and(|s| s.rsplit_once(") ").is_some_and(|(_, rest)| !rest.starts_with('Z')))
+}
+
+/// The supervisor killed with SIGKILL: the daemon keeps serving its clients
+/// (it is adopted; the kernel device and every connection are its own), says
+/// once that it runs unsupervised now, and still stops cleanly on SIGTERM.
+#[test]
+fn the_daemon_outlives_its_supervisor_serves_on_and_says_so() {
+    let dir = scratch_shm();
+    let src = dir.path().join("s.img");
+    let data = pattern(8, 8 << 20);
+    make_image(&src, &data);
+    let mut d = Daemon::start(dir.path(), &["--root-storage-daemon", "--source", p(&src)]);
+    let sup = d.child.as_ref().map(|c| c.id()).expect("running");
+    let daemon = daemon_child(&d, sup, None);
+    let _reap = KillOnDrop(daemon);
+    d.kill9();
+    assert!(!alive(sup), "the supervisor still runs");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let gone = format!("the supervisor (pid {sup}) is gone");
+    loop {
+        let st = d.status();
+        if st["events"].to_string().contains(&gone) {
+            assert_eq!(st["state"], "serving", "{st}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "no event about the supervisor: {st}\n{}", d.log_text());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(alive(daemon), "the daemon died with its supervisor");
+    assert_ne!(proc_field(daemon, "PPid"), sup.to_string(), "not adopted");
+    // Clients are served as before.
+    let uri = d.uri();
+    qemu_io_ok(&d, &uri, &["write -P 0x5c 1M 64k".into(), "read -P 0x5c 1M 64k".into(), "flush".into()]);
+    assert_same(&pread(&uri, 0, 4096), &data[..4096], "a read after the supervisor died");
+    // Said once, not every half second.
+    std::thread::sleep(Duration::from_millis(1500));
+    assert_eq!(d.log_text().matches(&gone).count(), 1, "{}", d.log_text());
+    // SIGTERM still stops it cleanly, and what it acknowledged is on the disk.
+    kill(Pid::from_raw(daemon as i32), Signal::SIGTERM).expect("SIGTERM the daemon");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while alive(daemon) {
+        assert!(Instant::now() < deadline, "the daemon did not stop on SIGTERM:\n{}", d.log_text());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(d.log_text().contains("stopped cleanly"), "{}", d.log_text());
+    let on_disk = std::fs::read(&src).unwrap();
+    assert_same(&on_disk[1 << 20..(1 << 20) + (64 << 10)], &[0x5c; 64 << 10], "the write on the source");
 }

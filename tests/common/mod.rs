@@ -414,6 +414,26 @@ pub fn export_bytes(uri: &str) -> Vec<u8> {
     o.stdout
 }
 
+/// `len` bytes at `off` of the export as a client reads them (nbdsh, one
+/// NBD READ per call of libnbd's `pread`).
+pub fn pread(uri: &str, off: u64, len: u64) -> Vec<u8> {
+    let code = format!("import sys; sys.stdout.buffer.write(h.pread({len}, {off}))");
+    let o =
+        Command::new(tool("nbdsh")).args(["-u", uri, "-c", &code]).env("PATH", debian_path()).output().expect("nbdsh");
+    assert!(o.status.success(), "nbdsh pread {off}+{len} from {uri}: {}", text(&o));
+    assert_eq!(o.stdout.len() as u64, len, "nbdsh pread {off}+{len}: short read");
+    o.stdout
+}
+
+/// Writes `data` at `off` straight into a device or image file, behind the
+/// daemon's back (its advisory lock does not stop a plain write).
+pub fn poke(path: &Path, off: u64, data: &[u8]) {
+    use std::os::unix::fs::FileExt;
+    let f =
+        std::fs::OpenOptions::new().write(true).open(path).unwrap_or_else(|e| panic!("open {}: {e}", path.display()));
+    f.write_all_at(data, off).unwrap_or_else(|e| panic!("write {}: {e}", path.display()));
+}
+
 /// A tmpfs mounted for the test, unmounted on drop (declare it before the
 /// daemon that uses it, so the daemon is gone first).
 pub struct Mount(pub PathBuf);

@@ -293,7 +293,8 @@ impl Mirror {
         self.log_event(EventKind::Error, message);
     }
 
-    pub(crate) fn log_event(&self, kind: EventKind, message: String) {
+    /// Logs `message` and records it as an event of `kind` (status, `events`).
+    pub fn log_event(&self, kind: EventKind, message: String) {
         match kind {
             EventKind::Error => tracing::error!("{message}"),
             _ => tracing::info!("{message}"),
