@@ -90,8 +90,10 @@ pub(crate) struct ServeArgs {
     /// (every option but STARTTLS is refused until TLS runs).
     #[arg(long, value_name = "off|on|require", value_enum, default_value = "off")]
     pub(crate) tls: TlsArg,
-    /// X.509 credentials: DIR/server-cert.pem, DIR/server-key.pem, and
-    /// DIR/ca-cert.pem for --tls-verify-peer (the qemu-nbd/nbdkit layout).
+    /// X.509 credentials: DIR/server-cert.pem (the chain, leaf first),
+    /// DIR/server-key.pem (RSA from 2048 bits, ECDSA P-256/P-384/P-521,
+    /// Ed25519 or Ed448; not encrypted), and DIR/ca-cert.pem for
+    /// --tls-verify-peer (the qemu-nbd/nbdkit layout).
     #[arg(long, value_name = "DIR", conflicts_with = "tls_psk")]
     pub(crate) tls_certs: Option<PathBuf>,
     /// Pre-shared keys: "identity:hexkey" lines, as psktool writes them.

@@ -5,7 +5,8 @@
 //! Layout follows the protocol's phases: [`proto`] (constants and encodings),
 //! [`handshake`] (option negotiation, sans-I/O), [`request`] (validation of every
 //! request in one place), [`transmission`] (one connection's request loop),
-//! [`tls`] (STARTTLS: the acceptor over rustls and OpenSSL, the TLS stream)
+//! [`tls`] (STARTTLS: the acceptor over OpenSSL, the TLS stream; its X.509
+//! credentials in `x509`)
 //! and [`server`] (listeners, the handshake driver, connection hand-off).
 
 pub mod client;
@@ -21,6 +22,7 @@ pub mod stats;
 pub mod tls;
 pub mod transmission;
 pub mod unix_socket;
+mod x509;
 
 pub use handshake::{Export, Handshake, Negotiated, Progress, TlsMode};
 pub use limits::ConnLimits;
