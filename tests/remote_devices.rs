@@ -1000,6 +1000,48 @@ fn trims_zeroes_and_flushes_reach_a_remote_target_as_such() {
     assert_same(&got[(11 * MIB) as usize..], &data[(11 * MIB) as usize..], "the remote disk after the zeroes");
 }
 
+/// nbds:// with every kind of key and certificate the gnutls clients take
+/// (tests/certs): nbdkit serves each with client certificates required, and
+/// each is attached, synced and checked, then detached for the next.
+#[test]
+fn nbds_takes_every_key_and_chain_the_gnutls_clients_take() {
+    let dir = scratch();
+    let src = dir.path().join("s.img");
+    let data = pattern(16, MIB as usize);
+    make_image(&src, &data);
+    let d = Daemon::start(dir.path(), &["--source", p(&src)]);
+    for kind in TLS_KINDS {
+        let creds = Path::new(TLS_MATRIX).join(kind);
+        let tgt = dir.path().join(format!("{kind}.img"));
+        make_sparse(&tgt, MIB);
+        let qsock = dir.path().join(format!("{kind}.sock"));
+        let _server = Peer::spawn(
+            {
+                let mut c = Command::new(tool("nbdkit"));
+                c.args(["-f", "-U", p(&qsock), "--tls=require", &format!("--tls-certificates={}", creds.display())]);
+                c.args(["--tls-verify-peer", "file", p(&tgt)]);
+                c
+            },
+            "nbdkit with TLS",
+        );
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while std::os::unix::net::UnixStream::connect(&qsock).is_err() {
+            assert!(Instant::now() < deadline, "nbdkit with the {kind} credentials does not listen");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let o = d.cli(&[
+            "attach",
+            &format!("nbds+unix:///?socket={}&tls-certificates={}", qsock.display(), creds.display()),
+        ]);
+        assert_eq!(code(&o), 0, "{kind}: attach: {}\n{}", text(&o), d.log_text());
+        let o = d.cli(&["wait", "--timeout", "60"]);
+        assert_eq!(code(&o), 0, "{kind}: wait: {}\n{}", text(&o), d.log_text());
+        verify_ok(&d);
+        d.cli_ok(&["detach-target"]);
+        assert_same(&std::fs::read(&tgt).unwrap(), &data, &format!("the remote disk over TLS with {kind}"));
+    }
+}
+
 /// nbds:// over TCP: the server's certificate must name the URI's host. The
 /// test certificate names `localhost`, so `nbds://localhost:PORT/` syncs and
 /// `nbds://127.0.0.1:PORT/` (the same server) is refused as unverifiable.

@@ -383,39 +383,16 @@ fn remote_listeners_need_authenticating_tls_or_allow_remote() {
 }
 
 /// One option reply: (option, type, data as text).
-/// The key matrix (tests/certs/make.sh): every kind of key and certificate a
-/// CA may issue that qemu-nbd, nbdkit and nbd-server (gnutls) serve with.
-const MATRIX: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/certs");
-const ACCEPTED: &[&str] = &[
-    // The reference server's own test certificates: RSA 2432 bits (PKCS#1),
-    // made by certtool, the name in the CN alone (no subjectAltName).
-    "nbd-reference",
-    "rsa2048",
-    "rsa2048-pkcs1",
-    "rsa3072",
-    "rsa4096",
-    "rsa8192",
-    "p256",
-    "p256-sec1",
-    "certtool-ec",
-    "p384",
-    "p521",
-    "ed25519",
-    "ed448",
-    // root CA -> intermediate -> leaf, the intermediate sent with the leaf.
-    "chain",
-];
-
 /// Each kind of key serves real clients over TLS, with client certificates
 /// of the same CA verified: qemu-io writes and reads a pattern, nbdinfo
 /// (libnbd) connects. Both are gnutls clients, which check the server's
 /// certificate against the CA and the name `localhost`.
 #[test]
 fn every_key_and_chain_the_peers_serve_with_serves_qemu_and_libnbd() {
-    for kind in ACCEPTED {
+    for kind in TLS_KINDS {
         let dir = scratch();
         let (img, _) = image(dir.path(), 1 << 20);
-        let creds = Path::new(MATRIX).join(kind);
+        let creds = Path::new(TLS_MATRIX).join(kind);
         let mut d = Daemon::start(
             dir.path(),
             &["--source", p(&img), "--tls", "require", "--tls-certs", p(&creds), "--tls-verify-peer"],
@@ -477,7 +454,7 @@ fn keys_that_cannot_serve_are_refused_at_start_with_the_reason() {
     ] {
         let dir = scratch();
         let (img, _) = image(dir.path(), 1 << 20);
-        let creds = Path::new(MATRIX).join(kind);
+        let creds = Path::new(TLS_MATRIX).join(kind);
         let mut d = Daemon::spawn_raw(dir.path(), &["--source", p(&img), "--tls", "require", "--tls-certs", p(&creds)]);
         let st = wait_timeout(d.child.as_mut().unwrap(), Duration::from_secs(30)).expect("exits at once");
         assert_eq!(exit_code(&st), 1, "{kind}: {}", d.log_text());

@@ -1,8 +1,9 @@
-//! X.509 credentials for STARTTLS on the server (`--tls-certs DIR`), read with
-//! OpenSSL, so that every key and certificate a user's CA may issue for
-//! qemu-nbd, nbdkit or nbd-server (gnutls) works here too: RSA of any size
-//! from 2048 bits, ECDSA on P-256, P-384 and P-521, Ed25519 and Ed448, in
-//! PKCS#1, SEC1 or PKCS#8, with intermediate CAs in the chain.
+//! X.509 credentials for STARTTLS on the server (`--tls-certs DIR`), and the
+//! key checks the `nbds://` client shares, read with OpenSSL, so that every
+//! key and certificate a user's CA may issue for qemu-nbd, nbdkit or
+//! nbd-server (gnutls) works here too: RSA of any size from 2048 bits, ECDSA
+//! on P-256, P-384 and P-521, Ed25519 and Ed448, in PKCS#1, SEC1 or PKCS#8,
+//! with intermediate CAs in the chain.
 //!
 //! Everything else is refused at start with the reason, before anything
 //! listens: an encrypted key (the daemon has nobody to ask for the
@@ -24,7 +25,7 @@ use crate::tls::TlsSetupError;
 
 /// OpenSSL's security level 2: 112-bit security (RSA and DH from 2048 bits,
 /// no SHA-1 signatures in the chain). Debian's default, set explicitly.
-const SECURITY_LEVEL: u32 = 2;
+pub(crate) const SECURITY_LEVEL: u32 = 2;
 
 /// The smallest RSA key accepted: what level 2 asks for (NIST has disallowed
 /// 1024-bit RSA since 2013; gnutls still serves it, we do not).
@@ -33,11 +34,11 @@ const MIN_RSA_BITS: u32 = 2048;
 /// TLS 1.3 suites, AES-128-GCM first and chosen over the client's order: gnutls
 /// clients ask for AES-256 first, which costs both ends a third more per byte
 /// (docs/decisions.md, "AES-128-GCM first").
-const TLS13_SUITES: &str = "TLS_AES_128_GCM_SHA256:TLS_AES_256_GCM_SHA384:TLS_CHACHA20_POLY1305_SHA256";
+pub(crate) const TLS13_SUITES: &str = "TLS_AES_128_GCM_SHA256:TLS_AES_256_GCM_SHA384:TLS_CHACHA20_POLY1305_SHA256";
 
 /// TLS 1.2: an ephemeral key exchange and an AEAD cipher only (forward
 /// secrecy, no CBC), for ECDSA/EdDSA and RSA certificates alike.
-const TLS12_CIPHERS: &str = "ECDHE-ECDSA-AES128-GCM-SHA256:ECDHE-RSA-AES128-GCM-SHA256:\
+pub(crate) const TLS12_CIPHERS: &str = "ECDHE-ECDSA-AES128-GCM-SHA256:ECDHE-RSA-AES128-GCM-SHA256:\
                              ECDHE-ECDSA-AES256-GCM-SHA384:ECDHE-RSA-AES256-GCM-SHA384:\
                              ECDHE-ECDSA-CHACHA20-POLY1305:ECDHE-RSA-CHACHA20-POLY1305";
 
@@ -50,7 +51,7 @@ fn invalid(path: &Path, reason: impl std::fmt::Display) -> TlsSetupError {
 }
 
 /// The first line of OpenSSL's error stack, which names what it refused.
-fn openssl_reason(e: &openssl::error::ErrorStack) -> String {
+pub(crate) fn openssl_reason(e: &openssl::error::ErrorStack) -> String {
     e.errors().first().map(|x| x.reason().unwrap_or("unknown reason").to_string()).unwrap_or_else(|| e.to_string())
 }
 
@@ -61,7 +62,8 @@ fn is_encrypted(pem: &[u8]) -> bool {
     text.contains("-----BEGIN ENCRYPTED PRIVATE KEY-----") || text.contains("Proc-Type: 4,ENCRYPTED")
 }
 
-/// Reads the server's private key and checks it is one TLS clients accept.
+/// Reads a private key (the server's, or a client's) and checks it is one TLS
+/// peers accept.
 pub(crate) fn private_key(path: &Path) -> Result<PKey<Private>, TlsSetupError> {
     let pem = read(path)?;
     if is_encrypted(&pem) {
@@ -113,7 +115,7 @@ fn check_key(key: &PKey<Private>) -> Result<(), String> {
 }
 
 /// Reads a PEM file of certificates (at least one).
-fn certificates(path: &Path) -> Result<Vec<X509>, TlsSetupError> {
+pub(crate) fn certificates(path: &Path) -> Result<Vec<X509>, TlsSetupError> {
     let pem = read(path)?;
     let certs = X509::stack_from_pem(&pem).map_err(|e| invalid(path, openssl_reason(&e)))?;
     if certs.is_empty() {

@@ -434,6 +434,33 @@ pub fn poke(path: &Path, off: u64, data: &[u8]) {
     f.write_all_at(data, off).unwrap_or_else(|e| panic!("write {}: {e}", path.display()));
 }
 
+/// The TLS key matrix (tests/certs/make.sh): one directory per kind of key
+/// and certificate a CA may issue, each with ca-cert.pem, server-cert.pem,
+/// server-key.pem, client-cert.pem and client-key.pem.
+pub const TLS_MATRIX: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/certs");
+
+/// The kinds every gnutls peer (qemu-nbd, nbdkit, nbd-server; qemu and libnbd
+/// as clients) takes, and so must livemirror, as server and as client.
+pub const TLS_KINDS: &[&str] = &[
+    // The reference server's own test certificates: RSA 2432 bits (PKCS#1),
+    // made by certtool, the name in the CN alone (no subjectAltName).
+    "nbd-reference",
+    "rsa2048",
+    "rsa2048-pkcs1",
+    "rsa3072",
+    "rsa4096",
+    "rsa8192",
+    "p256",
+    "p256-sec1",
+    "certtool-ec",
+    "p384",
+    "p521",
+    "ed25519",
+    "ed448",
+    // root CA -> intermediate -> leaf, the intermediate sent with the leaf.
+    "chain",
+];
+
 /// A tmpfs mounted for the test, unmounted on drop (declare it before the
 /// daemon that uses it, so the daemon is gone first).
 pub struct Mount(pub PathBuf);

@@ -4,7 +4,7 @@
 //! | --- | --- |
 //! | `uri.rs` | `nbd://`, `nbds://`, `nbd+unix://` names |
 //! | `handshake.rs` | the client side of the handshake (STARTTLS, structured replies, `base:allocation`, GO) |
-//! | `tls.rs` | the rustls client of `nbds://` |
+//! | `tls.rs` | the TLS client of `nbds://` (OpenSSL: X.509 and pre-shared keys) |
 //! | `conn.rs` | one connection: pipelined requests, replies into the callers' buffers, the stall watchdog |
 //! | `device.rs` | the [`engine::RemoteDevice`]: splitting to block sizes, connection slots, reconnects, timeouts |
 //! | `opener.rs` | the [`engine::DeviceOpener`] that tells URIs from paths |
