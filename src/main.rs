@@ -12,6 +12,7 @@ mod notify;
 mod rootd;
 mod serve;
 mod units;
+mod upgrade;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -152,6 +153,19 @@ enum Cmd {
         #[command(flatten)]
         control: ControlArg,
     },
+    /// Replace the running daemon with the binary this command runs from (the
+    /// one now installed), keeping its listening sockets, the kernel device,
+    /// the copy and its settings: no refused connection, no I/O error.
+    /// Network clients' connections end after their requests are answered
+    /// and are made again. If the new binary does not start or cannot take
+    /// over, the daemon serves on.
+    Upgrade {
+        /// Start this binary instead (default: the one this command runs from).
+        #[arg(long, value_name = "PATH")]
+        binary: Option<PathBuf>,
+        #[command(flatten)]
+        control: ControlArg,
+    },
     /// Run the whole flow on temporary files and check every byte.
     Demo(demo::DemoArgs),
     /// Measure the copier on your own devices and recommend flags (writes TARGET; needs --force).
@@ -197,6 +211,7 @@ fn main() -> ExitCode {
         Cmd::Resume { control } => commands::simple(&control.control, Request::Resume),
         Cmd::SetRate { rate, min_rate, control } => commands::set_rate(&control.control, rate, min_rate),
         Cmd::Grow { size, control } => commands::grow(&control.control, size),
+        Cmd::Upgrade { binary, control } => commands::upgrade(&control.control, binary),
         Cmd::Demo(a) => demo::run(a),
         Cmd::Bench(a) => bench::run(a),
         Cmd::NbdDisconnect { device } => match nbd_frontend::kernel::disconnect(&device) {

@@ -35,7 +35,7 @@ fn parse_metrics_addr(s: &str) -> Result<ListenAddr, String> {
     }
 }
 
-#[derive(Args, Debug)]
+#[derive(Args, Debug, Clone)]
 pub(crate) struct ServeArgs {
     /// The device or image to serve (may be left out only with --state, when
     /// the state file says source-detached).
@@ -192,7 +192,9 @@ fn init_logging() -> tracing_appender::non_blocking::WorkerGuard {
 }
 
 pub(crate) fn run(args: ServeArgs) -> u8 {
-    let args = match args.absolute() {
+    // Relative paths mean what they meant to the daemon an upgrade replaces.
+    let start_dir = crate::upgrade::start_dir();
+    let args = match crate::upgrade::in_dir(start_dir.as_deref(), || args.absolute()) {
         Ok(a) => a,
         Err(e) => {
             eprintln!("livemirror: {e}");
@@ -203,13 +205,14 @@ pub(crate) fn run(args: ServeArgs) -> u8 {
     // them be found after a switch_root (see engine::hostfs).
     let proc_cwd = engine::hostfs::enter_proc_cwd();
     let root_daemon = crate::rootd::requested(args.root_storage_daemon);
-    let mut supervisor = None;
+    crate::upgrade::remember_start(root_daemon, start_dir);
     if root_daemon {
-        match crate::rootd::supervise() {
-            crate::rootd::Role::Exit(code) => return code,
-            crate::rootd::Role::Daemon { supervisor: pid } => supervisor = Some(pid),
+        if let crate::rootd::Role::Exit(code) = crate::rootd::supervise(crate::upgrade::plan_path(&args.control)) {
+            return code;
         }
     }
+    // A successor of `livemirror upgrade` (read while this process has one thread).
+    let handover = crate::upgrade::take_env();
     let _log = init_logging();
     if let Err(e) = proc_cwd {
         tracing::warn!("no procfs ({e}): paths will only be looked up in this process's root");
@@ -217,11 +220,17 @@ pub(crate) fn run(args: ServeArgs) -> u8 {
     if root_daemon {
         crate::rootd::harden();
     }
-    match serve(args, supervisor) {
+    let successor = handover.is_some();
+    match serve(args, handover) {
         Ok(()) => 0,
         Err(e) => {
             eprintln!("livemirror: {e:#}");
-            1
+            // The old daemon serves on: a supervisor must not start this again.
+            if successor {
+                crate::upgrade::EXIT_NOT_TAKEN_OVER
+            } else {
+                1
+            }
         }
     }
 }
@@ -344,13 +353,21 @@ fn server_config(args: &ServeArgs, served: &str, tls: TlsPolicy) -> anyhow::Resu
 pub(crate) struct Running {
     pub(crate) mirror: Arc<Mirror>,
     pub(crate) server: Server<Mirror>,
-    kernel: Option<(PathBuf, nbd_frontend::kernel::KernelAttachment)>,
+    pub(crate) kernel: Option<(PathBuf, nbd_frontend::kernel::KernelAttachment)>,
     /// What a clean stop does with the kernel device (see [`kernel_on_stop`]).
-    kernel_stop: KernelStop,
-    workers: Vec<Arc<Worker>>,
-    stop_control: tokio::sync::watch::Sender<bool>,
-    sockets: SocketFiles,
-    shutdown_timeout: std::time::Duration,
+    pub(crate) kernel_stop: KernelStop,
+    pub(crate) workers: Vec<Arc<Worker>>,
+    pub(crate) stop_control: tokio::sync::watch::Sender<bool>,
+    pub(crate) sockets: SocketFiles,
+    pub(crate) shutdown_timeout: std::time::Duration,
+    /// Second handles on the listening sockets, for `livemirror upgrade`.
+    pub(crate) held: crate::upgrade::Held,
+    pub(crate) notifier: Option<crate::notify::Notifier>,
+    /// A state file made for an upgrade (the daemon was started without
+    /// `--state`): removed at a clean stop.
+    pub(crate) remove_on_stop: Option<PathBuf>,
+    /// Where the control server sends `upgrade` requests.
+    pub(crate) upgrades: crate::control::Upgrades,
 }
 
 /// What a clean stop (SIGTERM) does with a kernel NBD device we connected.
@@ -375,10 +392,10 @@ pub(crate) fn kernel_on_stop(root_daemon: bool) -> KernelStop {
 /// Socket files this daemon created. Removed when dropped (a failed start
 /// leaves none behind), unless handed over with [`SocketFiles::take`].
 #[derive(Default)]
-struct SocketFiles(Vec<PathBuf>);
+pub(crate) struct SocketFiles(Vec<PathBuf>);
 
 impl SocketFiles {
-    fn take(&mut self) -> Vec<PathBuf> {
+    pub(crate) fn take(&mut self) -> Vec<PathBuf> {
         std::mem::take(&mut self.0)
     }
 }
@@ -402,9 +419,20 @@ fn check_kernel_nbd(dev: &std::path::Path) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// What `start` checks before it opens or binds anything (a successor of
+/// `livemirror upgrade` checks it before it says hello to the old daemon).
+pub(crate) struct Prepared {
+    tls: TlsPolicy,
+    remote: Vec<ListenAddr>,
+}
+
 /// Opens the devices and starts serving; returns once every listener accepts
 /// and the control socket answers.
 pub(crate) fn start(args: &ServeArgs) -> anyhow::Result<Running> {
+    start_with(args, prepare(args)?, crate::upgrade::Inherited::default(), None)
+}
+
+pub(crate) fn prepare(args: &ServeArgs) -> anyhow::Result<Prepared> {
     let tls = tls_policy(args)?;
     let remote = check_listeners(args, &tls)?;
     if let Some(m) = &args.metrics {
@@ -421,6 +449,19 @@ pub(crate) fn start(args: &ServeArgs) -> anyhow::Result<Running> {
     if let Some(dev) = &args.nbd_device {
         check_kernel_nbd(dev)?;
     }
+    Ok(Prepared { tls, remote })
+}
+
+/// [`start`] from the sockets `inherited` holds (a predecessor's, handed over
+/// by `livemirror upgrade`), binding the others; `upgrades` is where the
+/// control server sends `upgrade` requests.
+pub(crate) fn start_with(
+    args: &ServeArgs,
+    pre: Prepared,
+    mut inherited: crate::upgrade::Inherited,
+    upgrades: crate::control::Upgrades,
+) -> anyhow::Result<Running> {
+    let Prepared { tls, remote } = pre;
     let cfg = MirrorConfig {
         region_size: args.region_size.unwrap_or(engine::regions::DEFAULT_REGION_SIZE),
         queue_depth: args.queue_depth.max(1),
@@ -441,6 +482,7 @@ pub(crate) fn start(args: &ServeArgs) -> anyhow::Result<Running> {
             region_size_explicit: args.region_size.is_some(),
             max_rate_explicit: args.max_rate.is_some(),
             min_rate_explicit: args.min_rate.is_some(),
+            handed_over: inherited.handed_over,
         },
         cfg,
     )?;
@@ -461,29 +503,41 @@ pub(crate) fn start(args: &ServeArgs) -> anyhow::Result<Running> {
     let server = Server::new(mirror.clone(), server_config(args, &served, tls)?, workers.clone());
     let mut bound = Vec::new();
     let mut sockets = SocketFiles::default();
+    let mut held = crate::upgrade::Held { listeners: Vec::new(), control: None, metrics: None };
     for l in &args.listen {
-        bound.push(match l {
+        let listener = match inherited.take_listener(l)? {
+            Some(inh) => inh,
             // Listener::bind names a TCP address in its errors itself.
-            ListenAddr::Tcp { .. } => Listener::bind(l)?,
-            ListenAddr::Unix(_) => Listener::bind(l).with_context(|| format!("cannot listen on {l}"))?,
-        });
+            None if matches!(l, ListenAddr::Tcp { .. }) => Listener::bind(l)?,
+            None => Listener::bind(l).with_context(|| format!("cannot listen on {l}"))?,
+        };
+        held.listeners.push((l.clone(), listener.try_clone().context("a second handle on a listener")?));
+        bound.push(listener);
         if let ListenAddr::Unix(p) = l {
             sockets.0.push(p.clone());
         }
     }
-    let control = nbd_frontend::unix_socket::bind(&args.control)
-        .with_context(|| format!("cannot create the control socket {}", args.control.display()))?;
+    let control = match inherited.take_control() {
+        Some(c) => c,
+        None => nbd_frontend::unix_socket::bind(&args.control)
+            .with_context(|| format!("cannot create the control socket {}", args.control.display()))?,
+    };
+    held.control = Some(control.try_clone().context("a second handle on the control socket")?);
     sockets.0.push(args.control.clone());
-    let metrics = match &args.metrics {
-        Some(a) => {
+    let metrics = match (&args.metrics, inherited.take_metrics()) {
+        (Some(_), Some(l)) => Some(l),
+        (Some(a), None) => {
             let addrs = a.resolve().with_context(|| format!("cannot resolve {a}"))?;
             let l =
                 std::net::TcpListener::bind(&addrs[..]).with_context(|| format!("cannot listen for metrics on {a}"))?;
             l.set_nonblocking(true).context("metrics socket")?;
             Some(l)
         }
-        None => None,
+        (None, _) => None,
     };
+    if let Some(m) = &metrics {
+        held.metrics = Some(m.try_clone().context("a second handle on the metrics listener")?);
+    }
     let metrics_addr = metrics.as_ref().and_then(|l| l.local_addr().ok());
     let addrs: Vec<String> = bound.iter().map(|l| l.local_addr()).collect();
     let io0 = workers[0].clone();
@@ -495,7 +549,12 @@ pub(crate) fn start(args: &ServeArgs) -> anyhow::Result<Running> {
     {
         let m = mirror.clone();
         let stop = stop_rx.clone();
-        io0.run(move || crate::control::serve(control, m, stop))?;
+        let up = upgrades.clone();
+        io0.run(move || crate::control::serve(control, m, stop, up))?;
+    }
+    if let Some(pid) = crate::rootd::supervisor() {
+        let (m, stop) = (mirror.clone(), stop_rx.clone());
+        io0.run(move || crate::rootd::watch_supervisor(pid, m, stop))?;
     }
     if let Some(l) = metrics {
         let (m, s, stop) = (mirror.clone(), server.clone(), stop_rx.clone());
@@ -526,6 +585,10 @@ pub(crate) fn start(args: &ServeArgs) -> anyhow::Result<Running> {
         stop_control,
         sockets,
         shutdown_timeout,
+        held,
+        notifier: None,
+        remove_on_stop: None,
+        upgrades,
     };
     if let Some(t) = started.attach {
         let m = running.mirror.clone();
@@ -541,7 +604,10 @@ pub(crate) fn start(args: &ServeArgs) -> anyhow::Result<Running> {
             timeout: std::time::Duration::from_secs(args.nbd_timeout.max(1)),
             dead_conn_timeout: std::time::Duration::from_secs(args.nbd_dead_timeout),
         };
-        let k = nbd_frontend::kernel::attach(&running.server, &opts, running.mirror.subscribe_size())
+        // Connections a predecessor handed over are served on; without any,
+        // the device is connected (or reconnected after a crash).
+        let handed = inherited.take_kernel();
+        let k = nbd_frontend::kernel::adopt(&running.server, &opts, running.mirror.subscribe_size(), handed)
             .with_context(|| format!("cannot attach the kernel client to {}", dev.display()))?;
         running.kernel = Some((dev.clone(), k));
     }
@@ -585,7 +651,22 @@ impl Running {
     /// Stops accepting, drains every connection, stops the copier, flushes and
     /// persists, then stops the threads and removes the sockets.
     pub(crate) fn shutdown(self) -> anyhow::Result<()> {
-        let Running { mirror, server, kernel, kernel_stop, workers, stop_control, sockets, shutdown_timeout } = self;
+        let Running {
+            mirror,
+            server,
+            kernel,
+            kernel_stop,
+            workers,
+            stop_control,
+            sockets,
+            shutdown_timeout,
+            notifier,
+            remove_on_stop,
+            ..
+        } = self;
+        if let Some(n) = notifier {
+            n.stopping();
+        }
         if let Some((dev, mut k)) = kernel {
             match kernel_stop {
                 KernelStop::FlushAndDisconnect => {
@@ -615,35 +696,80 @@ impl Running {
         }
         // Removes the socket files.
         drop(sockets);
+        if let Some(p) = remove_on_stop {
+            let _ = std::fs::remove_file(engine::hostfs::locate(&p, None));
+        }
         Ok(())
     }
 }
 
-fn serve(args: ServeArgs, supervisor: Option<nix::unistd::Pid>) -> anyhow::Result<()> {
-    let running = start(&args)?;
-    if let Some(pid) = supervisor {
-        let m = running.mirror.clone();
-        running.workers[0].run(move || crate::rootd::watch_supervisor(pid, m))?;
+fn serve(mut args: ServeArgs, handover: Option<String>) -> anyhow::Result<()> {
+    let (upgrade_tx, mut upgrade_rx) = tokio::sync::mpsc::unbounded_channel();
+    let mut running = match handover {
+        None => start_with(&args, prepare(&args)?, crate::upgrade::Inherited::default(), Some(upgrade_tx))?,
+        Some(env) => crate::upgrade::take_over(&mut args, &env, Some(upgrade_tx))?,
+    };
+    running.notifier = crate::notify::Notifier::start(&args.control, running.mirror.clone());
+    let mut running = Some(running);
+    // Signals and upgrade requests; an upgrade runs on a thread of its own, so
+    // that a stop signal that arrives meanwhile is not lost.
+    let ended = engine::rt::block_on(async {
+        use tokio::signal::unix::{signal, SignalKind};
+        let mut term = signal(SignalKind::terminate()).context("SIGTERM handler")?;
+        let mut int = signal(SignalKind::interrupt()).context("SIGINT handler")?;
+        loop {
+            let req = tokio::select! {
+                _ = term.recv() => return Ok(false),
+                _ = int.recv() => return Ok(false),
+                r = upgrade_rx.recv() => match r { Some(r) => r, None => continue },
+            };
+            let Some(r) = running.take() else { bail!("no running daemon to upgrade") };
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            let a = args.clone();
+            std::thread::Builder::new()
+                .name("livemirror-upgrade".into())
+                .spawn(move || {
+                    let _ = tx.send(crate::upgrade::perform(&a, r, req));
+                })
+                .context("cannot start the upgrade")?;
+            let mut rx = std::pin::pin!(rx);
+            let mut stop_after = false;
+            let outcome = loop {
+                tokio::select! {
+                    o = &mut rx => break o.context("the upgrade thread died")?,
+                    _ = term.recv() => stop_after = true,
+                    _ = int.recv() => stop_after = true,
+                }
+            };
+            match outcome {
+                crate::upgrade::Outcome::HandedOver { notify } => {
+                    if let Some(pid) = notify {
+                        crate::notify::main_pid(pid);
+                    }
+                    return Ok(true);
+                }
+                crate::upgrade::Outcome::Serving(mut r) => {
+                    if r.notifier.is_none() {
+                        r.notifier = crate::notify::Notifier::start(&args.control, r.mirror.clone());
+                    }
+                    running = Some(*r);
+                    if stop_after {
+                        return Ok(false);
+                    }
+                }
+                crate::upgrade::Outcome::Lost(e) => return Err(e),
+            }
+        }
+    })??;
+    if ended {
+        // Handed over: the successor serves the sockets and the kernel device.
+        return Ok(());
     }
-    let notifier = crate::notify::Notifier::start(&args.control, running.mirror.clone());
-    engine::rt::block_on(wait_for_signal())??;
     tracing::info!("shutting down: finishing in-flight requests");
-    if let Some(n) = notifier {
-        n.stopping();
+    if let Some(r) = running {
+        r.shutdown()?;
     }
-    running.shutdown()?;
     tracing::info!("stopped cleanly");
-    Ok(())
-}
-
-async fn wait_for_signal() -> anyhow::Result<()> {
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut term = signal(SignalKind::terminate()).context("SIGTERM handler")?;
-    let mut int = signal(SignalKind::interrupt()).context("SIGINT handler")?;
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = int.recv() => {}
-    }
     Ok(())
 }
 

@@ -19,7 +19,7 @@ use crate::limits::ConnLimits;
 use crate::proto::BlockSizes;
 use crate::stats::Stats;
 use crate::tls::TlsPolicy;
-use crate::transmission::{self, ConnShared, Phase, Stream};
+use crate::transmission::{self, ConnShared, HandoverSlot, Phase, Stream};
 
 /// A client has this long to finish the handshake.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(60);
@@ -111,11 +111,54 @@ impl Listener {
         }
     }
 
+    /// Another handle on the same listening socket: it keeps accepting (its
+    /// backlog filling) after the accept loop gave its own handle up, until a
+    /// process that was handed this one accepts again (`livemirror upgrade`).
+    pub fn try_clone(&self) -> io::Result<Listener> {
+        Ok(match self {
+            Listener::Unix(l, p) => Listener::Unix(l.try_clone()?, p.clone()),
+            Listener::Tcp(l) => Listener::Tcp(l.try_clone()?),
+        })
+    }
+
+    /// A listening socket inherited from another process, for `addr`.
+    pub fn from_fd(fd: std::os::fd::OwnedFd, addr: &ListenAddr) -> io::Result<Listener> {
+        Ok(match addr {
+            ListenAddr::Unix(p) => {
+                let l = std::os::unix::net::UnixListener::from(fd);
+                l.set_nonblocking(true)?;
+                Listener::Unix(l, p.clone())
+            }
+            ListenAddr::Tcp { .. } => {
+                let l = std::net::TcpListener::from(fd);
+                l.set_nonblocking(true)?;
+                Listener::Tcp(l)
+            }
+        })
+    }
+
+    /// The socket, to hand over.
+    pub fn into_fd(self) -> std::os::fd::OwnedFd {
+        match self {
+            Listener::Unix(l, _) => l.into(),
+            Listener::Tcp(l) => l.into(),
+        }
+    }
+
     /// The actual address (useful with port 0).
     pub fn local_addr(&self) -> String {
         match self {
             Listener::Unix(_, p) => format!("unix:{}", p.display()),
             Listener::Tcp(l) => l.local_addr().map(|a| format!("tcp:{a}")).unwrap_or_default(),
+        }
+    }
+}
+
+impl std::os::fd::AsFd for Listener {
+    fn as_fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        match self {
+            Listener::Unix(l, _) => l.as_fd(),
+            Listener::Tcp(l) => l.as_fd(),
         }
     }
 }
@@ -268,6 +311,20 @@ impl<D: BlockDevice> Server<D> {
     /// Serves an already connected stream without a handshake (the kernel's
     /// end of a socketpair) on one of the workers.
     pub fn serve_preconnected(&self, stream: std::os::unix::net::UnixStream, neg: Negotiated) -> io::Result<()> {
+        self.serve_handed(stream, neg, Vec::new(), None)
+    }
+
+    /// [`Server::serve_preconnected`] for a stream that starts with
+    /// `leftover` (bytes a previous process read from it), and that stops
+    /// between two requests, leaving what it read past the last one in
+    /// `handover`, when the server stops (see `transmission`).
+    pub fn serve_handed(
+        &self,
+        stream: std::os::unix::net::UnixStream,
+        neg: Negotiated,
+        leftover: Vec<u8>,
+        handover: Option<HandoverSlot>,
+    ) -> io::Result<()> {
         let n = self.inner.workers.len().max(1);
         let i = self.inner.next_worker.fetch_add(1, Ordering::Relaxed) % n;
         let worker = self.inner.workers.get(i).ok_or_else(|| io::Error::other("no worker"))?;
@@ -279,7 +336,7 @@ impl<D: BlockDevice> Server<D> {
         worker.run(move || async move {
             let res = async {
                 let s = Stream::Unix(tokio::net::UnixStream::from_std(stream)?);
-                server.serve_negotiated(s, &neg, Vec::new()).await
+                server.serve_connection(s, &neg, leftover, handover).await
             }
             .await;
             if let Err(e) = res {
@@ -371,11 +428,22 @@ impl<D: BlockDevice> Server<D> {
     /// Serves the transmission phase of an already negotiated stream (the
     /// kernel client skips the handshake: netlink attach).
     pub async fn serve_negotiated(&self, stream: Stream, neg: &Negotiated, leftover: Vec<u8>) -> io::Result<()> {
+        self.serve_connection(stream, neg, leftover, None).await
+    }
+
+    async fn serve_connection(
+        &self,
+        stream: Stream,
+        neg: &Negotiated,
+        leftover: Vec<u8>,
+        handover: Option<HandoverSlot>,
+    ) -> io::Result<()> {
         let shared = ConnShared {
             pool: self.inner.pool.clone(),
             phase: self.inner.phase.subscribe(),
             limits: self.inner.cfg.limits.clone(),
             stats: self.inner.stats.clone(),
+            handover,
         };
         transmission::serve(stream, self.inner.dev.clone(), neg, leftover, shared).await
     }

@@ -15,6 +15,12 @@
 //! still arriving is abandoned: its request was never started), requests in
 //! flight finish and their replies are delivered; in [`Phase::Closing`] replies
 //! not yet written are dropped and the connection closes at once.
+//!
+//! A connection with a [`HandoverSlot`] (the kernel's, which another process
+//! takes over on `livemirror upgrade`) stops only between two requests: a
+//! request whose header was read is read whole and answered, and the bytes
+//! read past the last one go into the slot. The socket is not shut down, so
+//! the next process goes on from exactly where this one stopped.
 
 use std::cell::RefCell;
 use std::future::Future;
@@ -342,6 +348,27 @@ pub struct ConnShared {
     pub phase: watch::Receiver<Phase>,
     pub limits: ConnLimits,
     pub stats: Arc<Stats>,
+    /// Set for a connection that is handed over rather than closed (module docs).
+    pub handover: Option<HandoverSlot>,
+}
+
+/// Where a connection stopped for a handover leaves the bytes it read past
+/// its last request: the stream's next bytes, for the process that goes on.
+#[derive(Clone, Default, Debug)]
+pub struct HandoverSlot(Arc<std::sync::Mutex<Option<Vec<u8>>>>);
+
+impl HandoverSlot {
+    /// The bytes, once the connection has stopped for a handover (`None`
+    /// before, or if it ended otherwise).
+    pub fn take(&self) -> Option<Vec<u8>> {
+        self.0.lock().ok().and_then(|mut v| v.take())
+    }
+
+    fn put(&self, rest: Vec<u8>) {
+        if let Ok(mut v) = self.0.lock() {
+            *v = Some(rest);
+        }
+    }
 }
 
 /// Why a connection ends early; set once, by whoever notices first.
@@ -379,15 +406,17 @@ enum Interrupt {
     Dead,
 }
 
-/// Runs `fut` unless the server stops taking requests or the connection dies first.
+/// Runs `fut` unless the server reaches `until` (Draining: it stops taking
+/// requests) or the connection dies first.
 async fn unless_stopped<F: Future>(
     fut: F,
     phase: &mut watch::Receiver<Phase>,
+    until: Phase,
     dead: &Dead,
 ) -> Result<F::Output, Interrupt> {
     tokio::select! {
         biased;
-        _ = phase.wait_for(|p| *p >= Phase::Draining) => Err(Interrupt::Stop),
+        _ = phase.wait_for(|p| *p >= until) => Err(Interrupt::Stop),
         _ = dead.wait() => Err(Interrupt::Dead),
         v = fut => Ok(v),
     }
@@ -416,6 +445,11 @@ impl Input {
 
     fn available(&self) -> usize {
         self.end - self.start
+    }
+
+    /// The bytes read and not yet taken.
+    fn rest(&self) -> Vec<u8> {
+        self.buf[self.start..self.end].to_vec()
     }
 
     /// Reads until `n` bytes are buffered. `Ok(false)` on EOF before any of them.
@@ -500,7 +534,13 @@ async fn write_all_vectored(wr: &mut WriteHalf, mut slices: &mut [IoSlice<'_>], 
     tokio::time::timeout(stall, wr.flush()).await.map_err(|_| stalled("the peer reading its replies", stall))?
 }
 
-async fn writer(mut wr: WriteHalf, mut rx: mpsc::UnboundedReceiver<Reply>, dead: Rc<Dead>, stall: Duration) {
+async fn writer(
+    mut wr: WriteHalf,
+    mut rx: mpsc::UnboundedReceiver<Reply>,
+    dead: Rc<Dead>,
+    stall: Duration,
+    handed_over: Rc<std::cell::Cell<bool>>,
+) {
     let mut batch: Vec<Reply> = Vec::with_capacity(MAX_BATCH_REPLIES);
     while let Some(first) = rx.recv().await {
         let mut bytes = first.body_len();
@@ -534,7 +574,10 @@ async fn writer(mut wr: WriteHalf, mut rx: mpsc::UnboundedReceiver<Reply>, dead:
             return;
         }
     }
-    let _ = wr.shutdown().await;
+    // A socket handed over stays open for the next process: no FIN.
+    if !handed_over.get() {
+        let _ = wr.shutdown().await;
+    }
 }
 
 /// Serves the transmission phase on `stream` until the client disconnects, the
@@ -561,23 +604,38 @@ pub async fn serve<D: BlockDevice>(
     let (mut rd, wr) = stream.into_split();
     let (tx, rx) = mpsc::unbounded_channel::<Reply>();
     let dead = Rc::new(Dead::default());
-    let mut writer_task = tokio::task::spawn_local(writer(wr, rx, dead.clone(), limits.stall_timeout));
+    let handed_over = Rc::new(std::cell::Cell::new(false));
+    let mut writer_task =
+        tokio::task::spawn_local(writer(wr, rx, dead.clone(), limits.stall_timeout, handed_over.clone()));
     // Requests started on the device and not finished.
     let inflight = Drain::new();
     let slots = Slots::new(limits.max_requests);
     let budget = ConnBudget::new(shared.pool.clone(), &limits);
     let mut input = Input::new(leftover, limits.stall_timeout);
     let mut phase = shared.phase.clone();
+    // Between two requests the server's stop is heeded at Draining; inside
+    // one, a connection that is handed over finishes the request first
+    // (only Closing interrupts it).
+    let within = if shared.handover.is_some() { Phase::Closing } else { Phase::Draining };
     let result: io::Result<()> = loop {
         // A slot first: while every slot is taken the socket is not read.
-        let slot = match unless_stopped(slots.take(), &mut phase, &dead).await {
+        let slot = match unless_stopped(slots.take(), &mut phase, Phase::Draining, &dead).await {
             Ok(s) => s,
-            Err(_) => break Ok(()),
+            Err(i) => {
+                handed_over.set(matches!(i, Interrupt::Stop) && shared.handover.is_some());
+                break Ok(());
+            }
         };
         if input.available() < header_len {
-            match unless_stopped(input.fill(&mut rd, header_len), &mut phase, &dead).await {
+            match unless_stopped(input.fill(&mut rd, header_len), &mut phase, Phase::Draining, &dead).await {
                 Ok(Ok(true)) => {}
-                Ok(Ok(false)) | Err(_) => break Ok(()),
+                Ok(Ok(false)) => break Ok(()),
+                Err(i) => {
+                    // Stopped before the header was complete: a boundary too
+                    // (what was read of it stays in `input`).
+                    handed_over.set(matches!(i, Interrupt::Stop) && shared.handover.is_some());
+                    break Ok(());
+                }
                 Ok(Err(e)) => break Err(e),
             }
         }
@@ -609,7 +667,7 @@ pub async fn serve<D: BlockDevice>(
                         format!("a refused request announced {skip} payload bytes (more than {MAX_SKIP}): hanging up"),
                     ));
                 }
-                match unless_stopped(input.skip(&mut rd, skip), &mut phase, &dead).await {
+                match unless_stopped(input.skip(&mut rd, skip), &mut phase, within, &dead).await {
                     Ok(Ok(())) => {}
                     Ok(Err(e)) => break Err(e),
                     Err(_) => break Ok(()),
@@ -625,7 +683,7 @@ pub async fn serve<D: BlockDevice>(
         match cmd {
             Command::Disconnect => break Ok(()),
             Command::Read { offset, len } => {
-                let charge = match unless_stopped(budget.charge(len as usize), &mut phase, &dead).await {
+                let charge = match unless_stopped(budget.charge(len as usize), &mut phase, within, &dead).await {
                     Ok(Ok(c)) => c,
                     Ok(Err(e)) => {
                         shared.stats.record(kind, 0, started, false);
@@ -661,7 +719,7 @@ pub async fn serve<D: BlockDevice>(
                 while pos < len {
                     let n = (len - pos).min(PAYLOAD_PIECE);
                     // Charged piece by piece as the payload arrives.
-                    match unless_stopped(budget.charge(n), &mut phase, &dead).await {
+                    match unless_stopped(budget.charge(n), &mut phase, within, &dead).await {
                         Ok(Ok(c)) => charges.push(c),
                         Ok(Err(e)) => {
                             refusal = Some(e);
@@ -673,7 +731,7 @@ pub async fn serve<D: BlockDevice>(
                         }
                     }
                     let piece = &mut buf.as_mut_slice()[pos..pos + n];
-                    match unless_stopped(input.read_into(&mut rd, piece), &mut phase, &dead).await {
+                    match unless_stopped(input.read_into(&mut rd, piece), &mut phase, within, &dead).await {
                         Ok(Ok(())) => pos += n,
                         Ok(Err(e)) => {
                             ended = Some(Err(e));
@@ -692,7 +750,7 @@ pub async fn serve<D: BlockDevice>(
                 }
                 if let Some(e) = refusal {
                     drop(charges);
-                    match unless_stopped(input.skip(&mut rd, (len - pos) as u64), &mut phase, &dead).await {
+                    match unless_stopped(input.skip(&mut rd, (len - pos) as u64), &mut phase, within, &dead).await {
                         Ok(Ok(())) => {}
                         Ok(Err(e)) => break Err(e),
                         Err(_) => break Ok(()),
@@ -730,6 +788,9 @@ pub async fn serve<D: BlockDevice>(
     // Requests started on the device finish whatever happens (their buffers
     // and locks are the engine's); then the replies drain.
     inflight.wait_idle().await;
+    if let (true, Some(slot)) = (handed_over.get(), &shared.handover) {
+        slot.put(input.rest());
+    }
     drop(tx);
     let closing = async {
         let _ = phase.wait_for(|p| *p >= Phase::Closing).await;

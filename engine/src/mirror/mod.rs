@@ -20,6 +20,7 @@ mod discard;
 mod health;
 mod lifecycle;
 mod read;
+mod snapshot;
 mod status;
 mod write;
 
