@@ -5,7 +5,11 @@
 # attach /dev/vdb; mid-sync `kill -9` the daemon again: the
 # supervisor restarts it, it resumes from the state file (regions_clean must not start over)
 # and takes /dev/nbd0 back over netlink (RECONFIGURE) while the kernel holds the I/O; the load
-# must see no error. Then the sync completes, verify, detach-source, the source is removed, and
+# must see no error. Then, still mid-sync, three `livemirror upgrade`s in a row: each time the
+# supervisor execs the new binary in place (its pid stays), the new daemon takes the live kernel
+# connections, the sockets and the state over, the old one exits; no NBD request times out, the
+# copy goes on, the load sees no error; the guest measures the longest write that spanned an
+# upgrade. Then the sync completes, verify, detach-source, the source is removed, and
 # the daemon is killed once more: it must come back without the source. Then grow + resize2fs
 # through the restarted daemon, and every file is checked.
 . /lmtest/common.sh
@@ -128,6 +132,51 @@ check_daemon "$SUP"
 wait_files killed 3
 ok "$(count_within killed) files written (fsync'd) after the kill: writes go on through the restarted daemon"
 
+# ---- three upgrades in a row, mid-sync, under the load
+# A probe writes 4 KiB with O_DIRECT|O_DSYNC in a loop and logs how long each write took (ms),
+# so the longest write that spanned an upgrade is measured from the file system's side.
+rm -f /run/lmtest/probe.stop
+( while [ ! -e /run/lmtest/probe.stop ]; do
+    _a=$(/bin/date +%s%N)
+    /bin/dd if=/dev/zero of=/probe.bin bs=4096 count=1 oflag=direct,dsync conv=notrunc 2>/dev/null || echo "ERR"
+    _b=$(/bin/date +%s%N)
+    echo "$(( (_b - _a) / 1000000 ))"
+  done > /run/lmtest/probe.log ) &
+PROBEPID=$!
+J=$(lmstatus); RU0=$(jget regions_clean "$J")
+phase upgraded
+for _n in 1 2 3; do
+  _old=$CHILD
+  _lines=$(wc -l < /run/lmtest/probe.log)
+  OUT=$("$LM" upgrade --control "$LM_CTL" 2>&1) || fail "livemirror upgrade #$_n: $OUT"
+  ok "upgrade #$_n: $OUT"
+  info "upgrade_pause_ms=$(echo "$OUT" | sed -n 's/.*paused \([0-9]*\) ms.*/\1/p')"
+  kill -0 "$SUP" 2>/dev/null || fail "the supervisor (pid $SUP) is gone after upgrade #$_n"
+  _new=$(daemon_child "$SUP")
+  [ -n "$_new" ] && [ "$_new" != "$_old" ] || fail "upgrade #$_n: the supervisor's child is still pid $_old"
+  check_daemon "$SUP"
+  kill -0 "$_old" 2>/dev/null && fail "upgrade #$_n: the old daemon (pid $_old) still runs"
+  J=$(lmstatus) || fail "status after upgrade #$_n"
+  case "$(jget state "$J")" in syncing|synced) ;; *) fail "after upgrade #$_n: $J" ;; esac
+  sleep 1
+  _max=$(tail -n +"$((_lines + 1))" /run/lmtest/probe.log | sort -n | tail -n 1)
+  info "upgrade_probe_max_ms=${_max:-?}"
+  wait_files upgraded "$_n"
+done
+touch /run/lmtest/probe.stop; wait "$PROBEPID"
+grep -q ERR /run/lmtest/probe.log && fail "a probe write failed during the upgrades"
+ok "probe: $(wc -l < /run/lmtest/probe.log) direct synchronous writes during the upgrades, the longest $(sort -n /run/lmtest/probe.log | tail -n 1) ms (the median $(sort -n /run/lmtest/probe.log | awk '{a[NR]=$1} END{print a[int((NR+1)/2)]}') ms)"
+J=$(lmstatus); RU1=$(jget regions_clean "$J")
+[ "$RU1" -ge "$RU0" ] && ok "the copy went on through the upgrades: $RU0 -> $RU1 regions clean" \
+  || fail "regions clean went back across the upgrades: $RU0 -> $RU1: $J"
+[ "$(grep -c 'took over' "$LOG")" -ge 3 ] || fail "the daemon log does not show three takeovers"
+grep -q 'took over /dev/nbd0 with its' "$LOG" && ok "the new daemons served /dev/nbd0's live connections on: $(grep 'took over /dev/nbd0' "$LOG" | tail -n 1 | sed 's/^[^ ]* *//')" \
+  || fail "the daemon log does not say it took /dev/nbd0 over"
+check_nbd_timeouts "across three upgrades"
+E=$(dmesg_errors)
+[ -z "$E" ] && ok "across three upgrades: no I/O errors in dmesg" || fail "across the upgrades: $E"
+wait_files upgraded 4
+
 # ---- finish the sync, verify, detach, release the source
 "$LM" set-rate 0 --control "$LM_CTL" || fail "set-rate 0"
 ( "$LM" wait --timeout 150 --control "$LM_CTL"; echo $? > /run/lmtest/wait.rc ) 2>&1 | tail -n 3 | while read -r l; do info "wait: $l"; done
@@ -163,12 +212,12 @@ OUT=$(/usr/sbin/resize2fs /dev/nbd0 2>&1) || fail "resize2fs: $OUT"
 FS=$(df -k / | awk 'NR==2{print $2}')
 [ "$FS" -gt $((VDB / 1024 * 85 / 100)) ] && ok "resize2fs: / is $FS KiB" || fail "after resize2fs / is $FS KiB"
 phase resized
-echo "pre sync killed synced detached released resized" > "$D/EXPECTED_PHASES"
+echo "pre sync killed upgraded synced detached released resized" > "$D/EXPECTED_PHASES"
 wait_files resized 3
 
 # ---- stop the load, check everything
 stop_load "$LOADPID"
-info "files: pre=$(count pre) sync=$(count sync) killed=$(count killed) synced=$(count synced) detached=$(count detached) released=$(count released) resized=$(count resized)"
+info "files: pre=$(count pre) sync=$(count sync) killed=$(count killed) upgraded=$(count upgraded) synced=$(count synced) detached=$(count detached) released=$(count released) resized=$(count resized)"
 E=$(dmesg_errors)
 [ -z "$E" ] && ok "no I/O errors, ext4 errors or read-only remount in dmesg" || fail "kernel messages: $E"
 info "kernel NBD messages: $(dmesg | grep -acE 'nbd0: (Connection timed out|Dead connection|reconnected)' ) lines: $(dmesg | grep -aE 'block nbd0' | sed 's/^\[ *[0-9.]*\] //' | sort | uniq -c | tr -s ' ' | tr '\n' ';')"
