@@ -574,9 +574,13 @@ async fn writer(
             return;
         }
     }
-    // A socket handed over stays open for the next process: no FIN.
-    if !handed_over.get() {
-        let _ = wr.shutdown().await;
+    // A socket handed over stays open for the next process: no FIN, also not
+    // the one tokio's Unix write half sends when it is dropped.
+    match (handed_over.get(), wr) {
+        (true, WriteHalf::Unix(w)) => w.forget(),
+        (_, mut wr) => {
+            let _ = wr.shutdown().await;
+        }
     }
 }
 

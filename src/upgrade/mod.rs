@@ -416,6 +416,7 @@ fn stop(args: &ServeArgs, running: Running) -> (Stopped, anyhow::Result<()>) {
         min_rate: settings.min_rate,
         bin_dir: BIN_DIR.get().cloned(),
         stopped_at,
+        stop_ms: (now_unix() - stopped_at).max(0.0) * 1000.0,
     };
     (Stopped { held, kernel: KernelHandover::Nbd(handed), manifest, upgrades }, res)
 }
@@ -587,7 +588,12 @@ pub(crate) fn take_over(
             let pause_ms = (now_unix() - m.stopped_at).max(0.0) * 1000.0;
             wire::send(&conn, &Msg::Ready { pid: std::process::id(), pause_ms }, &[], &[])
                 .context("cannot tell the old daemon")?;
-            tracing::info!("took over: the export paused {pause_ms:.0} ms");
+            tracing::info!(
+                "took over: the export paused {pause_ms:.0} ms (the old daemon took {:.0} ms to stop, this one {:.0} ms \
+                 to start from there)",
+                m.stop_ms,
+                pause_ms - m.stop_ms
+            );
             Ok(r)
         }
         Err(e) => {

@@ -55,6 +55,8 @@ pub(crate) struct Manifest {
     pub(crate) bin_dir: Option<PathBuf>,
     /// When the old daemon stopped answering (Unix time): the pause starts.
     pub(crate) stopped_at: f64,
+    /// How long the old daemon took to stop (drain, flush, persist, close).
+    pub(crate) stop_ms: f64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -1,5 +1,5 @@
 #!/bin/bash
-# vm-seconds: 60 (expected time on the CI machine, warm cache; run-all.sh starts the longest first)
+# vm-seconds: 110 (expected time on the CI machine, warm cache; run-all.sh starts the longest first)
 # Scenario kill-e2e: crash and resume under a write load, in a QEMU guest.
 #   boot: as install-e2e (live stack -> @livemirror --nbd-device /dev/nbd0 -> root, classic
 #     switch_root), with --state /run/livemirror/state, --nbd-timeout 5 and --max-rate 6M.
