@@ -138,7 +138,8 @@ enum Cmd {
         /// Bytes per second, e.g. 100M or 1.5G/s; 0 = unlimited.
         #[arg(value_name = "RATE", value_parser = units::parse_rate, required_unless_present = "min_rate")]
         rate: Option<u64>,
-        /// The copy rate kept while clients are busy (serve's --min-rate), e.g. 16M; 0 = back off fully.
+        /// The copy rate kept while clients are busy (serve's --min-rate), e.g. 16M; 0 = no floor: the copy
+        /// waits while clients are busy (under constant load it does not end).
         #[arg(long, value_name = "RATE", value_parser = units::parse_rate)]
         min_rate: Option<u64>,
         #[command(flatten)]

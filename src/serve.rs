@@ -71,7 +71,8 @@ pub(crate) struct ServeArgs {
     pub(crate) max_rate: Option<u64>,
     /// The copy rate kept while clients are busy: the copier backs off to it
     /// (default: 32M, or with --state the floor last set; docs/decisions.md
-    /// says how 32M was chosen).
+    /// says how 32M was chosen). 0: no floor, the copy waits while clients are
+    /// busy (under constant load it does not end).
     #[arg(long, value_name = "RATE", value_parser = parse_rate)]
     pub(crate) min_rate: Option<u64>,
     /// Attach the kernel's NBD client to this device over netlink.
