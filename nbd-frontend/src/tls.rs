@@ -128,6 +128,8 @@ impl TlsAcceptor {
         // split stream; tickets would only cost records (nobody resumes).
         b.set_options(SslOptions::NO_RENEGOTIATION | SslOptions::NO_TICKET | SslOptions::CIPHER_SERVER_PREFERENCE);
         b.set_num_tickets(0).map_err(lib)?;
+        // Whole socket reads, not a record header and then its body (x509.rs).
+        b.set_read_ahead(true);
         // TLS 1.2: PSK suites with an ephemeral key exchange only, for
         // forward secrecy. (TLS 1.3 uses psk_dhe_ke unless told otherwise.)
         b.set_cipher_list("ECDHE-PSK-CHACHA20-POLY1305:ECDHE-PSK-AES256-CBC-SHA384:ECDHE-PSK-AES128-CBC-SHA256")

@@ -172,6 +172,9 @@ pub(crate) fn server_context(dir: &Path, verify_peer: bool) -> Result<SslContext
     // stream; tickets would only cost records (no NBD client resumes).
     b.set_options(SslOptions::NO_RENEGOTIATION | SslOptions::NO_TICKET | SslOptions::CIPHER_SERVER_PREFERENCE);
     b.set_num_tickets(0).map_err(lib)?;
+    // One read takes in everything the socket has, not a record header and
+    // then its body: a third of the receive calls per small request.
+    b.set_read_ahead(true);
     b.set_ciphersuites(TLS13_SUITES).map_err(lib)?;
     b.set_cipher_list(TLS12_CIPHERS).map_err(lib)?;
     let chain_refused = |what: &str, e: openssl::error::ErrorStack| {

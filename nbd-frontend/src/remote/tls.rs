@@ -50,6 +50,7 @@ fn x509_builder() -> Result<SslContextBuilder, String> {
     b.set_security_level(crate::x509::SECURITY_LEVEL);
     b.set_min_proto_version(Some(SslVersion::TLS1_2)).map_err(lib)?;
     b.set_options(SslOptions::NO_RENEGOTIATION | SslOptions::NO_TICKET);
+    b.set_read_ahead(true);
     b.set_ciphersuites(crate::x509::TLS13_SUITES).map_err(lib)?;
     b.set_cipher_list(crate::x509::TLS12_CIPHERS).map_err(lib)?;
     Ok(b)
@@ -194,6 +195,7 @@ fn psk_client(
     let mut b = SslContextBuilder::new(SslMethod::tls_client()).map_err(lib)?;
     b.set_min_proto_version(Some(SslVersion::TLS1_2)).map_err(lib)?;
     b.set_options(SslOptions::NO_RENEGOTIATION | SslOptions::NO_TICKET);
+    b.set_read_ahead(true);
     // The same suites the server side accepts: TLS 1.2 only with an ephemeral
     // key exchange (forward secrecy), TLS 1.3 with AES-GCM first.
     b.set_cipher_list("ECDHE-PSK-CHACHA20-POLY1305:ECDHE-PSK-AES256-CBC-SHA384:ECDHE-PSK-AES128-CBC-SHA256")
