@@ -115,7 +115,10 @@ fn set_handler(handler: SigHandler) {
 fn exec_upgrade(plan: &std::path::Path, daemon: Pid) {
     use std::os::unix::process::CommandExt;
     let path = engine::hostfs::locate(plan, None);
-    let why = match std::fs::read(&path).map_err(|e| e.to_string()).and_then(|b| {
+    let read = std::fs::read(&path);
+    // Read once: a stray SIGUSR1 later finds no plan to run again.
+    let _ = std::fs::remove_file(&path);
+    let why = match read.map_err(|e| e.to_string()).and_then(|b| {
         serde_json::from_slice::<crate::upgrade::ExecPlan>(&b).map_err(|e| format!("{}: {e}", plan.display()))
     }) {
         Ok(p) if p.argv.is_empty() => "an empty command line".to_string(),

@@ -180,7 +180,6 @@ fn the_daemon_outlives_its_supervisor_serves_on_and_says_so() {
 fn start_from_copy(dir: &Path, args: &[&str]) -> Daemon {
     use std::os::unix::process::CommandExt;
     let bin_dir = dir.join("bin");
-    std::fs::create_dir_all(&bin_dir).unwrap();
     std::fs::copy(bin(), bin_dir.join("livemirror")).unwrap();
     let (sock, control, log) = (dir.join("nbd.sock"), dir.join("ctl.sock"), dir.join("serve.log"));
     let logf = std::fs::File::create(&log).unwrap();
@@ -219,8 +218,9 @@ fn cmdline(pid: u32) -> Vec<String> {
 
 /// An upgrade of the supervised root storage daemon mid-sync: the supervisor
 /// execs the new binary in place (its pid, which the initramfs glue records,
-/// stays), runs it from the copy staged next to the old one with the
-/// interpreter and libraries the upgrade command ran with, and its new child
+/// stays), runs it from the copy staged next to the old one (on a tmpfs made
+/// larger for it) with the interpreter and libraries the upgrade command ran
+/// with, and its new child
 /// takes over; both are still '@' processes (spared by systemd's kill
 /// sprees), hardened, and the new supervisor restarts a killed daemon as the
 /// old one did. Then the supervisor is killed: an upgrade of the orphaned
@@ -232,6 +232,10 @@ fn an_upgrade_keeps_the_supervisor_and_gives_an_orphaned_daemon_one_again() {
     let data = pattern(9, 32 << 20);
     make_image(&src, &data);
     make_sparse(&tgt, 32 << 20);
+    // The binary's own tmpfs, as the glue mounts it: too small for a second
+    // copy with its libraries, which the upgrade makes room for.
+    let bin_size = std::fs::metadata(bin()).unwrap().len();
+    let _bin_fs = Mount::tmpfs(&dir.path().join("bin"), &format!("size={},mode=0755", bin_size + (4 << 20)));
     let mut d = start_from_copy(
         dir.path(),
         &["--source", p(&src), "--state", p(&state), "--max-rate", "4M", "--region-size", "1M"],
@@ -254,6 +258,8 @@ fn an_upgrade_keeps_the_supervisor_and_gives_an_orphaned_daemon_one_again() {
         assert!(maps.contains(&format!("{staged}/libc.so")), "pid {pid} does not run from the staged libraries");
     }
     assert_eq!(std::fs::read_to_string(format!("/proc/{second}/comm")).unwrap().trim(), "livemirror");
+    assert!(d.log_text().contains("made the tmpfs"), "the binary's tmpfs was not made larger:\n{}", d.log_text());
+    assert!(!dir.path().join("ctl.sock.upgrade-plan").exists(), "the exec plan is left behind");
     let st = d.status();
     assert_eq!(st["state"], "syncing", "{st}");
     assert!(st["regions_clean"].as_u64().unwrap_or(0) >= before, "progress lost: {before} -> {st}");

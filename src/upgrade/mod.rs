@@ -471,6 +471,13 @@ fn inherited_from(s: Stopped) -> anyhow::Result<Inherited> {
 /// Performs an upgrade request (on a thread of its own: it blocks) and answers
 /// it. `running` is the daemon; what becomes of it is the outcome.
 pub(crate) fn perform(args: &ServeArgs, running: Running, req: UpgradeRequest) -> Outcome {
+    let out = perform_inner(args, running, req);
+    // A supervisor's exec plan (or its answer) is of no use afterwards.
+    let _ = std::fs::remove_file(engine::hostfs::locate(&plan_path(&args.control), None));
+    out
+}
+
+fn perform_inner(args: &ServeArgs, running: Running, req: UpgradeRequest) -> Outcome {
     let refuse = |req: UpgradeRequest, running: Running, why: String| {
         tracing::warn!("upgrade refused: {why}");
         req.answer(&Response::err(why));

@@ -75,19 +75,22 @@ while off < size:
     off += n
 
 writes = 0
+longest = 0.0
 while not os.path.exists(stop_file):
     length = rng.randint(1, 65536)
     offset = rng.randrange(0, size - length)
     data = rng.randbytes(length)
+    t0 = time.monotonic()
     try:
         retried(lambda h: h.pwrite(data, offset))
     except nbd.Error as e:
         print(f"write at {offset}+{length} failed: {e}", file=sys.stderr)
         sys.exit(1)
+    longest = max(longest, time.monotonic() - t0)
     model[offset:offset + length] = data
     writes += 1
 
 retried(lambda h: h.flush())
 with open(model_out, "wb") as f:
     f.write(model)
-print(f"writes {writes} reconnects {reconnects}")
+print(f"writes {writes} reconnects {reconnects} longest_write_ms {longest * 1000:.0f}")
