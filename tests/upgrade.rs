@@ -2,7 +2,8 @@
 //! a remote target, with a TLS listener and a write load that reconnects when
 //! its connection is handed over; no connection is refused meanwhile, no write
 //! is lost, the copy goes on; and a new binary that does not start, or starts
-//! and cannot take over, leaves the daemon serving. (The kernel device's
+//! and cannot take over, leaves the daemon serving; an overlay goes over with
+//! the limit in force. (The kernel device's
 //! handover runs in the VM: tests/vm/kill-e2e.sh; the root storage daemon's in
 //! tests/root_daemon.rs.)
 #![allow(clippy::unwrap_used, unreachable_pub)] // test code: a panic is a failure; helpers are shared through `mod common`
@@ -339,4 +340,41 @@ fn a_new_binary_that_does_not_start_or_take_over_leaves_the_daemon_serving() {
     let mut d = d;
     assert!(d.stop().success(), "{}", d.log_text());
     assert_same(&std::fs::read(&tgt).unwrap(), &model, "the target");
+}
+
+/// A daemon serving an image through an overlay hands it over: the new daemon
+/// reopens the same overlay file with the limit in force (one set at runtime,
+/// which a restart would not keep), serves every write made before, and the
+/// image stays untouched.
+#[test]
+fn an_upgrade_keeps_the_overlay_and_its_limit() {
+    let dir = scratch_shm();
+    let size = 16 * MIB;
+    let image = dir.path().join("image");
+    let original = pattern(77, size as usize);
+    make_image(&image, &original);
+    let overlay = dir.path().join("overlay");
+    let mut d = Daemon::start(dir.path(), &["--source", p(&image), "--overlay", p(&overlay), "--overlay-limit", "8M"]);
+    let mut model = original.clone();
+    qemu_io_ok(&d, &d.uri(), &["write -P 0x5a 1M 256k".into(), "write -P 0xa5 9M 4k".into()]);
+    model[MIB as usize..(MIB + 256 * 1024) as usize].fill(0x5a);
+    model[(9 * MIB) as usize..(9 * MIB + 4096) as usize].fill(0xa5);
+    d.cli_ok(&["set-overlay-limit", "12M"]);
+    let old = d.child.as_ref().unwrap().id();
+
+    let (pid, _pause) = upgrade(&d, &[]);
+    let _guard = KillPid(pid);
+    assert_ne!(pid, old, "the same daemon after an upgrade");
+    let st = wait_timeout(d.child.as_mut().unwrap(), Duration::from_secs(10)).expect("the old daemon exited");
+    assert!(st.success(), "the old daemon exited {st}");
+    d.child = None;
+    let st = d.status();
+    assert_eq!(st["overlay"]["path"], p(&overlay), "{st}");
+    assert_eq!(st["overlay"]["bytes_limit"], 12 * MIB, "the limit set at runtime is kept: {st}");
+    assert_same(&export_bytes(&d.uri()), &model, "the export after the upgrade");
+    qemu_io_ok(&d, &d.uri(), &["write -P 0x33 2M 64k".into()]);
+    model[(2 * MIB) as usize..(2 * MIB + 65536) as usize].fill(0x33);
+    assert_same(&export_bytes(&d.uri()), &model, "the export after a write to the new daemon");
+    stop_pid(pid, &d);
+    assert_same(&std::fs::read(&image).unwrap(), &original, "the image");
 }
