@@ -45,6 +45,43 @@ pub(crate) fn set_rate(control: &Path, rate: Option<u64>, min_rate: Option<u64>)
     0
 }
 
+/// `upgrade`: the daemon starts `binary` (default: this command's own
+/// executable, which the daemon reaches through /proc as this process sees
+/// it) and hands over to it; prints who serves now and how long the export
+/// paused.
+pub(crate) fn upgrade(control: &Path, binary: Option<PathBuf>) -> u8 {
+    let binary = match binary {
+        Some(b) => crate::devices::absolute(&b).unwrap_or(b),
+        None => match std::fs::read_link("/proc/self/exe") {
+            Ok(p) if !p.to_string_lossy().ends_with(" (deleted)") => p,
+            Ok(p) => {
+                eprintln!("livemirror: this binary was replaced while it ran ({}): run the new one", p.display());
+                return 1;
+            }
+            Err(e) => {
+                eprintln!("livemirror: cannot tell which binary this is (/proc/self/exe): {e}");
+                return 1;
+            }
+        },
+    };
+    match call(control, &Request::Upgrade { binary: binary.clone() }) {
+        Ok(r) => {
+            match r.upgrade {
+                Some(u) => println!(
+                    "upgraded to {}: pid {} serves now (was pid {}); the export paused {:.0} ms",
+                    binary.display(),
+                    u.pid,
+                    u.previous_pid,
+                    u.pause_ms
+                ),
+                None => println!("upgraded to {}", binary.display()),
+            }
+            0
+        }
+        Err(c) => c,
+    }
+}
+
 pub(crate) fn attach(control: &Path, target: PathBuf) -> u8 {
     // The daemon resolves the path in its own working directory: send it absolute.
     let target = crate::devices::absolute(&target).unwrap_or(target);

@@ -14,10 +14,12 @@
 //! ```
 //!
 //! Commands: `status`, `attach {target}`, `detach-source`, `detach-target`,
-//! `verify`, `pause`, `resume`, `set-rate {rate}`, `grow {size?}`, and
+//! `verify`, `pause`, `resume`, `set-rate {rate}`, `grow {size?}`,
 //! `events {interval}`, which turns the connection into a stream: after the
 //! `{"ok":true}` answer the daemon writes one JSON object per line (see
-//! [`stream_events`]) until the client hangs up or the daemon stops.
+//! [`stream_events`]) until the client hangs up or the daemon stops, and
+//! `upgrade {binary}`, answered by the daemon's main thread once the new
+//! daemon serves or the upgrade was refused (src/upgrade.rs).
 
 use std::io::{self, BufRead, BufReader, Read, Write};
 use std::os::unix::net::{UnixListener as StdUnixListener, UnixStream as StdUnixStream};
@@ -58,6 +60,38 @@ pub(crate) enum Request {
     Events {
         interval: f64,
     },
+    /// Replace the daemon with `binary` (a path as the caller sees it).
+    Upgrade {
+        binary: PathBuf,
+    },
+}
+
+/// An `upgrade` request on its way to the daemon's main thread, with the
+/// connection its answer goes to (taken off the control server's worker, so
+/// that nothing there waits while the daemon stops).
+pub(crate) struct UpgradeRequest {
+    pub(crate) binary: PathBuf,
+    /// The requesting process: the binary is found in its view.
+    pub(crate) caller: Option<u32>,
+    pub(crate) conn: StdUnixStream,
+}
+
+impl UpgradeRequest {
+    /// Answers the request (one JSON line); the client may be gone.
+    pub(crate) fn answer(mut self, resp: &Response) {
+        let mut out = serde_json::to_vec(resp).unwrap_or_else(|_| b"{\"ok\":false}".to_vec());
+        out.push(b'\n');
+        let _ = self.conn.write_all(&out);
+    }
+}
+
+/// What an upgrade did: the new daemon's pid and how long the export did not
+/// answer.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub(crate) struct UpgradeReport {
+    pub(crate) pid: u32,
+    pub(crate) previous_pid: u32,
+    pub(crate) pause_ms: f64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, Default)]
@@ -71,13 +105,15 @@ pub(crate) struct Response {
     pub(crate) report: Option<VerifyReport>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub(crate) size: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) upgrade: Option<UpgradeReport>,
 }
 
 impl Response {
-    fn ok() -> Response {
+    pub(crate) fn ok() -> Response {
         Response { ok: true, ..Default::default() }
     }
-    fn err(e: impl ToString) -> Response {
+    pub(crate) fn err(e: impl ToString) -> Response {
         Response { ok: false, error: Some(e.to_string()), ..Default::default() }
     }
 }
@@ -116,6 +152,8 @@ pub(crate) async fn handle(mirror: &Arc<Mirror>, req: Request, caller: Option<u3
         },
         // Answered by serve_conn, which owns the connection it streams on.
         Request::Events { .. } => Response::err("events is a stream: it needs a connection of its own"),
+        // Handed to the main thread by serve_conn.
+        Request::Upgrade { .. } => Response::err("upgrade is answered by the daemon's main thread"),
     }
 }
 
@@ -213,9 +251,18 @@ async fn stream_events<R, W>(
     }
 }
 
+/// Where `upgrade` requests go (the daemon's main thread); `None` in a daemon
+/// that cannot be upgraded (the demo's).
+pub(crate) type Upgrades = Option<tokio::sync::mpsc::UnboundedSender<UpgradeRequest>>;
+
 /// Serves the control socket until `stop` turns true; open connections are
 /// closed then too (an idle client must not keep the daemon from exiting).
-pub(crate) async fn serve(listener: StdUnixListener, mirror: Arc<Mirror>, stop: tokio::sync::watch::Receiver<bool>) {
+pub(crate) async fn serve(
+    listener: StdUnixListener,
+    mirror: Arc<Mirror>,
+    stop: tokio::sync::watch::Receiver<bool>,
+    upgrades: Upgrades,
+) {
     let listener = match tokio::net::UnixListener::from_std(listener) {
         Ok(l) => l,
         Err(e) => {
@@ -231,7 +278,8 @@ pub(crate) async fn serve(listener: StdUnixListener, mirror: Arc<Mirror>, stop: 
                 Ok((stream, _)) => {
                     let m = mirror.clone();
                     let stop = stop.clone();
-                    tokio::task::spawn_local(async move { serve_conn(stream, m, stop).await });
+                    let up = upgrades.clone();
+                    tokio::task::spawn_local(async move { serve_conn(stream, m, stop, up).await });
                 }
                 Err(e) => {
                     tracing::warn!("control socket accept: {e}");
@@ -245,7 +293,12 @@ pub(crate) async fn serve(listener: StdUnixListener, mirror: Arc<Mirror>, stop: 
 /// Longest request line accepted (a path plus some JSON).
 const MAX_LINE: u64 = 64 << 10;
 
-async fn serve_conn(stream: tokio::net::UnixStream, mirror: Arc<Mirror>, mut stop: tokio::sync::watch::Receiver<bool>) {
+async fn serve_conn(
+    stream: tokio::net::UnixStream,
+    mirror: Arc<Mirror>,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+    upgrades: Upgrades,
+) {
     let caller = stream.peer_cred().ok().and_then(|c| c.pid()).and_then(|p| u32::try_from(p).ok());
     let (rd, mut wr) = stream.into_split();
     let mut rd = tokio::io::BufReader::new(rd);
@@ -280,6 +333,29 @@ async fn serve_conn(stream: tokio::net::UnixStream, mirror: Arc<Mirror>, mut sto
                     stream_events(&mirror, interval, &mut rd, &mut wr, &mut stop).await;
                     return;
                 }
+            }
+            Ok(Request::Upgrade { binary }) => {
+                let Some(tx) = upgrades else {
+                    let _ = wr.write_all(b"{\"ok\":false,\"error\":\"this daemon cannot be upgraded\"}\n").await;
+                    return;
+                };
+                // The connection goes to the main thread with the request; this
+                // task ends, and with it its hold on the device.
+                let conn = rd.into_inner().reunite(wr).map_err(|e| e.to_string()).and_then(|s| {
+                    let s = s.into_std().map_err(|e| e.to_string())?;
+                    s.set_nonblocking(false).map_err(|e| e.to_string())?;
+                    Ok(s)
+                });
+                match conn {
+                    Ok(conn) => {
+                        tracing::info!("upgrade to {} requested (by pid {caller:?})", binary.display());
+                        if let Err(e) = tx.send(UpgradeRequest { binary, caller, conn }) {
+                            e.0.answer(&Response::err("the daemon is stopping"));
+                        }
+                    }
+                    Err(e) => tracing::warn!("upgrade request: cannot keep its connection: {e}"),
+                }
+                return;
             }
             Ok(req) => {
                 let what = format!("{req:?}");

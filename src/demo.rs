@@ -182,8 +182,10 @@ fn demo(a: DemoArgs) -> anyhow::Result<()> {
         ctl.clone().into_os_string(),
         "--region-size".into(),
         "64K".into(),
+        // No back-off for the demo's own writes: the copy keeps its limit
+        // while they race it.
         "--min-rate".into(),
-        "0".into(),
+        "1T".into(),
         "--buffer-budget".into(),
         "64M".into(),
     ])?;

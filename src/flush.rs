@@ -1,6 +1,26 @@
-//! Flushing a kernel block device before it is taken down (the clean stop of
-//! `--nbd-device` and `--ublk-device`), bounded: a device that does not answer
-//! must not hold up the stop.
+//! The clean stop of the kernel device (`--nbd-device`, `--ublk-device`):
+//! whether it is taken down or left for the next daemon, and flushing it
+//! first, bounded: a device that does not answer must not hold up the stop.
+
+/// What a clean stop (SIGTERM) does with the kernel device we serve.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum KernelStop {
+    /// Flush it and disconnect it: nobody will reconnect it, and a device left
+    /// configured would hold its I/O for the whole dead-connection timeout.
+    FlushAndDisconnect,
+    /// Leave it configured: the root filesystem's storage daemon is restarted
+    /// (by its supervisor, or the next boot stage) and reconnects it.
+    Keep,
+}
+
+/// The clean stop for a daemon that is (or is not) the root storage daemon.
+pub(crate) fn kernel_on_stop(root_daemon: bool) -> KernelStop {
+    if root_daemon {
+        KernelStop::Keep
+    } else {
+        KernelStop::FlushAndDisconnect
+    }
+}
 
 /// Flushes a kernel block device (its page cache, then a FLUSH to us), for at
 /// most `limit`: a device that does not answer must not hold up the stop.
@@ -21,5 +41,16 @@ pub(crate) fn flush_kernel_device(dev: &std::path::Path, limit: std::time::Durat
         Err(_) => {
             tracing::warn!("flushing {} took more than {} s: disconnecting anyway", dev.display(), limit.as_secs_f64())
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_the_root_storage_daemon_leaves_its_kernel_device_configured() {
+        assert_eq!(kernel_on_stop(false), KernelStop::FlushAndDisconnect);
+        assert_eq!(kernel_on_stop(true), KernelStop::Keep);
     }
 }

@@ -4,6 +4,7 @@
 mod bench;
 mod commands;
 mod control;
+mod daemon;
 mod demo;
 mod devices;
 mod flush;
@@ -14,6 +15,7 @@ mod rootd;
 mod serve;
 mod ublk;
 mod units;
+mod upgrade;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -142,7 +144,8 @@ enum Cmd {
         /// Bytes per second, e.g. 100M or 1.5G/s; 0 = unlimited.
         #[arg(value_name = "RATE", value_parser = units::parse_rate, required_unless_present = "min_rate")]
         rate: Option<u64>,
-        /// The copy rate kept while clients are busy (serve's --min-rate), e.g. 16M; 0 = back off fully.
+        /// The copy rate kept while clients are busy (serve's --min-rate), e.g. 16M; 0 = no floor: the copy
+        /// waits while clients are busy (under constant load it does not end).
         #[arg(long, value_name = "RATE", value_parser = units::parse_rate)]
         min_rate: Option<u64>,
         #[command(flatten)]
@@ -163,6 +166,19 @@ enum Cmd {
         /// never smaller than now).
         #[arg(value_name = "SIZE", value_parser = units::parse_size)]
         size: Option<u64>,
+        #[command(flatten)]
+        control: ControlArg,
+    },
+    /// Replace the running daemon with the binary this command runs from (the
+    /// one now installed), keeping its listening sockets, the kernel device,
+    /// the copy and its settings: no refused connection, no I/O error.
+    /// Network clients' connections end after their requests are answered
+    /// and are made again. If the new binary does not start or cannot take
+    /// over, the daemon serves on.
+    Upgrade {
+        /// Start this binary instead (default: the one this command runs from).
+        #[arg(long, value_name = "PATH")]
+        binary: Option<PathBuf>,
         #[command(flatten)]
         control: ControlArg,
     },
@@ -206,7 +222,7 @@ fn main() -> ExitCode {
     }
     use crate::control::Request;
     let code = match cli.cmd {
-        Cmd::Serve(a) => serve::run(*a),
+        Cmd::Serve(a) => daemon::run(*a),
         Cmd::Attach { target, control } => commands::attach(&control.control, target),
         Cmd::Status { json, get, control } => commands::status(&control.control, json, &get),
         Cmd::Events { interval, control } => commands::events(&control.control, interval),
@@ -221,6 +237,7 @@ fn main() -> ExitCode {
         Cmd::SetOverlayLimit { limit, control } => {
             commands::simple(&control.control, Request::SetOverlayLimit { limit: limit.0 })
         }
+        Cmd::Upgrade { binary, control } => commands::upgrade(&control.control, binary),
         Cmd::Demo(a) => demo::run(a),
         Cmd::Bench(a) => bench::run(a),
         Cmd::NbdDisconnect { device } => match nbd_frontend::kernel::disconnect(&device) {

@@ -88,6 +88,15 @@ impl Notifier {
         Some(Notifier { stop, thread })
     }
 
+    /// Stops refreshing STATUS= without telling systemd anything: the daemon
+    /// hands over to a successor, which notifies from then on.
+    pub(crate) fn pause(mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+
     /// STOPPING=1: the stop has begun.
     pub(crate) fn stopping(mut self) {
         self.stop.store(true, Ordering::Relaxed);
@@ -95,6 +104,14 @@ impl Notifier {
             let _ = t.join();
         }
         send(&[NotifyState::Stopping, NotifyState::Status("stopping: finishing in-flight requests")]);
+    }
+}
+
+/// MAINPID=: the service's main process is `pid` now (a successor started by
+/// `livemirror upgrade`; this process exits). Nothing outside a notify service.
+pub(crate) fn main_pid(pid: u32) {
+    if std::env::var_os("NOTIFY_SOCKET").is_some() {
+        send(&[NotifyState::MainPid(pid)]);
     }
 }
 

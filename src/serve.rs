@@ -1,5 +1,7 @@
-//! `livemirror serve`: opens the devices, starts the workers, the NBD listeners
-//! and the control socket, and shuts everything down cleanly on SIGTERM/SIGINT.
+//! `livemirror serve`'s flags, and the daemon's start and clean stop: opens the
+//! devices, starts the workers, the NBD listeners, the control socket and the
+//! kernel device, and shuts everything down cleanly ([`Running::shutdown`]).
+//! The process around it (signals, upgrades) is `daemon.rs`.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -35,7 +37,7 @@ fn parse_metrics_addr(s: &str) -> Result<ListenAddr, String> {
     }
 }
 
-#[derive(Args, Debug)]
+#[derive(Args, Debug, Clone)]
 pub(crate) struct ServeArgs {
     /// The device, image or NBD export (a URI, below) to serve (may be left
     /// out only with --state, when the state file names the source).
@@ -82,7 +84,8 @@ pub(crate) struct ServeArgs {
     pub(crate) max_rate: Option<u64>,
     /// The copy rate kept while clients are busy: the copier backs off to it
     /// (default: 32M, or with --state the floor last set; docs/decisions.md
-    /// says how 32M was chosen).
+    /// says how 32M was chosen). 0: no floor, the copy waits while clients are
+    /// busy (under constant load it does not end).
     #[arg(long, value_name = "RATE", value_parser = parse_rate)]
     pub(crate) min_rate: Option<u64>,
     /// Attach the kernel's NBD client to this device over netlink.
@@ -103,8 +106,10 @@ pub(crate) struct ServeArgs {
     /// (every option but STARTTLS is refused until TLS runs).
     #[arg(long, value_name = "off|on|require", value_enum, default_value = "off")]
     pub(crate) tls: TlsArg,
-    /// X.509 credentials: DIR/server-cert.pem, DIR/server-key.pem, and
-    /// DIR/ca-cert.pem for --tls-verify-peer (the qemu-nbd/nbdkit layout).
+    /// X.509 credentials: DIR/server-cert.pem (the chain, leaf first),
+    /// DIR/server-key.pem (RSA from 2048 bits, ECDSA P-256/P-384/P-521,
+    /// Ed25519 or Ed448; not encrypted), and DIR/ca-cert.pem for
+    /// --tls-verify-peer (the qemu-nbd/nbdkit layout).
     #[arg(long, value_name = "DIR", conflicts_with = "tls_psk")]
     pub(crate) tls_certs: Option<PathBuf>,
     /// Pre-shared keys: "identity:hexkey" lines, as psktool writes them.
@@ -182,66 +187,6 @@ pub(crate) struct ServeArgs {
     pub(crate) remote: crate::devices::RemoteArgs,
 }
 
-/// Logs go through a bounded in-memory queue to a writer thread and are
-/// dropped when it is full: a stalled stderr (a full pipe, a journal on the
-/// root we serve) must never stall the I/O path.
-fn init_logging() -> tracing_appender::non_blocking::WorkerGuard {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("LIVEMIRROR_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
-        .lossy(true)
-        .buffered_lines_limit(16_384)
-        .thread_name("livemirror-log")
-        .finish(std::io::stderr());
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(writer)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_target(false)
-        .try_init();
-    guard
-}
-
-pub(crate) fn run(args: ServeArgs) -> u8 {
-    let args = match args.absolute() {
-        Ok(a) => a,
-        Err(e) => {
-            eprintln!("livemirror: {e}");
-            return 1;
-        }
-    };
-    // Paths are absolute from here on; procfs as the working directory lets
-    // them be found after a switch_root (see engine::hostfs).
-    let proc_cwd = engine::hostfs::enter_proc_cwd();
-    let root_daemon = crate::rootd::requested(args.root_storage_daemon);
-    if args.ublk.ublk_device.is_some() {
-        // Before the supervisor forks: it and every daemon it starts share the namespace.
-        if let Err(e) = crate::ublk::prepare() {
-            eprintln!("livemirror: {e:#}");
-            return 1;
-        }
-    }
-    if root_daemon {
-        if let crate::rootd::Role::Exit(code) = crate::rootd::supervise() {
-            return code;
-        }
-    }
-    let _log = init_logging();
-    if let Err(e) = proc_cwd {
-        tracing::warn!("no procfs ({e}): paths will only be looked up in this process's root");
-    }
-    if root_daemon {
-        crate::rootd::harden();
-    }
-    match serve(args) {
-        Ok(()) => 0,
-        Err(e) => {
-            eprintln!("livemirror: {e:#}");
-            1
-        }
-    }
-}
-
 impl ServeArgs {
     /// Parses `serve`'s arguments from a list (the demo starts a daemon in
     /// process with the same defaults as the command line).
@@ -257,7 +202,7 @@ impl ServeArgs {
 
     /// The same arguments with every path made absolute (the daemon may change
     /// its working directory, and a supervisor restarts it with these).
-    fn absolute(mut self) -> std::io::Result<ServeArgs> {
+    pub(crate) fn absolute(mut self) -> std::io::Result<ServeArgs> {
         let abs = |p: &mut PathBuf| -> std::io::Result<()> {
             *p = std::path::absolute(&*p)?;
             Ok(())
@@ -364,42 +309,31 @@ fn server_config(args: &ServeArgs, served: &str, tls: TlsPolicy) -> anyhow::Resu
 pub(crate) struct Running {
     pub(crate) mirror: Arc<Mirror>,
     pub(crate) server: Server<Mirror>,
-    kernel: Option<(PathBuf, nbd_frontend::kernel::KernelAttachment)>,
-    ublk: Option<crate::ublk::Door>,
-    /// What a clean stop does with the kernel device (see [`kernel_on_stop`]).
-    kernel_stop: KernelStop,
-    workers: Vec<Arc<Worker>>,
-    stop_control: tokio::sync::watch::Sender<bool>,
-    sockets: SocketFiles,
-    shutdown_timeout: std::time::Duration,
-}
-
-/// What a clean stop (SIGTERM) does with a kernel NBD device we connected.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum KernelStop {
-    /// Flush it and disconnect it: nobody will reconnect it, and a device left
-    /// configured would hold its I/O for the whole dead-connection timeout.
-    FlushAndDisconnect,
-    /// Leave it configured: the root filesystem's storage daemon is restarted
-    /// (by its supervisor, or the next boot stage) and reconnects it.
-    Keep,
-}
-
-pub(crate) fn kernel_on_stop(root_daemon: bool) -> KernelStop {
-    if root_daemon {
-        KernelStop::Keep
-    } else {
-        KernelStop::FlushAndDisconnect
-    }
+    pub(crate) kernel: Option<(PathBuf, nbd_frontend::kernel::KernelAttachment)>,
+    pub(crate) ublk: Option<crate::ublk::Door>,
+    /// What a clean stop does with the kernel device (see [`crate::flush::kernel_on_stop`]).
+    pub(crate) kernel_stop: crate::flush::KernelStop,
+    pub(crate) workers: Vec<Arc<Worker>>,
+    pub(crate) stop_control: tokio::sync::watch::Sender<bool>,
+    pub(crate) sockets: SocketFiles,
+    pub(crate) shutdown_timeout: std::time::Duration,
+    /// Second handles on the listening sockets, for `livemirror upgrade`.
+    pub(crate) held: crate::upgrade::sockets::Held,
+    pub(crate) notifier: Option<crate::notify::Notifier>,
+    /// A state file made for an upgrade (the daemon was started without
+    /// `--state`): removed at a clean stop.
+    pub(crate) remove_on_stop: Option<PathBuf>,
+    /// Where the control server sends `upgrade` requests.
+    pub(crate) upgrades: crate::control::Upgrades,
 }
 
 /// Socket files this daemon created. Removed when dropped (a failed start
 /// leaves none behind), unless handed over with [`SocketFiles::take`].
 #[derive(Default)]
-struct SocketFiles(Vec<PathBuf>);
+pub(crate) struct SocketFiles(Vec<PathBuf>);
 
 impl SocketFiles {
-    fn take(&mut self) -> Vec<PathBuf> {
+    pub(crate) fn take(&mut self) -> Vec<PathBuf> {
         std::mem::take(&mut self.0)
     }
 }
@@ -423,9 +357,20 @@ fn check_kernel_nbd(dev: &std::path::Path) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// What `start` checks before it opens or binds anything (a successor of
+/// `livemirror upgrade` checks it before it says hello to the old daemon).
+pub(crate) struct Prepared {
+    tls: TlsPolicy,
+    remote: Vec<ListenAddr>,
+}
+
 /// Opens the devices and starts serving; returns once every listener accepts
 /// and the control socket answers.
 pub(crate) fn start(args: &ServeArgs) -> anyhow::Result<Running> {
+    start_with(args, prepare(args)?, crate::upgrade::sockets::Inherited::default(), None)
+}
+
+pub(crate) fn prepare(args: &ServeArgs) -> anyhow::Result<Prepared> {
     let tls = tls_policy(args)?;
     let remote = check_listeners(args, &tls)?;
     if let Some(m) = &args.metrics {
@@ -442,6 +387,19 @@ pub(crate) fn start(args: &ServeArgs) -> anyhow::Result<Running> {
     if let Some(dev) = &args.nbd_device {
         check_kernel_nbd(dev)?;
     }
+    Ok(Prepared { tls, remote })
+}
+
+/// [`start`] from the sockets `inherited` holds (a predecessor's, handed over
+/// by `livemirror upgrade`), binding the others; `upgrades` is where the
+/// control server sends `upgrade` requests.
+pub(crate) fn start_with(
+    args: &ServeArgs,
+    pre: Prepared,
+    mut inherited: crate::upgrade::sockets::Inherited,
+    upgrades: crate::control::Upgrades,
+) -> anyhow::Result<Running> {
+    let Prepared { tls, remote } = pre;
     let cfg = MirrorConfig {
         region_size: args.region_size.unwrap_or(engine::regions::DEFAULT_REGION_SIZE),
         queue_depth: args.queue_depth.max(1),
@@ -466,6 +424,7 @@ pub(crate) fn start(args: &ServeArgs) -> anyhow::Result<Running> {
             region_size_explicit: args.region_size.is_some(),
             max_rate_explicit: args.max_rate.is_some(),
             min_rate_explicit: args.min_rate.is_some(),
+            handed_over: inherited.handed_over,
         },
         cfg,
     )?;
@@ -486,29 +445,41 @@ pub(crate) fn start(args: &ServeArgs) -> anyhow::Result<Running> {
     let server = Server::new(mirror.clone(), server_config(args, &served, tls)?, workers.clone());
     let mut bound = Vec::new();
     let mut sockets = SocketFiles::default();
+    let mut held = crate::upgrade::sockets::Held { listeners: Vec::new(), control: None, metrics: None };
     for l in &args.listen {
-        bound.push(match l {
+        let listener = match inherited.take_listener(l)? {
+            Some(inh) => inh,
             // Listener::bind names a TCP address in its errors itself.
-            ListenAddr::Tcp { .. } => Listener::bind(l)?,
-            ListenAddr::Unix(_) => Listener::bind(l).with_context(|| format!("cannot listen on {l}"))?,
-        });
+            None if matches!(l, ListenAddr::Tcp { .. }) => Listener::bind(l)?,
+            None => Listener::bind(l).with_context(|| format!("cannot listen on {l}"))?,
+        };
+        held.listeners.push((l.clone(), listener.try_clone().context("a second handle on a listener")?));
+        bound.push(listener);
         if let ListenAddr::Unix(p) = l {
             sockets.0.push(p.clone());
         }
     }
-    let control = nbd_frontend::unix_socket::bind(&args.control)
-        .with_context(|| format!("cannot create the control socket {}", args.control.display()))?;
+    let control = match inherited.take_control() {
+        Some(c) => c,
+        None => nbd_frontend::unix_socket::bind(&args.control)
+            .with_context(|| format!("cannot create the control socket {}", args.control.display()))?,
+    };
+    held.control = Some(control.try_clone().context("a second handle on the control socket")?);
     sockets.0.push(args.control.clone());
-    let metrics = match &args.metrics {
-        Some(a) => {
+    let metrics = match (&args.metrics, inherited.take_metrics()) {
+        (Some(_), Some(l)) => Some(l),
+        (Some(a), None) => {
             let addrs = a.resolve().with_context(|| format!("cannot resolve {a}"))?;
             let l =
                 std::net::TcpListener::bind(&addrs[..]).with_context(|| format!("cannot listen for metrics on {a}"))?;
             l.set_nonblocking(true).context("metrics socket")?;
             Some(l)
         }
-        None => None,
+        (None, _) => None,
     };
+    if let Some(m) = &metrics {
+        held.metrics = Some(m.try_clone().context("a second handle on the metrics listener")?);
+    }
     let metrics_addr = metrics.as_ref().and_then(|l| l.local_addr().ok());
     let addrs: Vec<String> = bound.iter().map(|l| l.local_addr()).collect();
     let io0 = workers[0].clone();
@@ -520,7 +491,12 @@ pub(crate) fn start(args: &ServeArgs) -> anyhow::Result<Running> {
     {
         let m = mirror.clone();
         let stop = stop_rx.clone();
-        io0.run(move || crate::control::serve(control, m, stop))?;
+        let up = upgrades.clone();
+        io0.run(move || crate::control::serve(control, m, stop, up))?;
+    }
+    if let Some(pid) = crate::rootd::supervisor() {
+        let (m, stop) = (mirror.clone(), stop_rx.clone());
+        io0.run(move || crate::rootd::watch_supervisor(pid, m, stop))?;
     }
     if let Some(l) = metrics {
         let (m, s, stop) = (mirror.clone(), server.clone(), stop_rx.clone());
@@ -547,11 +523,15 @@ pub(crate) fn start(args: &ServeArgs) -> anyhow::Result<Running> {
         server,
         kernel: None,
         ublk: None,
-        kernel_stop: kernel_on_stop(crate::rootd::requested(args.root_storage_daemon)),
+        kernel_stop: crate::flush::kernel_on_stop(crate::rootd::requested(args.root_storage_daemon)),
         workers,
         stop_control,
         sockets,
         shutdown_timeout,
+        held,
+        notifier: None,
+        remove_on_stop: None,
+        upgrades,
     };
     if let Some(t) = started.attach {
         let m = running.mirror.clone();
@@ -567,7 +547,10 @@ pub(crate) fn start(args: &ServeArgs) -> anyhow::Result<Running> {
             timeout: std::time::Duration::from_secs(args.nbd_timeout.max(1)),
             dead_conn_timeout: std::time::Duration::from_secs(args.nbd_dead_timeout),
         };
-        let k = nbd_frontend::kernel::attach(&running.server, &opts, running.mirror.subscribe_size())
+        // Connections a predecessor handed over are served on; without any,
+        // the device is connected (or reconnected after a crash).
+        let handed = inherited.take_kernel();
+        let k = nbd_frontend::kernel::adopt(&running.server, &opts, running.mirror.subscribe_size(), handed)
             .with_context(|| format!("cannot attach the kernel client to {}", dev.display()))?;
         running.kernel = Some((dev.clone(), k));
         let path = dev.display().to_string();
@@ -575,7 +558,8 @@ pub(crate) fn start(args: &ServeArgs) -> anyhow::Result<Running> {
     }
     if let Some(id) = args.ublk.ublk_device {
         let budget = buffer_budget(args);
-        running.ublk = Some(crate::ublk::attach(&running.mirror, &running.workers, args, id, budget)?);
+        running.ublk =
+            Some(crate::ublk::attach(&running.mirror, &running.workers, &args.control, &args.ublk, id, budget)?);
     }
     Ok(running)
 }
@@ -595,14 +579,29 @@ impl Running {
     /// Stops accepting, drains every connection, stops the copier, flushes and
     /// persists, then stops the threads and removes the sockets.
     pub(crate) fn shutdown(self) -> anyhow::Result<()> {
-        let Running { mirror, server, kernel, ublk, kernel_stop, workers, stop_control, sockets, shutdown_timeout } =
-            self;
+        let Running {
+            mirror,
+            server,
+            kernel,
+            ublk,
+            kernel_stop,
+            workers,
+            stop_control,
+            sockets,
+            shutdown_timeout,
+            notifier,
+            remove_on_stop,
+            ..
+        } = self;
+        if let Some(n) = notifier {
+            n.stopping();
+        }
         if let Some(door) = ublk {
             door.stop(kernel_stop, shutdown_timeout);
         }
         if let Some((dev, mut k)) = kernel {
             match kernel_stop {
-                KernelStop::FlushAndDisconnect => {
+                crate::flush::KernelStop::FlushAndDisconnect => {
                     // While our connections still serve it: the kernel's
                     // dirty pages and its FLUSH reach the devices first.
                     crate::flush::flush_kernel_device(&dev, shutdown_timeout);
@@ -613,7 +612,7 @@ impl Running {
                 }
                 // A restarted daemon reconnects it (`livemirror nbd-disconnect`
                 // tears it down).
-                KernelStop::Keep => drop(k),
+                crate::flush::KernelStop::Keep => drop(k),
             }
         }
         engine::rt::block_on(async {
@@ -629,43 +628,16 @@ impl Running {
         }
         // Removes the socket files.
         drop(sockets);
+        if let Some(p) = remove_on_stop {
+            let _ = std::fs::remove_file(engine::hostfs::locate(&p, None));
+        }
         Ok(())
     }
-}
-
-fn serve(args: ServeArgs) -> anyhow::Result<()> {
-    let running = start(&args)?;
-    let notifier = crate::notify::Notifier::start(&args.control, running.mirror.clone());
-    engine::rt::block_on(wait_for_signal())??;
-    tracing::info!("shutting down: finishing in-flight requests");
-    if let Some(n) = notifier {
-        n.stopping();
-    }
-    running.shutdown()?;
-    tracing::info!("stopped cleanly");
-    Ok(())
-}
-
-async fn wait_for_signal() -> anyhow::Result<()> {
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut term = signal(SignalKind::terminate()).context("SIGTERM handler")?;
-    let mut int = signal(SignalKind::interrupt()).context("SIGINT handler")?;
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = int.recv() => {}
-    }
-    Ok(())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn only_the_root_storage_daemon_leaves_its_kernel_device_configured() {
-        assert_eq!(kernel_on_stop(false), KernelStop::FlushAndDisconnect);
-        assert_eq!(kernel_on_stop(true), KernelStop::Keep);
-    }
 
     #[test]
     fn a_missing_source_is_a_usage_error_unless_a_state_file_may_name_it() {

@@ -20,10 +20,10 @@ use engine::rt::Worker;
 use engine::{KernelDevice, Mirror};
 use ublk_frontend::device::{self, DeviceId, Options, UblkDevice};
 
-use crate::serve::{KernelStop, ServeArgs};
+use crate::flush::KernelStop;
 
 /// `serve`'s ublk options.
-#[derive(clap::Args, Debug)]
+#[derive(clap::Args, Debug, Clone)]
 pub(crate) struct UblkArgs {
     /// Serve the export as /dev/ublkbN through the kernel's ublk driver
     /// (module ublk_drv, Linux 6.5 or later): auto (this daemon's own device
@@ -80,12 +80,13 @@ pub(crate) struct Door {
 pub(crate) fn attach(
     mirror: &Arc<Mirror>,
     workers: &[Arc<Worker>],
-    args: &ServeArgs,
+    control: &Path,
+    args: &UblkArgs,
     id: DeviceId,
     budget: usize,
 ) -> anyhow::Result<Door> {
-    let mut opts = Options::new(id, ublk_frontend::owner_tag(args.control.as_os_str().as_encoded_bytes()));
-    opts.queue_depth = args.ublk.ublk_queue_depth;
+    let mut opts = Options::new(id, ublk_frontend::owner_tag(control.as_os_str().as_encoded_bytes()));
+    opts.queue_depth = args.ublk_queue_depth;
     opts.discard_granularity = mirror.region_size();
     opts.buffer_budget = budget;
     // Measurement only (docs/decisions.md, ublk; benches/guest): requests cross to another thread.

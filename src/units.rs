@@ -43,7 +43,8 @@ fn parse(s: &str, rate: bool) -> Result<u64, &'static str> {
     let mut t = s.trim();
     if rate {
         if let Some(x) = t.strip_suffix("/s").or_else(|| t.strip_suffix("/S")) {
-            t = x;
+            // What is left is a size, trimmed as parse_size trims one ("0B /s").
+            t = x.trim_end();
         }
     }
     let digits_end = t.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(t.len());

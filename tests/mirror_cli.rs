@@ -501,3 +501,149 @@ fn a_second_migration_without_a_restart_and_across_one() {
     assert!(d.stop().success());
     assert_same(&std::fs::read(&t2).unwrap()[..24 * MIB as usize], &model.padded(24 * MIB), "T2 after two migrations");
 }
+
+/// While syncing, every region is read from where its bytes are current: a
+/// region the copy has finished from the target, one it has not reached from
+/// the source, and a read across the boundary is split between them. Both
+/// devices are changed behind the daemon's back, so each byte read says which
+/// device it came from.
+#[test]
+fn while_syncing_a_copied_region_is_read_from_the_target_and_the_rest_from_the_source() {
+    let dir = scratch_shm();
+    let src = dir.path().join("s.img");
+    let tgt = dir.path().join("t.img");
+    let size = 16 * MIB;
+    make_image(&src, &pattern(21, size as usize));
+    make_sparse(&tgt, size);
+    let d = Daemon::start(dir.path(), &["--source", p(&src), "--max-rate", "2M"]);
+    d.cli_ok(&["attach", p(&tgt)]);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while u(&d.status()["regions_clean"]) < 16 {
+        assert!(Instant::now() < deadline, "the copy made no progress: {}", d.status());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // Paused, the copied part stays as it is: every span in flight has landed,
+    // and the copy went in ascending order, so the copied regions are a prefix.
+    d.cli_ok(&["pause"]);
+    let st = d.status();
+    assert_eq!(st["state"], "syncing", "{st}");
+    let region = u(&st["region_size"]);
+    let boundary = u(&st["regions_clean"]) * region;
+    assert!(boundary >= MIB && boundary + MIB <= size, "copied up to {boundary} of {size}: {st}");
+    let k = 4096u64;
+    // In the copied part: T and S get different bytes.
+    poke(&tgt, 0, &[0xa1; 8192]);
+    poke(&src, 0, &[0xb2; 8192]);
+    // Around the boundary, and far beyond it.
+    poke(&tgt, boundary - k, &[0xa3; 8192]);
+    poke(&src, boundary - k, &[0xb4; 8192]);
+    poke(&src, size - 2 * k, &[0xb5; 8192]);
+    let uri = d.uri();
+    assert_same(&pread(&uri, 0, 2 * k), &[0xa1; 8192], "a copied region (must come from the target)");
+    let mut split = vec![0xa3; k as usize];
+    split.extend_from_slice(&[0xb4; 4096]);
+    assert_same(&pread(&uri, boundary - k, 2 * k), &split, "a read across the copied part's end (target, then source)");
+    assert_same(
+        &pread(&uri, size - 2 * k, 2 * k),
+        &[0xb5; 8192],
+        "a region not copied yet (must come from the source)",
+    );
+    // verify sees the tampering with the copied part: the two legs differ there.
+    let o = d.cli(&["verify"]);
+    assert_eq!(code(&o), 1, "verify must find the regions changed behind its back: {}", text(&o));
+}
+
+/// Convergence under any write load: writers keep the device saturated with
+/// random 4K writes across the whole export for the whole sync, and the sync
+/// still completes, in about the time the floor rate (`--min-rate`) promises.
+///
+/// "Saturated" must hold without a gap: the copier runs at full speed
+/// whenever no client request has been in flight for 50 ms, and on a loaded
+/// machine fio alone leaves such gaps, in which even a copier that wrongly
+/// yields to clients altogether would finish. So the source is served by
+/// nbdkit with a 5 ms delay on every write: each client write stays in
+/// flight that long, and 64 of them keep the device busy through any pause
+/// of fio's.
+#[test]
+fn a_sync_completes_under_saturating_random_writes_across_the_whole_export() {
+    let dir = scratch_shm();
+    let src = dir.path().join("s.img");
+    let tgt = dir.path().join("t.img");
+    let size = 96 * MIB;
+    let floor = 32 * MIB;
+    make_image(&src, &pattern(22, size as usize));
+    make_sparse(&tgt, size);
+    let qsock = dir.path().join("src.sock");
+    let mut nbdkit = std::process::Command::new(tool("nbdkit"))
+        .args(["-f", "-U", p(&qsock), "--filter=delay", "file", p(&src), "wdelay=5ms"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("start nbdkit");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while std::os::unix::net::UnixStream::connect(&qsock).is_err() {
+        assert!(Instant::now() < deadline, "nbdkit does not listen");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let source = format!("nbd+unix:///?socket={}", qsock.display());
+    let d = Daemon::start(dir.path(), &["--source", &source, "--min-rate", "32M"]);
+    let json = dir.path().join("fio.json");
+    let mut fio = std::process::Command::new(tool("fio"))
+        .args(["--name=saturate", "--ioengine=nbd", &format!("--uri={}", d.uri()), "--rw=randwrite", "--bs=4k"])
+        // Two jobs on the two halves: concurrent writes never overlap (the
+        // legs of overlapping concurrent writes may land in either order).
+        .args(["--iodepth=32", "--numjobs=2", "--size=48M", "--offset_increment=48M", "--serialize_overlap=1"])
+        .args(["--norandommap", "--randrepeat=0", "--time_based", "--runtime=300", "--output-format=json"])
+        .arg(format!("--output={}", json.display()))
+        .current_dir(dir.path())
+        .env("PATH", debian_path())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("start fio");
+    // The writers run before the copy starts.
+    let t_fio = Instant::now();
+    while t_fio.elapsed() < Duration::from_secs(2) {
+        assert!(fio.try_wait().unwrap().is_none(), "fio ended early:\n{}", d.log_text());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let t0 = Instant::now();
+    d.cli_ok(&["attach", p(&tgt)]);
+    // What the floor promises for one pass over the export, with slack for a
+    // loaded machine. A copier that yields to busy clients altogether never
+    // ends here.
+    let promised = Duration::from_secs_f64(size as f64 / floor as f64);
+    let bound = promised * 3 + Duration::from_secs(10);
+    loop {
+        let st = d.status();
+        if st["state"] == "synced" {
+            break;
+        }
+        assert_eq!(st["state"], "syncing", "{st}");
+        assert!(fio.try_wait().unwrap().is_none(), "the writers stopped before the sync ended: {st}");
+        assert!(
+            t0.elapsed() < bound,
+            "not synced after {:?} under the writers (the floor promises about {promised:?}): {st}",
+            t0.elapsed()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let took = t0.elapsed();
+    // Still writing when the sync ended: it converged under the load, not after.
+    assert!(fio.try_wait().unwrap().is_none(), "the writers had stopped before the sync ended");
+    eprintln!("synced in {took:?} under saturating writes (the floor promises {promised:?})");
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(fio.id() as i32), nix::sys::signal::Signal::SIGINT).unwrap();
+    wait_timeout(&mut fio, Duration::from_secs(30)).expect("fio stops on SIGINT");
+    let report = std::fs::read_to_string(&json).unwrap();
+    let j: serde_json::Value = serde_json::from_str(&report[report.find('{').expect("fio report")..]).unwrap();
+    for job in j["jobs"].as_array().unwrap() {
+        assert_eq!(job["error"], 0, "a write failed: {job}");
+        assert!(u(&job["write"]["total_ios"]) > 1000, "the writers barely wrote: {job}");
+    }
+    verify_ok(&d);
+    let mut d = d;
+    assert!(d.stop().success());
+    let _ = nbdkit.kill();
+    let _ = nbdkit.wait();
+    assert_same(&std::fs::read(&tgt).unwrap(), &std::fs::read(&src).unwrap(), "the target after the writers");
+}

@@ -115,6 +115,13 @@ fn the_service_unit_passes_systemd_analyze_verify() {
     let unit = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/initrd-glue/systemd/livemirror@.service"))
         .expect("the unit file");
     assert!(unit.contains("Type=notify") && unit.contains("ExecStart=/usr/sbin/livemirror serve "), "{unit}");
+    // systemctl reload is livemirror upgrade.
+    assert!(
+        unit.contains("ExecReload=/usr/sbin/livemirror upgrade --control /run/livemirror/%i/control.sock"),
+        "{unit}"
+    );
+    let o = lm(&["upgrade", "--control", "/run/livemirror/x/control.sock", "--help"]);
+    assert_eq!(code(&o), 0, "{}", text(&o));
     // The same unit with the binary under test in place of /usr/sbin's, and
     // the man pages it names generated into a MANPATH of its own.
     let local = unit.replace("/usr/sbin/livemirror", p(&bin()));

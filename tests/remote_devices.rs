@@ -2,8 +2,8 @@
 //! another livemirror) as the mirror's target or source, over an emulated link
 //! between two network namespaces (latency, a bandwidth cap, cuts), with a
 //! write load checked against a byte model: the mission flow, a cut link, a
-//! server killed and restarted, a link that stays down, a remote source, a
-//! restart with --state, TLS with X.509.
+//! server killed and restarted (as target and as source), a link that stays
+//! down, a remote source, a restart with --state, TLS with X.509.
 #![allow(clippy::unwrap_used, unreachable_pub)] // test code: a panic is a failure; helpers are shared through `mod common`
 mod common;
 use common::net::{NetPair, SERVER_ADDR};
@@ -330,6 +330,44 @@ fn a_server_killed_and_restarted_mid_sync_is_reconnected_to() {
     assert!(d.stop().success());
     assert_same(&std::fs::read(&tgt).unwrap(), &want, "the remote disk");
     assert_same(&std::fs::read(&src).unwrap(), &want, "the source");
+}
+
+/// The remote *source* is killed with requests in flight and started again
+/// mid-sync: the copy and the clients' writes (which must reach the source)
+/// wait for the link, nothing fails, and the sync completes with every
+/// acknowledged write on both sides.
+#[test]
+fn a_remote_source_killed_and_restarted_mid_sync_is_reconnected_to() {
+    let dir = scratch();
+    let net = NetPair::new(0.5, 200.0);
+    let (src, data, tgt) = source_and_sparse_target(dir.path(), 11, 64 * MIB);
+    let mut server = qemu_nbd(&net, &src, &[]);
+    let uri = format!("nbd://{SERVER_ADDR}/exp");
+    let d = Daemon::start_in(&net.a, dir.path(), &["--source", &uri, "--remote-timeout", "30"]);
+    let model = Arc::new(Mutex::new(data));
+    let load = Load::start(&d.sock, model.clone(), 64 * MIB, 11);
+    d.cli_ok(&["attach", p(&tgt)]);
+    wait_for(&d, 30, "a tenth copied", |st| u(&st["bytes_copied"]) > 6 * MIB);
+    load.wait_for_more_writes(10, Duration::from_secs(30), "before the source went away");
+    server.kill();
+    let st = wait_for(&d, 15, "the source link reported down", |st| st["source_link"]["state"] == "reconnecting");
+    assert_eq!(st["state"], "syncing", "a lost source link is not a failed disk: {st}");
+    std::thread::sleep(Duration::from_millis(700));
+    let _server = qemu_nbd(&net, &src, &[]);
+    // Served again: the writers go on.
+    load.wait_for_more_writes(20, Duration::from_secs(60), "after the source came back");
+    let o = d.cli(&["wait", "--timeout", "120"]);
+    assert_eq!(code(&o), 0, "wait: {}\n{}", text(&o), d.log_text());
+    let st = d.status();
+    assert_eq!(st["source_link"]["state"], "connected", "{st}");
+    verify_ok(&d);
+    load.finish();
+    let want = model.lock().unwrap().clone();
+    assert_same(&read_export(&d.sock, 64 * MIB), &want, "the export");
+    let mut d = d;
+    assert!(d.stop().success());
+    assert_same(&std::fs::read(&tgt).unwrap(), &want, "the local target");
+    assert_same(&std::fs::read(&src).unwrap(), &want, "the remote source");
 }
 
 /// A link that stays down longer than --remote-timeout: the target is
@@ -960,6 +998,48 @@ fn trims_zeroes_and_flushes_reach_a_remote_target_as_such() {
         "the remote disk",
     );
     assert_same(&got[(11 * MIB) as usize..], &data[(11 * MIB) as usize..], "the remote disk after the zeroes");
+}
+
+/// nbds:// with every kind of key and certificate the gnutls clients take
+/// (tests/certs): nbdkit serves each with client certificates required, and
+/// each is attached, synced and checked, then detached for the next.
+#[test]
+fn nbds_takes_every_key_and_chain_the_gnutls_clients_take() {
+    let dir = scratch();
+    let src = dir.path().join("s.img");
+    let data = pattern(16, MIB as usize);
+    make_image(&src, &data);
+    let d = Daemon::start(dir.path(), &["--source", p(&src)]);
+    for kind in TLS_KINDS {
+        let creds = Path::new(TLS_MATRIX).join(kind);
+        let tgt = dir.path().join(format!("{kind}.img"));
+        make_sparse(&tgt, MIB);
+        let qsock = dir.path().join(format!("{kind}.sock"));
+        let _server = Peer::spawn(
+            {
+                let mut c = Command::new(tool("nbdkit"));
+                c.args(["-f", "-U", p(&qsock), "--tls=require", &format!("--tls-certificates={}", creds.display())]);
+                c.args(["--tls-verify-peer", "file", p(&tgt)]);
+                c
+            },
+            "nbdkit with TLS",
+        );
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while std::os::unix::net::UnixStream::connect(&qsock).is_err() {
+            assert!(Instant::now() < deadline, "nbdkit with the {kind} credentials does not listen");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let o = d.cli(&[
+            "attach",
+            &format!("nbds+unix:///?socket={}&tls-certificates={}", qsock.display(), creds.display()),
+        ]);
+        assert_eq!(code(&o), 0, "{kind}: attach: {}\n{}", text(&o), d.log_text());
+        let o = d.cli(&["wait", "--timeout", "60"]);
+        assert_eq!(code(&o), 0, "{kind}: wait: {}\n{}", text(&o), d.log_text());
+        verify_ok(&d);
+        d.cli_ok(&["detach-target"]);
+        assert_same(&std::fs::read(&tgt).unwrap(), &data, &format!("the remote disk over TLS with {kind}"));
+    }
 }
 
 /// nbds:// over TCP: the server's certificate must name the URI's host. The

@@ -1387,6 +1387,10 @@ class Bench:
                     shutil.copyfileobj(inp, out, 16 * MiB)
         conds = [("idle (no target)", [], False), ("during sync, default settings", [], True),
                  ("during sync, serve --max-rate 200M", ["--max-rate", "200M"], True)]
+        # --floors: the same load with other copy floors (how fast the copy could go under load,
+        # and what that costs the writers), alternating with the rows above
+        for f in (self.a.floors.split(",") if self.a.floors else []):
+            conds.append((f"during sync, serve --min-rate {f}", ["--min-rate", f], True))
         raw = {c[0]: [] for c in conds}
         for rep in range(self.reps):
             for cname, extra, sync in conds:
@@ -1819,6 +1823,9 @@ def main():
     ap.add_argument("--nice", type=int, default=-10,
                     help="scheduling niceness for the harness and everything it starts (default -10 when root: "
                          "the measured processes win over other work on a shared machine; 0 to leave as is)")
+    ap.add_argument("--floors", default=None,
+                    help="section C: also measure the sync under load with these copy floors (serve --min-rate), "
+                         "comma-separated, e.g. 64M,128M,256M")
     ap.add_argument("--rt", action="store_true",
                     help="run the measurements under SCHED_RR (much less noise from other work on the machine, "
                          "which starves meanwhile; needs root)")

@@ -2,9 +2,10 @@
 # Comparative benchmark: livemirror vs qemu-nbd / nbdkit / nbd-server / dd / qemu-img / nbdcopy.
 #
 #   benches/compare/run.sh [--quick] [--reps N] [--out FILE] [--sections ABCDE] [--no-build]
-#                          [--disk-dir DIR] [--tmpfs-dir DIR]
+#                          [--disk-dir DIR] [--tmpfs-dir DIR] [--floors 64M,128M,...]
 #
-# (--sections: A = serving over a Unix socket and over TCP; A1 / A2 = only one of the two)
+# (--sections: A = serving over a Unix socket and over TCP; A1 / A2 = only one of the two;
+#  --floors: section C also with these copy floors, serve --min-rate)
 #
 # Builds the release binary, runs every section in one go and writes a markdown
 # table (default benches/compare/results/latest.md) plus a JSON file next to it.
@@ -33,7 +34,7 @@ export LMBENCH_CMDLINE="benches/compare/run.sh${*:+ $*}"
 # in between the markers (headings one level down, per-run command lists left
 # out: they stay in the results file).
 case " $* " in
-*" --quick "* | *" --reps "* | *" --out "* | *" --sections "* | *" -h "* | *" --help "*) exit 0 ;;
+*" --quick "* | *" --reps "* | *" --out "* | *" --sections "* | *" --floors "* | *" -h "* | *" --help "*) exit 0 ;;
 esac
 "$py" - "$repo/README.md" "$here/results/latest.md" <<'PY'
 import re, sys

@@ -64,13 +64,13 @@ def wait_socket(path, proc, what):
     sys.exit(f"{what} does not listen on {path}")
 
 
-def start(server, mode, work, img, creds, repo):
+def start(server, mode, work, img, creds, bins):
     sock = os.path.join(work, f"{server}-{mode}.sock")
     if os.path.exists(sock):
         os.unlink(sock)
-    if server == "livemirror":
-        cmd = [os.path.join(repo, "target/release/livemirror"), "serve", "--source", img,
-               "--listen", f"unix:{sock}", "--control", os.path.join(work, f"ctl-{mode}.sock")]
+    if server in bins:
+        cmd = [bins[server], "serve", "--source", img,
+               "--listen", f"unix:{sock}", "--control", os.path.join(work, f"ctl-{server}-{mode}.sock")]
         if mode == "x509":
             cmd += ["--tls", "require", "--tls-certs", os.path.join(creds, "server")]
         elif mode == "psk":
@@ -124,7 +124,20 @@ def main():
     ap.add_argument("--reps", type=int, default=None)
     ap.add_argument("--out", default=None)
     ap.add_argument("--no-build", action="store_true")
+    ap.add_argument("--baseline", default=None,
+                    help="also measure this livemirror binary (the build before a change), as the server "
+                         "livemirror-baseline, alternating with the others")
+    ap.add_argument("--servers", default=",".join(SERVERS),
+                    help="which servers to measure (default all: " + ",".join(SERVERS) + ")")
     a = ap.parse_args()
+    servers = [x for x in a.servers.split(",") if x]
+    bins = {"livemirror": os.path.join(a.repo, "target/release/livemirror")}
+    if a.baseline:
+        bins["livemirror-baseline"] = os.path.abspath(a.baseline)
+        servers.insert(servers.index("livemirror") + 1 if "livemirror" in servers else 0, "livemirror-baseline")
+    unknown = [x for x in servers if x not in SERVERS and x not in bins]
+    if unknown:
+        sys.exit(f"unknown servers: {unknown}")
     size = (64 if a.quick else 256) << 20
     reps = a.reps or (1 if a.quick else 5)
     passes_1m = 4
@@ -139,57 +152,63 @@ def main():
         subprocess.run(["bash", os.path.join(a.repo, "tests/scripts/tls_creds.sh"), creds], check=True)
         # One image per transport: livemirror holds its source exclusively,
         # and the three servers of a kind run at once so their runs alternate.
+        # One image per server and transport: livemirror holds its source
+        # exclusively. Every server runs from the start, so that each
+        # repetition goes through all of them in turn (noise hits them alike).
         imgs = {}
         with open("/dev/urandom", "rb") as r:
             data = r.read(size)
-        for mode in MODES:
-            imgs[mode] = os.path.join(work, f"export-{mode}.img")
-            with open(imgs[mode], "wb") as f:
-                f.write(data)
+        for server in servers:
+            for mode in MODES:
+                imgs[(server, mode)] = os.path.join(work, f"export-{server}-{mode}.img")
+                with open(imgs[(server, mode)], "wb") as f:
+                    f.write(data)
         del data
         n4k = size // 4096
         rows, commands, stats = {}, [], {"waited": 0.0, "gave_up": 0}
         t_start = time.time()
-        for server in SERVERS:
-            procs = {}
-            try:
+        procs = {}
+        try:
+            for server in servers:
                 for mode in MODES:
-                    procs[mode] = start(server, mode, work, imgs[mode], creds, a.repo)
-                    commands.append(" ".join(procs[mode][2]))
-                lat, cpu, mbs = ({m: [] for m in MODES} for _ in range(3))
-                for mode in MODES:  # warm the page cache and the servers
-                    copy(uri(procs[mode][1], mode, creds), 1 << 20, 8, 1, procs[mode][0].pid)
-                for _ in range(reps):
-                    for mode in MODES:
-                        proc, sock, _ = procs[mode]
-                        u = uri(sock, mode, creds)
-                        wait_idle(stats)
-                        secs, ticks = copy(u, 4096, 1, 1, proc.pid)
-                        lat[mode].append(secs * 1e6 / n4k)
-                        cpu[mode].append(ticks * TICK_US / n4k)
-                        wait_idle(stats)
-                        secs, _ = copy(u, 1 << 20, 8, passes_1m, proc.pid)
-                        mbs[mode].append(passes_1m * size / (1 << 20) / secs)
-                for mode in MODES:
-                    rows[(server, mode)] = tuple(statistics.median(x[mode]) for x in (lat, cpu, mbs))
-                    r = rows[(server, mode)]
-                    print(f"{server:10} {mode:5}  4K QD1 {r[0]:6.1f} us/req, server CPU {r[1]:5.1f} us/req, "
-                          f"1M QD8 {r[2]:7.0f} MiB/s", file=sys.stderr)
-            finally:
-                for proc, _, _ in procs.values():
-                    proc.send_signal(signal.SIGTERM)
-                for proc, _, _ in procs.values():
-                    try:
-                        proc.wait(timeout=30)
-                    except subprocess.TimeoutExpired:
-                        proc.kill()
-                        proc.wait()
+                    procs[(server, mode)] = start(server, mode, work, imgs[(server, mode)], creds, bins)
+                    commands.append(" ".join(procs[(server, mode)][2]))
+            keys = [(s, m) for s in servers for m in MODES]
+            lat, cpu, mbs = ({k: [] for k in keys} for _ in range(3))
+            for k in keys:  # warm the page cache and the servers
+                copy(uri(procs[k][1], k[1], creds), 1 << 20, 8, 1, procs[k][0].pid)
+            for _ in range(reps):
+                for k in keys:
+                    proc, sock, _ = procs[k]
+                    u = uri(sock, k[1], creds)
+                    wait_idle(stats)
+                    secs, ticks = copy(u, 4096, 1, 1, proc.pid)
+                    lat[k].append(secs * 1e6 / n4k)
+                    cpu[k].append(ticks * TICK_US / n4k)
+                    wait_idle(stats)
+                    secs, _ = copy(u, 1 << 20, 8, passes_1m, proc.pid)
+                    mbs[k].append(passes_1m * size / (1 << 20) / secs)
+            for k in keys:
+                rows[k] = tuple(statistics.median(x[k]) for x in (lat, cpu, mbs))
+                r = rows[k]
+                print(f"{k[0]:10} {k[1]:5}  4K QD1 {r[0]:6.1f} us/req, server CPU {r[1]:5.1f} us/req, "
+                      f"1M QD8 {r[2]:7.0f} MiB/s", file=sys.stderr)
+        finally:
+            for proc, _, _ in procs.values():
+                proc.send_signal(signal.SIGTERM)
+            for proc, _, _ in procs.values():
+                try:
+                    proc.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
         lines = [
             f"# TLS serving cost ({datetime.date.today().isoformat()})",
             "",
             f"`{os.environ.get('LMBENCH_CMDLINE', 'benches/tls/run.sh')}`; nbdcopy --no-extents {size >> 20} MiB of "
-            f"random data from /dev/shm to null:, one connection; median of {reps} alternating runs (the three "
-            f"transports of a server run at once). 4K: --request-size=4096 --requests=1 (queue depth 1), wall time "
+            f"random data from /dev/shm to null:, one connection; median of {reps} alternating runs (every server "
+            f"and transport runs at once, and each repetition goes through all in turn). 4K: "
+            f"--request-size=4096 --requests=1 (queue depth 1), wall time "
             f"and server CPU per request. 1M: --request-size=1048576 --requests=8. Client and server share "
             f"{os.cpu_count()} cores. Before each run the harness waited for an idle machine "
             f"({stats['waited']:.0f} s in all, gave up {stats['gave_up']} time(s)); the run took "
@@ -199,7 +218,7 @@ def main():
             "| --- | --- | ---: | ---: | ---: | ---: | ---: |",
         ]
         names = {"plain": "plaintext", "x509": "TLS, X.509", "psk": "TLS, PSK"}
-        for server in SERVERS:
+        for server in servers:
             base = rows[(server, "plain")]
             for mode in MODES:
                 lat, cpu, mbs = rows[(server, mode)]

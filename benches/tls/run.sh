@@ -4,6 +4,11 @@
 # the same client.
 #
 #   benches/tls/run.sh [--quick] [--reps N] [--out FILE] [--no-build]
+#                      [--servers livemirror,qemu-nbd,nbdkit] [--baseline OLD_BINARY]
+#
+# --baseline measures another livemirror binary (the build before a change) as the
+# server livemirror-baseline, in the same run: every server runs from the start and
+# each repetition goes through all of them in turn.
 #
 # The client is nbdcopy (libnbd, gnutls): fio's nbd engine refuses the local
 # certificate and key files a TLS URI names, nbdcopy takes them. Copying the

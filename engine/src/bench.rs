@@ -40,7 +40,7 @@ pub async fn measure_copy(
     let bytes = s.size();
     let region_size = cfg.region_size;
     let (queue_depth, copy_chunk, max_rate) = (cfg.queue_depth, cfg.copy_chunk, cfg.max_rate);
-    let m = Mirror::new(s, MirrorConfig { read_only: true, min_rate: 0, cache, ..cfg })?;
+    let m = Mirror::new(s, MirrorConfig { read_only: true, min_rate: u64::MAX, cache, ..cfg })?;
     let t0 = Instant::now();
     m.attach(target).await?;
     loop {

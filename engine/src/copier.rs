@@ -160,21 +160,16 @@ pub fn is_zero(data: &[u8]) -> bool {
     chunks.remainder().iter().all(|&b| b == 0)
 }
 
-/// The rate the copier may use right now (0 = unlimited).
-fn effective_rate(job: &CopyJob) -> u64 {
-    let max = job.ctl.limiter.rate();
-    if job.fg.is_active() {
-        let floor = job.ctl.min_rate.load(Ordering::Relaxed);
-        if floor == 0 {
-            return max;
-        }
-        if max == 0 {
-            floor
-        } else {
-            max.min(floor)
-        }
-    } else {
-        max
+/// The rate the copier may use now (0 = unlimited), or `None` when it must
+/// wait: with clients busy it runs at the floor (never above the limit), and a
+/// floor of 0 means no floor at all: the copy yields to busy clients entirely
+/// (md's `sync_speed_min` of 0).
+fn rate_now(max: u64, floor: u64, clients_busy: bool) -> Option<u64> {
+    match (clients_busy, floor, max) {
+        (false, _, max) => Some(max),
+        (true, 0, _) => None,
+        (true, floor, 0) => Some(floor),
+        (true, floor, max) => Some(max.min(floor)),
     }
 }
 
@@ -258,7 +253,12 @@ pub(crate) async fn run(job: Arc<CopyJob>) {
         // Tokens first, lock later: a lock is never held while waiting for rate.
         let len = bytes.end - bytes.start;
         loop {
-            let wait = job.ctl.limiter.try_take(len, effective_rate(&job));
+            let rate = rate_now(job.ctl.limiter.rate(), job.ctl.min_rate.load(Ordering::Relaxed), job.fg.is_active());
+            let wait = match rate {
+                Some(r) => job.ctl.limiter.try_take(len, r),
+                // Back off fully: look again once clients may have paused.
+                None => Duration::from_millis(50),
+            };
             if wait.is_zero() || job.should_stop() {
                 break;
             }
@@ -411,6 +411,18 @@ mod tests {
         assert_eq!(chunk_now(false, 1 << 20), 1 << 20);
         assert_eq!(chunk_now(true, 1 << 20), BUSY_CHUNK);
         assert_eq!(chunk_now(true, 16 << 10), 16 << 10, "a smaller configured size is kept");
+    }
+
+    #[test]
+    fn busy_clients_hold_the_copy_to_its_floor_and_a_floor_of_zero_stops_it() {
+        use super::rate_now;
+        const M: u64 = 1 << 20;
+        assert_eq!(rate_now(0, 32 * M, false), Some(0), "idle: unlimited");
+        assert_eq!(rate_now(8 * M, 32 * M, false), Some(8 * M), "idle: the limit");
+        assert_eq!(rate_now(0, 32 * M, true), Some(32 * M), "busy: the floor");
+        assert_eq!(rate_now(8 * M, 32 * M, true), Some(8 * M), "busy: never above the limit");
+        assert_eq!(rate_now(0, 0, true), None, "busy with no floor: wait");
+        assert_eq!(rate_now(0, 0, false), Some(0), "idle with no floor: unlimited");
     }
 
     #[test]

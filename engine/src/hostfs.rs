@@ -31,6 +31,13 @@ pub fn enter_proc_cwd() -> io::Result<()> {
     if PROC_CWD.load(Ordering::SeqCst) {
         return Ok(());
     }
+    // A daemon started by one that already runs this way (`livemirror
+    // upgrade` after a switch_root) inherits procfs as its working directory
+    // and may have no /proc in its root at all.
+    if nix::sys::statfs::statfs(".").is_ok_and(|st| st.filesystem_type().0 == PROC_SUPER_MAGIC) {
+        PROC_CWD.store(true, Ordering::SeqCst);
+        return Ok(());
+    }
     let st = nix::sys::statfs::statfs("/proc").map_err(io::Error::from)?;
     if st.filesystem_type().0 as i64 != PROC_SUPER_MAGIC {
         return Err(io::Error::new(io::ErrorKind::NotFound, "/proc is not a procfs"));

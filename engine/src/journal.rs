@@ -336,8 +336,27 @@ impl Journal {
         st.flushed_seq = st.flushed_seq.max(seq);
     }
 
-    /// Stops the persister after a final persist.
+    /// Stops the persister after a final persist. Called at a clean stop,
+    /// once every request has drained and both legs were flushed
+    /// ([`Journal::flush_done`]): every write is durable on both then, so no
+    /// region needs its intent mark any more (a restart, or the next process
+    /// of an upgrade, would copy them all again for nothing).
     pub async fn stop(&self) -> Result<()> {
+        {
+            let mut st = lock(&self.sh.st);
+            let flushed = st.flushed_seq;
+            let done: Vec<usize> =
+                st.active.iter().filter(|(_, a)| a.writers == 0 && a.last_write <= flushed).map(|(&c, _)| c).collect();
+            if !done.is_empty() {
+                let (n, per) = (st.intent.len(), self.sh.per_chunk);
+                for c in done {
+                    st.active.remove(&c);
+                    st.intent[(c * per).min(n)..((c + 1) * per).min(n)].fill(false);
+                    st.intent_gen.remove(&c);
+                }
+                Journal::bump(&mut st);
+            }
+        }
         let r = self.persist().await;
         self.sh.stop.store(true, Ordering::SeqCst);
         self.sh.kick.notify_one();

@@ -38,6 +38,11 @@ pub struct StartOptions {
     /// rates last set at runtime, recorded in the state file, apply).
     pub max_rate_explicit: bool,
     pub min_rate_explicit: bool,
+    /// The state file was written by the process this one takes over from
+    /// (`livemirror upgrade`), which flushed and closed both devices an
+    /// instant ago: the sampled comparison of copied regions is skipped (it
+    /// would only read, while the export waits).
+    pub handed_over: bool,
 }
 
 /// A started device and what the caller still has to do.
@@ -231,7 +236,11 @@ pub fn start(opts: &StartOptions, mut cfg: MirrorConfig) -> Result<Started> {
             // everything again rather than serve stale T data.
             let mut verifiable = clean.clone();
             verifiable &= !img.unverifiable.clone();
-            let mismatch = resume_check(&s, &t, &verifiable, img.region_shift, img.export_size)?;
+            let mismatch = if opts.handed_over {
+                None
+            } else {
+                resume_check(&s, &t, &verifiable, img.region_shift, img.export_size)?
+            };
             if let Some(why) = &mismatch {
                 tracing::warn!("{why}: starting the sync over");
                 clean.fill(false);

@@ -48,7 +48,7 @@ fn fixture(regions: u64, cfg: MirrorConfig, align: u64) -> Fx {
 
 fn serial() -> MirrorConfig {
     // One copy in flight, one region per copy: the copier's position is exact.
-    MirrorConfig { queue_depth: 1, copy_chunk: R as usize, min_rate: 0, ..Default::default() }
+    MirrorConfig { queue_depth: 1, copy_chunk: R as usize, min_rate: u64::MAX, ..Default::default() }
 }
 
 async fn wait_state(m: &Mirror, want: DeviceState) {
@@ -232,7 +232,7 @@ fn trim_during_a_copy() {
 /// fresh attach to a good target converges.
 #[test]
 fn target_failing_with_reads_in_flight() {
-    let mut fx = fixture(16, MirrorConfig { min_rate: 0, ..Default::default() }, 1);
+    let mut fx = fixture(16, MirrorConfig { min_rate: u64::MAX, ..Default::default() }, 1);
     run(async {
         fx.m.attach(&fx.t_path).await.expect("attach");
         wait_state(&fx.m, DeviceState::Synced).await;
@@ -274,7 +274,7 @@ fn target_failing_with_reads_in_flight() {
 /// A failed T read is retried on S (and T is dropped).
 #[test]
 fn failed_target_read_is_retried_on_the_source() {
-    let fx = fixture(8, MirrorConfig { min_rate: 0, ..Default::default() }, 1);
+    let fx = fixture(8, MirrorConfig { min_rate: u64::MAX, ..Default::default() }, 1);
     run(async {
         fx.m.attach(&fx.t_path).await.expect("attach");
         wait_state(&fx.m, DeviceState::Synced).await;
@@ -290,7 +290,7 @@ fn failed_target_read_is_retried_on_the_source() {
 /// touched again.
 #[test]
 fn detach_source_during_writes() {
-    let mut fx = fixture(8, MirrorConfig { min_rate: 0, ..Default::default() }, 1);
+    let mut fx = fixture(8, MirrorConfig { min_rate: u64::MAX, ..Default::default() }, 1);
     run(async {
         fx.m.attach(&fx.t_path).await.expect("attach");
         wait_state(&fx.m, DeviceState::Synced).await;
@@ -328,7 +328,7 @@ fn detach_source_during_writes() {
 /// writes land on S, and the copier stops.
 #[test]
 fn detach_target_during_writes() {
-    let mut fx = fixture(16, MirrorConfig { max_rate: 1 << 20, min_rate: 0, ..serial() }, 1);
+    let mut fx = fixture(16, MirrorConfig { max_rate: 1 << 20, min_rate: u64::MAX, ..serial() }, 1);
     run(async {
         fx.m.attach(&fx.t_path).await.expect("attach");
         let gate = Gate::new();
@@ -384,7 +384,7 @@ fn source_read_error_stops_the_copier_until_resume() {
 /// Synced: an S write error drops S instead of failing the client.
 #[test]
 fn source_write_error_when_synced_detaches_the_source() {
-    let mut fx = fixture(8, MirrorConfig { min_rate: 0, ..Default::default() }, 1);
+    let mut fx = fixture(8, MirrorConfig { min_rate: u64::MAX, ..Default::default() }, 1);
     run(async {
         fx.m.attach(&fx.t_path).await.expect("attach");
         wait_state(&fx.m, DeviceState::Synced).await;
@@ -419,7 +419,7 @@ fn source_write_error_while_syncing_fails_the_write() {
 #[test]
 fn concurrent_unaligned_writes_to_one_sector_lose_nothing() {
     for synced in [false, true] {
-        let mut fx = fixture(4, MirrorConfig { min_rate: 0, ..Default::default() }, 4096);
+        let mut fx = fixture(4, MirrorConfig { min_rate: u64::MAX, ..Default::default() }, 4096);
         run(async {
             if synced {
                 fx.m.attach(&fx.t_path).await.expect("attach");

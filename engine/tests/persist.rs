@@ -25,7 +25,7 @@ fn mirrored(s: &Path, t: &Path, st: &Path) -> StartOptions {
 }
 
 fn cfg() -> MirrorConfig {
-    MirrorConfig { region_size: R, min_rate: 0, ..Default::default() }
+    MirrorConfig { region_size: R, min_rate: u64::MAX, ..Default::default() }
 }
 
 async fn wait_state(m: &engine::Mirror, want: DeviceState) {

@@ -140,7 +140,8 @@ fn a_remote_target_is_mirrored_and_a_cut_link_pauses_the_copy() {
         down: AtomicBool::new(true),
         writes_while_down: AtomicU64::new(0),
     });
-    let cfg = MirrorConfig { min_rate: 0, opener: Opener(Arc::new(FakeOpener(remote.clone()))), ..Default::default() };
+    let cfg =
+        MirrorConfig { min_rate: u64::MAX, opener: Opener(Arc::new(FakeOpener(remote.clone()))), ..Default::default() };
     rt::block_on(async {
         let m = Mirror::new(Backend::open(&s, &OpenOptions::default()).unwrap(), cfg).unwrap();
         m.attach(Path::new("fake://host/export")).await.unwrap();

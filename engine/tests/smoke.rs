@@ -163,7 +163,7 @@ fn verify_during_a_paused_sync_reports_what_it_could_not_compare() {
     std::fs::write(&s, vec![9u8; 8 << 20]).unwrap();
     std::fs::File::create(&t).unwrap().set_len(8 << 20).unwrap();
     rt::block_on(async {
-        let cfg = MirrorConfig { max_rate: 1 << 20, min_rate: 0, ..MirrorConfig::default() };
+        let cfg = MirrorConfig { max_rate: 1 << 20, min_rate: u64::MAX, ..MirrorConfig::default() };
         let m = Mirror::new(Backend::open(&s, &OpenOptions::default()).unwrap(), cfg).unwrap();
         m.attach(&t).await.unwrap();
         tokio::time::sleep(std::time::Duration::from_millis(300)).await;

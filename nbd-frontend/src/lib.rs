@@ -6,10 +6,10 @@
 //! Layout follows the protocol's phases: [`proto`] (constants and encodings),
 //! [`handshake`] (option negotiation, sans-I/O), [`request`] (validation of every
 //! request in one place), `transmission` (one connection's request loop, over
-//! a [`stream`]), [`tls`] (STARTTLS: the acceptor over rustls and OpenSSL, the
-//! TLS stream), [`server`] (listeners, the handshake driver, connection
-//! hand-off), [`kernel`] and [`netlink`] (the kernel's NBD client), [`stats`]
-//! (counters) and [`remote`] (the client).
+//! a [`stream`]), [`tls`] (STARTTLS: the acceptor over OpenSSL, the TLS
+//! stream; its X.509 credentials in `tls/x509.rs`), [`server`] (listeners, the
+//! handshake driver, connection hand-off), [`kernel`] and [`netlink`] (the
+//! kernel's NBD client), [`stats`] (counters) and [`remote`] (the client).
 //!
 //! Every public item is documented (`missing_docs` is denied) and public only
 //! because the binary, the tests, the benches or the fuzz targets use it.

@@ -19,7 +19,7 @@ use crate::proto::BlockSizes;
 use crate::stats::Stats;
 use crate::stream::Stream;
 use crate::tls::TlsPolicy;
-use crate::transmission::{self, ConnShared, Phase};
+use crate::transmission::{self, ConnShared, HandoverSlot, Phase};
 
 /// A client has this long to finish the handshake.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(60);
@@ -118,11 +118,54 @@ impl Listener {
         }
     }
 
+    /// Another handle on the same listening socket: it keeps accepting (its
+    /// backlog filling) after the accept loop gave its own handle up, until a
+    /// process that was handed this one accepts again (`livemirror upgrade`).
+    pub fn try_clone(&self) -> io::Result<Listener> {
+        Ok(match self {
+            Listener::Unix(l, p) => Listener::Unix(l.try_clone()?, p.clone()),
+            Listener::Tcp(l) => Listener::Tcp(l.try_clone()?),
+        })
+    }
+
+    /// A listening socket inherited from another process, for `addr`.
+    pub fn from_fd(fd: std::os::fd::OwnedFd, addr: &ListenAddr) -> io::Result<Listener> {
+        Ok(match addr {
+            ListenAddr::Unix(p) => {
+                let l = std::os::unix::net::UnixListener::from(fd);
+                l.set_nonblocking(true)?;
+                Listener::Unix(l, p.clone())
+            }
+            ListenAddr::Tcp { .. } => {
+                let l = std::net::TcpListener::from(fd);
+                l.set_nonblocking(true)?;
+                Listener::Tcp(l)
+            }
+        })
+    }
+
+    /// The socket, to hand over.
+    pub fn into_fd(self) -> std::os::fd::OwnedFd {
+        match self {
+            Listener::Unix(l, _) => l.into(),
+            Listener::Tcp(l) => l.into(),
+        }
+    }
+
     /// The actual address (useful with port 0).
     pub fn local_addr(&self) -> String {
         match self {
             Listener::Unix(_, p) => format!("unix:{}", p.display()),
             Listener::Tcp(l) => l.local_addr().map(|a| format!("tcp:{a}")).unwrap_or_default(),
+        }
+    }
+}
+
+impl std::os::fd::AsFd for Listener {
+    fn as_fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        match self {
+            Listener::Unix(l, _) => l.as_fd(),
+            Listener::Tcp(l) => l.as_fd(),
         }
     }
 }
@@ -280,8 +323,17 @@ impl<D: BlockDevice> Server<D> {
     }
 
     /// Serves an already connected stream without a handshake (the kernel's
-    /// end of a socketpair) on one of the workers.
-    pub(crate) fn serve_preconnected(&self, stream: std::os::unix::net::UnixStream, neg: Negotiated) -> io::Result<()> {
+    /// end of a socketpair) on one of the workers. It starts with `leftover`
+    /// (bytes a previous process read from it); with a `handover` slot it
+    /// stops between two requests when the server stops, leaving there what
+    /// it read past the last one (see `transmission`).
+    pub(crate) fn serve_handed(
+        &self,
+        stream: std::os::unix::net::UnixStream,
+        neg: Negotiated,
+        leftover: Vec<u8>,
+        handover: Option<HandoverSlot>,
+    ) -> io::Result<()> {
         let n = self.inner.workers.len().max(1);
         let i = self.inner.next_worker.fetch_add(1, Ordering::Relaxed) % n;
         let worker = self.inner.workers.get(i).ok_or_else(|| io::Error::other("no worker"))?;
@@ -293,7 +345,7 @@ impl<D: BlockDevice> Server<D> {
         worker.run(move || async move {
             let res = async {
                 let s = Stream::Unix(tokio::net::UnixStream::from_std(stream)?);
-                server.serve_negotiated(s, &neg, Vec::new()).await
+                server.serve_connection(s, &neg, leftover, handover).await
             }
             .await;
             if let Err(e) = res {
@@ -385,11 +437,24 @@ impl<D: BlockDevice> Server<D> {
     /// Serves the transmission phase of an already negotiated stream (the
     /// kernel client skips the handshake: netlink attach).
     pub(crate) async fn serve_negotiated(&self, stream: Stream, neg: &Negotiated, leftover: Vec<u8>) -> io::Result<()> {
+        self.serve_connection(stream, neg, leftover, None).await
+    }
+
+    /// Serves the transmission phase; a connection with a `handover` slot
+    /// stops between two requests when the server stops (see `transmission`).
+    async fn serve_connection(
+        &self,
+        stream: Stream,
+        neg: &Negotiated,
+        leftover: Vec<u8>,
+        handover: Option<HandoverSlot>,
+    ) -> io::Result<()> {
         let shared = ConnShared {
             pool: self.inner.pool.clone(),
             phase: self.inner.phase.subscribe(),
             limits: self.inner.cfg.limits.clone(),
             stats: self.inner.stats.clone(),
+            handover,
         };
         transmission::serve(stream, self.inner.dev.clone(), neg, leftover, shared).await
     }

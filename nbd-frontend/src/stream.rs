@@ -1,6 +1,6 @@
 //! A connected stream of the server side: a Unix or TCP socket, or a TLS
 //! session over one, and the read and write halves it splits into. The halves
-//! need no lock: a TLS session's halves share it on one thread (tls.rs).
+//! need no lock: a TLS session's halves share it on one thread (tls/mod.rs).
 
 use std::io::{self, IoSlice};
 use std::pin::Pin;

@@ -414,6 +414,53 @@ pub fn export_bytes(uri: &str) -> Vec<u8> {
     o.stdout
 }
 
+/// `len` bytes at `off` of the export as a client reads them (nbdsh, one
+/// NBD READ per call of libnbd's `pread`).
+pub fn pread(uri: &str, off: u64, len: u64) -> Vec<u8> {
+    let code = format!("import sys; sys.stdout.buffer.write(h.pread({len}, {off}))");
+    let o =
+        Command::new(tool("nbdsh")).args(["-u", uri, "-c", &code]).env("PATH", debian_path()).output().expect("nbdsh");
+    assert!(o.status.success(), "nbdsh pread {off}+{len} from {uri}: {}", text(&o));
+    assert_eq!(o.stdout.len() as u64, len, "nbdsh pread {off}+{len}: short read");
+    o.stdout
+}
+
+/// Writes `data` at `off` straight into a device or image file, behind the
+/// daemon's back (its advisory lock does not stop a plain write).
+pub fn poke(path: &Path, off: u64, data: &[u8]) {
+    use std::os::unix::fs::FileExt;
+    let f =
+        std::fs::OpenOptions::new().write(true).open(path).unwrap_or_else(|e| panic!("open {}: {e}", path.display()));
+    f.write_all_at(data, off).unwrap_or_else(|e| panic!("write {}: {e}", path.display()));
+}
+
+/// The TLS key matrix (tests/certs/make.sh): one directory per kind of key
+/// and certificate a CA may issue, each with ca-cert.pem, server-cert.pem,
+/// server-key.pem, client-cert.pem and client-key.pem.
+pub const TLS_MATRIX: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/certs");
+
+/// The kinds every gnutls peer (qemu-nbd, nbdkit, nbd-server; qemu and libnbd
+/// as clients) takes, and so must livemirror, as server and as client.
+pub const TLS_KINDS: &[&str] = &[
+    // The reference server's own test certificates: RSA 2432 bits (PKCS#1),
+    // made by certtool, the name in the CN alone (no subjectAltName).
+    "nbd-reference",
+    "rsa2048",
+    "rsa2048-pkcs1",
+    "rsa3072",
+    "rsa4096",
+    "rsa8192",
+    "p256",
+    "p256-sec1",
+    "certtool-ec",
+    "p384",
+    "p521",
+    "ed25519",
+    "ed448",
+    // root CA -> intermediate -> leaf, the intermediate sent with the leaf.
+    "chain",
+];
+
 /// A tmpfs mounted for the test, unmounted on drop (declare it before the
 /// daemon that uses it, so the daemon is gone first).
 pub struct Mount(pub PathBuf);

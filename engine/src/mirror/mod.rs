@@ -22,6 +22,7 @@ mod health;
 mod kernel_device;
 mod lifecycle;
 mod read;
+mod snapshot;
 mod status;
 mod write;
 
@@ -310,7 +311,8 @@ impl Mirror {
         self.log_event(EventKind::Error, message);
     }
 
-    pub(crate) fn log_event(&self, kind: EventKind, message: String) {
+    /// Logs `message` and records it as an event of `kind` (status, `events`).
+    pub fn log_event(&self, kind: EventKind, message: String) {
         match kind {
             EventKind::Error => tracing::error!("{message}"),
             EventKind::Overlay => tracing::warn!("{message}"),

@@ -4,7 +4,7 @@
 //! | --- | --- |
 //! | `uri.rs` | `nbd://`, `nbds://`, `nbd+unix://` names |
 //! | `handshake.rs` | the client side of the handshake (STARTTLS, structured replies, `base:allocation`, GO) |
-//! | `tls.rs` | the rustls client of `nbds://` |
+//! | `tls.rs` | the TLS client of `nbds://` (OpenSSL: X.509 and pre-shared keys) |
 //! | `requests.rs` | requests from the engine's call to their answer: the shared queue, each connection's in-flight table, expiry |
 //! | `conn.rs` | one connection: pipelined requests, replies into the callers' buffers, the stall watchdog |
 //! | `dial.rs` | one connection attempt: socket, greeting, STARTTLS, options |

@@ -4,7 +4,9 @@
 //! charge) also ends when the server stops taking requests or when the
 //! connection is declared dead (by the writer, when the peer stops reading its
 //! replies). Both end the loop cleanly; an I/O error or a protocol violation
-//! ends it with that error.
+//! ends it with that error. A connection that is handed over
+//! (`handover.rs`) heeds the server's stop only between two requests: inside
+//! one, only [`Phase::Closing`] interrupts it.
 
 use std::cell::RefCell;
 use std::future::Future;
@@ -21,6 +23,9 @@ pub(super) enum End {
     /// stopped taking requests, or the connection was declared dead: nothing
     /// to report to the caller.
     Clean,
+    /// The server stopped taking requests while the reader waited between two
+    /// requests (for a slot or the next header): where a handover may cut.
+    Between,
     /// An I/O error or a protocol violation.
     Failed(io::Error),
 }
@@ -71,15 +76,30 @@ impl Dead {
 pub(super) struct Stops {
     pub(super) phase: watch::Receiver<Phase>,
     pub(super) dead: Rc<Dead>,
+    /// The phase that interrupts a request already begun: Draining, or
+    /// Closing for a connection that is handed over.
+    pub(super) within: Phase,
 }
 
 impl Stops {
-    /// Runs `fut` unless the server stops taking requests or the connection
-    /// dies first; then the loop ends cleanly.
-    pub(super) async fn unless_stopped<F: Future>(&mut self, fut: F) -> Result<F::Output, End> {
+    /// Runs `fut`, a wait between two requests, unless the server stops
+    /// taking requests ([`End::Between`]) or the connection dies first.
+    pub(super) async fn between_requests<F: Future>(&mut self, fut: F) -> Result<F::Output, End> {
         tokio::select! {
             biased;
-            _ = self.phase.wait_for(|p| *p >= Phase::Draining) => Err(End::Clean),
+            _ = self.phase.wait_for(|p| *p >= Phase::Draining) => Err(End::Between),
+            _ = self.dead.wait() => Err(End::Clean),
+            v = fut => Ok(v),
+        }
+    }
+
+    /// Runs `fut`, a wait inside a request, unless the server reaches
+    /// `within` or the connection dies first; then the loop ends cleanly.
+    pub(super) async fn unless_stopped<F: Future>(&mut self, fut: F) -> Result<F::Output, End> {
+        let within = self.within;
+        tokio::select! {
+            biased;
+            _ = self.phase.wait_for(|p| *p >= within) => Err(End::Clean),
             _ = self.dead.wait() => Err(End::Clean),
             v = fut => Ok(v),
         }

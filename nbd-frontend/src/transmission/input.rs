@@ -32,6 +32,11 @@ impl Input {
         self.end - self.start
     }
 
+    /// The bytes read and not yet taken.
+    pub(super) fn rest(&self) -> Vec<u8> {
+        self.buf[self.start..self.end].to_vec()
+    }
+
     /// Reads until `n` bytes are buffered. `Ok(false)` on EOF before any of them.
     pub(super) async fn fill(&mut self, rd: &mut ReadHalf, n: usize) -> io::Result<bool> {
         while self.available() < n {

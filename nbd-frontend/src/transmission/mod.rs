@@ -16,6 +16,7 @@
 //! | `reply.rs` | one constructor per reply shape |
 //! | `writer.rs` | sending replies, in batches |
 //! | `ending.rs` | what ends the loop, decided in one place |
+//! | `handover.rs` | stopping between two requests for `livemirror upgrade` |
 //!
 //! What a connection may hold is bounded (limits.rs): a request slot from its
 //! header until its reply is written, and payload bytes charged to the
@@ -28,13 +29,20 @@
 //! still arriving is abandoned: its request was never started), requests in
 //! flight finish and their replies are delivered; in [`Phase::Closing`] replies
 //! not yet written are dropped and the connection closes at once.
+//!
+//! A connection with a [`HandoverSlot`] (the kernel's, which another process
+//! takes over on `livemirror upgrade`) stops only between two requests: a
+//! request whose header was read is read whole and answered, and the bytes
+//! read past the last one go into the slot (`handover.rs`).
 
 mod ending;
 mod handle;
+mod handover;
 mod input;
 mod reply;
 mod writer;
 
+use std::cell::Cell;
 use std::io;
 use std::rc::Rc;
 use std::sync::Arc;
@@ -45,6 +53,7 @@ use tokio::sync::{mpsc, watch};
 
 use self::ending::{Dead, End, Stops};
 use self::handle::Outcome;
+pub(crate) use self::handover::HandoverSlot;
 use self::input::Input;
 use self::reply::{Reply, To};
 use crate::handshake::Negotiated;
@@ -83,6 +92,8 @@ pub(crate) struct ConnShared {
     pub(crate) limits: ConnLimits,
     /// The server's counters.
     pub(crate) stats: Arc<Stats>,
+    /// Set for a connection that is handed over rather than closed (module docs).
+    pub(crate) handover: Option<HandoverSlot>,
 }
 
 fn stalled(what: &str, t: Duration) -> io::Error {
@@ -112,13 +123,21 @@ pub(crate) async fn serve<D: BlockDevice>(
     let (rd, wr) = stream.into_split();
     let (replies, rx) = mpsc::unbounded_channel::<Reply>();
     let dead = Rc::new(Dead::default());
-    let mut writer_task = tokio::task::spawn_local(writer::run(wr, rx, dead.clone(), limits.stall_timeout));
+    // Set when the loop stops at a request boundary for a handover: the
+    // writer then leaves the socket open for the next process.
+    let handed_over = Rc::new(Cell::new(false));
+    let mut writer_task =
+        tokio::task::spawn_local(writer::run(wr, rx, dead.clone(), limits.stall_timeout, handed_over.clone()));
+    // Between two requests the server's stop is heeded at Draining; inside
+    // one, a connection that is handed over finishes the request first (only
+    // Closing interrupts it).
+    let within = if shared.handover.is_some() { Phase::Closing } else { Phase::Draining };
     let mut conn = Connection {
         dev,
         session,
         rd,
         input: Input::new(leftover, limits.stall_timeout),
-        stops: Stops { phase: shared.phase.clone(), dead: dead.clone() },
+        stops: Stops { phase: shared.phase.clone(), dead: dead.clone(), within },
         slots: Slots::new(limits.max_requests),
         budget: ConnBudget::new(shared.pool.clone(), limits),
         inflight: Drain::new(),
@@ -130,15 +149,24 @@ pub(crate) async fn serve<D: BlockDevice>(
         match conn.serve_request().await {
             Ok(()) => {}
             Err(End::Clean) => break Ok(()),
+            Err(End::Between) => {
+                handed_over.set(shared.handover.is_some());
+                break Ok(());
+            }
             Err(End::Failed(e)) => break Err(e),
         }
     };
     // The reader's state goes now; its half of the stream lives until the
     // replies are out, with the writer's.
-    let Connection { rd: _rd, inflight, replies, stops: Stops { mut phase, .. }, .. } = conn;
+    let Connection { rd: _rd, input, inflight, replies, stops: Stops { mut phase, .. }, .. } = conn;
     // Requests started on the device finish whatever happens (their buffers
     // and locks are the engine's); then the replies drain.
     inflight.wait_idle().await;
+    if let (true, Some(slot)) = (handed_over.get(), &shared.handover) {
+        // What was read of the next request (or of several) is the next
+        // process's to serve.
+        slot.put(input.rest());
+    }
     drop(replies);
     let closing = async {
         let _ = phase.wait_for(|p| *p >= Phase::Closing).await;
@@ -207,7 +235,7 @@ impl<D: BlockDevice> Connection<D> {
     /// One request, step by step. `Ok` when the next request may follow.
     async fn serve_request(&mut self) -> Result<(), End> {
         // A slot first: while every slot is taken the socket is not read.
-        let slot = self.stops.unless_stopped(self.slots.take()).await?;
+        let slot = self.stops.between_requests(self.slots.take()).await?;
         let header = self.receive_header().await?;
         let to = To { cookie: header.cookie, offset: header.offset };
         let req = Request { to, kind: header.kind, started: Instant::now(), slot };
@@ -238,7 +266,11 @@ impl<D: BlockDevice> Connection<D> {
     /// loop cleanly.
     async fn receive_header(&mut self) -> Result<ExtendedRequestHeader, End> {
         let header_len = if self.session.extended { EXTENDED_REQUEST_LEN } else { REQUEST_LEN };
-        if self.input.available() < header_len && !self.stops.io(self.input.fill(&mut self.rd, header_len)).await? {
+        // Stopped before the header is complete: a boundary too (what was
+        // read of it stays in `input`).
+        if self.input.available() < header_len
+            && !self.stops.between_requests(self.input.fill(&mut self.rd, header_len)).await??
+        {
             return Err(End::Clean);
         }
         let parsed = if self.session.extended {

@@ -3,6 +3,7 @@
 //! reply's slot and payload charges once it is written. A peer that stops
 //! reading its replies for the stall timeout is declared dead.
 
+use std::cell::Cell;
 use std::io::{self, IoSlice};
 use std::rc::Rc;
 use std::time::Duration;
@@ -21,8 +22,15 @@ const MAX_BATCH_REPLIES: usize = 128;
 const MAX_BATCH_BYTES: usize = 8 << 20;
 
 /// Sends the replies from `rx` until every sender is gone (then shuts the
-/// write half down) or a write fails or stalls (then `dead` says why).
-pub(super) async fn run(mut wr: WriteHalf, mut rx: mpsc::UnboundedReceiver<Reply>, dead: Rc<Dead>, stall: Duration) {
+/// write half down, unless the connection was `handed_over`) or a write
+/// fails or stalls (then `dead` says why).
+pub(super) async fn run(
+    mut wr: WriteHalf,
+    mut rx: mpsc::UnboundedReceiver<Reply>,
+    dead: Rc<Dead>,
+    stall: Duration,
+    handed_over: Rc<Cell<bool>>,
+) {
     let mut batch: Vec<Reply> = Vec::with_capacity(MAX_BATCH_REPLIES);
     while let Some(first) = rx.recv().await {
         let mut bytes = first.body_len();
@@ -51,7 +59,14 @@ pub(super) async fn run(mut wr: WriteHalf, mut rx: mpsc::UnboundedReceiver<Reply
             return;
         }
     }
-    let _ = wr.shutdown().await;
+    // A socket handed over stays open for the next process: no FIN, also not
+    // the one tokio's Unix write half sends when it is dropped.
+    match (handed_over.get(), wr) {
+        (true, WriteHalf::Unix(w)) => w.forget(),
+        (_, mut wr) => {
+            let _ = wr.shutdown().await;
+        }
+    }
 }
 
 /// Writes every slice, failing if a single write makes no progress for `stall`.

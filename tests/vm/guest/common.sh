@@ -92,11 +92,16 @@ check_daemon() {
   _sup=$1
   kill -0 "$_sup" 2>/dev/null || fail "the supervisor (pid $_sup) is not running"
   _a=$(tr '\0' ' ' < "/proc/$_sup/cmdline")
-  case "$_a" in @livemirror\ serve\ *) ok "supervisor pid $_sup: $_a" ;; *) fail "pid $_sup runs '$_a', not @livemirror serve" ;; esac
+  # After `livemirror upgrade` the binary runs through its staged ELF interpreter, which gets
+  # argv[0] "@livemirror" too (what systemd's kill sprees look at).
+  case "$_a" in
+    @livemirror\ serve\ *|@livemirror\ --library-path\ *) ok "supervisor pid $_sup: $_a" ;;
+    *) fail "pid $_sup runs '$_a', not @livemirror serve" ;;
+  esac
   CHILD=$(daemon_child "$_sup")
   [ -n "$CHILD" ] || fail "the supervisor has no child daemon"
   case "$(tr '\0' ' ' < "/proc/$CHILD/cmdline")" in
-    @livemirror\ serve\ *) ok "daemon pid $CHILD (child of the supervisor) is named @livemirror too" ;;
+    @livemirror\ serve\ *|@livemirror\ --library-path\ *) ok "daemon pid $CHILD (child of the supervisor) is named @livemirror too" ;;
     *) fail "the supervisor's child $CHILD runs '$(tr '\0' ' ' < "/proc/$CHILD/cmdline")'" ;;
   esac
   _rdev=$(stat -c %D /)

@@ -6,7 +6,11 @@
 # attach /dev/vdb; mid-sync `kill -9` the daemon again: the
 # supervisor restarts it, it resumes from the state file (regions_clean must not start over)
 # and takes /dev/nbd0 back over netlink (RECONFIGURE) while the kernel holds the I/O; the load
-# must see no error. Then the sync completes, verify, detach-source, the source is removed, and
+# must see no error. Then, still mid-sync, three `livemirror upgrade`s in a row: each time the
+# supervisor execs the new binary in place (its pid stays), the new daemon takes the live kernel
+# connections, the sockets and the state over, the old one exits; no NBD request times out, the
+# copy goes on, the load sees no error; the guest measures the longest write that spanned an
+# upgrade. Then the sync completes, verify, detach-source, the source is removed, and
 # the daemon is killed once more: it must come back without the source. Then grow + resize2fs
 # through the restarted daemon, and every file is checked.
 # lm.door=ublk: the root is /dev/ublkb0 (serve --ublk-device 0), taken over by each restarted
@@ -166,6 +170,62 @@ while [ $k -lt "$SYNCKILLS" ]; do
   ok "$(count_within killed) files written (fsync'd) after the kills: writes go on through the restarted daemon"
 done
 
+# ---- three upgrades in a row, mid-sync, under the load
+# A probe writes 4 KiB with O_DIRECT and fsync in a loop and logs how long each write took (ms,
+# from /proc/uptime's centiseconds), so the longest write that spanned an upgrade is measured
+# from the file system's side.
+cs() { read -r _u _ < /proc/uptime; echo "${_u%.*}${_u#*.}"; }
+rm -f /run/lmtest/probe.stop
+( while [ ! -e /run/lmtest/probe.stop ]; do
+    _a=$(cs)
+    dd if=/dev/zero of=/probe.bin bs=4096 count=1 oflag=direct conv=notrunc,fsync 2>/dev/null || echo "ERR"
+    _b=$(cs)
+    echo "$(( (_b - _a) * 10 ))"
+  done > /run/lmtest/probe.log ) &
+PROBEPID=$!
+J=$(lmstatus); RU0=$(jget regions_clean "$J")
+DMESG0=$(dmesg | wc -l)
+phase upgraded
+for _n in 1 2 3; do
+  _old=$CHILD
+  _lines=$(wc -l < /run/lmtest/probe.log)
+  OUT=$("$LM" upgrade --control "$LM_CTL" 2>&1) || fail "livemirror upgrade #$_n: $OUT"
+  ok "upgrade #$_n: $OUT"
+  info "upgrade_pause_ms=$(echo "$OUT" | sed -n 's/.*paused \([0-9]*\) ms.*/\1/p')"
+  kill -0 "$SUP" 2>/dev/null || fail "the supervisor (pid $SUP) is gone after upgrade #$_n"
+  # The old daemon exits once it has answered; the supervisor reaps it.
+  _i=0
+  while [ "$(wc -w < "/proc/$SUP/task/$SUP/children" 2>/dev/null)" != 1 ] || [ "$(daemon_child "$SUP")" = "$_old" ]; do
+    _i=$((_i + 1)); [ $_i -gt 100 ] && fail "upgrade #$_n: the supervisor's children are $(cat "/proc/$SUP/task/$SUP/children") (old daemon $_old)"
+    sleep 0.1
+  done
+  check_daemon "$SUP"
+  kill -0 "$_old" 2>/dev/null && fail "upgrade #$_n: the old daemon (pid $_old) still runs"
+  J=$(lmstatus) || fail "status after upgrade #$_n"
+  case "$(jget state "$J")" in syncing|synced) ;; *) fail "after upgrade #$_n: $J" ;; esac
+  sleep 1
+  _max=$(tail -n +"$((_lines + 1))" /run/lmtest/probe.log | sort -n | tail -n 1)
+  info "upgrade_probe_max_ms=${_max:-?}"
+  wait_files upgraded "$_n"
+done
+touch /run/lmtest/probe.stop; wait "$PROBEPID"
+grep -q ERR /run/lmtest/probe.log && fail "a probe write failed during the upgrades"
+ok "probe: $(wc -l < /run/lmtest/probe.log) direct, fsync'd writes during the upgrades, the longest $(sort -n /run/lmtest/probe.log | tail -n 1) ms (the median $(sort -n /run/lmtest/probe.log | awk '{a[NR]=$1} END{print a[int((NR+1)/2)]}') ms)"
+J=$(lmstatus); RU1=$(jget regions_clean "$J")
+[ "$RU1" -ge "$RU0" ] && ok "the copy went on through the upgrades: $RU0 -> $RU1 regions clean" \
+  || fail "regions clean went back across the upgrades: $RU0 -> $RU1: $J"
+[ "$(grep -c 'took over:' "$LOG")" -ge 3 ] || fail "the daemon log does not show three takeovers"
+grep 'took over:' "$LOG" | sed 's/^/LMLOG daemon: /'
+grep -q 'took over /dev/nbd0 with its' "$LOG" && ok "the new daemons served /dev/nbd0's live connections on: $(grep 'took over /dev/nbd0' "$LOG" | tail -n 1 | sed 's/^[^ ]* *//')" \
+  || fail "the daemon log does not say it took /dev/nbd0 over"
+# The kernel must not have seen a connection end at all: the live ones were handed over.
+_k=$(dmesg | tail -n +"$((DMESG0 + 1))" | grep -aE 'nbd0: (Connection timed out|Dead connection|Receive control failed|Send control failed)' || true)
+[ -z "$_k" ] && ok "across three upgrades: no NBD connection ended, timed out or failed in dmesg" \
+  || fail "across the upgrades the kernel saw NBD connections fail: $(echo "$_k" | tr '\n' ';')"
+E=$(dmesg_errors)
+[ -z "$E" ] && ok "across three upgrades: no I/O errors in dmesg" || fail "across the upgrades: $E"
+wait_files upgraded 4
+
 # ---- finish the sync, verify, detach, release the source
 "$LM" set-rate 0 --control "$LM_CTL" || fail "set-rate 0"
 ( "$LM" wait --timeout 150 --control "$LM_CTL"; echo $? > /run/lmtest/wait.rc ) 2>&1 | tail -n 3 | while read -r l; do info "wait: $l"; done
@@ -211,12 +271,12 @@ else
   [ "$FS" -gt $((VDB * 85 / 102400)) ] && ok "resize2fs: / is $FS KiB" || fail "after resize2fs / is $FS KiB"
 fi
 phase resized
-echo "pre sync killed synced detached released resized" > "$D/EXPECTED_PHASES"
+echo "pre sync killed upgraded synced detached released resized" > "$D/EXPECTED_PHASES"
 wait_files resized 3
 
 # ---- stop the load, check everything
 stop_load "$LOADPID"
-info "files: pre=$(count pre) sync=$(count sync) killed=$(count killed) synced=$(count synced) detached=$(count detached) released=$(count released) resized=$(count resized)"
+info "files: pre=$(count pre) sync=$(count sync) killed=$(count killed) upgraded=$(count upgraded) synced=$(count synced) detached=$(count detached) released=$(count released) resized=$(count resized)"
 E=$(dmesg_errors)
 [ -z "$E" ] && ok "no I/O errors, ext4 errors or read-only remount in dmesg" || fail "kernel messages: $E"
 [ "$DOOR" = nbd ] && info "kernel NBD messages: $(dmesg | grep -acE 'nbd0: (Connection timed out|Dead connection|reconnected)' ) lines: $(dmesg | grep -aE 'block nbd0' | sed 's/^\[ *[0-9.]*\] //' | sort | uniq -c | tr -s ' ' | tr '\n' ';')"

@@ -6,6 +6,13 @@
 //! device whose previous daemon died (the kernel kept its I/O waiting, up to the
 //! dead-connection timeout). A watcher thread replaces connections the kernel
 //! reports dead (LINK_DEAD) and passes export size changes on (online resize).
+//!
+//! `livemirror upgrade` hands the live connections to the next process
+//! instead ([`KernelAttachment::hand_over`], [`adopt`]): our ends of the
+//! socketpairs, each with the bytes read past its last request, so the kernel
+//! never sees a connection die and no request waits for `--nbd-timeout`.
+
+mod handover;
 
 use std::io;
 use std::os::fd::AsRawFd;
@@ -21,6 +28,9 @@ use tokio::sync::watch;
 
 use crate::netlink::{self, ConnectParams, NbdNetlink};
 use crate::server::Server;
+use crate::transmission::HandoverSlot;
+pub use handover::HandedConnection;
+use handover::{Conns, KernelConn};
 
 /// How to attach the export to a kernel device (`serve --nbd-device`).
 #[derive(Debug, Clone)]
@@ -44,16 +54,29 @@ pub struct KernelAttachment {
     pub index: u32,
     stop: Arc<AtomicBool>,
     watcher: Option<JoinHandle<()>>,
+    conns: Conns,
 }
 
-fn serve_pairs<D: BlockDevice>(server: &Server<D>, n: usize) -> io::Result<Vec<UnixStream>> {
-    let neg = server.implicit_negotiation();
+/// Serves `ours` (the daemon's end of a kernel connection), starting with
+/// `leftover`, and remembers it for a handover.
+fn serve_kernel_end<D: BlockDevice>(
+    server: &Server<D>,
+    conns: &Conns,
+    ours: UnixStream,
+    leftover: Vec<u8>,
+) -> io::Result<()> {
+    ours.set_nonblocking(true)?;
+    crate::server::enlarge_send_buffer(&ours);
+    let slot = HandoverSlot::default();
+    conns.push(KernelConn { socket: ours.try_clone()?.into(), slot: slot.clone() });
+    server.serve_handed(ours, server.implicit_negotiation(), leftover, Some(slot))
+}
+
+fn serve_pairs<D: BlockDevice>(server: &Server<D>, conns: &Conns, n: usize) -> io::Result<Vec<UnixStream>> {
     let mut kernel_ends = Vec::with_capacity(n);
     for _ in 0..n {
         let (ours, theirs) = UnixStream::pair()?;
-        ours.set_nonblocking(true)?;
-        crate::server::enlarge_send_buffer(&ours);
-        server.serve_preconnected(ours, neg.clone())?;
+        serve_kernel_end(server, conns, ours, Vec::new())?;
         kernel_ends.push(theirs);
     }
     Ok(kernel_ends)
@@ -277,7 +300,7 @@ impl Stager {
 
     /// One step: wait for the CONNECT's closed connections to be reported
     /// dead, prove what was given, then give the next connection. Never blocks.
-    fn step<D: BlockDevice>(&mut self, server: &Server<D>, nl: &mut NbdNetlink, opts: &KernelOptions) {
+    fn step<D: BlockDevice>(&mut self, server: &Server<D>, conns: &Conns, nl: &mut NbdNetlink, opts: &KernelOptions) {
         if self.expected_deaths > 0 {
             // Probing before then could send a request on a closed connection
             // (the kernel would log a failed send and resend it elsewhere).
@@ -302,7 +325,7 @@ impl Stager {
         if self.owed == 0 || Instant::now() < self.retry_at {
             return;
         }
-        let res = serve_pairs(server, 1).and_then(|ends| {
+        let res = serve_pairs(server, conns, 1).and_then(|ends| {
             let fds: Vec<_> = ends.iter().map(|s| s.as_raw_fd()).collect();
             nl.reconnect(self.index, &fds, opts.timeout, opts.dead_conn_timeout)
         });
@@ -341,20 +364,22 @@ impl Stager {
     }
 }
 
-/// Connects `opts.device` to `server` (RECONFIGURE when a previous daemon's
-/// configuration is still there) and starts the watcher that replaces dead
-/// connections and passes size changes from `size` on.
+/// The device index of `/dev/nbdN`, or an error that says what it is not.
+fn index_of(device: &std::path::Path) -> io::Result<u32> {
+    netlink::device_index(device).ok_or_else(|| {
+        io::Error::new(io::ErrorKind::InvalidInput, format!("{} is not an NBD device (/dev/nbdN)", device.display()))
+    })
+}
+
+/// Connects `opts.device` to `server` (CONNECT for a free device, RECONFIGURE
+/// when a previous daemon's configuration is still there) and starts the
+/// watcher that replaces dead connections and passes size changes from `size` on.
 pub fn attach<D: BlockDevice>(
     server: &Server<D>,
     opts: &KernelOptions,
     mut size: watch::Receiver<u64>,
 ) -> io::Result<KernelAttachment> {
-    let index = netlink::device_index(&opts.device).ok_or_else(|| {
-        io::Error::new(
-            io::ErrorKind::InvalidInput,
-            format!("{} is not an NBD device (/dev/nbdN)", opts.device.display()),
-        )
-    })?;
+    let index = index_of(&opts.device)?;
     let mut nl = NbdNetlink::open()?;
     let n = usable_connections(opts.connections);
     if n < opts.connections {
@@ -366,16 +391,13 @@ pub fn attach<D: BlockDevice>(
     }
     // Dead connections are reported on a multicast group: listen before any
     // can die.
-    let mut listener = netlink::Genl::open()?;
-    let family = listener.nbd_family()?;
-    if let Some(g) = family.mcast_group {
-        listener.join(g)?;
-    }
+    let listener = link_dead_listener()?;
+    let conns = Conns::default();
     let export_size = *size.borrow_and_update();
     let stager = if nl.is_connected(index)? {
         // A predecessor died holding this device: every connection of it is
         // dead. One now, the others one at a time (see Stager).
-        let ends = serve_pairs(server, 1)?;
+        let ends = serve_pairs(server, &conns, 1)?;
         let fds: Vec<_> = ends.iter().map(|s| s.as_raw_fd()).collect();
         nl.reconnect(index, &fds, opts.timeout, opts.dead_conn_timeout).map_err(|e| {
             io::Error::new(e.kind(), format!("cannot reconnect {} (RECONFIGURE): {e}", opts.device.display()))
@@ -395,7 +417,7 @@ pub fn attach<D: BlockDevice>(
         for _ in 1..n {
             kernel_ends.push(closed_pair()?);
         }
-        kernel_ends.extend(serve_pairs(server, 1)?);
+        kernel_ends.extend(serve_pairs(server, &conns, 1)?);
         let fds: Vec<_> = kernel_ends.iter().map(|s| s.as_raw_fd()).collect();
         let p = ConnectParams {
             index,
@@ -417,20 +439,76 @@ pub fn attach<D: BlockDevice>(
         drop(kernel_ends);
         Stager::new(index, opts.device.clone(), 0, n - 1)
     };
+    watch_device(server, opts, nl, listener, stager, size, conns, index)
+}
 
+/// Takes over a device whose live connections a previous daemon handed over
+/// (`livemirror upgrade`): serves each from where that daemon stopped, and
+/// gives the kernel the connections it is missing the usual way (Stager).
+/// Without a live connection to take, this is a restart: [`attach`].
+pub fn adopt<D: BlockDevice>(
+    server: &Server<D>,
+    opts: &KernelOptions,
+    mut size: watch::Receiver<u64>,
+    handed: Vec<HandedConnection>,
+) -> io::Result<KernelAttachment> {
+    if handed.is_empty() {
+        return attach(server, opts, size);
+    }
+    let index = index_of(&opts.device)?;
+    let nl = NbdNetlink::open()?;
+    let listener = link_dead_listener()?;
+    let conns = Conns::default();
+    let n = usable_connections(opts.connections);
+    let taken = handed.len();
+    for h in handed {
+        serve_kernel_end(server, &conns, UnixStream::from(h.socket), h.leftover)?;
+    }
+    // The size the kernel has is the previous daemon's; ours is the same
+    // export's, but say it again only if it differs (a resize freezes the queue).
+    let _ = size.borrow_and_update();
+    tracing::info!("took over {} with its {taken} live connection(s)", opts.device.display());
+    // Connections it had lost are dead slots: filled one at a time, after a
+    // proving read on every queue.
+    let stager = Stager::new(index, opts.device.clone(), n.saturating_sub(taken), 0);
+    watch_device(server, opts, nl, listener, stager, size, conns, index)
+}
+
+fn link_dead_listener() -> io::Result<netlink::Genl> {
+    let mut listener = netlink::Genl::open()?;
+    let family = listener.nbd_family()?;
+    if let Some(g) = family.mcast_group {
+        listener.join(g)?;
+    }
+    Ok(listener)
+}
+
+/// Starts the watcher thread: staging, LINK_DEAD replacements, resizes.
+#[allow(clippy::too_many_arguments)]
+fn watch_device<D: BlockDevice>(
+    server: &Server<D>,
+    opts: &KernelOptions,
+    mut nl: NbdNetlink,
+    listener: netlink::Genl,
+    mut stager: Stager,
+    mut size: watch::Receiver<u64>,
+    conns: Conns,
+    index: u32,
+) -> io::Result<KernelAttachment> {
     let stop = Arc::new(AtomicBool::new(false));
     let stop2 = stop.clone();
     let server = server.clone();
     let opts2 = opts.clone();
-    let mut stager = stager;
+    let conns2 = conns.clone();
     let watcher = std::thread::Builder::new().name("livemirror-nbd-watch".into()).spawn(move || {
         while !stop2.load(Ordering::SeqCst) {
             if stager.busy() {
-                stager.step(&server, &mut nl, &opts2);
+                stager.step(&server, &conns2, &mut nl, &opts2);
             }
             let wait = if stager.busy() { Duration::from_millis(50) } else { Duration::from_millis(200) };
             match listener.next_link_dead(wait) {
                 Ok(Some(i)) if i == index && !stop2.load(Ordering::SeqCst) => {
+                    conns2.prune();
                     if stager.died() {
                         tracing::warn!(
                             "the kernel reports a dead connection on {}: replacing it",
@@ -454,7 +532,7 @@ pub fn attach<D: BlockDevice>(
             }
         }
     })?;
-    Ok(KernelAttachment { index, stop, watcher: Some(watcher) })
+    Ok(KernelAttachment { index, stop, watcher: Some(watcher), conns })
 }
 
 impl KernelAttachment {
@@ -464,6 +542,13 @@ impl KernelAttachment {
         if let Some(t) = self.watcher.take() {
             let _ = t.join();
         }
+    }
+
+    /// The connections to hand to the next process, once the server has
+    /// stopped (see `handover.rs`).
+    pub fn hand_over(&mut self) -> Vec<HandedConnection> {
+        self.stop();
+        self.conns.hand_over()
     }
 
     /// Disconnects the kernel device (after the filesystem on it is gone).

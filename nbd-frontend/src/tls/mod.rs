@@ -1,19 +1,20 @@
-//! STARTTLS on the server: one acceptor over the two TLS libraries livemirror
-//! uses, and the stream a TLS session runs on.
+//! STARTTLS on the server: the acceptor for both kinds of credentials, and
+//! the stream a TLS session runs on. Both go through OpenSSL.
 //!
 //! - **X.509** (`--tls-certs DIR`, the layout qemu-nbd and nbdkit use):
-//!   rustls with the ring provider. `DIR/server-cert.pem` (the chain, leaf
-//!   first) and `DIR/server-key.pem` are required; `DIR/ca-cert.pem` is the
-//!   CA that client certificates must chain to, required with
-//!   `--tls-verify-peer` and unused without it.
+//!   `DIR/server-cert.pem` (the chain, leaf first) and `DIR/server-key.pem`
+//!   are required; `DIR/ca-cert.pem` is the CA that client certificates must
+//!   chain to, required with `--tls-verify-peer` and unused without it. Which
+//!   keys and chains are accepted, and why others are refused: `x509.rs`.
 //! - **Pre-shared keys** (`--tls-psk FILE`, psktool's `identity:hexkey`
-//!   lines): OpenSSL, because rustls has no external PSK (rustls issue 174).
-//!   TLS 1.3 with (EC)DHE key exchange, or TLS 1.2 with ECDHE-PSK suites; the
-//!   key authenticates both ends and no certificate is involved.
+//!   lines). TLS 1.3 with (EC)DHE key exchange, or TLS 1.2 with ECDHE-PSK
+//!   suites; the key authenticates both ends and no certificate is involved.
 //!
 //! Both end in a [`TlsStream`]. The transmission phase splits it into a read
 //! and a write half driven by two tasks of one thread ([`TlsStream::split`]);
 //! the TLS library itself is not split, so both halves borrow it in turn.
+
+pub(crate) mod x509;
 
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
@@ -24,8 +25,6 @@ use std::rc::Rc;
 use std::sync::Arc;
 use std::task::{Context, Poll, Wake, Waker};
 
-use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 use crate::handshake::TlsMode;
@@ -99,7 +98,7 @@ pub struct TlsAcceptor {
 }
 
 enum Backend {
-    X509 { acceptor: tokio_rustls::TlsAcceptor, verify_peer: bool, dir: PathBuf },
+    X509 { context: openssl::ssl::SslContext, verify_peer: bool, dir: PathBuf },
     Psk { context: openssl::ssl::SslContext, file: PathBuf, identities: usize },
 }
 
@@ -117,68 +116,17 @@ fn invalid(path: &Path, reason: impl std::fmt::Display) -> TlsSetupError {
     TlsSetupError::Invalid { path: path.to_path_buf(), reason: reason.to_string() }
 }
 
-fn certificates(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsSetupError> {
-    let pem = read_file(path)?;
-    let certs = CertificateDer::pem_slice_iter(&pem).collect::<Result<Vec<_>, _>>().map_err(|e| invalid(path, e))?;
-    if certs.is_empty() {
-        return Err(invalid(path, "holds no PEM certificate"));
-    }
-    Ok(certs)
-}
-
-/// The server's private key, re-encoded as PKCS#8 by OpenSSL: ring reads
-/// only well-formed keys, and certtool (which qemu's and nbdkit's
-/// documentation use) writes EC keys with a leading zero byte that ring
-/// refuses. OpenSSL reads PKCS#1, SEC1 and PKCS#8 alike.
-fn private_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsSetupError> {
-    let pem = read_file(path)?;
-    let key = openssl::pkey::PKey::private_key_from_pem(&pem)
-        .map_err(|e| invalid(path, format!("not a PEM private key OpenSSL can read ({e})")))?;
-    let der = key.private_key_to_pkcs8().map_err(|e| invalid(path, e))?;
-    Ok(PrivateKeyDer::Pkcs8(der.into()))
-}
-
 impl TlsAcceptor {
     /// X.509 credentials from `dir`. With `verify_peer` a client must present a
     /// certificate that chains to `dir/ca-cert.pem`.
     pub fn x509(dir: &Path, verify_peer: bool) -> Result<TlsAcceptor, TlsSetupError> {
-        let mut provider = rustls::crypto::ring::default_provider();
-        // AES-128-GCM first, and chosen over the client's order: gnutls
-        // clients ask for AES-256 first, which costs both ends about a third
-        // more per byte for no security an NBD session needs (see
-        // docs/decisions.md).
-        provider.cipher_suites.sort_by_key(|s| !format!("{:?}", s.suite()).contains("AES_128_GCM"));
-        let provider = Arc::new(provider);
-        let chain = certificates(&dir.join("server-cert.pem"))?;
-        let key = private_key(&dir.join("server-key.pem"))?;
-        let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
-            .with_safe_default_protocol_versions()
-            .map_err(|e| TlsSetupError::Library(e.to_string()))?;
-        let builder = if verify_peer {
-            let ca_path = dir.join("ca-cert.pem");
-            let mut roots = rustls::RootCertStore::empty();
-            for c in certificates(&ca_path)? {
-                roots.add(c).map_err(|e| invalid(&ca_path, e))?;
-            }
-            let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider)
-                .build()
-                .map_err(|e| invalid(&ca_path, e))?;
-            builder.with_client_cert_verifier(verifier)
-        } else {
-            builder.with_no_client_auth()
-        };
-        let mut config = builder
-            .with_single_cert(chain, key)
-            .map_err(|e| invalid(&dir.join("server-cert.pem"), format!("with server-key.pem: {e}")))?;
-        // NBD clients reconnect rarely and none resumes sessions: tickets
-        // would only cost a few records per connection.
-        config.send_tls13_tickets = 0;
-        config.ignore_client_order = true;
-        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
-        Ok(TlsAcceptor { backend: Arc::new(Backend::X509 { acceptor, verify_peer, dir: dir.to_path_buf() }) })
+        let context = x509::server_context(dir, verify_peer)?;
+        Ok(TlsAcceptor { backend: Arc::new(Backend::X509 { context, verify_peer, dir: dir.to_path_buf() }) })
     }
 
-    /// Pre-shared keys from `file` (psktool's format).
+    /// Pre-shared keys from `file` (psktool's format): OpenSSL, like X.509;
+    /// rustls (the nbds:// client's library) has no external PSK (rustls
+    /// issue 174).
     pub fn psk(file: &Path) -> Result<TlsAcceptor, TlsSetupError> {
         use openssl::ssl::{SslContextBuilder, SslMethod, SslOptions, SslVersion};
         let text = read_file(file)?;
@@ -190,6 +138,8 @@ impl TlsAcceptor {
         // split stream; tickets would only cost records (nobody resumes).
         b.set_options(SslOptions::NO_RENEGOTIATION | SslOptions::NO_TICKET | SslOptions::CIPHER_SERVER_PREFERENCE);
         b.set_num_tickets(0).map_err(lib)?;
+        // Whole socket reads, not a record header and then its body (x509.rs).
+        b.set_read_ahead(true);
         // TLS 1.2: PSK suites with an ephemeral key exchange only, for
         // forward secrecy. (TLS 1.3 uses psk_dhe_ke unless told otherwise.)
         b.set_cipher_list("ECDHE-PSK-CHACHA20-POLY1305:ECDHE-PSK-AES256-CBC-SHA384:ECDHE-PSK-AES128-CBC-SHA256")
@@ -248,19 +198,40 @@ impl TlsAcceptor {
         let failed = |e: &dyn std::fmt::Display| {
             io::Error::new(io::ErrorKind::PermissionDenied, format!("TLS handshake failed: {e}"))
         };
-        let session = match &*self.backend {
-            Backend::X509 { acceptor, .. } => {
-                Session::Rustls(Box::new(acceptor.accept(transport).await.map_err(|e| failed(&e))?))
-            }
-            Backend::Psk { context, .. } => {
-                let ssl = openssl::ssl::Ssl::new(context).map_err(|e| failed(&e))?;
-                let mut s = tokio_openssl::SslStream::new(ssl, transport).map_err(|e| failed(&e))?;
-                Pin::new(&mut s).accept().await.map_err(|e| failed(&e))?;
-                Session::OpenSsl(Box::new(s))
-            }
+        let context = match &*self.backend {
+            Backend::X509 { context, .. } | Backend::Psk { context, .. } => context,
         };
-        Ok(TlsStream { session, halves })
+        let ssl = openssl::ssl::Ssl::new(context).map_err(|e| failed(&e))?;
+        let mut session = tokio_openssl::SslStream::new(ssl, transport).map_err(|e| failed(&e))?;
+        if let Err(e) = Pin::new(&mut session).accept().await {
+            return Err(failed(&handshake_failure(&e, session.ssl())));
+        }
+        Ok(TlsStream { session: Box::new(session), halves })
     }
+}
+
+/// Why a handshake failed, in OpenSSL's words without its source locations:
+/// its reasons (`peer did not return a certificate`), and for a client
+/// certificate that did not verify, what was wrong with it.
+fn handshake_failure(e: &openssl::ssl::Error, ssl: &openssl::ssl::SslRef) -> String {
+    let mut why = match (e.ssl_error(), e.io_error()) {
+        (Some(stack), _) if !stack.errors().is_empty() => {
+            let reasons: Vec<&str> = stack.errors().iter().filter_map(|x| x.reason()).collect();
+            if reasons.is_empty() {
+                stack.to_string()
+            } else {
+                reasons.join("; ")
+            }
+        }
+        (_, Some(io)) => io.to_string(),
+        _ if e.code() == openssl::ssl::ErrorCode::ZERO_RETURN => "the peer closed the connection".to_string(),
+        _ => e.to_string(),
+    };
+    let verify = ssl.verify_result();
+    if verify != openssl::x509::X509VerifyResult::OK {
+        why = format!("{why} (the client certificate: {})", verify.error_string());
+    }
+    why
 }
 
 /// Parses psktool's format: one `identity:hexkey` per line (the identity ends
@@ -359,8 +330,7 @@ enum Side {
 ///
 /// tokio keeps one waker per direction of a socket. The TLS library
 /// sometimes does I/O in the other direction than its caller asked for
-/// (rustls writes an alert while reading, OpenSSL answers a key update while
-/// reading). Registered with the caller's waker alone, that I/O would take the
+/// (OpenSSL writes an alert or answers a key update while reading). Registered with the caller's waker alone, that I/O would take the
 /// other half's place: the other half, parked on the same direction, would
 /// sleep through its readiness. So I/O in the other direction registers a
 /// waker that wakes both halves.
@@ -453,32 +423,18 @@ impl AsyncWrite for Transport {
     }
 }
 
-enum Session {
-    Rustls(Box<tokio_rustls::server::TlsStream<Transport>>),
-    OpenSsl(Box<tokio_openssl::SslStream<Transport>>),
-}
-
 /// An established TLS session over a socket.
 pub struct TlsStream {
-    session: Session,
+    session: Box<tokio_openssl::SslStream<Transport>>,
     halves: Rc<Halves>,
 }
 
 impl TlsStream {
     /// The protocol version and cipher suite, for the log.
     pub fn protocol(&self) -> String {
-        match &self.session {
-            Session::Rustls(s) => {
-                let c = s.get_ref().1;
-                let version = c.protocol_version().map_or_else(|| "?".into(), |v| format!("{v:?}"));
-                let suite = c.negotiated_cipher_suite().map_or_else(|| "?".into(), |s| format!("{:?}", s.suite()));
-                format!("{version}, {suite}")
-            }
-            Session::OpenSsl(s) => {
-                let suite = s.ssl().current_cipher().map_or("?", |c| c.name());
-                format!("{}, {suite}", s.ssl().version_str())
-            }
-        }
+        let ssl = self.session.ssl();
+        let suite = ssl.current_cipher().map_or("?", |c| c.name());
+        format!("{}, {suite}", ssl.version_str())
     }
 
     /// Read and write halves for two tasks of the same thread.
@@ -494,31 +450,19 @@ impl TlsStream {
 
 impl AsyncRead for TlsStream {
     fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
-        match &mut self.get_mut().session {
-            Session::Rustls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
-            Session::OpenSsl(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
-        }
+        Pin::new(self.get_mut().session.as_mut()).poll_read(cx, buf)
     }
 }
 
 impl AsyncWrite for TlsStream {
     fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
-        match &mut self.get_mut().session {
-            Session::Rustls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
-            Session::OpenSsl(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
-        }
+        Pin::new(self.get_mut().session.as_mut()).poll_write(cx, buf)
     }
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match &mut self.get_mut().session {
-            Session::Rustls(s) => Pin::new(s.as_mut()).poll_flush(cx),
-            Session::OpenSsl(s) => Pin::new(s.as_mut()).poll_flush(cx),
-        }
+        Pin::new(self.get_mut().session.as_mut()).poll_flush(cx)
     }
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match &mut self.get_mut().session {
-            Session::Rustls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
-            Session::OpenSsl(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
-        }
+        Pin::new(self.get_mut().session.as_mut()).poll_shutdown(cx)
     }
 }
 
@@ -568,7 +512,7 @@ impl AsyncWrite for TlsWriteHalf {
         polled(&this.tls, &this.halves, Side::Writer, cx, |s, cx| s.poll_write(cx, buf))
     }
 
-    /// Both libraries make at least one record per slice; a reply is a
+    /// OpenSSL makes at least one record per slice; a reply is a
     /// 16- or 32-byte header and its data, so small slices are copied into
     /// one record first. The copy is deterministic, so a retry after
     /// `Pending` offers the same bytes again (OpenSSL requires that).
