@@ -99,6 +99,8 @@ struct State {
     /// The marks crossed (and not yet re-armed).
     crossed: [bool; MARKS.len()],
     refused_since: u64,
+    /// What the last refused write needed (for a notice flushed later).
+    last_wanted: u64,
     refused_total: u64,
     last_refusal_notice: Option<Instant>,
     notices: Vec<OverlayNotice>,
@@ -128,6 +130,7 @@ impl Space {
                 used,
                 crossed,
                 refused_since: 0,
+                last_wanted: 0,
                 refused_total: 0,
                 last_refusal_notice: None,
                 notices: Vec::new(),
@@ -174,6 +177,7 @@ impl Space {
             if st.used + new > limit {
                 st.refused_since += 1;
                 st.refused_total += 1;
+                st.last_wanted = new;
                 let due = st.last_refusal_notice.is_none_or(|t| t.elapsed() >= REFUSAL_NOTICE_EVERY);
                 if due {
                     let n = OverlayNotice::Refused { count: st.refused_since, wanted: new, used: st.used, limit };
@@ -227,7 +231,8 @@ impl Space {
         let mut st = lock(&self.state);
         if flush_refusals && st.refused_since > 0 {
             if let Some(limit) = st.limit {
-                let n = OverlayNotice::Refused { count: st.refused_since, wanted: 0, used: st.used, limit };
+                let n =
+                    OverlayNotice::Refused { count: st.refused_since, wanted: st.last_wanted, used: st.used, limit };
                 st.notices.push(n);
             }
             st.refused_since = 0;
@@ -278,12 +283,14 @@ mod tests {
         s.allocate(60..92).unwrap();
         let n = s.take_notices(false);
         assert_eq!(n.len(), 2, "{n:?}");
-        for _ in 0..5 {
+        for _ in 0..4 {
             assert!(s.allocate(100..110).is_err());
         }
+        assert!(s.allocate(100..109).is_err());
         let n = s.take_notices(true);
-        assert!(matches!(n[0], OverlayNotice::Refused { count: 1, .. }), "{n:?}");
-        assert!(matches!(n[1], OverlayNotice::Refused { count: 4, .. }), "{n:?}");
+        assert!(matches!(n[0], OverlayNotice::Refused { count: 1, wanted: 40960, .. }), "{n:?}");
+        // The flushed notice says what the last refused write needed.
+        assert!(matches!(n[1], OverlayNotice::Refused { count: 4, wanted: 36864, .. }), "{n:?}");
         assert!(n[0].message("/run/ov").contains("refused (ENOSPC)"));
     }
 }
