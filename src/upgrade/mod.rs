@@ -7,9 +7,10 @@
 //!   throughout (a connection made meanwhile waits in the backlog);
 //! - the kernel device's live connections, each with the bytes read past its
 //!   last request (nbd-frontend's kernel/): the kernel never sees a
-//!   connection die, so nothing waits for `--nbd-timeout`. (A ublk device
-//!   would be taken over by user recovery instead: [`KernelHandover`]; until
-//!   that is wired, a daemon serving one refuses to be upgraded);
+//!   connection die, so nothing waits for `--nbd-timeout`. A ublk device is
+//!   left instead (its queues stopped, the device kept) and the successor,
+//!   started with the same `--ublk-device`, takes it over by user recovery,
+//!   which reissues what was in flight;
 //! - the state: the state file written at this daemon's clean stop (one is
 //!   made for a daemon run without `--state`), and the devices by name (this
 //!   daemon closed them, releasing their locks).
@@ -128,10 +129,8 @@ pub(crate) fn remember_start(root_daemon: bool, start_dir: Option<PathBuf>) {
 
 /// How the kernel device goes to the successor. NBD: the live connections
 /// (the successor serves them on; [`nbd_frontend::kernel::adopt`]). A ublk
-/// device (not wired yet: an upgrade of a daemon serving one is refused)
-/// would be left to user recovery: the old daemon stops its queues without
-/// deleting the device, and the successor starts recovery on the same device
-/// id, reissuing what was in flight.
+/// device needs nothing here: the old daemon leaves it (`stop`) and the
+/// successor's start recovers it by its id, as after a crash.
 pub(crate) enum KernelHandover {
     Nbd(Vec<HandedConnection>),
 }
@@ -299,6 +298,7 @@ fn stop(args: &ServeArgs, running: Running) -> (Stopped, anyhow::Result<()>) {
         mirror,
         server,
         kernel,
+        ublk,
         workers,
         stop_control,
         mut sockets,
@@ -318,6 +318,12 @@ fn stop(args: &ServeArgs, running: Running) -> (Stopped, anyhow::Result<()>) {
     if let Some((_, k)) = kernel.as_mut() {
         // No connection is replaced from now on.
         k.stop();
+    }
+    if let Some(door) = ublk {
+        // Left, not removed: the driver holds its I/O until the successor,
+        // started with the same --ublk-device, takes it over by user
+        // recovery (and reissues what was in flight), as after a crash.
+        door.stop(crate::flush::KernelStop::Keep, shutdown_timeout);
     }
     let status = mirror.status();
     let settings = mirror.settings();
@@ -425,17 +431,6 @@ fn perform_inner(args: &ServeArgs, running: Running, req: UpgradeRequest) -> Out
         req.answer(&Response::err(why));
         Outcome::Serving(Box::new(running))
     };
-    if running.ublk.is_some() {
-        // The device would go over by ublk's user recovery (the old daemon
-        // leaves it, the new one recovers it by its id), which nothing here
-        // does or tests yet: refused before anything stops.
-        return refuse(
-            req,
-            running,
-            "this daemon serves a ublk device (--ublk-device), whose handover is not supported yet; it serves on"
-                .to_string(),
-        );
-    }
     let rdv = match wire::Rendezvous::open() {
         Ok(r) => r,
         Err(e) => return refuse(req, running, format!("cannot open the handover socket: {e}")),

@@ -8,7 +8,8 @@
 #     of the daemon while it serves the live root, attach /dev/vdb, kill -9 three times during
 #     the sync (at 25, 50 and 75 % of the regions) with the file system mounted: each time the
 #     supervisor's new daemon takes /dev/ublkb0 over, the sync resumes and the load sees no
-#     error; sync, verify, detach-source, the source removed, kill -9 once more; grow is refused
+#     error; three `livemirror upgrade`s mid-sync (the device left and taken over by user
+#     recovery each time); sync, verify, detach-source, the source removed, kill -9 once more; grow is refused
 #     (no online resize before Linux 6.16) and changes nothing; no I/O error in dmesg; every
 #     file intact.
 #   host: e2fsck -fn + debugfs on vdb, files of every phase.

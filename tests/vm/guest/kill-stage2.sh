@@ -185,6 +185,7 @@ rm -f /run/lmtest/probe.stop
 PROBEPID=$!
 J=$(lmstatus); RU0=$(jget regions_clean "$J")
 DMESG0=$(dmesg | wc -l)
+TK0=$(grep -c 'took over /dev/ublkb0' "$LOG" || true)
 phase upgraded
 for _n in 1 2 3; do
   _old=$CHILD
@@ -216,8 +217,14 @@ J=$(lmstatus); RU1=$(jget regions_clean "$J")
   || fail "regions clean went back across the upgrades: $RU0 -> $RU1: $J"
 [ "$(grep -c 'took over:' "$LOG")" -ge 3 ] || fail "the daemon log does not show three takeovers"
 grep 'took over:' "$LOG" | sed 's/^/LMLOG daemon: /'
-grep -q 'took over /dev/nbd0 with its' "$LOG" && ok "the new daemons served /dev/nbd0's live connections on: $(grep 'took over /dev/nbd0' "$LOG" | tail -n 1 | sed 's/^[^ ]* *//')" \
-  || fail "the daemon log does not say it took /dev/nbd0 over"
+if [ "$DOOR" = ublk ]; then
+  # ublk: each new daemon took the device over by user recovery (the old one left it).
+  [ "$(grep -c 'took over /dev/ublkb0' "$LOG")" -ge $((TK0 + 3)) ] && ok "the new daemons took /dev/ublkb0 over by user recovery: $(grep 'took over /dev/ublkb0' "$LOG" | tail -n 1 | sed 's/^[^ ]* *//')" \
+    || fail "the daemon log does not show /dev/ublkb0 taken over after each upgrade"
+else
+  grep -q 'took over /dev/nbd0 with its' "$LOG" && ok "the new daemons served /dev/nbd0's live connections on: $(grep 'took over /dev/nbd0' "$LOG" | tail -n 1 | sed 's/^[^ ]* *//')" \
+    || fail "the daemon log does not say it took /dev/nbd0 over"
+fi
 # The kernel must not have seen a connection end at all: the live ones were handed over.
 _k=$(dmesg | tail -n +"$((DMESG0 + 1))" | grep -aE 'nbd0: (Connection timed out|Dead connection|Receive control failed|Send control failed)' || true)
 [ -z "$_k" ] && ok "across three upgrades: no NBD connection ended, timed out or failed in dmesg" \
