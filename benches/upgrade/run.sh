@@ -37,6 +37,7 @@ truncate -s 256M "$work/t.img"
 "$lm" serve --source "$work/s.img" --target "$work/t.img" --state "$work/state" \
     --listen "unix:$work/nbd.sock" --control "$work/ctl.sock" 2>"$work/log" &
 pid=$!
+for _ in $(seq 1 200); do [ -S "$work/ctl.sock" ] && break; sleep 0.1; done # (the daemon binds it as it starts)
 "$lm" wait --control "$work/ctl.sock" --timeout 120 >/dev/null 2>&1 || { echo "no sync"; cat "$work/log"; exit 1; }
 /usr/bin/python3 "$repo/tests/scripts/nbd_writer.py" "nbd+unix:///?socket=$work/nbd.sock" 7 "$work/model" "$work/stop" \
     >"$work/writer.out" 2>"$work/writer.err" &
