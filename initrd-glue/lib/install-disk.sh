@@ -150,8 +150,14 @@ partition_disk() {
 		die "sfdisk $1: $_pd_out"
 	fi
 	settle
-	wait_until 10 partition_n "$2" "$LAYOUT_ROOT_N" >/dev/null ||
-		die "the kernel shows no partition $LAYOUT_ROOT_N on $1 after sfdisk"
+	# sfdisk has the kernel read the new table; where it shows no partitions after a while
+	# (busy, or no parser for the table), partx tells it them one by one.
+	if ! wait_until 5 partition_n "$2" "$LAYOUT_ROOT_N" >/dev/null; then
+		partx -u "$1" >/dev/null 2>&1 || partx -a "$1" >/dev/null 2>&1
+		settle
+		wait_until 5 partition_n "$2" "$LAYOUT_ROOT_N" >/dev/null ||
+			die "the kernel shows no partition $LAYOUT_ROOT_N on $1 after sfdisk (and partx)"
+	fi
 	PART=/dev/$(partition_n "$2" "$LAYOUT_ROOT_N")
 	wait_until 10 test -b "$PART" || die "no device node $PART after sfdisk"
 	ESP_DEV=
