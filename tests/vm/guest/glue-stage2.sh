@@ -44,9 +44,14 @@ next() {
   exit 0
 }
 root_line() { awk '$2=="/"' /proc/mounts | tail -n 1; }
+root_on_nbd() {
+  case "$(root_line)" in /dev/nbd0\ /\ ext4\ *) ok "root is /dev/nbd0: $(root_line)" ;; *) fail "root is not /dev/nbd0: $(root_line)" ;; esac
+}
 has_arg() { for _a in $(cat /proc/cmdline); do [ "$_a" = "$1" ] && return 0; done; return 1; }
 
+# The watchdog runs from RAM (the root may hang); /run itself is noexec on initramfs-tools systems.
 mkdir -p /run/lmtest
+mount -t tmpfs -o size=16m,mode=0755 lmtest /run/lmtest || fail "cannot mount a tmpfs on /run/lmtest"
 echo boot > /run/lmtest/phase
 cp /bin/busybox /run/lmtest/busybox; cp /lmtest/watchdog.sh /run/lmtest/
 /run/lmtest/busybox sh /run/lmtest/watchdog.sh "$((WATCHDOG - $(cut -d. -f1 /proc/uptime)))" &
@@ -200,14 +205,14 @@ finish_load() { # finish_load PHASE: files of PHASE (after the install), stop th
 case $STAGE in
 bootonly)
   # Debugging aid (LIVEMIRROR_VM_GLUE_MODE=bootonly): check the boot, power off at once.
-  check_live_root
+  root_on_nbd
   check_daemon "$(cat /run/livemirror/pid)"
   echo "LMTEST DONE t=$(up)"
   next bootonly
   ;;
 
 live)
-  check_live_root
+  root_on_nbd
   [ -r /run/livemirror/pid ] || fail "no /run/livemirror/pid: the glue did not start the daemon"
   check_daemon "$(cat /run/livemirror/pid)"
   [ -x /run/initramfs/shutdown ] && ok "the shutdown environment is ready (/run/initramfs/shutdown)" \
@@ -283,7 +288,7 @@ installed)
   ;;
 
 move)
-  case "$(root_line)" in /dev/nbd0\ /\ ext4\ *) ok "root is /dev/nbd0: $(root_line)" ;; *) fail "root is not /dev/nbd0: $(root_line)" ;; esac
+  root_on_nbd
   [ -r /run/livemirror/pid ] || fail "no /run/livemirror/pid: the glue did not start the daemon"
   check_daemon "$(cat /run/livemirror/pid)"
   J=$(lmstatus) || fail "livemirror status --json failed"

@@ -43,6 +43,7 @@ echo "$KVER" > "$OUT/kver"
 sh "$GLUE/install.sh" --root "$G" --dracut --bin "$BIN" > "$OUT/glue-install.log" 2>&1 \
   || { cat "$OUT/glue-install.log" >&2; die "initrd-glue/install.sh failed"; }
 install -m644 "$HERE/dracut-live-medium.conf" "$G/etc/dracut.conf.d/90-live-medium.conf"
+install -m644 "$HERE/dracut-test-speed.conf" "$G/etc/dracut.conf.d/80-test-speed.conf"
 
 # The test's guest side, quiet consoles, no timers that would run during the test.
 mkdir -p "$G/lmtest"

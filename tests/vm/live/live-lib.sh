@@ -5,9 +5,9 @@
 
 LIVE_LABEL=LMLIVE
 # The live tree: debootstrap's part, then what apt installs into it (dracut and its live module,
-# the kernel, GRUB for BIOS and for UEFI, what the installer runs on UEFI).
+# the kernel, GRUB for BIOS and for UEFI, what the installer runs on UEFI, zstd for dracut).
 LIVE_INCLUDE="systemd-sysv,udev,busybox,dmsetup,e2fsprogs,kmod,fdisk,eject,dosfstools"
-LIVE_APT="dracut dracut-live linux-image-cloud-amd64 grub-pc grub-efi-amd64-bin efibootmgr"
+LIVE_APT="dracut dracut-live linux-image-cloud-amd64 grub-pc grub-efi-amd64-bin efibootmgr zstd"
 # The GRUB menu entry a firmware boot of the ISO starts (0: rd.livemirror; see live/grub.cfg).
 # The ISO's GRUB reads it from the SMBIOS system serial number, so that a scenario picks the
 # entry without another ISO.
