@@ -132,12 +132,6 @@ installed_cmdline() {
 		esac
 	done
 }
-# without_livemirror WORDS: WORDS without livemirror's boot options.
-without_livemirror() {
-	for _a in $1; do
-		case $_a in rd.livemirror | rd.livemirror=* | livemirror.*) ;; *) printf '%s ' "$_a" ;; esac
-	done
-}
 
 # boot_log CMD...: runs CMD with its output in the log; on failure, the log's last lines.
 boot_log() {
@@ -252,10 +246,21 @@ fstab_line() {
 }
 
 # grub_settings CMDL: GRUB's settings for the installed system: the command line, a serial
-# console if the running system has one. Its file sorts after every other one in
-# /etc/default/grub.d, so that options added for the one boot into livemirror go.
+# console if the running system has one, in a file of its own that is read last. livemirror's
+# boot options, wherever /etc/default/grub(.d) had them (added for the one boot into livemirror
+# that moving an installed root takes), are removed: a later boot would wait for a source that
+# is gone.
 grub_settings() {
 	rm -f /etc/default/grub.d/90-livemirror-install.cfg # (older versions' name)
+	for _f in /etc/default/grub /etc/default/grub.d/*.cfg; do
+		[ -f "$_f" ] && [ "${_f##*/}" != zz-livemirror-install.cfg ] || continue
+		grep -Eq '^[^#]*(rd\.livemirror|livemirror\.[a-z_]+=)' "$_f" || continue
+		sed -i -E '/^[[:space:]]*#/! {
+			s/[[:space:]]*rd\.livemirror(=[^[:space:]"'"'"']*)?([[:space:]"'"'"']|$)/\2/g
+			s/[[:space:]]*livemirror\.[a-z_]+=[^[:space:]"'"'"']*//g
+		}' "$_f" || die "cannot edit $_f"
+		did "removed livemirror's boot options from $_f: the installed system boots without them"
+	done
 	_gs_def=$(
 		set +u
 		# shellcheck disable=SC1090,SC1091
@@ -266,8 +271,6 @@ grub_settings() {
 		done
 		printf '%s' "${GRUB_CMDLINE_LINUX_DEFAULT:-}"
 	)
-	_gs_def=$(without_livemirror "$_gs_def")
-	_gs_def=${_gs_def% }
 	# (what the default options add is on the running command line too: not twice)
 	_gs_lin=
 	for _a in $1; do
@@ -278,7 +281,6 @@ grub_settings() {
 		echo "# Written by livemirror-install: the kernel command line of the session it installed from,"
 		echo "# without its live and livemirror options."
 		echo "GRUB_CMDLINE_LINUX=\"${_gs_lin# }\""
-		echo "GRUB_CMDLINE_LINUX_DEFAULT=\"$_gs_def\""
 		_gs_ser=$(echo "$1" | tr ' ' '\n' | sed -n 's/^console=ttyS\([0-9]*\),*\([0-9]*\).*/\1 \2/p' | tail -n 1)
 		if [ -n "$_gs_ser" ]; then
 			# shellcheck disable=SC2086 # (two words: unit and speed)

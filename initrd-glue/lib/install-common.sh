@@ -52,8 +52,12 @@ devnum() {
 	# shellcheck disable=SC2012
 	ls -lL "$1" 2>/dev/null | awk '{sub(",", "", $5); print $5 ":" $6}'
 }
-# kname DEV: the kernel name (sda1, nbd0, dm-3) of a block device path.
-kname() { basename "$(readlink -f "/sys/dev/block/$(devnum "$1")" 2>/dev/null)"; }
+# kname DEV: the kernel name (sda1, nbd0, dm-3) of a block device path; nothing if it is none.
+kname() {
+	_kn=$(devnum "$1")
+	[ -n "$_kn" ] && [ -e "/sys/dev/block/$_kn" ] && basename "$(readlink -f "/sys/dev/block/$_kn")"
+	return 0
+}
 # partitions_of K: the partitions of disk K (kernel names), one a line.
 partitions_of() {
 	for _p in /sys/class/block/"$1"/"$1"*; do

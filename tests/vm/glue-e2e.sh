@@ -310,9 +310,10 @@ if [ "$FIRMWARE" = bios ]; then
   [[ $PT == *"label: gpt"*"vdb.img1 : start=        2048, size=        2048, type=21686148-6449-6E6F-744E-656564454649"*"vdb.img2 : start=        4096,"* ]] \
     && lm_ok "disk A: GPT, 1 BIOS boot partition (1 MiB), 2 the root" || lm_fail "disk A's partition table: $(echo "$PT" | tr '\n' ' ')"
   dd if="$O/vdb.img" bs=512 count=1 status=none | grep -aq GRUB && lm_ok "disk A: GRUB's boot code in the protective MBR" || lm_fail "disk A: no GRUB boot code"
-  # GRUB's core image is embedded in the BIOS boot partition.
-  dd if="$O/vdb.img" bs=512 skip=2048 count=2048 status=none | grep -aq 'GRUB' \
-    && lm_ok "disk A: GRUB's core image in the BIOS boot partition" || lm_fail "disk A: the BIOS boot partition holds no GRUB"
+  # GRUB's core image is embedded in the BIOS boot partition (which was all zeroes before).
+  NZ=$(dd if="$O/vdb.img" bs=512 skip=2048 count=2048 status=none | tr -d '\0' | wc -c)
+  [ "$NZ" -gt 10000 ] && lm_ok "disk A: GRUB's core image in the BIOS boot partition ($NZ non-zero bytes)" \
+    || lm_fail "disk A: the BIOS boot partition holds no core image ($NZ non-zero bytes)"
   ROOTN=2
 else
   ROOTN=2
@@ -362,7 +363,7 @@ PT=$(sfdisk -d "$O/vdc.img" 2>&1)
 [[ $PT == *"label: dos"*"vdc.img1 : start=        2048,"*"type=83, bootable"* ]] \
   && lm_ok "disk B: MBR, the root from 1 MiB, bootable" || lm_fail "disk B's partition table: $(echo "$PT" | tr '\n' ' ')"
 dd if="$O/vdc.img" bs=512 count=1 status=none | grep -aq GRUB && lm_ok "disk B: GRUB in the MBR" || lm_fail "disk B: no GRUB in the MBR"
-check_installed_fs "$O/vdc.img" 1 move pre install after move postmove
+check_installed_fs "$O/vdc.img" 1 move pre install after premove move postmove
 lm_phase_end
 
 # ------------------------------------------------------------------ boot 4: disk B alone
