@@ -7,6 +7,7 @@ mod control;
 mod demo;
 mod devices;
 mod generate;
+mod jsonline;
 mod metrics;
 mod notify;
 mod rootd;

@@ -253,7 +253,7 @@ fstab_line() {
 grub_settings() {
 	rm -f /etc/default/grub.d/90-livemirror-install.cfg # (older versions' name)
 	for _f in /etc/default/grub /etc/default/grub.d/*.cfg; do
-		[ -f "$_f" ] && [ "${_f##*/}" != zz-livemirror-install.cfg ] || continue
+		if [ ! -f "$_f" ] || [ "${_f##*/}" = zz-livemirror-install.cfg ]; then continue; fi
 		grep -Eq '^[^#]*(rd\.livemirror|livemirror\.[a-z_]+=)' "$_f" || continue
 		sed -i -E '/^[[:space:]]*#/! {
 			s/[[:space:]]*rd\.livemirror(=[^[:space:]"'"'"']*)?([[:space:]"'"'"']|$)/\2/g
@@ -395,4 +395,6 @@ boot_step() {
 	grub) install_grub ;;
 	systemd-boot) install_systemd_boot ;;
 	esac
+	# (what the JSON stream's result reports)
+	FIRMWARE_DONE=$FIRMWARE LOADER_DONE=$LOADER GENERATOR_DONE=$GENERATOR
 }

@@ -6,33 +6,95 @@
 
 PROG=livemirror-install
 
+# With --json (JSON=1), fd 3 carries the JSON stream (the script's stdout) and everything a
+# human reads goes to stderr. Each JSON line is made by `livemirror generate json`, which escapes
+# the text (a reason or a device name may hold anything).
+JSON=
+# emit PAIR...: one JSON line (KEY=TEXT, KEY:=JSON); nothing without --json.
+emit() {
+	[ -n "$JSON" ] || return 0
+	if ! "$LM" generate json "$@" >&3; then
+		JSON=
+		die "$LM generate json could not write the JSON stream"
+	fi
+}
+# jv KEY VALUE: a pair for emit: KEY=VALUE, or KEY:=null when VALUE is empty.
+jv() { if [ -n "$2" ]; then printf '%s=%s' "$1" "$2"; else printf '%s:=null' "$1"; fi; }
+# jn KEY VALUE: a number pair for emit (KEY:=null when VALUE is not a number).
+jn() {
+	case $2 in [0-9]* | -[0-9]*) printf '%s:=%s' "$1" "$2" ;; *) printf '%s:=null' "$1" ;; esac
+}
+
 say() { echo "$PROG: $*"; }
 now() { date +%s; }
 T_START=$(now)
 T_STEP=$T_START
 STEP=
 STEP_NAME=
-# step N NAME TEXT: a step begins (the previous one ends).
+STEP_STATUS=
+STEP_REASON=
+# step N NAME TEXT: a step begins (the previous one ends). NAME is the step's stable name in
+# the JSON stream, TEXT its heading.
 step() {
 	step_end
 	T_STEP=$(now)
 	STEP=$1
 	STEP_NAME=$2
+	STEP_STATUS=ok
+	STEP_REASON=
 	shift 2
 	echo
 	echo "==> [$STEP/$NSTEPS] $*"
+	emit event=step "step:=$STEP" "name=$STEP_NAME" status=started "title=$*"
 }
+# step_end: the current step ends (ok, or skipped).
 step_end() {
-	[ -n "$STEP" ] && echo "    (step $STEP took $(($(now) - T_STEP)) s)"
-	return 0
+	[ -n "$STEP" ] || return 0
+	echo "    (step $STEP took $(($(now) - T_STEP)) s)"
+	emit event=step "step:=$STEP" "name=$STEP_NAME" "status=$STEP_STATUS" "seconds:=$(($(now) - T_STEP))" \
+		${STEP_REASON:+"reason=$STEP_REASON"}
+	_R_LAST=$STEP
+	STEP=
 }
-did() { echo "    $*"; }
+# did TEXT: what the step did, for a human (a "message" in the JSON stream).
+did() {
+	echo "    $*"
+	emit event=message "step:=${STEP:-0}" "name=${STEP_NAME:-}" "text=$*"
+}
+# skip TEXT: the step has nothing to do (TEXT says why).
+skip() {
+	did "$*"
+	STEP_STATUS=skipped
+	STEP_REASON=$*
+}
 HINT=
+# die REASON: the current step fails; the run ends with exit status 1.
 die() {
 	echo "$PROG: FAILED${STEP:+ at step $STEP}: $*" >&2
 	[ -n "$HINT" ] && echo "$PROG: hint: $HINT" >&2
+	if [ -n "$JSON" ]; then
+		[ -n "$STEP" ] && emit event=step "step:=$STEP" "name=$STEP_NAME" status=error "seconds:=$(($(now) - T_STEP))" "reason=$*" \
+			${HINT:+"hint=$HINT"}
+		result error 1 "$*"
+	fi
 	exit 1
 }
+# result STATUS CODE [REASON]: the last line of the JSON stream: how it ended and what the
+# disk now holds (fields that do not apply, or are not known yet, are null).
+result() {
+	[ -n "$JSON" ] || return 0
+	_r_pt=
+	[ -n "${DISK:-}" ] && [ -b "${DISK:-}" ] && _r_pt=$(sfdisk -d "$DISK" 2>/dev/null | sed -n 's/^label: //p')
+	_r_bytes=
+	[ -n "${PART:-}" ] && [ -b "${PART:-}" ] && _r_bytes=$(size_of "$PART")
+	_r_last=${STEP:-$_R_LAST}
+	emit event=result "status=$1" "exit_code:=$2" ${3:+"reason=$3"} "$(jn last_step "$_r_last")" \
+		"$(jv target "${TARGET:-}")" "$(jv disk "${DISK:-}")" "$(jv root "${PART:-}")" "$(jn root_bytes "$_r_bytes")" \
+		"$(jv root_uuid "${UUID:-}")" "$(jv partition_table "$_r_pt")" "$(jv firmware "${FIRMWARE_DONE:-}")" \
+		"$(jv esp "${ESP_DEV:-}")" "$(jv esp_uuid "${ESP_UUID:-}")" "$(jv bootloader "${LOADER_DONE:-}")" \
+		"$(jv initramfs "${GENERATOR_DONE:-}")" "seconds:=$(($(now) - T_START))"
+}
+_R_LAST=
 usage_error() {
 	echo "$PROG: $*" >&2
 	echo "Try '$PROG --help'." >&2

@@ -138,7 +138,7 @@ release_source() {
 	_rs_src=$1
 	case $(kname "$_rs_src") in
 	dm-* | loop*) release_live_stack "$_rs_src" ;;
-	"") did "nothing to release (the source $_rs_src is gone)" ;;
+	"") skip "nothing to release (the source $_rs_src is gone)" ;;
 	*)
 		# A disk or partition: the system was moved off an installed disk.
 		did "$_rs_src is closed: nothing runs from it any more; the disk can be removed"

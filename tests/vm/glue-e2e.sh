@@ -35,7 +35,7 @@
 # Usage: LIVEMIRROR_BIN=path/to/livemirror tests/vm/glue-e2e.sh   (root: debootstrap, chroot)
 # Knobs: LIVEMIRROR_VM_GLUE_RATE (copy rate limit during the installs, default 40M),
 #        LIVEMIRROR_VM_KEEPAPI=1 (test-only workaround for the switch_root path bug, see README),
-#        LIVEMIRROR_VM_TIMEOUT (boot 1 host timeout, default 600 s), LIVEMIRROR_VM_BOOT2=0 (stop
+#        LIVEMIRROR_VM_TIMEOUT (host timeout of each boot, default 1500 s), LIVEMIRROR_VM_BOOT2=0 (stop
 #        after boot 1), LIVEMIRROR_VM_DRACUT=1 (also build a dracut initramfs with the dracut module
 #        and check its contents; adds ~40 s), LIVEMIRROR_VM_GLUE_MODE=bootonly and
 #        LIVEMIRROR_VM_GLUE_DEBUG=1 (see README.md), LIVEMIRROR_VM_GLUE_TARGET=disk|partition
@@ -51,7 +51,7 @@ case $GTARGET in
 esac
 BIN=${LIVEMIRROR_BIN:-$LM_DIR/../../target/release/livemirror}
 RATE=${LIVEMIRROR_VM_GLUE_RATE:-40M}
-TIMEOUT1=${LIVEMIRROR_VM_TIMEOUT:-600}
+TIMEOUT1=${LIVEMIRROR_VM_TIMEOUT:-1500}
 KEEPAPI=${LIVEMIRROR_VM_KEEPAPI:-0}
 GLUE=$LM_DIR/../../initrd-glue
 # vda: the live image; vdb: disk A, the first install's target; vdc: disk B, the move's target.
@@ -329,7 +329,7 @@ if [ "$FIRMWARE" = uefi ]; then
 else
   lm_phase "boot 2: disk A alone, no kernel from the host: SeaBIOS boots its GRUB"
 fi
-boot "$O/boot2.log" 420 "${OVMF_ARGS[@]}" -drive "file=$O/vdb.img,if=virtio,format=raw"
+boot "$O/boot2.log" "$TIMEOUT1" "${OVMF_ARGS[@]}" -drive "file=$O/vdb.img,if=virtio,format=raw"
 stage_was "$O/boot2.log" installed
 if [ "$FIRMWARE" = uefi ]; then
   ESPFS=$O/esp.img
@@ -368,7 +368,7 @@ lm_phase_end
 
 # ------------------------------------------------------------------ boot 4: disk B alone
 lm_phase "boot 4: disk B alone: its GRUB boots the moved system, no livemirror"
-boot "$O/boot4.log" 420 -drive "file=$O/vdc.img,if=virtio,format=raw"
+boot "$O/boot4.log" "$TIMEOUT1" -drive "file=$O/vdc.img,if=virtio,format=raw"
 stage_was "$O/boot4.log" moved
 FS=$(part_of "$O/vdc.img" 1)
 e2fsck -fn "$FS" > "$O/e2fsck-boot4.log" 2>&1 && lm_ok "e2fsck -fn after boot 4: clean" || lm_fail "e2fsck -fn after boot 4: $(tail -n 3 "$O/e2fsck-boot4.log" | tr '\n' ' ')"

@@ -9,10 +9,14 @@
 #     with an EFI system partition and the root, the copy, the release (CD ejected), the grow,
 #     fstab (/ and /boot/efi), the initramfs by dracut, GRUB for x86_64-efi in EFI/debian and at
 #     the removable-media path EFI/BOOT/BOOTX64.EFI, an NVRAM boot entry (OVMF's variables are
-#     writable); `systemctl poweroff` through dracut's shutdown.
+#     writable); the installer's --json stream is kept on the disk; `systemctl poweroff`
+#     through dracut's shutdown.
 #   host: the CD was ejected (QMP), the shutdown detached livemirror; GPT with the ESP and the
 #     root; the ESP: fsck.vfat -n clean, BOOTX64.EFI and grubx64.efi in it (mtools); the root:
-#     e2fsck -fn clean, every file's sha256.
+#     e2fsck -fn clean, every file's sha256; the JSON stream, parsed with python's json
+#     (check-install-json.py): every step started and ended in order, progress during the copy
+#     only and monotone, the result line matching the disk (partitions, UUIDs, size, firmware,
+#     boot loader, initramfs).
 #   boot 2: a fresh, empty variable store and only the disk (no kernel, no initrd, no CD): OVMF
 #     finds no boot entry and starts the disk's EFI/BOOT/BOOTX64.EFI; the installed system reaches
 #     its default target with /boot/efi mounted from the ESP, every file is there; the host runs
@@ -76,6 +80,7 @@ check_esp() {
     lm_fail "fsck.vfat -n on the ESP $1: $(tail -n 3 "$O/fsck-vfat-$1.log" | tr '\n' ' ')"
   fi
   local f
+  ESP_UUID=$(blkid -p -o value -s UUID "$O/esp.img" 2>/dev/null)
   for f in EFI/BOOT/BOOTX64.EFI EFI/debian/grubx64.efi; do
     if mcopy -n -i "$O/esp.img" "::/$f" "$O/esp-file" 2>/dev/null && [ -s "$O/esp-file" ]; then
       lm_ok "the ESP holds /$f ($(stat -c %s "$O/esp-file") bytes) $1"
@@ -88,6 +93,16 @@ check_esp() {
 }
 check_esp "after the install"
 live_check_root_part "$O/vda.img" 2 pre copy after
+# The JSON stream of `livemirror-install --json`, kept by the guest on the installed disk, read
+# with a real JSON parser against what the host finds on the disk (check-install-json.py).
+debugfs -R "cat /var/log/lmtest-install.jsonl" "$O/root.img" > "$O/install.jsonl" 2>/dev/null || true
+ROOT_UUID=$(dumpe2fs -h "$O/root.img" 2>/dev/null | awk -F': *' '/^Filesystem UUID/{print $2}')
+ROOT_BYTES=$(( $(sfdisk -d "$O/vda.img" | sed -n 's/^[^:]*2 : start= *[0-9]*, size= *\([0-9]*\),.*/\1/p') * 512 ))
+if python3 "$LM_DIR/check-install-json.py" "$O/install.jsonl" "$ROOT_UUID" "$ESP_UUID" "$ROOT_BYTES" > "$O/json-check.log" 2>&1; then
+  lm_ok "$(tail -n 1 "$O/json-check.log")"
+else
+  lm_fail "the installer's JSON stream: $(tail -n 3 "$O/json-check.log" | tr '\n' ' ')"
+fi
 lm_phase_end
 
 # ------------------------------------------------------------------ boot 2: the disk alone, no boot entry

@@ -263,7 +263,8 @@ installed)
   check_installed /dev/vda2
   if [ "$FIRMWARE" = uefi ]; then
     case $(tail -c +5 /sys/firmware/efi/efivars/LoaderInfo-4a67b082-0a4c-41cf-b6c7-440b29bb8c4f 2>/dev/null | tr -d '\000') in
-      systemd-boot*) ok "systemd-boot started this system (LoaderInfo)" ;; *) fail "LoaderInfo does not name systemd-boot" ;; esac
+      systemd-boot*) ok "systemd-boot started this system (LoaderInfo)" ;;
+      *) fail "LoaderInfo does not name systemd-boot: efivarfs: $(grep efivarfs /proc/mounts); $(ls /sys/firmware/efi/efivars 2>&1 | wc -l) variables, Loader*: $(ls /sys/firmware/efi/efivars 2>&1 | grep -i loader | tr '\n' ' '); efivarfs module: $(grep -c efivarfs /proc/modules) loaded, $(grep -c efivarfs /lib/modules/$(uname -r)/modules.dep) in modules.dep" ;; esac
     efibootmgr -v 2>&1 | grep -q 'systemd-bootx64.efi' && fail "the NVRAM has the installer's entry: this boot proves nothing about the removable path" \
       || ok "a fresh NVRAM without the installer's entry: the firmware started EFI/BOOT/BOOTX64.EFI"
     grep -q '^/dev/vda1 /boot/efi vfat ' /proc/mounts && ok "fstab mounted the ESP on /boot/efi" || fail "/boot/efi: $(grep /boot/efi /proc/mounts)"

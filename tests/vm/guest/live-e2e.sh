@@ -206,26 +206,46 @@ fi
 
 # The installer's step headers set the load's phase, so that every file is named after the step
 # it was written in; the RAM overlay and MemAvailable are read around the release.
+# on_step N: step N of the installer begins.
+on_step() {
+  case $1 in
+  4) phase copy ;;
+  6) phase verify ;;
+  7) phase detach; dmsetup status live-rw 2>/dev/null | awk '{split($4,a,"/"); print a[1]*512}' > /run/lmtest/cow ;;
+  8) phase release; awk '/^MemAvailable:/{print $2}' /proc/meminfo > /run/lmtest/mem0
+     info "meminfo before the release: $(grep -E '^(MemFree|MemAvailable|Cached|Shmem|Unevictable):' /proc/meminfo | tr -s ' \n' ' ')" ;;
+  9) awk '/^MemAvailable:/{print $2}' /proc/meminfo > /run/lmtest/mem1; phase grow
+     info "meminfo after the release: $(grep -E '^(MemFree|MemAvailable|Cached|Shmem|Unevictable):' /proc/meminfo | tr -s ' \n' ' ')" ;;
+  10) phase boot ;;
+  esac
+}
 phase install
 T0=$(up)
-( livemirror-install --yes --wipe --rate "$RATE" /dev/vda; echo $? > /run/lmtest/install.rc ) 2>&1 | while read -r l; do
-  case $l in
-  "==> ["*"/"*"] "*)
-    n=${l#==> [}; n=${n%%/*}
-    case $n in
-    4) phase copy ;;
-    6) phase verify ;;
-    7) phase detach; dmsetup status live-rw 2>/dev/null | awk '{split($4,a,"/"); print a[1]*512}' > /run/lmtest/cow ;;
-    8) phase release; awk '/^MemAvailable:/{print $2}' /proc/meminfo > /run/lmtest/mem0
-       info "meminfo before the release: $(grep -E '^(MemFree|MemAvailable|Cached|Shmem|Unevictable):' /proc/meminfo | tr -s ' \n' ' ')" ;;
-    9) awk '/^MemAvailable:/{print $2}' /proc/meminfo > /run/lmtest/mem1; phase grow
-       info "meminfo after the release: $(grep -E '^(MemFree|MemAvailable|Cached|Shmem|Unevictable):' /proc/meminfo | tr -s ' \n' ' ')" ;;
-    10) phase boot ;;
-    esac ;;
-  esac
-  echo "$l" >> /run/lmtest/install.out
-  info "install: $l"
-done
+if [ "$FW" = bios ]; then
+  # The installer's words: its step headers set the load's phase.
+  ( livemirror-install --yes --wipe --rate "$RATE" /dev/vda; echo $? > /run/lmtest/install.rc ) 2>&1 | while read -r l; do
+    case $l in "==> ["*"/"*"] "*) n=${l#==> [}; on_step "${n%%/*}" ;; esac
+    echo "$l" >> /run/lmtest/install.out
+    info "install: $l"
+  done
+else
+  # --json, as a graphical installer drives it: the JSON stream on stdout (kept on the installed
+  # disk, /var/log/lmtest-install.jsonl, for the host to parse; its step lines set the load's
+  # phase), the words on stderr.
+  mkfifo /run/lmtest/install.err
+  ( while IFS= read -r l; do echo "$l" >> /run/lmtest/install.out; info "install: $l"; done < /run/lmtest/install.err ) &
+  RPID=$!
+  ( livemirror-install --json --progress-interval 1 --yes --wipe --rate "$RATE" /dev/vda 2>/run/lmtest/install.err
+    echo $? > /run/lmtest/install.rc ) | while IFS= read -r l; do
+    echo "$l" >> /run/lmtest/install.jsonl
+    case $l in '{"event":"step","step":'*',"status":"started"'*) n=${l#*\"step\":}; on_step "${n%%,*}" ;; esac
+  done
+  wait "$RPID"
+  cp /run/lmtest/install.jsonl /var/log/lmtest-install.jsonl
+  info "json_lines=$(wc -l < /var/log/lmtest-install.jsonl)"
+  tail -n 1 /var/log/lmtest-install.jsonl | grep -q '^{"event":"result","status":"ok","exit_code":0,' \
+    && ok "the JSON stream ends with a result line: ok" || fail "the JSON stream's last line: $(tail -n 1 /var/log/lmtest-install.jsonl)"
+fi
 RC=$(cat /run/lmtest/install.rc)
 T1=$(up)
 SECS=$(echo "$T1 $T0" | awk '{printf "%.1f", $1-$2}')

@@ -24,7 +24,7 @@ live_prepare() {
   lm_prepare || exit 1
   lm_phase "prepare: the live tree (debootstrap + dracut, kernel, GRUB; cached)"
   lm_lock_cache
-  lm_fetch_rootfs "live-$LM_SUITE" "$LIVE_INCLUDE" "$LIVE_APT" || { lm_unlock_cache; lm_die "cannot build the live tree (see above)"; }
+  lm_fetch_rootfs "live-hybrid-$LM_SUITE" "$LIVE_INCLUDE" "$LIVE_APT" || { lm_unlock_cache; lm_die "cannot build the live tree (see above)"; }
   lm_unlock_cache
   lm_phase_end
   lm_outdir "$name"
@@ -38,13 +38,15 @@ live_prepare() {
     (cd "$LM_DIR/../.." && find initrd-glue tests/vm/live -type f | sort | xargs sha256sum)
     (cd "$LM_DIR" && sha256sum guest/common.sh guest/load.sh guest/watchdog.sh guest/live-e2e.sh)
   } | sha256sum | cut -c1-16)
-  ISO=$LM_CACHE/live-iso/$key
+  ISO=$LM_CACHE/live-iso-hybrid/$key
   lm_lock_cache
   if [ -f "$ISO/.complete" ] && [ -z "${LIVEMIRROR_VM_REBUILD:-}" ]; then
     lm_say "cached ISO $ISO/live.iso"
   else
-    # Only the newest ISO is kept: each is ~150 MiB and a new binary makes a new one.
-    rm -rf --one-file-system "$LM_CACHE/live-iso"; mkdir -p "$ISO.tmp"
+    # Only the newest ISO is kept: each is ~150 MiB and a new binary makes a new one. (The
+    # hybrid tree and ISO have names of their own, so that a checkout of the BIOS-only rig
+    # sharing the cache does not rebuild them, nor they its.)
+    rm -rf --one-file-system "$LM_CACHE/live-iso-hybrid"; mkdir -p "$ISO.tmp"
     TOKEN=$(od -An -N8 -tx1 /dev/urandom | tr -d ' \n')
     if ! bash "$LM_DIR/live/build-iso.sh" "$LM_ROOTFS" "$ISO.tmp" "$BIN" "$LIVE_LABEL" "$TOKEN"; then
       lm_unlock_cache; lm_die "building the live ISO failed (logs in $ISO.tmp)"
