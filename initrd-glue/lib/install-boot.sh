@@ -18,10 +18,15 @@ ESP_MOUNT=/boot/efi
 SDBOOT_EFI=/usr/lib/systemd/boot/efi/systemd-bootx64.efi
 
 detect_firmware() { if [ -d /sys/firmware/efi ]; then echo uefi; else echo bios; fi; }
-# efivar NAME-GUID: a variable's value without its 4 bytes of attributes, UCS-2 text as ASCII.
-efivar_text() { tail -c +5 "$EFIVARS/$1" 2>/dev/null | tr -d '\000'; }
+# efivar_value NAME-GUID: a variable's value, without its 4 bytes of attributes. (Read from the
+# start through a pipe: efivarfs files cannot seek, and tail -c +N on the file itself reads
+# nothing.)
+# shellcheck disable=SC2002 # (a pipe, not the file: tail would seek)
+efivar_value() { cat "$EFIVARS/$1" 2>/dev/null | tail -c +5; }
+# efivar_text NAME-GUID: a UCS-2 text variable as ASCII.
+efivar_text() { efivar_value "$1" | tr -d '\000'; }
 secure_boot_on() {
-	[ "$(tail -c +5 "$EFIVARS/SecureBoot-$EFI_GLOBAL" 2>/dev/null | od -An -tu1 | tr -d ' \n')" = 1 ]
+	[ "$(efivar_value "SecureBoot-$EFI_GLOBAL" | od -An -tu1 | tr -d ' \n')" = 1 ]
 }
 efivars_writable() {
 	awk -v m="$EFIVARS" '$2 == m && $3 == "efivarfs" {split($4, o, ","); w = (o[1] == "rw")} END {exit !w}' /proc/mounts

@@ -55,7 +55,7 @@ TIMEOUT1=${LIVEMIRROR_VM_TIMEOUT:-1500}
 KEEPAPI=${LIVEMIRROR_VM_KEEPAPI:-0}
 GLUE=$LM_DIR/../../initrd-glue
 # vda: the live image; vdb: disk A, the first install's target; vdc: disk B, the move's target.
-VDA_MB=320 VDB_MB=512 VDC_MB=640
+VDA_MB=320 VDB_MB=512 VDC_MB=1024
 # The Debian root of these scenarios: what the installer runs on BIOS and UEFI besides the glue.
 GLUE_INCLUDE="$LM_ROOTFS_PKGS,fdisk,dosfstools"
 GLUE_APT="grub-pc systemd-boot efibootmgr"
@@ -179,8 +179,7 @@ for u in serial-getty@ttyS0.service getty@tty1.service getty-static.service apt-
          e2scrub_all.timer e2scrub_reap.service fstrim.timer dpkg-db-backup.timer; do
   ln -sf /dev/null "$G/etc/systemd/system/$u"
 done
-MOVE=1
-[ "$GTARGET" = partition ] && MOVE=0
+MOVE=${LIVEMIRROR_VM_GLUE_MOVE:-1}
 # (a file, not kernel options: the installed system keeps the live session's options, and its
 # later boots are told apart by /lmtest/stage, which each boot leaves for the next)
 cat > "$G/lmtest/params" <<EOF
@@ -322,6 +321,21 @@ check_installed_fs "$O/vdb.img" "$ROOTN" install pre install after
 lm_phase_end
 if [ "${LIVEMIRROR_VM_BOOT2:-1}" = 0 ]; then lm_summary "$NAME"; exit $?; fi
 
+# check_esp IMG WHEN: partition 1 of IMG is a clean FAT file system with systemd-boot where the
+# firmware looks for it.
+check_esp() {
+  local esp=$O/esp.img s n f
+  read -r s n < <(sfdisk -d "$1" | sed -n 's/^[^:]*1 : start= *\([0-9]*\), size= *\([0-9]*\).*/\1 \2/p')
+  dd if="$1" of="$esp" bs=512 skip="$s" count="$n" status=none
+  fsck.vfat -n "$esp" > "$O/fsck-vfat-$2.log" 2>&1 && lm_ok "$2: fsck.vfat -n on the ESP: clean" \
+    || lm_fail "$2: fsck.vfat -n on the ESP: $(tail -n 3 "$O/fsck-vfat-$2.log" | tr '\n' ' ')"
+  for f in EFI/BOOT/BOOTX64.EFI EFI/systemd/systemd-bootx64.efi; do
+    mcopy -n -i "$esp" "::/$f" "$O/f" 2>/dev/null && [ -s "$O/f" ] && lm_ok "$2: the ESP holds /$f" || lm_fail "$2: the ESP lacks /$f"
+    rm -f "$O/f"
+  done
+  rm -f "$esp"
+}
+
 # ------------------------------------------------------------------ boot 2: disk A by firmware alone
 if [ "$FIRMWARE" = uefi ]; then
   lm_phase "boot 2: disk A alone, a fresh variable store: OVMF starts EFI/BOOT/BOOTX64.EFI (systemd-boot)"
@@ -331,18 +345,7 @@ else
 fi
 boot "$O/boot2.log" "$TIMEOUT1" "${OVMF_ARGS[@]}" -drive "file=$O/vdb.img,if=virtio,format=raw"
 stage_was "$O/boot2.log" installed
-if [ "$FIRMWARE" = uefi ]; then
-  ESPFS=$O/esp.img
-  START=$(sfdisk -d "$O/vdb.img" | sed -n 's/^[^:]*1 : start= *\([0-9]*\), size= *\([0-9]*\).*/\1 \2/p')
-  read -r S N <<< "$START"
-  dd if="$O/vdb.img" of="$ESPFS" bs=512 skip="$S" count="$N" status=none
-  fsck.vfat -n "$ESPFS" > "$O/fsck-vfat.log" 2>&1 && lm_ok "fsck.vfat -n on the ESP: clean" || lm_fail "fsck.vfat -n on the ESP: $(tail -n 3 "$O/fsck-vfat.log" | tr '\n' ' ')"
-  for f in EFI/BOOT/BOOTX64.EFI EFI/systemd/systemd-bootx64.efi; do
-    mcopy -n -i "$ESPFS" "::/$f" "$O/f" 2>/dev/null && [ -s "$O/f" ] && lm_ok "the ESP holds /$f" || lm_fail "the ESP lacks /$f"
-    rm -f "$O/f"
-  done
-  rm -f "$ESPFS"
-fi
+[ "$FIRMWARE" = uefi ] && check_esp "$O/vdb.img" "disk A"
 # (boot 2 wrote a file: e2fsck again after it)
 FS=$(part_of "$O/vdb.img" "$ROOTN")
 e2fsck -fn "$FS" > "$O/e2fsck-boot2.log" 2>&1 && lm_ok "e2fsck -fn after boot 2: clean" || lm_fail "e2fsck -fn after boot 2: $(tail -n 3 "$O/e2fsck-boot2.log" | tr '\n' ' ')"
@@ -351,8 +354,9 @@ stop_unless_ok "boot 2" "$O/boot2.log"
 [ "$MOVE" = 1 ] || { lm_summary "$NAME"; exit $?; }
 
 # ------------------------------------------------------------------ boot 3: the installed root moves to disk B
-lm_phase "boot 3: disk A's GRUB boots it with livemirror serving its root; livemirror-install moves it onto disk B"
-boot "$O/boot3.log" "$TIMEOUT1" -drive "file=$O/vdb.img,if=virtio,format=raw" -drive "file=$O/vdc.img,if=virtio,format=raw"
+# (UEFI: the machine keeps its variable store from boot 2)
+lm_phase "boot 3: disk A boots with livemirror serving its root; livemirror-install moves it onto disk B"
+boot "$O/boot3.log" "$TIMEOUT1" "${OVMF_ARGS[@]}" -drive "file=$O/vdb.img,if=virtio,format=raw" -drive "file=$O/vdc.img,if=virtio,format=raw"
 stage_was "$O/boot3.log" move
 shutdown_lines "$O/boot3.log.txt"
 lm_phase_end
@@ -360,17 +364,31 @@ lm_say "boot 3: the move took $(lm_marker "$O/boot3.log" install_secs)s"
 stop_unless_ok "boot 3" "$O/boot3.log"
 lm_phase "host: disk B after the move"
 PT=$(sfdisk -d "$O/vdc.img" 2>&1)
-[[ $PT == *"label: dos"*"vdc.img1 : start=        2048,"*"type=83, bootable"* ]] \
-  && lm_ok "disk B: MBR, the root from 1 MiB, bootable" || lm_fail "disk B's partition table: $(echo "$PT" | tr '\n' ' ')"
-dd if="$O/vdc.img" bs=512 count=1 status=none | grep -aq GRUB && lm_ok "disk B: GRUB in the MBR" || lm_fail "disk B: no GRUB in the MBR"
-check_installed_fs "$O/vdc.img" 1 move pre install after premove move postmove
+if [ "$FIRMWARE" = uefi ]; then
+  [[ $PT == *"label: gpt"*"vdc.img1 : start=        2048, size=     1048576, type=C12A7328-F81F-11D2-BA4B-00A0C93EC93B"*"vdc.img2 : start=     1050624,"* ]] \
+    && lm_ok "disk B: GPT, 1 EFI system partition (512 MiB, systemd-boot's size), 2 the root" || lm_fail "disk B's partition table: $(echo "$PT" | tr '\n' ' ')"
+  check_esp "$O/vdc.img" "disk B"
+  BROOT=2
+else
+  [[ $PT == *"label: dos"*"vdc.img1 : start=        2048,"*"type=83, bootable"* ]] \
+    && lm_ok "disk B: MBR, the root from 1 MiB, bootable" || lm_fail "disk B's partition table: $(echo "$PT" | tr '\n' ' ')"
+  dd if="$O/vdc.img" bs=512 count=1 status=none | grep -aq GRUB && lm_ok "disk B: GRUB in the MBR" || lm_fail "disk B: no GRUB in the MBR"
+  BROOT=1
+fi
+check_installed_fs "$O/vdc.img" "$BROOT" move pre install after premove move postmove
 lm_phase_end
 
 # ------------------------------------------------------------------ boot 4: disk B alone
-lm_phase "boot 4: disk B alone: its GRUB boots the moved system, no livemirror"
-boot "$O/boot4.log" "$TIMEOUT1" -drive "file=$O/vdc.img,if=virtio,format=raw"
+if [ "$FIRMWARE" = uefi ]; then
+  lm_phase "boot 4: disk B alone, a fresh variable store: its systemd-boot boots the moved system, no livemirror"
+  ovmf "$O/vars4.fd"
+else
+  lm_phase "boot 4: disk B alone: its GRUB boots the moved system, no livemirror"
+fi
+boot "$O/boot4.log" "$TIMEOUT1" "${OVMF_ARGS[@]}" -drive "file=$O/vdc.img,if=virtio,format=raw"
 stage_was "$O/boot4.log" moved
-FS=$(part_of "$O/vdc.img" 1)
+[ "$FIRMWARE" = uefi ] && check_esp "$O/vdc.img" "disk B after boot 4"
+FS=$(part_of "$O/vdc.img" "$BROOT")
 e2fsck -fn "$FS" > "$O/e2fsck-boot4.log" 2>&1 && lm_ok "e2fsck -fn after boot 4: clean" || lm_fail "e2fsck -fn after boot 4: $(tail -n 3 "$O/e2fsck-boot4.log" | tr '\n' ' ')"
 B2=$(debugfs -R "cat /data/boot4.bin" "$FS" 2>/dev/null | sha256sum | cut -d' ' -f1)
 lm_check "host: the file boot 4 wrote is on disk B" bash -c "debugfs -R 'cat /data/boot4.sha256' '$FS' 2>/dev/null | grep -q '^$B2 '"

@@ -95,6 +95,20 @@ check_installed() {
   _f=$(systemctl --failed --no-legend --plain 2>&1)
   [ -z "$_f" ] && ok "systemd started the system with no failed unit" || fail "failed units: $(echo "$_f" | tr '\n' ';')"
 }
+# check_uefi_boot WHEN: systemd-boot started this system from a fresh variable store (the host
+# gives one): the firmware took the disk's removable-media path; /boot/efi is this disk's ESP.
+check_uefi_boot() {
+  # (efivarfs cannot seek: the variable is read from its start, through a pipe)
+  case $(cat /sys/firmware/efi/efivars/LoaderInfo-4a67b082-0a4c-41cf-b6c7-440b29bb8c4f 2>/dev/null | tail -c +5 | tr -d '\000') in
+    systemd-boot*) ok "$1: systemd-boot started this system (LoaderInfo)" ;;
+    *) fail "$1: LoaderInfo does not name systemd-boot: $(echo /sys/firmware/efi/efivars/Loader*)" ;;
+  esac
+  efibootmgr -v 2>&1 | grep -q 'systemd-bootx64.efi' && fail "$1: the NVRAM has the installer's entry: this boot proves nothing about the removable path" \
+    || ok "$1: a fresh NVRAM without the installer's entry: the firmware started EFI/BOOT/BOOTX64.EFI"
+  _eu=$(blkid -p -o value -s UUID /dev/vda1)
+  grep -q '^/dev/vda1 /boot/efi vfat ' /proc/mounts && grep -q "^UUID=$_eu /boot/efi vfat " /etc/fstab \
+    && ok "$1: fstab mounted this disk's ESP (UUID=$_eu) on /boot/efi" || fail "$1: /boot/efi: $(grep /boot/efi /proc/mounts); fstab: $(grep /boot/efi /etc/fstab)"
+}
 # install_under_load TARGET PREPHASE LOADPHASE ARGS...: the write load starts (files named after
 # PREPHASE), then livemirror-install TARGET runs under it (files named after LOADPHASE); at least
 # 6 files must have been written entirely while it ran.
@@ -261,14 +275,7 @@ live)
 
 installed)
   check_installed /dev/vda2
-  if [ "$FIRMWARE" = uefi ]; then
-    case $(tail -c +5 /sys/firmware/efi/efivars/LoaderInfo-4a67b082-0a4c-41cf-b6c7-440b29bb8c4f 2>/dev/null | tr -d '\000') in
-      systemd-boot*) ok "systemd-boot started this system (LoaderInfo)" ;;
-      *) fail "LoaderInfo does not name systemd-boot: efivarfs: $(grep efivarfs /proc/mounts); $(ls /sys/firmware/efi/efivars 2>&1 | wc -l) variables, Loader*: $(ls /sys/firmware/efi/efivars 2>&1 | grep -i loader | tr '\n' ' '); efivarfs module: $(grep -c efivarfs /proc/modules) loaded, $(grep -c efivarfs /lib/modules/$(uname -r)/modules.dep) in modules.dep" ;; esac
-    efibootmgr -v 2>&1 | grep -q 'systemd-bootx64.efi' && fail "the NVRAM has the installer's entry: this boot proves nothing about the removable path" \
-      || ok "a fresh NVRAM without the installer's entry: the firmware started EFI/BOOT/BOOTX64.EFI"
-    grep -q '^/dev/vda1 /boot/efi vfat ' /proc/mounts && ok "fstab mounted the ESP on /boot/efi" || fail "/boot/efi: $(grep /boot/efi /proc/mounts)"
-  fi
+  [ "$FIRMWARE" = uefi ] && check_uefi_boot installed
   check_files pre install after
   dd if=/dev/urandom of=$D/boot2.bin bs=1024 count=256 conv=fsync 2>/dev/null || fail "write on the installed disk"
   (cd $D && sha256sum boot2.bin > boot2.sha256)
@@ -278,12 +285,20 @@ installed)
     # livemirror serving the root partition, named by its partition UUID.
     PU=$(blkid -p -o value -s PART_ENTRY_UUID /dev/vda2)
     [ -n "$PU" ] || fail "no partition UUID for /dev/vda2"
-    # shellcheck disable=SC2016 # (GRUB's own variable, expanded by grub-mkconfig)
-    printf 'GRUB_CMDLINE_LINUX_DEFAULT="$GRUB_CMDLINE_LINUX_DEFAULT rd.livemirror livemirror.source=/dev/disk/by-partuuid/%s"\n' "$PU" \
-      > /etc/default/grub.d/livemirror-move.cfg
-    update-grub > /run/lmtest/update-grub.log 2>&1 || fail "update-grub: $(tail -n 3 /run/lmtest/update-grub.log)"
-    grep -q "rd.livemirror livemirror.source=/dev/disk/by-partuuid/$PU" /boot/grub/grub.cfg \
-      && ok "the next boot has rd.livemirror livemirror.source=/dev/disk/by-partuuid/$PU" || fail "grub.cfg lacks the livemirror options"
+    OPTS="rd.livemirror livemirror.source=/dev/disk/by-partuuid/$PU"
+    if [ "$FIRMWARE" = uefi ]; then
+      # systemd-boot: the command line in /etc/kernel/cmdline, the boot entry made again.
+      sed -i "s|\$| $OPTS|" /etc/kernel/cmdline
+      kernel-install add "$(uname -r)" "/boot/vmlinuz-$(uname -r)" "/boot/initrd.img-$(uname -r)" > /run/lmtest/ki.log 2>&1 \
+        || fail "kernel-install: $(tail -n 3 /run/lmtest/ki.log)"
+      grep -q "$OPTS" /boot/efi/loader/entries/*.conf && ok "the next boot has $OPTS (systemd-boot entry)" \
+        || fail "the boot entry lacks the livemirror options: $(cat /boot/efi/loader/entries/*.conf)"
+    else
+      # shellcheck disable=SC2016 # (GRUB's own variable, expanded by grub-mkconfig)
+      printf 'GRUB_CMDLINE_LINUX_DEFAULT="$GRUB_CMDLINE_LINUX_DEFAULT %s"\n' "$OPTS" > /etc/default/grub.d/livemirror-move.cfg
+      update-grub > /run/lmtest/update-grub.log 2>&1 || fail "update-grub: $(tail -n 3 /run/lmtest/update-grub.log)"
+      grep -q "$OPTS" /boot/grub/grub.cfg && ok "the next boot has $OPTS (grub.cfg)" || fail "grub.cfg lacks the livemirror options"
+    fi
     echo "LMTEST DONE t=$(up)"
     next move
   fi
@@ -300,17 +315,33 @@ move)
   [ "$(jget state "$J")" = serving ] && [ "$(readlink -f "$SRC")" = /dev/vda2 ] \
     && ok "status: serving $SRC (= /dev/vda2, the installed root partition)" || fail "status: $J"
   check_files pre install after
+  # No options but the target: the firmware, the partition table and the boot loader are the
+  # installer's own choice (on UEFI systemd-boot, since systemd-boot booted this system).
   install_under_load /dev/vdb premove move
   phase postmove
-  check_result /dev/vdb1
-  grep -q 'GRUB for BIOS installed on /dev/vdb' /run/lmtest/install.out && ok "GRUB for BIOS on /dev/vdb" || fail "no GRUB on /dev/vdb"
-  # The options for the one boot into livemirror are taken out of GRUB's settings again.
-  grep -q "removed livemirror's boot options from /etc/default/grub.d/livemirror-move.cfg" /run/lmtest/install.out \
-    && ! grep -q 'livemirror' /etc/default/grub.d/livemirror-move.cfg \
-    && ok "the installer removed the one-boot options from /etc/default/grub.d/livemirror-move.cfg" \
-    || fail "the one-boot options are still set: $(cat /etc/default/grub.d/livemirror-move.cfg)"
-  grep -q 'livemirror' /boot/grub/grub.cfg && fail "grub.cfg still boots with livemirror options: $(grep -m1 'linux.*livemirror' /boot/grub/grub.cfg)" \
-    || ok "grub.cfg boots without rd.livemirror and livemirror.source"
+  if [ "$FIRMWARE" = uefi ]; then
+    check_result /dev/vdb2
+    grep -q 'boot: systemd-boot, initramfs by initramfs-tools' /run/lmtest/install.out \
+      && ok "the installer chose systemd-boot by itself (it booted this system)" || fail "the installer did not choose systemd-boot: $(grep 'boot:' /run/lmtest/install.out)"
+    grep -q '^/dev/vdb1 /boot/efi vfat ' /proc/mounts && ! grep -q '^/dev/vda1 ' /proc/mounts \
+      && ok "/boot/efi is disk B's ESP now, disk A's is unmounted" || fail "/boot/efi: $(grep -E 'vda1|/boot/efi' /proc/mounts)"
+    EU=$(blkid -p -o value -s UUID /dev/vdb1)
+    grep -q "^UUID=$EU /boot/efi vfat " /etc/fstab && ok "fstab mounts /boot/efi by disk B's ESP (UUID=$EU)" || fail "fstab: $(tr '\n' ';' < /etc/fstab)"
+    grep -q 'livemirror' /etc/kernel/cmdline /boot/efi/loader/entries/*.conf && fail "livemirror options stay: $(cat /etc/kernel/cmdline)" \
+      || ok "/etc/kernel/cmdline and disk B's boot entry have no livemirror options"
+    efibootmgr -v 2>&1 | grep -i "$(blkid -p -o value -s PART_ENTRY_UUID /dev/vdb1)" | grep -q 'systemd-bootx64.efi' \
+      && ok "NVRAM: a boot entry for systemd-boot on disk B's ESP" || fail "no NVRAM entry for disk B: $(efibootmgr -v 2>&1 | tr '\n' ';')"
+  else
+    check_result /dev/vdb1
+    grep -q 'GRUB for BIOS installed on /dev/vdb' /run/lmtest/install.out && ok "GRUB for BIOS on /dev/vdb" || fail "no GRUB on /dev/vdb"
+    # The options for the one boot into livemirror are taken out of GRUB's settings again.
+    grep -q "removed livemirror's boot options from /etc/default/grub.d/livemirror-move.cfg" /run/lmtest/install.out \
+      && ! grep -q 'livemirror' /etc/default/grub.d/livemirror-move.cfg \
+      && ok "the installer removed the one-boot options from /etc/default/grub.d/livemirror-move.cfg" \
+      || fail "the one-boot options are still set: $(cat /etc/default/grub.d/livemirror-move.cfg)"
+    grep -q 'livemirror' /boot/grub/grub.cfg && fail "grub.cfg still boots with livemirror options: $(grep -m1 'linux.*livemirror' /boot/grub/grub.cfg)" \
+      || ok "grub.cfg boots without rd.livemirror and livemirror.source"
+  fi
   grep -q "closed: nothing runs from it" /run/lmtest/install.out && grep -q 'the old disk /dev/vda is not in use any more' /run/lmtest/install.out \
     && ok "the installer says the old disk /dev/vda is closed and not in use" || fail "no word on the old disk: $(tail -n 4 /run/lmtest/install.out | tr '\n' ' ')"
   finish_load postmove
@@ -319,7 +350,12 @@ move)
   ;;
 
 moved)
-  check_installed /dev/vda1
+  if [ "$FIRMWARE" = uefi ]; then
+    check_installed /dev/vda2
+    check_uefi_boot moved
+  else
+    check_installed /dev/vda1
+  fi
   check_files pre install after premove move postmove
   dd if=/dev/urandom of=$D/boot4.bin bs=1024 count=256 conv=fsync 2>/dev/null || fail "write on the moved disk"
   (cd $D && sha256sum boot4.bin > boot4.sha256)
