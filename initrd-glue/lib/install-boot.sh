@@ -95,6 +95,9 @@ boot_check() {
 	*) die "--bootloader $LOADER: grub or systemd-boot" ;;
 	esac
 	if [ "$FIRMWARE" = uefi ]; then
+		# The EFI system partition is FAT: step 11 mounts it.
+		modprobe -q vfat 2>/dev/null
+		grep -qw vfat /proc/filesystems || die "this kernel cannot mount FAT file systems (vfat), which the EFI system partition holds ($NB)"
 		# The EFI system partition: made in step 2 on a whole disk; on a partitioned disk, the one
 		# it has, formatted only if it holds nothing.
 		if [ -n "$PARTITION" ]; then

@@ -1,5 +1,5 @@
 #!/bin/bash
-# vm-seconds: 480 (expected time on the CI machine, warm cache; run-all.sh starts the longest first)
+# vm-seconds: 600 (expected time on the CI machine, warm cache; run-all.sh starts the longest first)
 # Scenario glue-e2e: initrd-glue/ exercised the way a user would, on a Debian system whose
 # initramfs initramfs-tools makes, from the live session to an installed system, and then the
 # installed system's root moved onto another disk.
@@ -29,9 +29,11 @@
 # With LIVEMIRROR_VM_GLUE_TARGET=partition (scenario glue-partition-e2e) the machine is UEFI
 # (OVMF): the host gives vdb a GPT with an empty EFI system partition and an empty root
 # partition, boot 1 runs `livemirror-install --bootloader systemd-boot /dev/vdb2` (the ESP is
-# formatted, systemd-boot and the kernel go on it, the NVRAM gets a boot entry), and boot 2
-# starts with a fresh variable store, so the firmware finds the disk's EFI/BOOT/BOOTX64.EFI
-# (systemd-boot) by itself. No boots 3 and 4.
+# formatted, systemd-boot and the kernel go on it, the NVRAM gets a boot entry), boot 2 starts
+# with a fresh variable store, so the firmware finds the disk's EFI/BOOT/BOOTX64.EFI
+# (systemd-boot) by itself; the move's one boot goes through /etc/kernel/cmdline and
+# kernel-install, the move picks systemd-boot by itself and puts disk B's ESP on /boot/efi, and
+# boot 4 starts from disk B with a fresh variable store.
 # Usage: LIVEMIRROR_BIN=path/to/livemirror tests/vm/glue-e2e.sh   (root: debootstrap, chroot)
 # Knobs: LIVEMIRROR_VM_GLUE_RATE (copy rate limit during the installs, default 40M),
 #        LIVEMIRROR_VM_KEEPAPI=1 (test-only workaround for the switch_root path bug, see README),
@@ -39,7 +41,7 @@
 #        after boot 1), LIVEMIRROR_VM_DRACUT=1 (also build a dracut initramfs with the dracut module
 #        and check its contents; adds ~40 s), LIVEMIRROR_VM_GLUE_MODE=bootonly and
 #        LIVEMIRROR_VM_GLUE_DEBUG=1 (see README.md), LIVEMIRROR_VM_GLUE_TARGET=disk|partition
-#        (above), the lib.sh knobs.
+#        (above), LIVEMIRROR_VM_GLUE_MOVE=0 (no boots 3 and 4), the lib.sh knobs.
 set -euo pipefail
 . "$(dirname "$0")/lib.sh"
 
