@@ -630,3 +630,20 @@ lm_install_deb() {
   rm -f "$tree/tmp/$name"
   return "$rc"
 }
+
+# ------------------------------------------------------------------------- UEFI firmware
+# lm_ovmf VARS: QEMU's arguments for a UEFI machine in LM_OVMF (array): OVMF from Debian's ovmf
+# package (read-only code) and VARS, a writable copy of its blank variable store, made fresh
+# when VARS does not exist (delete it for a machine that has never stored a boot entry). The
+# default machine type (i440fx) is kept: its IDE CD drive is what the Debian cloud kernel drives.
+LM_OVMF_CODE=${LIVEMIRROR_VM_OVMF_CODE:-/usr/share/OVMF/OVMF_CODE_4M.fd}
+LM_OVMF_VARS=${LIVEMIRROR_VM_OVMF_VARS:-/usr/share/OVMF/OVMF_VARS_4M.fd}
+lm_ovmf() {
+  if [ ! -r "$LM_OVMF_CODE" ] || [ ! -r "$LM_OVMF_VARS" ]; then
+    echo "livemirror VM rig: no UEFI firmware ($LM_OVMF_CODE, $LM_OVMF_VARS); install it with:" >&2
+    echo "  apt-get install -y --no-install-recommends ovmf" >&2
+    return 1
+  fi
+  [ -f "$1" ] || cp "$LM_OVMF_VARS" "$1"
+  LM_OVMF=(-drive "if=pflash,format=raw,unit=0,readonly=on,file=$LM_OVMF_CODE" -drive "if=pflash,format=raw,unit=1,file=$1")
+}

@@ -9,6 +9,10 @@
 #   rd.live.overlay.overlayfs    (with rd.livemirror) an overlayfs root: the glue must step aside
 #                                and the installer refuse, leaving the disk untouched
 #   neither                      boot 2: the installed disk, booted by its own GRUB
+# On UEFI firmware (/sys/firmware/efi: live-uefi-e2e) the installed disk is GPT with the EFI system
+# partition first and the root second, and the boot loader is checked on the ESP and in NVRAM;
+# on BIOS (live-iso-e2e) it is MBR with the root first and GRUB in the boot sector, and boot 1
+# also checks a refusal and the RAM the release gives back.
 . /lmtest/common.sh
 exec </dev/null >/dev/console 2>&1
 export PATH=/usr/sbin:/usr/bin:/sbin:/bin
@@ -67,6 +71,10 @@ check_files() { # every file the live session wrote, read back from the disk
 mkdir -p /run/lmtest
 echo boot > /run/lmtest/phase
 cp /bin/busybox /run/lmtest/busybox; cp /lmtest/watchdog.sh /run/lmtest/
+FW=bios
+[ -d /sys/firmware/efi ] && FW=uefi
+# The installed disk's partitions (see above).
+if [ "$FW" = uefi ]; then ROOTP=/dev/vda2 ESPP=/dev/vda1; else ROOTP=/dev/vda1 ESPP=; fi
 MODE=installed
 has_arg rd.live.image && MODE=plain
 has_arg rd.live.image && has_arg rd.livemirror && MODE=live
@@ -75,6 +83,7 @@ WD=300; [ "$MODE" = live ] && WD=1200
 /run/lmtest/busybox sh /run/lmtest/watchdog.sh "$WD" &
 echo "LMTEST INFO: live guest start mode=$MODE kernel=$(uname -r) t=$(up)"
 info "mode=$MODE"
+info "firmware=$FW"
 info "token=$(sed -n 's/^base-marker //p' /etc/base-marker)"
 info "cmdline=$(tr ' ' ',' < /proc/cmdline)"
 
@@ -115,8 +124,16 @@ fi
 
 # ---------------------------------------------------------------- boot 2: the installed disk
 if [ "$MODE" = installed ]; then
-  case "$(root_line)" in /dev/vda1\ /\ ext4\ *) ok "root is the installed disk's partition: $(root_line)" ;;
-    *) fail "root is not /dev/vda1: $(root_line)" ;; esac
+  case "$(root_line)" in "$ROOTP / ext4 "*) ok "root is the installed disk's partition: $(root_line)" ;;
+    *) fail "root is not $ROOTP: $(root_line)" ;; esac
+  if [ "$FW" = uefi ]; then
+    grep -q "^$ESPP /boot/efi vfat " /proc/mounts && ok "fstab mounted the EFI system partition $ESPP on /boot/efi" \
+      || fail "/boot/efi is not $ESPP: $(grep /boot/efi /proc/mounts)"
+    # A fresh variable store: no entry of the installer's, so the firmware took the removable path.
+    B=$(efibootmgr -v 2>&1)
+    case "$B" in *grubx64.efi*) fail "the NVRAM has the installer's boot entry: this boot proves nothing about the removable path: $B" ;;
+      *) ok "the NVRAM holds no boot entry of the installer's: the firmware started EFI/BOOT/BOOTX64.EFI ($(echo "$B" | grep -m1 BootCurrent))" ;; esac
+  fi
   C=$(cat /proc/cmdline)
   case " $C " in *" BOOT_IMAGE=/boot/vmlinuz-$(uname -r) "*) ;; *) fail "the kernel was not booted by the installed GRUB: $C" ;; esac
   case " $C " in *" root=UUID="*) ok "GRUB from the disk booted /boot/vmlinuz-$(uname -r) with root=UUID=: $C" ;;
@@ -129,7 +146,7 @@ if [ "$MODE" = installed ]; then
   [ "$N" = 0 ] && ok "the initramfs this boot used holds no livemirror and no dmsquash-live" \
     || fail "the installed initramfs still holds $N livemirror/dmsquash files"
   check_default_target
-  FS=$(df -k / | awk 'NR==2{print $2}'); DISK=$(blockdev --getsize64 /dev/vda1)
+  FS=$(df -k / | awk 'NR==2{print $2}'); DISK=$(blockdev --getsize64 "$ROOTP")
   [ "$FS" -gt $((DISK * 85 / 102400)) ] && ok "the file system fills the partition: $FS KiB on $((DISK / 1024)) KiB" \
     || fail "the file system is $FS KiB on a $((DISK / 1024)) KiB partition"
   check_files
@@ -164,48 +181,72 @@ info "target_size=$VDA"
 mkdir -p "$D"
 dd if=/dev/urandom of="$D/hot.bin" bs=4096 count=64 conv=fsync 2>/dev/null || fail "creating hot.bin"
 phase pre
-# Ballast in the RAM overlay, so that the memory the release gives back stands out from what
-# the rest of the system allocates and frees meanwhile (about 25 MiB either way, measured).
-dd if=/dev/urandom of="$D/pre-ballast.bin" bs=1M count=160 conv=fsync 2>/dev/null || fail "writing the ballast"
-echo "$(sha256sum "$D/pre-ballast.bin" | cut -d' ' -f1)  pre-ballast.bin" >> "$D/MANIFEST"
-echo "pre-ballast.bin pre pre" >> "$D/PHASES"
+if [ "$FW" = bios ]; then
+  # Ballast in the RAM overlay, so that the memory the release gives back stands out from what
+  # the rest of the system allocates and frees meanwhile (about 25 MiB either way, measured).
+  dd if=/dev/urandom of="$D/pre-ballast.bin" bs=1M count=160 conv=fsync 2>/dev/null || fail "writing the ballast"
+  echo "$(sha256sum "$D/pre-ballast.bin" | cut -d' ' -f1)  pre-ballast.bin" >> "$D/MANIFEST"
+  echo "pre-ballast.bin pre pre" >> "$D/PHASES"
+fi
 busybox sh /lmtest/load.sh "$D" &
 LOADPID=$!
 wait_files pre 5
 ok "write load running (pid $LOADPID): $(count pre) files before the install"
 
 # A disk that holds data (here: a partition table) is refused before anything changes; the
-# install below then says --wipe.
-printf 'label: dos\nstart=2048, type=83\n' | sfdisk --quiet /dev/vda >/dev/null 2>&1 || fail "sfdisk /dev/vda"
-PT0=$(sfdisk -d /dev/vda 2>&1)
-OUT=$(livemirror-install --yes /dev/vda 2>&1); RC=$?
-case "$RC:$OUT" in 1:*"holds data"*"--wipe"*) ok "livemirror-install refuses a disk with a partition table: $(echo "$OUT" | grep FAILED)" ;;
-  *) fail "livemirror-install on a disk with a partition table exited $RC: $(echo "$OUT" | tail -n 2 | tr '\n' ' ')" ;; esac
-[ "$(sfdisk -d /dev/vda 2>&1)" = "$PT0" ] && [ "$(jget state "$(lmstatus)")" = serving ] \
-  && ok "after the refusal the partition table is unchanged and the daemon still serving" || fail "the refused install changed something"
+# install below then says --wipe. (BIOS only: the refusal does not depend on the firmware.)
+if [ "$FW" = bios ]; then
+  printf 'label: dos\nstart=2048, type=83\n' | sfdisk --quiet /dev/vda >/dev/null 2>&1 || fail "sfdisk /dev/vda"
+  PT0=$(sfdisk -d /dev/vda 2>&1)
+  OUT=$(livemirror-install --yes /dev/vda 2>&1); RC=$?
+  case "$RC:$OUT" in 1:*"holds data"*"--wipe"*) ok "livemirror-install refuses a disk with a partition table: $(echo "$OUT" | grep FAILED)" ;;
+    *) fail "livemirror-install on a disk with a partition table exited $RC: $(echo "$OUT" | tail -n 2 | tr '\n' ' ')" ;; esac
+  [ "$(sfdisk -d /dev/vda 2>&1)" = "$PT0" ] && [ "$(jget state "$(lmstatus)")" = serving ] \
+    && ok "after the refusal the partition table is unchanged and the daemon still serving" || fail "the refused install changed something"
+fi
 
 # The installer's step headers set the load's phase, so that every file is named after the step
 # it was written in; the RAM overlay and MemAvailable are read around the release.
+# on_step N: step N of the installer begins.
+on_step() {
+  case $1 in
+  4) phase copy ;;
+  6) phase verify ;;
+  7) phase detach; dmsetup status live-rw 2>/dev/null | awk '{split($4,a,"/"); print a[1]*512}' > /run/lmtest/cow ;;
+  8) phase release; awk '/^MemAvailable:/{print $2}' /proc/meminfo > /run/lmtest/mem0
+     info "meminfo before the release: $(grep -E '^(MemFree|MemAvailable|Cached|Shmem|Unevictable):' /proc/meminfo | tr -s ' \n' ' ')" ;;
+  9) awk '/^MemAvailable:/{print $2}' /proc/meminfo > /run/lmtest/mem1; phase grow
+     info "meminfo after the release: $(grep -E '^(MemFree|MemAvailable|Cached|Shmem|Unevictable):' /proc/meminfo | tr -s ' \n' ' ')" ;;
+  10) phase boot ;;
+  esac
+}
 phase install
 T0=$(up)
-( livemirror-install --yes --wipe --rate "$RATE" /dev/vda; echo $? > /run/lmtest/install.rc ) 2>&1 | while read -r l; do
-  case $l in
-  "==> ["*"/"*"] "*)
-    n=${l#==> [}; n=${n%%/*}
-    case $n in
-    4) phase copy ;;
-    6) phase verify ;;
-    7) phase detach; dmsetup status live-rw 2>/dev/null | awk '{split($4,a,"/"); print a[1]*512}' > /run/lmtest/cow ;;
-    8) phase release; awk '/^MemAvailable:/{print $2}' /proc/meminfo > /run/lmtest/mem0
-       info "meminfo before the release: $(grep -E '^(MemFree|MemAvailable|Cached|Shmem|Unevictable):' /proc/meminfo | tr -s ' \n' ' ')" ;;
-    9) awk '/^MemAvailable:/{print $2}' /proc/meminfo > /run/lmtest/mem1; phase grow
-       info "meminfo after the release: $(grep -E '^(MemFree|MemAvailable|Cached|Shmem|Unevictable):' /proc/meminfo | tr -s ' \n' ' ')" ;;
-    10) phase boot ;;
-    esac ;;
-  esac
-  echo "$l" >> /run/lmtest/install.out
-  info "install: $l"
-done
+if [ "$FW" = bios ]; then
+  # The installer's words: its step headers set the load's phase.
+  ( livemirror-install --yes --wipe --rate "$RATE" /dev/vda; echo $? > /run/lmtest/install.rc ) 2>&1 | while read -r l; do
+    case $l in "==> ["*"/"*"] "*) n=${l#==> [}; on_step "${n%%/*}" ;; esac
+    echo "$l" >> /run/lmtest/install.out
+    info "install: $l"
+  done
+else
+  # --json, as a graphical installer drives it: the JSON stream on stdout (kept on the installed
+  # disk, /var/log/lmtest-install.jsonl, for the host to parse; its step lines set the load's
+  # phase), the words on stderr.
+  mkfifo /run/lmtest/install.err
+  ( while IFS= read -r l; do echo "$l" >> /run/lmtest/install.out; info "install: $l"; done < /run/lmtest/install.err ) &
+  RPID=$!
+  ( livemirror-install --json --progress-interval 1 --yes --wipe --rate "$RATE" /dev/vda 2>/run/lmtest/install.err
+    echo $? > /run/lmtest/install.rc ) | while IFS= read -r l; do
+    echo "$l" >> /run/lmtest/install.jsonl
+    case $l in '{"event":"step","step":'*',"status":"started"'*) n=${l#*\"step\":}; on_step "${n%%,*}" ;; esac
+  done
+  wait "$RPID"
+  cp /run/lmtest/install.jsonl /var/log/lmtest-install.jsonl
+  info "json_lines=$(wc -l < /var/log/lmtest-install.jsonl)"
+  tail -n 1 /var/log/lmtest-install.jsonl | grep -q '^{"event":"result","status":"ok","exit_code":0,' \
+    && ok "the JSON stream ends with a result line: ok" || fail "the JSON stream's last line: $(tail -n 1 /var/log/lmtest-install.jsonl)"
+fi
 RC=$(cat /run/lmtest/install.rc)
 T1=$(up)
 SECS=$(echo "$T1 $T0" | awk '{printf "%.1f", $1-$2}')
@@ -228,17 +269,22 @@ N=$(count_within copy)
 
 # ---------------------------------------------------------------- the result
 J=$(lmstatus) || fail "livemirror status --json failed after the install"
-[ "$(jget state "$J")" = source-detached ] && [ "$(jget source "$J")" = null ] && [ "$(jget target "$J")" = /dev/vda1 ] \
-  && ok "status: source-detached, target /dev/vda1" || fail "after the install: $J"
-P=$(blockdev --getsize64 /dev/vda1)
+[ "$(jget state "$J")" = source-detached ] && [ "$(jget source "$J")" = null ] && [ "$(jget target "$J")" = "$ROOTP" ] \
+  && ok "status: source-detached, target $ROOTP" || fail "after the install: $J"
+P=$(blockdev --getsize64 "$ROOTP")
 [ "$(jget export_size "$J")" = "$P" ] && ok "export grown to the partition's $P bytes" || fail "export_size $(jget export_size "$J") != $P"
 [ "$(($(cat /sys/block/nbd0/size) * 512))" = "$P" ] && ok "kernel: /dev/nbd0 is $P bytes" \
   || fail "kernel: /dev/nbd0 is $(($(cat /sys/block/nbd0/size) * 512)) bytes, not $P"
 FS=$(df -k / | awk 'NR==2{print $2}')
 [ "$FS" -gt $((P * 85 / 102400)) ] && ok "df: / is $FS KiB (the partition is $((P / 1024)) KiB)" || fail "df: / is only $FS KiB"
 PT=$(sfdisk -d /dev/vda 2>&1 | tr '\n' ';')
-case "$PT" in *"label: dos"*"/dev/vda1 : start=        2048,"*"bootable"*) ok "vda: MBR, vda1 from sector 2048, bootable" ;;
-  *) fail "vda's partition table: $PT" ;; esac
+if [ "$FW" = bios ]; then
+  case "$PT" in *"label: dos"*"/dev/vda1 : start=        2048,"*"bootable"*) ok "vda: MBR, vda1 from sector 2048, bootable" ;;
+    *) fail "vda's partition table: $PT" ;; esac
+else
+  case "$PT" in *"label: gpt"*"/dev/vda1 : start=        2048,"*"type=C12A7328-F81F-11D2-BA4B-00A0C93EC93B"*"/dev/vda2 : "*) ok "vda: GPT, vda1 the EFI system partition from 1 MiB, vda2 the root" ;;
+    *) fail "vda's partition table: $PT" ;; esac
+fi
 for m in live-rw live-base; do
   [ -e /dev/mapper/$m ] && fail "/dev/mapper/$m still exists" || ok "/dev/mapper/$m is gone"
 done
@@ -248,7 +294,9 @@ grep -qE ' /run/initramfs/(live|squashfs) ' /proc/mounts && fail "live media sti
   || ok "the CD and the squashfs are unmounted"
 COW=$(cat /run/lmtest/cow 2>/dev/null); M0=$(cat /run/lmtest/mem0 2>/dev/null); M1=$(cat /run/lmtest/mem1 2>/dev/null)
 info "overlay_bytes=$COW mem_available_kib before_release=$M0 after_release=$M1"
-if [ -n "$COW" ] && [ -n "$M0" ] && [ -n "$M1" ] && [ "$COW" -ge $((160 * 1048576)) ]; then
+if [ "$FW" = uefi ]; then
+  note "the RAM the release gives back is measured on BIOS (live-iso-e2e, with its ballast)"
+elif [ -n "$COW" ] && [ -n "$M0" ] && [ -n "$M1" ] && [ "$COW" -ge $((160 * 1048576)) ]; then
   BACK=$(((M1 - M0) * 1024))
   [ "$BACK" -ge $((COW * 3 / 4)) ] && ok "the release gave back $((BACK / 1048576)) MiB of RAM (the overlay held $((COW / 1048576)) MiB)" \
     || fail "the release gave back only $((BACK / 1048576)) MiB of RAM; the overlay held $((COW / 1048576)) MiB"
@@ -260,8 +308,26 @@ grep -q "^UUID=$U / ext4 " /etc/fstab && ok "fstab mounts / by UUID=$U" || fail 
 G=/boot/grub/grub.cfg
 grep -q "root=UUID=$U" $G && ! grep -qE 'rd\.live|rd\.livemirror|livemirror\.' $G \
   && ok "$G boots root=UUID=$U without live options" || fail "$G: $(grep -E '^\s*linux' $G | head -n 2 | tr '\n' ';')"
-dd if=/dev/vda bs=512 count=1 2>/dev/null | grep -aq GRUB && [ -f /boot/grub/i386-pc/core.img ] \
-  && ok "GRUB is in vda's MBR, its modules in /boot/grub/i386-pc" || fail "no GRUB in vda's MBR"
+if [ "$FW" = bios ]; then
+  dd if=/dev/vda bs=512 count=1 2>/dev/null | grep -aq GRUB && [ -f /boot/grub/i386-pc/core.img ] \
+    && ok "GRUB is in vda's MBR, its modules in /boot/grub/i386-pc" || fail "no GRUB in vda's MBR"
+else
+  grep -q "^$ESPP /boot/efi vfat " /proc/mounts && ok "the installer mounted the ESP $ESPP on /boot/efi" \
+    || fail "/boot/efi is not $ESPP: $(grep /boot/efi /proc/mounts)"
+  EU=$(blkid -p -o value -s UUID "$ESPP")
+  grep -q "^UUID=$EU /boot/efi vfat " /etc/fstab && ok "fstab mounts /boot/efi by UUID=$EU" || fail "fstab: $(tr '\n' ';' < /etc/fstab)"
+  [ -s /boot/efi/EFI/BOOT/BOOTX64.EFI ] && [ -s /boot/efi/EFI/debian/grubx64.efi ] && [ -f /boot/grub/x86_64-efi/normal.mod ] \
+    && ok "GRUB for UEFI in EFI/debian/grubx64.efi and at EFI/BOOT/BOOTX64.EFI, its modules in /boot/grub/x86_64-efi" \
+    || fail "the ESP lacks GRUB: $(find /boot/efi -type f | tr '\n' ' ')"
+  B=$(efibootmgr -v 2>&1)
+  BN=$(echo "$B" | awk '/grubx64.efi/ && $2 == "debian" {sub(/^Boot/, "", $1); sub(/\*$/, "", $1); print $1; exit}')
+  if [ -n "$BN" ] && [ "$(echo "$B" | sed -n 's/^BootOrder: //p' | cut -d, -f1)" = "$BN" ]; then
+    ok "NVRAM: boot entry $BN \"debian\" for EFI/debian/grubx64.efi, first in BootOrder"
+  else
+    fail "NVRAM has no first boot entry for the installed GRUB: $(echo "$B" | tr '\n' ';')"
+  fi
+
+fi
 I=/boot/initrd.img-$(uname -r)
 lsinitrd "$I" > /run/lmtest/initrd.list 2>/dev/null
 N=$(grep -cE 'livemirror|dmsquash' /run/lmtest/initrd.list || true)
