@@ -31,7 +31,9 @@ set -euo pipefail
 NAME=live-uefi-e2e
 BIN=${LIVEMIRROR_BIN:-$LM_DIR/../../target/release/livemirror}
 TIMEOUT1=${LIVEMIRROR_VM_TIMEOUT:-1500}
+# shellcheck disable=SC2034 # read by lib.sh's lm_qemu
 LM_SMP=${LIVEMIRROR_VM_SMP:-1}   # one host core per QEMU
+# shellcheck disable=SC2034
 LM_MEM=${LIVEMIRROR_VM_MEM:-1024}
 VDA_MB=1280
 . "$LM_DIR/live/live-lib.sh"

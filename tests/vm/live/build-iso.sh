@@ -79,6 +79,7 @@ mv "$G/tmp/eltorito.img" "$I/boot/grub/i386-pc/eltorito.img"
 [ -d "$G/usr/lib/grub/x86_64-efi" ] || die "no GRUB for UEFI in the tree (grub-efi-amd64-bin)"
 mkdir -p "$I/boot/grub/x86_64-efi"
 cp "$G/usr/lib/grub/x86_64-efi/"*.mod "$G/usr/lib/grub/x86_64-efi/"*.lst "$I/boot/grub/x86_64-efi/"
+# shellcheck disable=SC2016 # ($root is GRUB's variable, expanded by GRUB)
 printf 'search --no-floppy --set=root --label %s\nset prefix=($root)/boot/grub\n' "$LABEL" > "$G/tmp/efi-early.cfg"
 chroot "$G" /usr/bin/grub-mkimage -O x86_64-efi -p /boot/grub -c /tmp/efi-early.cfg -o /tmp/bootx64.efi \
   iso9660 part_gpt part_msdos fat normal linux configfile search search_label echo test serial terminal \

@@ -57,6 +57,7 @@ live_prepare() {
   fi
   lm_unlock_cache
   TOKEN=$(cat "$ISO/token")
+  # shellcheck disable=SC2034 # (for the scenario that sourced this file)
   KVER=$(cat "$ISO/kver")
   local f
   for f in usr/sbin/livemirror usr/lib/livemirror/initrd.sh hooks/pre-mount/50-livemirror-pre-mount.sh \
@@ -154,6 +155,7 @@ live_boot_cd() {
   [ "$wrc" = 0 ] || lm_fail "the QMP watcher exited $wrc"
   BOOT_OK=1
   lm_judge "$log" || BOOT_OK=
+  # shellcheck disable=SC2034 # (for the scenario that sourced this file)
   grep -aq 'LMTEST DONE' "$log.txt" || BOOT_OK=
 }
 
