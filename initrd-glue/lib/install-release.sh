@@ -6,6 +6,9 @@
 # release_source SRC looks at what the daemon's source was and releases it by kind:
 #   - a device-mapper or loop device: the live medium's stack, taken apart from the top down
 #     (release_dev below): dracut's dmsquash-live and stacks built like it;
+#   - a regular file: livemirror's own live stack (rd.livemirror.overlay): the image the daemon
+#     served read-only, on the live medium's squashfs (a read-only loop device over a file on
+#     the CD); its overlay went with detach-source (release_image_source below);
 #   - a partition or disk (moving an installed system's root): nothing to take apart; the old
 #     device is closed and may be removed.
 # The daemon's `status --get source` names the source; nothing here assumes a device name.
@@ -136,6 +139,10 @@ cow_bytes() {
 # this file). Sets RELEASED (what went), EJECT_FOUND (a CD whose mount went) and says what it did.
 release_source() {
 	_rs_src=$1
+	if [ -f "$_rs_src" ]; then
+		release_image_source "$_rs_src"
+		return 0
+	fi
 	case $(kname "$_rs_src") in
 	dm-* | loop*) release_live_stack "$_rs_src" ;;
 	"") skip "nothing to release (the source $_rs_src is gone)" ;;
@@ -146,6 +153,51 @@ release_source() {
 		RELEASED=$_rs_src
 		;;
 	esac
+}
+
+# release_image_source FILE: the file system holding FILE is unmounted when the live medium
+# mounted it under /run (the squashfs on /run/initramfs/squashfs), and what it was mounted from
+# is released in turn (release_dev: its loop device, the CD's mount, the CD to eject).
+release_image_source() {
+	_ri_mnt=$(df -P "$1" 2>/dev/null | awk 'NR == 2 {print $6}')
+	_ri_dev=$(df -P "$1" 2>/dev/null | awk 'NR == 2 {print $1}')
+	case $_ri_mnt in
+	/run/?*) ;;
+	*)
+		did "kept $1's file system ${_ri_mnt:-?} mounted: not one the live medium mounted under /run"
+		RELEASED=$1
+		return 0
+		;;
+	esac
+	if ! umount "$_ri_mnt" 2>/dev/null; then
+		did "kept $_ri_mnt mounted (busy: $(fuser -m "$_ri_mnt" 2>/dev/null | tr -s ' ' || true))"
+		RELEASED=$1
+		return 0
+	fi
+	did "unmounted $_ri_mnt ($_ri_dev), which held the image livemirror served ($1)"
+	RELEASED="$RELEASED $_ri_mnt"
+	case $_ri_dev in
+	/dev/sr* | /dev/cdrom*) EJECT_FOUND=$_ri_dev ;;
+	/dev/*) release_dev "$_ri_dev" ;;
+	esac
+	# (the glue's link to the medium, which nothing reads once the medium is unmounted)
+	grep -q ' /run/initramfs/live ' /proc/mounts || rm -f /run/initramfs/livedev
+	return 0
+}
+
+# mem_came_back WHAT: says WHAT and how much MemAvailable grew since M0 (KiB), once the kernel has
+# freed the pages that went (it frees them as the last references go: give it a moment).
+mem_came_back() {
+	_mc1=$(mem_avail)
+	_mci=0
+	while [ $_mci -lt 20 ]; do
+		sleep 0.5 2>/dev/null || sleep 1
+		_mc2=$(mem_avail)
+		[ $((_mc2 - _mc1)) -lt 256 ] && break
+		_mc1=$_mc2
+		_mci=$((_mci + 1))
+	done
+	did "$1; MemAvailable: $((M0 / 1024)) MiB -> $((_mc1 / 1024)) MiB ($(((_mc1 - M0) / 1024)) MiB came back)"
 }
 
 # release_live_stack SRC: a dm snapshot and the loop devices, file systems and RAM under it.
@@ -160,17 +212,7 @@ release_live_stack() {
 	[ -n "$RELEASED" ] || die "could not release $1 (see above)"
 	# dmsquash-live's /dev/live-base link pointed at the released base loop device.
 	[ -L /dev/live-base ] && [ ! -e /dev/live-base ] && rm -f /dev/live-base
-	# The kernel frees the overlay's pages as the last references go; give it a moment.
-	M1=$(mem_avail)
-	i=0
-	while [ $i -lt 20 ]; do
-		sleep 0.5 2>/dev/null || sleep 1
-		M2=$(mem_avail)
-		[ $((M2 - M1)) -lt 256 ] && break
-		M1=$M2
-		i=$((i + 1))
-	done
-	did "MemAvailable: $((M0 / 1024)) MiB -> $((M1 / 1024)) MiB ($(((M1 - M0) / 1024)) MiB came back)"
+	mem_came_back "released the live medium's stack"
 }
 
 # eject_medium: ejects the CD the release unmounted (--eject-device: the one named).

@@ -1,15 +1,21 @@
 #!/bin/bash
 # vm-seconds: 650 (expected time on the CI machine, warm cache; run-all.sh starts the longest first)
-# Scenario live-uefi-e2e: the journey of live-iso-e2e on a UEFI machine, from the same hybrid ISO.
+# Scenario live-uefi-e2e: the journey of live-iso-e2e on a UEFI machine, from the same hybrid ISO,
+# on livemirror's own live stack (no device-mapper; live-iso-e2e keeps dmsquash-live's).
 #   host: the live tree and the ISO, shared with live-iso-e2e (tests/vm/live/live-lib.sh: one
 #     cached ISO, El Torito images for BIOS and for UEFI).
 #   boot 1: OVMF (Debian's ovmf package, a blank variable store) boots the CD through its UEFI
-#     El Torito image; the ISO's GRUB for UEFI starts root=live:CDLABEL=LMLIVE rd.live.image
-#     rd.livemirror; under a write load `livemirror-install --yes --wipe --json /dev/vda`: GPT
+#     El Torito image; the ISO's GRUB for UEFI starts its third entry, root=live:CDLABEL=LMLIVE
+#     rd.livemirror rd.livemirror.overlay with the initramfs built without dmsquash-live and
+#     device-mapper: livemirror serves LiveOS/rootfs.img from the squashfs read-only with its
+#     overlay in RAM; the guest checks that no dm module is loaded and no /dev/mapper device
+#     exists, fills the overlay to a small limit (writes refused, reads fine, / read-write, the
+#     75/90 % and refusal events, fstrim gives room back), then, under a write load `livemirror-install --yes --wipe --json /dev/vda`: GPT
 #     with an EFI system partition and the root, the copy, the release (CD ejected), the grow,
 #     fstab (/ and /boot/efi), the initramfs by dracut, GRUB for x86_64-efi in EFI/debian and at
 #     the removable-media path EFI/BOOT/BOOTX64.EFI, an NVRAM boot entry (OVMF's variables are
-#     writable); the installer's --json stream is kept on the disk; `systemctl poweroff`
+#     writable); the overlay deleted at detach-source and its RAM back (MemAvailable), the
+#     squashfs and the CD released; the installer's --json stream is kept on the disk; `systemctl poweroff`
 #     through dracut's shutdown.
 #   host: the CD was ejected (QMP), the shutdown detached livemirror; GPT with the ESP and the
 #     root; the ESP: fsck.vfat -n clean, BOOTX64.EFI and grubx64.efi in it (mtools); the root:
@@ -23,7 +29,7 @@
 #     fsck.vfat -n and e2fsck -fn again.
 # Usage: LIVEMIRROR_BIN=path/to/livemirror tests/vm/live-uefi-e2e.sh   (root: debootstrap, chroot)
 # Knobs: LIVEMIRROR_VM_TIMEOUT (boot 1 host timeout, default 1500 s), LIVEMIRROR_VM_LIVE_ENTRY
-#        (the ISO's GRUB entry boot 1 starts, default 0), LIVEMIRROR_VM_SMP (1), LIVEMIRROR_VM_MEM
+#        (the ISO's GRUB entry boot 1 starts, default 2: livemirror's own overlay), LIVEMIRROR_VM_SMP (1), LIVEMIRROR_VM_MEM
 #        (1024), LIVEMIRROR_VM_REBUILD=1, the lib.sh knobs.
 set -euo pipefail
 . "$(dirname "$0")/lib.sh"
@@ -37,6 +43,7 @@ LM_SMP=${LIVEMIRROR_VM_SMP:-1}   # one host core per QEMU
 LM_MEM=${LIVEMIRROR_VM_MEM:-1024}
 VDA_MB=1280
 . "$LM_DIR/live/live-lib.sh"
+LIVE_ENTRY=${LIVEMIRROR_VM_LIVE_ENTRY:-2}   # the ISO's GRUB entry for livemirror's own overlay
 
 [ -x "$BIN" ] || lm_die "no livemirror binary at $BIN (cargo build --release, or set LIVEMIRROR_BIN)"
 [ "$(id -u)" = 0 ] || lm_die "$NAME needs root (debootstrap, chroot)"
@@ -52,7 +59,7 @@ DISK=(-drive "file=$O/vda.img,if=virtio,format=raw")
 # ------------------------------------------------------------------ boot 1: the live session, the install
 lm_phase "boot 1: OVMF boots the CD (El Torito for UEFI), GRUB entry $LIVE_ENTRY, livemirror-install --json, poweroff"
 live_boot_cd "$O/boot1.log" "$TIMEOUT1" "${LM_OVMF[@]}" "${DISK[@]}"
-live_check_boot "$O/boot1.log" live
+live_check_boot "$O/boot1.log" ovl
 lm_phase_end
 lm_say "boot 1: livemirror-install took $(lm_marker "$O/boot1.log" install_secs)s"
 if [ -z "$BOOT_OK" ]; then

@@ -9,6 +9,8 @@
 #   ├── boot/grub/efi.img                        a FAT image holding EFI/BOOT/BOOTX64.EFI, GRUB
 #   │                                            for UEFI (its modules in boot/grub/x86_64-efi/)
 #   ├── boot/vmlinuz, boot/initrd.img            the kernel and dracut's live initramfs
+#   ├── boot/initrd-overlay.img                  the same without dmsquash-live and device-mapper
+#   │                                            (livemirror's own live stack)
 #   └── LiveOS/squashfs.img                      squashfs holding LiveOS/rootfs.img (ext4 root)
 #
 # In a copy of the tree: livemirror and initrd-glue/ installed from the Debian package, the
@@ -55,6 +57,10 @@ for u in serial-getty@ttyS0.service getty@tty1.service getty-static.service apt-
   ln -sf /dev/null "$G/etc/systemd/system/$u"
 done
 echo "base-marker $TOKEN" > "$G/etc/base-marker"
+# Data of the image itself for the overlay's fill check (live-e2e.sh): overwriting it in place
+# takes overlay space and no file-system metadata; text, so the squashfs holds it in a few KiB.
+mkdir -p "$G/var/lib/lmtest"
+yes lmtest-ballast-of-the-image | head -c 64M > "$G/var/lib/lmtest/ballast.bin"
 echo "lmlive" > "$G/etc/hostname"
 
 # The live initramfs, by the tree's own dracut (the configuration above adds dmsquash-live and
@@ -64,6 +70,16 @@ chroot "$G" /usr/bin/env PATH=/usr/sbin:/usr/bin:/sbin:/bin dracut --force "/boo
   > "$OUT/dracut.log" 2>&1 || { tail -n 30 "$OUT/dracut.log" >&2; die "dracut failed in the tree"; }
 chroot "$G" /usr/bin/lsinitrd "/boot/initrd.img-$KVER" > "$OUT/initrd.list" 2>/dev/null || true
 say "dracut took $(($(date +%s) - T)) s: $(du -k "$G/boot/initrd.img-$KVER" | cut -f1) KiB"
+# A second initramfs for livemirror's own live stack (rd.livemirror.overlay): the same dracut
+# without dmsquash-live and without device-mapper at all (the boot checks that no dm module is
+# loaded). The medium's vendor would ship one of the two; the test ships both.
+T=$(date +%s)
+chroot "$G" /usr/bin/env PATH=/usr/sbin:/usr/bin:/sbin:/bin dracut --force --omit "dmsquash-live dm lvm mdraid crypt multipath" \
+  --omit-drivers "dm_mod dm_snapshot dm_mirror dm_bufio" \
+  "/boot/initrd-overlay.img-$KVER" "$KVER" > "$OUT/dracut-overlay.log" 2>&1 \
+  || { tail -n 30 "$OUT/dracut-overlay.log" >&2; die "dracut (without device-mapper) failed in the tree"; }
+chroot "$G" /usr/bin/lsinitrd "/boot/initrd-overlay.img-$KVER" > "$OUT/initrd-overlay.list" 2>/dev/null || true
+say "dracut without device-mapper took $(($(date +%s) - T)) s: $(du -k "$G/boot/initrd-overlay.img-$KVER" | cut -f1) KiB"
 
 # The ISO's boot loader: GRUB's El Torito image for BIOS, made by the tree's own grub-mkimage.
 I=$W/iso
@@ -93,6 +109,7 @@ rm -f "$G/tmp/bootx64.efi" "$G/tmp/efi-early.cfg"
 sed "s/@LABEL@/$LABEL/g" "$HERE/grub.cfg" > "$I/boot/grub/grub.cfg"
 cp "$G/boot/vmlinuz-$KVER" "$I/boot/vmlinuz"
 cp "$G/boot/initrd.img-$KVER" "$I/boot/initrd.img"
+mv "$G/boot/initrd-overlay.img-$KVER" "$I/boot/initrd-overlay.img"
 cp "$I/boot/vmlinuz" "$OUT/vmlinuz"; cp "$I/boot/initrd.img" "$OUT/initrd.img"
 
 # LiveOS/rootfs.img: the tree as ext4, with room for what the live session writes before the

@@ -64,6 +64,13 @@ live_prepare() {
            hooks/shutdown/10-livemirror-shutdown.sh dmsquash-live-root /nbd.ko /sr_mod.ko /isofs.ko /squashfs.ko; do
     if grep -q "$f" "$ISO/initrd.list"; then lm_ok "the live initramfs (dracut) has $f"; else lm_fail "the live initramfs lacks $f"; fi
   done
+  # livemirror's own live stack: its initramfs has the glue's live mode and no device-mapper.
+  for f in usr/lib/livemirror/live.sh dracut-livemirror-generator /nbd.ko /squashfs.ko /isofs.ko; do
+    if grep -q "$f" "$ISO/initrd-overlay.list"; then lm_ok "the overlay initramfs has $f"; else lm_fail "the overlay initramfs lacks $f"; fi
+  done
+  for f in dmsquash-live-root /dm-mod.ko /dm-snapshot.ko bin/dmsetup; do
+    if grep -q "$f" "$ISO/initrd-overlay.list"; then lm_fail "the overlay initramfs has $f"; else lm_ok "the overlay initramfs has no $f"; fi
+  done
   # Both El Torito boot images: GRUB for BIOS, and the EFI system partition image with GRUB for UEFI.
   if xorriso -indev "$ISO/live.iso" -report_el_torito plain 2>/dev/null > "$O/eltorito.txt" &&
      grep -Eq 'El Torito boot img :.*BIOS' "$O/eltorito.txt" && grep -Eq 'El Torito boot img :.*UEFI' "$O/eltorito.txt"; then
