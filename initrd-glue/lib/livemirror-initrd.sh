@@ -208,11 +208,9 @@ lm_start() {
 	ln -sf livemirror "$LM_BIN_DIR/@livemirror"
 	echo "$LM_DOOR" >"$LM_RUN/kernel"
 	echo "$LM_SOURCE" >"$LM_RUN/source"
+	# (the overlay is not recorded under $LM_RUN: in RAM it is $LM_RUN/overlay itself; status names it)
 	_lm_limit=
-	if [ -n "$LM_OVERLAY" ]; then
-		echo "$LM_OVERLAY" >"$LM_RUN/overlay"
-		_lm_limit=$(lm_overlay_limit)
-	fi
+	[ -z "$LM_OVERLAY" ] || _lm_limit=$(lm_overlay_limit)
 	# shellcheck disable=SC2086
 	set -- serve --source "$LM_SOURCE" $_lm_door_args --control "$LM_CONTROL" \
 		--listen "unix:$LM_SOCKET" ${LM_STATE:+--state "$LM_STATE"} \
