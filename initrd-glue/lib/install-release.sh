@@ -180,6 +180,10 @@ release_image_source() {
 	/dev/sr* | /dev/cdrom*) EJECT_FOUND=$_ri_dev ;;
 	/dev/*) release_dev "$_ri_dev" ;;
 	esac
+	# The overlay's own tmpfs (livemirror.overlay=ram), empty since detach-source deleted the file.
+	if [ -d /run/livemirror/ram ] && [ -z "$(ls -A /run/livemirror/ram 2>/dev/null)" ] && umount /run/livemirror/ram 2>/dev/null; then
+		did "unmounted the overlay's tmpfs /run/livemirror/ram"
+	fi
 	# (the glue's link to the medium, which nothing reads once the medium is unmounted)
 	grep -q ' /run/initramfs/live ' /proc/mounts || rm -f /run/initramfs/livedev
 	return 0

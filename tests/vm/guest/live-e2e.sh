@@ -141,9 +141,9 @@ overlay_fill_check() {
     || fail "the ballast's last $_rest MiB changed"
   # The events: 75 % and 90 % crossed, and the refusal (at most one a second).
   _i=0
-  while ! grep -q "overlay /run/livemirror/overlay is full: " /run/livemirror/log && [ $_i -lt 50 ]; do _i=$((_i + 1)); sleep 0.1; done
+  while ! grep -q "overlay /run/livemirror/ram/overlay is full: " /run/livemirror/log && [ $_i -lt 50 ]; do _i=$((_i + 1)); sleep 0.1; done
   for _e in "is 75% full" "is 90% full" "is full: "; do
-    _l=$(grep -a "overlay /run/livemirror/overlay $_e" /run/livemirror/log | tail -n 1)
+    _l=$(grep -a "overlay /run/livemirror/ram/overlay $_e" /run/livemirror/log | tail -n 1)
     [ -n "$_l" ] && ok "event: ${_l#*overlay }" || fail "no '$_e' event in the daemon's log"
   done
   # Room back: a file deleted, fstrim; the rest of the write then fits.
@@ -263,7 +263,7 @@ if [ "$MODE" = ovl ]; then
   [ "$(jget state "$J")" = serving ] && [ "$(jget source "$J")" = "$IMG" ] \
     && ok "status: serving $IMG, export $(jget export_size "$J") bytes" || fail "status: $J"
   OVP=$(ovget path)
-  [ "$OVP" = /run/livemirror/overlay ] && [ -f "$OVP" ] \
+  [ "$OVP" = /run/livemirror/ram/overlay ] && [ -f "$OVP" ] \
     && ok "status: overlay $OVP in RAM, $(ovget bytes_used) bytes used of $(ovget bytes_limit)" || fail "status: overlay '$OVP': $J"
   # Debian's systemd loads dm_mod by itself once it runs from the root (modprobe@dm_mod.service,
   # on every boot, whatever the storage; without dm in the kernel it fails quietly): what counts
@@ -422,7 +422,7 @@ else
     *) fail "vda's partition table: $PT" ;; esac
 fi
 if [ "$MODE" = ovl ]; then
-  [ -e /run/livemirror/overlay ] && fail "the overlay file /run/livemirror/overlay is still there" || ok "the overlay file is deleted"
+  [ -e /run/livemirror/ram/overlay ] && fail "the overlay file /run/livemirror/ram/overlay is still there" || ok "the overlay file is deleted"
   [ "$(ovget path)" = null ] && ok "status: no overlay" || fail "status still has an overlay: $(lmstatus)"
   grep -q "unmounted /run/initramfs/squashfs (/dev/loop" /run/lmtest/install.out \
     && ok "the installer unmounted the squashfs that held the image" || fail "the installer did not say it unmounted the squashfs"
