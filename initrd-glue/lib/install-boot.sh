@@ -134,7 +134,7 @@ installed_cmdline() {
 	for _a in $(cat /proc/cmdline); do
 		case $_a in
 		BOOT_IMAGE=* | initrd=* | root=* | rootfstype=* | rootflags=* | ro | rw | rd.live.* | liveimg | \
-			live_dir=* | rd.writable.fsimg* | rd.livemirror | rd.livemirror=* | livemirror.* | iso-scan/* | \
+			live_dir=* | rd.writable.fsimg* | rd.livemirror | rd.livemirror=* | rd.livemirror.* | livemirror.* | iso-scan/* | \
 			findiso=* | boot=live | rd.luks* | rd.lvm* | rd.md* | rd.dm* | systemd.machine_id=*) ;;
 		*) printf '%s ' "$_a" ;;
 		esac
@@ -262,10 +262,10 @@ grub_settings() {
 	rm -f /etc/default/grub.d/90-livemirror-install.cfg # (older versions' name)
 	for _f in /etc/default/grub /etc/default/grub.d/*.cfg; do
 		if [ ! -f "$_f" ] || [ "${_f##*/}" = zz-livemirror-install.cfg ]; then continue; fi
-		grep -Eq '^[^#]*(rd\.livemirror|livemirror\.[a-z_]+=)' "$_f" || continue
+		grep -Eq '^[^#]*(rd\.livemirror|livemirror\.[a-z_-]+=)' "$_f" || continue
 		sed -i -E '/^[[:space:]]*#/! {
-			s/[[:space:]]*rd\.livemirror(=[^[:space:]"'"'"']*)?([[:space:]"'"'"']|$)/\2/g
-			s/[[:space:]]*livemirror\.[a-z_]+=[^[:space:]"'"'"']*//g
+			s/[[:space:]]*rd\.livemirror(\.[a-z_-]+)?(=[^[:space:]"'"'"']*)?([[:space:]"'"'"']|$)/\3/g
+			s/[[:space:]]*livemirror\.[a-z_-]+=[^[:space:]"'"'"']*//g
 		}' "$_f" || die "cannot edit $_f"
 		did "removed livemirror's boot options from $_f: the installed system boots without them"
 	done
