@@ -6,9 +6,9 @@
 #   host: a Debian root (debootstrap bookworm minbase + systemd, initramfs-tools, busybox,
 #     dmsetup, fdisk, dosfstools, then GRUB for BIOS, systemd-boot, efibootmgr; cached), a copy
 #     of it gets the rig's kernel (vmlinuz in /boot, the modules its initramfs needs),
-#     livemirror and the glue (the Debian package, dpkg -i), plus a TEST-ONLY hook that builds the live stack (read-only disk + RAM overlay -> dm snapshot
-#     /dev/mapper/live-rw) in place of dracut's dmsquash-live; the real mkinitramfs runs in the
-#     chroot for the rig's kernel.
+#     livemirror and the glue (the Debian package, dpkg -i), plus a TEST-ONLY hook that builds
+#     the live stack (read-only disk + RAM overlay -> dm snapshot /dev/mapper/live-rw) in place
+#     of dracut's dmsquash-live; the real mkinitramfs runs in the chroot for the rig's kernel.
 #   boot 1 (-kernel): that initramfs: lmtest-live builds live-rw, the glue starts @livemirror on
 #     it and mounts /dev/nbd0 as root; systemd boots; a service runs `livemirror-install
 #     --partition-table gpt /dev/vdb` under a write load (GPT with a BIOS boot partition, the
