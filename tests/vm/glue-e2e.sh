@@ -6,9 +6,9 @@
 #   host: a Debian root (debootstrap bookworm minbase + systemd, initramfs-tools, busybox,
 #     dmsetup, fdisk, dosfstools, then GRUB for BIOS, systemd-boot, efibootmgr; cached), a copy
 #     of it gets the rig's kernel (vmlinuz in /boot, the modules its initramfs needs),
-#     livemirror and the glue (the Debian package, dpkg -i), plus a TEST-ONLY hook that builds the live stack (read-only disk + RAM overlay -> dm snapshot
-#     /dev/mapper/live-rw) in place of dracut's dmsquash-live; the real mkinitramfs runs in the
-#     chroot for the rig's kernel.
+#     livemirror and the glue (the Debian package, dpkg -i), plus a TEST-ONLY hook that builds
+#     the live stack (read-only disk + RAM overlay -> dm snapshot /dev/mapper/live-rw) in place
+#     of dracut's dmsquash-live; the real mkinitramfs runs in the chroot for the rig's kernel.
 #   boot 1 (-kernel): that initramfs: lmtest-live builds live-rw, the glue starts @livemirror on
 #     it and mounts /dev/nbd0 as root; systemd boots; a service runs `livemirror-install
 #     --partition-table gpt /dev/vdb` under a write load (GPT with a BIOS boot partition, the
@@ -72,6 +72,10 @@ KEEPAPI=${LIVEMIRROR_VM_KEEPAPI:-0}
 GLUE=$LM_DIR/../../initrd-glue
 # vda: the live image; vdb: disk A, the first install's target; vdc: disk B, the move's target.
 VDA_MB=320 VDB_MB=512 VDC_MB=1024
+# (over ublk the root cannot grow before the first boot: step 11's initramfs and GRUB, and the
+# write load that runs through the whole install, need room on the live image's file system as
+# it is; 320 MiB left them under 100 MiB, which a fast write load filled)
+[ "$GDOOR" = ublk ] && VDA_MB=448
 # The Debian root of these scenarios: what the installer runs on BIOS and UEFI besides the glue.
 GLUE_INCLUDE="$LM_ROOTFS_PKGS,fdisk,dosfstools"
 GLUE_APT="grub-pc systemd-boot efibootmgr"
