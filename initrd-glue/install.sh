@@ -10,7 +10,8 @@ Usage: install.sh [--root DIR] [--initramfs-tools] [--dracut] [--bin PATH]
 
 Installs, below DIR (default /):
   /usr/lib/livemirror/initrd.sh, /usr/lib/livemirror/shutdown   shared glue code
-  /usr/sbin/livemirror-install                                    the rebootless installer
+  /usr/sbin/livemirror-install                                    the rebootless installer,
+  /usr/lib/livemirror/install-{common,disk,release,boot}.sh       and its parts
   with --initramfs-tools (the default when DIR has /usr/share/initramfs-tools):
     /etc/initramfs-tools/hooks/livemirror
     /etc/initramfs-tools/scripts/local-top/livemirror
@@ -65,6 +66,9 @@ inst() { # inst MODE SRC DEST
 inst 0644 "$HERE/lib/livemirror-initrd.sh" /usr/lib/livemirror/initrd.sh
 inst 0755 "$HERE/lib/shutdown" /usr/lib/livemirror/shutdown
 inst 0755 "$HERE/livemirror-install" /usr/sbin/livemirror-install
+for f in common disk release boot; do
+	inst 0644 "$HERE/lib/install-$f.sh" "/usr/lib/livemirror/install-$f.sh"
+done
 if [ -n "$BIN" ]; then
 	mkdir -p "$ROOT/usr/sbin"
 	if command -v strip >/dev/null 2>&1; then

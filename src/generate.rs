@@ -1,6 +1,7 @@
 //! `livemirror generate`: man pages and shell completions built from the clap
-//! definition itself, so they can never disagree with `--help`. Hidden: it is
-//! for packaging (initrd-glue/install.sh), not for day-to-day use.
+//! definition itself, so they can never disagree with `--help`, and JSON lines
+//! for the glue's shell scripts. Hidden: it is for packaging
+//! (initrd-glue/install.sh) and scripts, not for day-to-day use.
 
 use std::path::{Path, PathBuf};
 
@@ -31,6 +32,14 @@ enum What {
         #[arg(long, value_name = "DIR")]
         dir: Option<PathBuf>,
     },
+    /// One JSON object on one line from KEY=TEXT (a string, escaped here) and KEY:=JSON (a
+    /// value inserted as it is, which must parse), in the order given: for shell scripts that
+    /// print JSON (livemirror-install --json).
+    Json {
+        /// KEY=TEXT or KEY:=JSON.
+        #[arg(value_name = "PAIR", allow_hyphen_values = true)]
+        pairs: Vec<String>,
+    },
 }
 
 pub(crate) fn run(a: GenerateArgs) -> u8 {
@@ -41,6 +50,7 @@ pub(crate) fn run(a: GenerateArgs) -> u8 {
             }
         }),
         What::Completions { shell, dir } => completions(shell, dir.as_deref()),
+        What::Json { pairs } => crate::jsonline::object(&pairs).map(|line| println!("{line}")),
     };
     match res {
         Ok(()) => 0,

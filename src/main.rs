@@ -9,6 +9,7 @@ mod demo;
 mod devices;
 mod flush;
 mod generate;
+mod jsonline;
 mod metrics;
 mod notify;
 mod rootd;

@@ -187,7 +187,10 @@ fn cmdline_page_names_exactly_the_options_the_glue_reads() {
     let word = |t: &str| -> BTreeSet<String> {
         plain(t)
             .split(|c: char| !(c.is_ascii_alphanumeric() || c == '.'))
-            .filter(|w| *w == "rd.livemirror" || (w.starts_with("livemirror.") && w.len() > "livemirror.".len()))
+            .filter(|w| {
+                let key = |prefix: &str| w.starts_with(prefix) && w.len() > prefix.len();
+                *w == "rd.livemirror" || key("rd.livemirror.") || key("livemirror.")
+            })
             .map(str::to_string)
             .collect()
     };

@@ -64,7 +64,7 @@ lm_prepare || exit 1
 if [ -z "$TREE" ]; then
   lm_phase "prepare: the package tree (the live tree of live-iso-e2e; cached)"
   lm_lock_cache
-  lm_fetch_rootfs "live-$LM_SUITE" "$LM_LIVE_INCLUDE" "$LM_LIVE_APT" || { lm_unlock_cache; lm_die "cannot build the live tree (see above), or give --tree DIR"; }
+  lm_fetch_rootfs "live-hybrid-$LM_SUITE" "$LM_LIVE_INCLUDE" "$LM_LIVE_APT" || { lm_unlock_cache; lm_die "cannot build the live tree (see above), or give --tree DIR"; }
   lm_unlock_cache
   TREE=$LM_ROOTFS
   lm_phase_end

@@ -29,7 +29,7 @@
 #        rd.livemirror.overlay        dracut: serve the live medium's image (root=live:...) with
 #                                     livemirror's own overlay in RAM, without device-mapper
 #        livemirror.overlay=PATH|ram|none  serve livemirror.source read-only with its writes in a
-#                                     copy-on-write overlay file (ram: /run/livemirror/overlay)
+#                                     copy-on-write overlay file (ram: /run/livemirror/ram/overlay)
 #        livemirror.overlay-limit=SIZE|N%  the most the overlay may hold (50% of the RAM)
 
 # /run/livemirror (a directory on /run, which moves into the real root and is never unmounted)
@@ -38,6 +38,8 @@
 # /run/livemirror/bin, a small tmpfs of its own (the initramfs mounts /run noexec).
 LM_RUN=/run/livemirror
 LM_BIN_DIR=$LM_RUN/bin
+# livemirror.overlay=ram: the overlay file, on a tmpfs of its own (lm_start says why).
+LM_RAM_DIR=$LM_RUN/ram
 LM_CONTROL=$LM_RUN/control.sock
 LM_SOCKET=$LM_RUN/nbd.sock
 
@@ -96,7 +98,7 @@ lm_config() {
 	LM_OVERLAY=$(lm_cmdline livemirror.overlay) || LM_OVERLAY=$LIVEMIRROR_OVERLAY
 	[ "$LM_LIVE" = 0 ] || [ -n "$LM_OVERLAY" ] || LM_OVERLAY=ram
 	case $LM_OVERLAY in
-	ram | 1 | y | yes | on | true) LM_OVERLAY=$LM_RUN/overlay ;;
+	ram | 1 | y | yes | on | true) LM_OVERLAY=$LM_RAM_DIR/overlay ;;
 	none | 0 | n | no | off | false) LM_OVERLAY= ;;
 	esac
 	LM_OVERLAY_LIMIT=$(lm_cmdline livemirror.overlay-limit) || LM_OVERLAY_LIMIT=$LIVEMIRROR_OVERLAY_LIMIT
@@ -209,9 +211,15 @@ lm_start() {
 	echo "$LM_DOOR" >"$LM_RUN/kernel"
 	echo "$LM_SOURCE" >"$LM_RUN/source"
 	_lm_limit=
-	if [ -n "$LM_OVERLAY" ]; then
-		echo "$LM_OVERLAY" >"$LM_RUN/overlay"
-		_lm_limit=$(lm_overlay_limit)
+	[ -z "$LM_OVERLAY" ] || _lm_limit=$(lm_overlay_limit)
+	if [ "${LM_OVERLAY%/*}" = "$LM_RAM_DIR" ] && ! lm_is_mounted "$LM_RAM_DIR"; then
+		# The overlay in RAM gets a tmpfs of its own, as large as the RAM (a tmpfs takes memory
+		# only for what it holds): /run is a fifth of the RAM, shared with the whole system,
+		# and an overlay that filled it would fail below --overlay-limit and starve systemd.
+		mkdir -p "$LM_RAM_DIR"
+		_lm_kib=$(awk '/^MemTotal:/ {print $2}' /proc/meminfo 2>/dev/null)
+		mount -t tmpfs -o "mode=0700,nosuid,nodev,noexec,size=${_lm_kib:-1048576}k" livemirror-overlay "$LM_RAM_DIR" ||
+			{ lm_say "cannot mount a tmpfs on $LM_RAM_DIR for the overlay"; return 1; }
 	fi
 	# shellcheck disable=SC2086
 	set -- serve --source "$LM_SOURCE" $_lm_door_args --control "$LM_CONTROL" \

@@ -262,8 +262,8 @@ LM_SUITE=${LIVEMIRROR_VM_SUITE:-bookworm}
 LM_ROOTFS_PKGS="systemd-sysv,udev,initramfs-tools,busybox,dmsetup,e2fsprogs,kmod"
 # The live tree (live-iso-e2e's medium; benches/guest/live-stack.sh extracts it): debootstrap's
 # part, then what apt installs into it. One definition, so both find the same cached tree.
-LM_LIVE_INCLUDE="systemd-sysv,udev,busybox,dmsetup,e2fsprogs,kmod,fdisk,eject"
-LM_LIVE_APT="dracut dracut-live linux-image-cloud-amd64 grub-pc"
+LM_LIVE_INCLUDE="systemd-sysv,udev,busybox,dmsetup,e2fsprogs,kmod,fdisk,eject,dosfstools"
+LM_LIVE_APT="dracut dracut-live linux-image-cloud-amd64 grub-pc grub-efi-amd64-bin efibootmgr zstd"
 lm_fetch_rootfs() {
   local name=${1:-$LM_SUITE} include=${2:-$LM_ROOTFS_PKGS} aptpkgs=${3:-}
   local dir=$LM_CACHE/rootfs-$name key mirror=${LIVEMIRROR_VM_MIRROR:-http://deb.debian.org/debian} t rc
@@ -633,4 +633,21 @@ lm_install_deb() {
     dpkg -i "/tmp/$name" && rc=0 || rc=$?
   rm -f "$tree/tmp/$name"
   return "$rc"
+}
+
+# ------------------------------------------------------------------------- UEFI firmware
+# lm_ovmf VARS: QEMU's arguments for a UEFI machine in LM_OVMF (array): OVMF from Debian's ovmf
+# package (read-only code) and VARS, a writable copy of its blank variable store, made fresh
+# when VARS does not exist (delete it for a machine that has never stored a boot entry). The
+# default machine type (i440fx) is kept: its IDE CD drive is what the Debian cloud kernel drives.
+LM_OVMF_CODE=${LIVEMIRROR_VM_OVMF_CODE:-/usr/share/OVMF/OVMF_CODE_4M.fd}
+LM_OVMF_VARS=${LIVEMIRROR_VM_OVMF_VARS:-/usr/share/OVMF/OVMF_VARS_4M.fd}
+lm_ovmf() {
+  if [ ! -r "$LM_OVMF_CODE" ] || [ ! -r "$LM_OVMF_VARS" ]; then
+    echo "livemirror VM rig: no UEFI firmware ($LM_OVMF_CODE, $LM_OVMF_VARS); install it with:" >&2
+    echo "  apt-get install -y --no-install-recommends ovmf" >&2
+    return 1
+  fi
+  [ -f "$1" ] || cp "$LM_OVMF_VARS" "$1"
+  LM_OVMF=(-drive "if=pflash,format=raw,unit=0,readonly=on,file=$LM_OVMF_CODE" -drive "if=pflash,format=raw,unit=1,file=$1")
 }

@@ -89,6 +89,7 @@ dpkg-deb -c "$NEW" | awk '$1 !~ /^d/ {print $1, $2, $6}' | sort -k3 > "$O/files.
   echo ./usr/sbin/livemirror-install
   echo ./usr/lib/livemirror/initrd.sh
   echo ./usr/lib/livemirror/shutdown
+  for f in "$REPO"/initrd-glue/lib/install-*.sh; do echo "./usr/lib/livemirror/$(basename "$f")"; done
   echo ./usr/share/initramfs-tools/hooks/livemirror
   echo ./usr/share/initramfs-tools/scripts/local-top/livemirror
   echo ./usr/share/initramfs-tools/scripts/init-bottom/livemirror

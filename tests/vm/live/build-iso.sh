@@ -2,9 +2,15 @@
 # Builds the live ISO of tests/vm/live-iso-e2e.sh the way Fedora-style live media are made, from
 # a Debian tree (lm_fetch_rootfs: debootstrap + kernel, systemd, dracut, dracut-live, grub-pc):
 #
-#   live.iso (ISO9660, volume label LABEL, El Torito boot with GRUB for BIOS)
-#   ├── boot/grub/grub.cfg, boot/grub/i386-pc/   the ISO's boot loader (tests/vm/live/grub.cfg)
+#   live.iso (ISO9660, volume label LABEL; El Torito boot images for BIOS and for UEFI, so the
+#   │         same ISO boots as a CD on both kinds of firmware)
+#   ├── boot/grub/grub.cfg                       the ISO's boot menu (tests/vm/live/grub.cfg)
+#   ├── boot/grub/i386-pc/eltorito.img           GRUB for BIOS (and its modules beside it)
+#   ├── boot/grub/efi.img                        a FAT image holding EFI/BOOT/BOOTX64.EFI, GRUB
+#   │                                            for UEFI (its modules in boot/grub/x86_64-efi/)
 #   ├── boot/vmlinuz, boot/initrd.img            the kernel and dracut's live initramfs
+#   ├── boot/initrd-overlay.img                  the same without dmsquash-live and device-mapper
+#   │                                            (livemirror's own live stack)
 #   └── LiveOS/squashfs.img                      squashfs holding LiveOS/rootfs.img (ext4 root)
 #
 # In a copy of the tree: livemirror and initrd-glue/ installed from the Debian package, the
@@ -23,7 +29,7 @@ VM=$(cd "$HERE/.." && pwd)
 . "$VM/lib.sh"
 say() { echo "build-iso: $*"; }
 die() { echo "build-iso: ERROR: $*" >&2; exit 1; }
-for t in mksquashfs:squashfs-tools xorriso:xorriso mke2fs:e2fsprogs; do
+for t in mksquashfs:squashfs-tools xorriso:xorriso mke2fs:e2fsprogs mkfs.vfat:dosfstools mcopy:mtools mmd:mtools; do
   command -v "${t%%:*}" >/dev/null 2>&1 || die "${t%%:*} is missing; install it with: apt-get install -y --no-install-recommends ${t#*:}"
 done
 
@@ -38,6 +44,7 @@ echo "$KVER" > "$OUT/kver"
 # livemirror and the glue: the Debian package, installed by the tree's own dpkg.
 lm_install_deb "$G" "$DEB" > "$OUT/glue-install.log" 2>&1 || { cat "$OUT/glue-install.log" >&2; die "installing $DEB failed"; }
 install -m644 "$HERE/dracut-live-medium.conf" "$G/etc/dracut.conf.d/90-live-medium.conf"
+install -m644 "$HERE/dracut-test-speed.conf" "$G/etc/dracut.conf.d/80-test-speed.conf"
 
 # The test's guest side, quiet consoles, no timers that would run during the test.
 mkdir -p "$G/lmtest"
@@ -50,6 +57,10 @@ for u in serial-getty@ttyS0.service getty@tty1.service getty-static.service apt-
   ln -sf /dev/null "$G/etc/systemd/system/$u"
 done
 echo "base-marker $TOKEN" > "$G/etc/base-marker"
+# Data of the image itself for the overlay's fill check (live-e2e.sh): overwriting it in place
+# takes overlay space and no file-system metadata; text, so the squashfs holds it in a few KiB.
+mkdir -p "$G/var/lib/lmtest"
+(yes lmtest-ballast-of-the-image || true) | head -c 64M > "$G/var/lib/lmtest/ballast.bin" # (yes ends by SIGPIPE)
 echo "lmlive" > "$G/etc/hostname"
 
 # The live initramfs, by the tree's own dracut (the configuration above adds dmsquash-live and
@@ -59,6 +70,16 @@ chroot "$G" /usr/bin/env PATH=/usr/sbin:/usr/bin:/sbin:/bin dracut --force "/boo
   > "$OUT/dracut.log" 2>&1 || { tail -n 30 "$OUT/dracut.log" >&2; die "dracut failed in the tree"; }
 chroot "$G" /usr/bin/lsinitrd "/boot/initrd.img-$KVER" > "$OUT/initrd.list" 2>/dev/null || true
 say "dracut took $(($(date +%s) - T)) s: $(du -k "$G/boot/initrd.img-$KVER" | cut -f1) KiB"
+# A second initramfs for livemirror's own live stack (rd.livemirror.overlay): the same dracut
+# without dmsquash-live and without device-mapper at all (the boot checks that no dm module is
+# loaded). The medium's vendor would ship one of the two; the test ships both.
+T=$(date +%s)
+chroot "$G" /usr/bin/env PATH=/usr/sbin:/usr/bin:/sbin:/bin dracut --force --omit "dmsquash-live dm lvm mdraid crypt multipath" \
+  --omit-drivers "dm_mod dm_snapshot dm_mirror dm_bufio" \
+  "/boot/initrd-overlay.img-$KVER" "$KVER" > "$OUT/dracut-overlay.log" 2>&1 \
+  || { tail -n 30 "$OUT/dracut-overlay.log" >&2; die "dracut (without device-mapper) failed in the tree"; }
+chroot "$G" /usr/bin/lsinitrd "/boot/initrd-overlay.img-$KVER" > "$OUT/initrd-overlay.list" 2>/dev/null || true
+say "dracut without device-mapper took $(($(date +%s) - T)) s: $(du -k "$G/boot/initrd-overlay.img-$KVER" | cut -f1) KiB"
 
 # The ISO's boot loader: GRUB's El Torito image for BIOS, made by the tree's own grub-mkimage.
 I=$W/iso
@@ -68,9 +89,27 @@ chroot "$G" /usr/bin/grub-mkimage -O i386-pc-eltorito -p /boot/grub -o /tmp/elto
   biosdisk iso9660 part_msdos normal linux configfile search search_label echo test serial terminal \
   || die "grub-mkimage failed"
 mv "$G/tmp/eltorito.img" "$I/boot/grub/i386-pc/eltorito.img"
+# GRUB for UEFI: its image finds the ISO by its label (a firmware starts it from the El Torito
+# FAT image, not from the ISO9660 file system) and loads the same grub.cfg; the firmware reads it
+# from EFI/BOOT/BOOTX64.EFI in a small FAT image, the El Torito entry for UEFI.
+[ -d "$G/usr/lib/grub/x86_64-efi" ] || die "no GRUB for UEFI in the tree (grub-efi-amd64-bin)"
+mkdir -p "$I/boot/grub/x86_64-efi"
+cp "$G/usr/lib/grub/x86_64-efi/"*.mod "$G/usr/lib/grub/x86_64-efi/"*.lst "$I/boot/grub/x86_64-efi/"
+# shellcheck disable=SC2016 # ($root is GRUB's variable, expanded by GRUB)
+printf 'search --no-floppy --set=root --label %s\nset prefix=($root)/boot/grub\n' "$LABEL" > "$G/tmp/efi-early.cfg"
+chroot "$G" /usr/bin/grub-mkimage -O x86_64-efi -p /boot/grub -c /tmp/efi-early.cfg -o /tmp/bootx64.efi \
+  iso9660 part_gpt part_msdos fat normal linux configfile search search_label echo test serial terminal \
+  efi_gop all_video smbios regexp \
+  || die "grub-mkimage -O x86_64-efi failed"
+rm -f "$I/boot/grub/efi.img"
+mkfs.vfat -C -n LMEFI "$I/boot/grub/efi.img" 4096 >/dev/null || die "mkfs.vfat of the EFI image failed"
+mmd -i "$I/boot/grub/efi.img" ::/EFI ::/EFI/BOOT && mcopy -i "$I/boot/grub/efi.img" "$G/tmp/bootx64.efi" ::/EFI/BOOT/BOOTX64.EFI \
+  || die "mtools could not fill the EFI image"
+rm -f "$G/tmp/bootx64.efi" "$G/tmp/efi-early.cfg"
 sed "s/@LABEL@/$LABEL/g" "$HERE/grub.cfg" > "$I/boot/grub/grub.cfg"
 cp "$G/boot/vmlinuz-$KVER" "$I/boot/vmlinuz"
 cp "$G/boot/initrd.img-$KVER" "$I/boot/initrd.img"
+mv "$G/boot/initrd-overlay.img-$KVER" "$I/boot/initrd-overlay.img"
 cp "$I/boot/vmlinuz" "$OUT/vmlinuz"; cp "$I/boot/initrd.img" "$OUT/initrd.img"
 
 # LiveOS/rootfs.img: the tree as ext4, with room for what the live session writes before the
@@ -90,6 +129,7 @@ rm -rf "$W/sq"
 
 xorriso -as mkisofs -o "$OUT/live.iso.tmp" -V "$LABEL" -R -J \
   -b boot/grub/i386-pc/eltorito.img -c boot/grub/boot.cat -no-emul-boot -boot-load-size 4 -boot-info-table \
+  -eltorito-alt-boot -e boot/grub/efi.img -no-emul-boot \
   "$I" > "$OUT/xorriso.log" 2>&1 || { cat "$OUT/xorriso.log" >&2; die "xorriso failed"; }
 mv "$OUT/live.iso.tmp" "$OUT/live.iso"
 rm -rf "$W"
