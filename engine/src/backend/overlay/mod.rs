@@ -583,7 +583,9 @@ impl Drop for OverlayDevice {
     fn drop(&mut self) {
         self.deliver_notices(true);
         if self.retired.load(Ordering::SeqCst) {
-            match std::fs::remove_file(&self.path) {
+            // By its name as the system sees it now: a root storage daemon's
+            // own root was emptied at switch_root (`/run` moved on).
+            match std::fs::remove_file(crate::hostfs::locate(&self.path, None)) {
                 Ok(()) => tracing::info!("removed the overlay {} (the source was detached)", self.path.display()),
                 Err(e) => tracing::warn!("cannot remove the overlay {}: {e}", self.path.display()),
             }
