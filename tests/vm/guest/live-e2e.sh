@@ -89,6 +89,26 @@ ballast_part() { dd if=/var/lib/lmtest/ballast.bin bs=1M skip="$1" count="$2" if
 # limit must not need new room (a refused journal write would make ext4 remount read-only, as
 # a full disk under any journal would).
 overlay_fill_check() {
+  # First a daemon killed mid-session: the supervisor's next one takes the same overlay back
+  # (its own root was emptied at switch_root: the file is found through PID 1's root).
+  dd if=/dev/urandom of=/var/lib/lmtest/before-kill.bin bs=64k count=16 conv=fsync 2>/dev/null || fail "writing before-kill.bin"
+  _sum=$(sha256sum < /var/lib/lmtest/before-kill.bin)
+  _u0=$(ovget bytes_used) _sup=$(cat /run/livemirror/pid) _old=$CHILD
+  kill -9 "$_old" || fail "kill -9 $_old"
+  _i=0
+  while :; do
+    _i=$((_i + 1)); [ $_i -gt 600 ] && fail "no new daemon 60 s after kill -9 of $_old: $(tail -n 5 /run/livemirror/log | tr '\n' ' ')"
+    _new=$(daemon_child "$_sup")
+    [ -n "$_new" ] && [ "$_new" != "$_old" ] && "$LM" status --control "$LM_CTL" >/dev/null 2>&1 && break
+    sleep 0.1
+  done
+  CHILD=$_new
+  [ "$(ovget path)" = /run/livemirror/ram/overlay ] && [ "$(ovget bytes_used)" -ge "$_u0" ] \
+    && ok "kill -9 of the daemon: the supervisor's new one (pid $_new) serves the same overlay ($(ovget bytes_used) bytes used)" \
+    || fail "after kill -9 the overlay is $(ovget path), $(ovget bytes_used) bytes (was $_u0): $(lmstatus)"
+  echo 3 > /proc/sys/vm/drop_caches
+  [ "$(sha256sum < /var/lib/lmtest/before-kill.bin)" = "$_sum" ] && ok "a file written before the kill reads back" \
+    || fail "before-kill.bin changed across the kill"
   B=/var/lib/lmtest/ballast.bin
   [ "$(stat -c %s $B)" = $((64 << 20)) ] || fail "no 64 MiB ballast file in the image"
   ORIG=$(yes lmtest-ballast-of-the-image | head -c 67108864 | sha256sum | cut -d' ' -f1)

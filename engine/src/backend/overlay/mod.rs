@@ -119,7 +119,9 @@ impl OverlayDevice {
                 .create(true)
                 .truncate(false)
                 .mode(0o600)
-                .open(&path)
+                // Where the system sees it now: a root storage daemon restarted
+                // after switch_root has an emptied root of its own.
+                .open(crate::hostfs::locate(&path, None))
                 .ctx(|| format!("cannot create the overlay {}", path.display()))?;
         }
         let file = LocalDevice::open(
