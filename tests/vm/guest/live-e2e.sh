@@ -443,7 +443,7 @@ else
 fi
 if [ "$MODE" = ovl ]; then
   [ -e /run/livemirror/ram/overlay ] && fail "the overlay file /run/livemirror/ram/overlay is still there" || ok "the overlay file is deleted"
-  [ "$(ovget path)" = null ] && ok "status: no overlay" || fail "status still has an overlay: $(lmstatus)"
+  [ "$("$LM" status --get overlay --control "$LM_CTL")" = null ] && ok "status: no overlay" || fail "status still has an overlay: $(lmstatus)"
   grep -q "unmounted /run/initramfs/squashfs (/dev/loop" /run/lmtest/install.out \
     && ok "the installer unmounted the squashfs that held the image" || fail "the installer did not say it unmounted the squashfs"
   grep -q "livemirror's overlay held .* of writes and is deleted; MemAvailable" /run/lmtest/install.out \
