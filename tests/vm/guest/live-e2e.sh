@@ -94,6 +94,7 @@ overlay_fill_check() {
   dd if=/dev/urandom of=/var/lib/lmtest/before-kill.bin bs=64k count=16 conv=fsync 2>/dev/null || fail "writing before-kill.bin"
   _sum=$(sha256sum < /var/lib/lmtest/before-kill.bin)
   _u0=$(ovget bytes_used) _sup=$(cat /run/livemirror/pid) _old=$CHILD
+  check_nbd_timeouts "boot, before the kill"
   kill -9 "$_old" || fail "kill -9 $_old"
   _i=0
   while :; do
@@ -103,6 +104,8 @@ overlay_fill_check() {
     sleep 0.1
   done
   CHILD=$_new
+  # (the kernel saw its connection die with the daemon: from here on none may)
+  sleep 1; dmesg > /run/lmtest/dmesg-kill
   [ "$(ovget path)" = /run/livemirror/ram/overlay ] && [ "$(ovget bytes_used)" -ge "$_u0" ] \
     && ok "kill -9 of the daemon: the supervisor's new one (pid $_new) serves the same overlay ($(ovget bytes_used) bytes used)" \
     || fail "after kill -9 the overlay is $(ovget path), $(ovget bytes_used) bytes (was $_u0): $(lmstatus)"
@@ -508,7 +511,13 @@ wait_files after 5
 stop_load "$LOADPID"
 info "files: pre=$(count pre) install=$(count install) copy=$(count copy) after=$(count after)"
 verify_load_files "$D"
-check_nbd_timeouts "whole run"
+if [ -f /run/lmtest/dmesg-kill ]; then
+  _k=$(dmesg | grep -avxF -f /run/lmtest/dmesg-kill | grep -aE 'nbd0: (Connection timed out|Dead connection)' || true)
+  [ -z "$_k" ] && ok "since the daemon's restart: no timed-out or dead NBD connection in dmesg" \
+    || fail "since the daemon's restart the kernel saw: $(echo "$_k" | tr '\n' ';')"
+else
+  check_nbd_timeouts "whole run"
+fi
 # (the overlay's refused writes, on purpose, are the only I/O errors allowed: before the mark)
 if [ -f /run/lmtest/dmesg-fill ]; then E=$(dmesg_errors | grep -avxF -f /run/lmtest/dmesg-fill || true); else E=$(dmesg_errors); fi
 [ -z "$E" ] && ok "no I/O errors, ext4 errors or read-only remount in dmesg" || fail "kernel messages: $E"
