@@ -98,7 +98,10 @@ fn supervisor_restarts_a_killed_daemon_which_resumes_the_sync() {
     let st = d.status();
     assert_eq!(st["state"], "syncing", "restarted daemon: {st}");
     let after = st["regions_clean"].as_u64().unwrap_or(0);
-    assert!(after * 10 >= before * 9 && after > 0, "progress lost: {before} clean before the kill, {after} after");
+    // Progress is saved at least once a second: what was copied since the last
+    // save (at 8 MiB/s, up to 8 regions; twice that on a loaded machine) is
+    // copied again, nothing before it.
+    assert!(after + 16 >= before && after > 0, "progress lost: {before} clean before the kill, {after} after");
     assert!(d.log_text().contains("restarting"), "supervisor did not say it restarted:\n{}", d.log_text());
 
     d.cli_ok(&["set-rate", "0"]);
