@@ -1,5 +1,5 @@
 #!/bin/bash
-# vm-seconds: 650 (expected time on the CI machine, warm cache; run-all.sh starts the longest first)
+# vm-seconds: 700 (expected time on the CI machine, warm cache; run-all.sh starts the longest first)
 # Scenario live-uefi-e2e: the journey of live-iso-e2e on a UEFI machine, from the same hybrid ISO,
 # on livemirror's own live stack (no device-mapper; live-iso-e2e keeps dmsquash-live's).
 #   host: the live tree and the ISO, shared with live-iso-e2e (tests/vm/live/live-lib.sh: one
