@@ -115,22 +115,7 @@ fn apply(dir: &Path, name: &str, size: u64, sector: u64, script: &str) -> (Strin
     child.stdin.take().unwrap().write_all(script.as_bytes()).unwrap();
     let o = child.wait_with_output().unwrap();
     assert!(o.status.success(), "sfdisk rejected the installer's script:\n{script}\n{}", text(&o));
-    let o = Command::new("sfdisk").arg("--json").arg(&img).output().unwrap();
-    assert!(o.status.success(), "sfdisk --json: {}", text(&o));
-    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
-    let t = &v["partitiontable"];
-    let parts = t["partitions"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|p| Part {
-            start: p["start"].as_u64().unwrap() * sector,
-            size: p["size"].as_u64().unwrap() * sector,
-            ptype: p["type"].as_str().unwrap().to_uppercase(),
-            bootable: p["bootable"].as_bool().unwrap_or(false),
-        })
-        .collect();
-    (t["label"].as_str().unwrap().to_string(), parts)
+    readback(&img, sector)
 }
 
 fn tmp() -> tempfile::TempDir {
@@ -373,6 +358,7 @@ fn on_a_disk_with_4k_sectors_the_root_still_begins_at_1_mib() {
 /// The partition table of an image, read back in `sector`-byte units.
 fn readback(img: &Path, sector: u64) -> (String, Vec<Part>) {
     let o = Command::new("sfdisk").arg("--json").arg(img).output().unwrap();
+    assert!(o.status.success(), "sfdisk --json: {}", text(&o));
     let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     let t = &v["partitiontable"];
     let parts = t["partitions"]
